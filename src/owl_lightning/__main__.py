@@ -1,0 +1,3 @@
+from owl_lightning.cli import main
+
+main()

@@ -1,0 +1,53 @@
+"""Checkpoints that leave out the frozen base LLM, and loading them back into a full model.
+
+A 7B LLM is 13 GB per save and never changes in either stage, so a checkpoint keeps every
+parameter except the LLM's base weights (LoRA adapters are kept), plus the model config; the
+base weights come back from ``llm.source`` when the checkpoint is loaded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from owl_lightning.config import OwlConfig
+from owl_lightning.models.owl import OwlModel, build_owl
+
+PREFIX = "model."  # the systems hold the OwlModel as ``self.model``
+
+
+def is_base_llm_weight(key: str) -> bool:
+    """``model.llm.*`` tensors other than LoRA adapters: restored from ``llm.source``, not saved."""
+    return key.startswith(PREFIX + "llm.") and "lora_" not in key
+
+
+def strip_base_llm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state_dict.items() if not is_base_llm_weight(k)}
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():  # a run folder: its last checkpoint
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found; pass a .ckpt file or a run folder holding checkpoints/last.ckpt")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_model_weights(model: OwlModel, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load a checkpoint's tensors (``model.``-prefixed) into ``model``; every tensor must find its place."""
+    own = {k[len(PREFIX):]: v for k, v in state_dict.items() if k.startswith(PREFIX)}
+    missing_base_ok = model.load_state_dict(own, strict=False)
+    if missing_base_ok.unexpected_keys:
+        raise ValueError(f"{source}: {len(missing_base_ok.unexpected_keys)} tensors do not fit this model, e.g. {missing_base_ok.unexpected_keys[:3]}")
+
+
+def load_owl(path: str | Path) -> OwlModel:
+    """A full model (base weights + what the checkpoint trained) from a stage-1 or stage-2 checkpoint."""
+    checkpoint = read_checkpoint(path)
+    model = build_owl(OwlConfig.from_dict(checkpoint["owl_config"]))
+    state = checkpoint["state_dict"]
+    if any("lora_" in k for k in state):
+        model.add_lora(model.config.lora)
+    load_model_weights(model, state, str(path))
+    return model.eval()

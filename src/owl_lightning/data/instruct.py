@@ -1,0 +1,192 @@
+"""Readers for the instruction formats users already have, read as they are (DESIGN §3).
+
+==========  ==========================================================================================
+format      file
+==========  ==========================================================================================
+llava       JSON list of ``{"id", "image": path or [paths] (optional), "conversations": [{"from", "value"}]}``
+sharegpt    JSON list of ``{"id", "conversations": [{"from", "value"}]}`` (Vicuna, Baize)
+alpaca      JSON list of ``{"instruction", "input", "output"}``
+owl_jsonl   one ``{"text": conversation in the mPLUG-Owl template, "image": [paths], "task_type"}`` per line
+==========  ==========================================================================================
+
+Every format becomes a list of :class:`Conversation`. A bad record is skipped and recorded in the
+:class:`SkipLog` with its file and record (``file.json#17``: index in the list; ``file.jsonl:34``:
+line number); a file that cannot be read at all raises. Image paths stay relative strings: the
+mixture joins them with the source's ``image_root`` and checks them when it loads them.
+
+Normalisation, the same for every format: empty messages are dropped; leading assistant turns
+(nothing to answer) are dropped; trailing user turns (no answer to learn) are dropped with their
+images; consecutive turns of one role are merged with ``"\\n"``.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from owl_lightning.data.health import BAD_TEXT, MALFORMED_RECORD, MISSING_TEXT, SkipLog, SkipSample
+from owl_lightning.data.manifest import INSTRUCTION_FORMATS, InstructionSource
+from owl_lightning.data.template import Conversation, Turn
+from owl_lightning.models.llm import IMAGE_TOKEN
+
+# Speaker names seen in LLaVA / ShareGPT / Vicuna / Baize exports → our roles.
+SPEAKER_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "bing": "assistant",
+    "system": "system",
+}
+# Splits "{system}\nHuman: ...\nAI: ..." into [system, "Human", text, "AI", text, ...].
+_OWL_MARKERS = re.compile(r"\n(Human|AI): ")
+_OWL_ROLES = {"Human": "user", "AI": "assistant"}
+
+# (role, text) messages with role user/assistant/system, plus image paths in placeholder order.
+_Parsed = tuple[list[tuple[str, str]], list[str]]
+
+
+def read_conversations(source: InstructionSource, skips: SkipLog) -> list[Conversation]:
+    """All usable conversations of ``source`` (at most ``source.num_samples`` records are read).
+
+    Bad records are skipped and recorded in ``skips``; an unreadable file raises ``ValueError``.
+    """
+    if source.format not in _PARSERS:
+        raise ValueError(f"instruction source {source.name!r}: unknown format {source.format!r}; use one of {INSTRUCTION_FORMATS}")
+    path = Path(source.path)
+    if not path.is_file():
+        raise FileNotFoundError(f"instruction source {source.name!r}: {path} not found; fix its 'path' in the data manifest")
+    records = _jsonl_lines(path) if source.format == "owl_jsonl" else _json_records(path, source.format)
+    parse = _PARSERS[source.format]
+    conversations = []
+    for where, record in itertools.islice(records, source.num_samples):
+        try:
+            messages, images = parse(record)
+            conversations.append(_conversation(messages, images, source.name, where))
+        except SkipSample as skip:
+            skips.record(skip.reason, where, skip.detail)
+    return conversations
+
+
+# ----------------------------------------------------------------------------- file → records
+
+
+def _json_records(path: Path, format: str) -> Iterator[tuple[str, object]]:
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: not a readable JSON file ({err}); format {format!r} expects a JSON list of records") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: format {format!r} expects a JSON list of records, found a {type(records).__name__}; "
+                         "for one JSON object per line use format 'owl_jsonl'")
+    for index, record in enumerate(records):
+        yield f"{path}#{index}", record
+
+
+def _jsonl_lines(path: Path) -> Iterator[tuple[str, object]]:
+    """Raw lines (bytes), so one bad line is one skipped record rather than an unreadable file."""
+    with path.open("rb") as lines:
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                yield f"{path}:{number}", line
+
+
+# ---------------------------------------------------------------------------- record → messages
+
+
+def _parse_conversations(record: object) -> _Parsed:
+    """LLaVA and ShareGPT: the same ``conversations`` list; LLaVA adds ``image``."""
+    conversations = _field(record, "conversations", list)
+    messages = []
+    for number, message in enumerate(conversations):
+        if not isinstance(message, dict) or not isinstance(message.get("from"), str) or not isinstance(message.get("value"), str):
+            raise SkipSample(MALFORMED_RECORD, f"conversations[{number}] must be {{'from': str, 'value': str}}, got {message!r:.80}")
+        role = SPEAKER_ROLES.get(message["from"].lower())
+        if role is None:
+            raise SkipSample(MALFORMED_RECORD, f"conversations[{number}] has unknown speaker {message['from']!r}; known: {sorted(SPEAKER_ROLES)}")
+        messages.append((role, message["value"]))
+    return messages, _image_list(record.get("image"))
+
+
+def _parse_alpaca(record: object) -> _Parsed:
+    instruction = _field(record, "instruction", str).strip()
+    extra_input = (_field(record, "input", str, required=False) or "").strip()
+    output = _field(record, "output", str).strip()
+    if not instruction or not output:
+        raise SkipSample(MISSING_TEXT, "empty 'instruction'" if not instruction else "empty 'output'")
+    question = f"{instruction}\n\n{extra_input}" if extra_input else instruction
+    return [("user", question), ("assistant", output)], []
+
+
+def _parse_owl_line(line: object) -> _Parsed:
+    try:
+        record = json.loads(line)
+    except UnicodeDecodeError as err:
+        raise SkipSample(BAD_TEXT, f"line is not UTF-8: {err}") from None
+    except json.JSONDecodeError as err:
+        raise SkipSample(MALFORMED_RECORD, f"not valid JSON: {err}") from None
+    # The leading "\n" makes a text without the system line split the same way.
+    parts = _OWL_MARKERS.split("\n" + _field(record, "text", str))
+    if len(parts) < 3:
+        raise SkipSample(MALFORMED_RECORD, "'text' has no '\\nHuman: ' / '\\nAI: ' turns; expected the mPLUG-Owl template")
+    # parts[0] is the system line: the template writes its own. A "Human: <image>" line becomes a
+    # user turn of its own, which merging then prepends to the question that follows.
+    messages = [(_OWL_ROLES[speaker], text) for speaker, text in zip(parts[1::2], parts[2::2])]
+    return messages, _image_list(record.get("image"))
+
+
+_PARSERS: dict[str, Callable[[object], _Parsed]] = {
+    "llava": _parse_conversations,
+    "sharegpt": _parse_conversations,
+    "alpaca": _parse_alpaca,
+    "owl_jsonl": _parse_owl_line,
+}
+
+
+def _field(record: object, key: str, kind: type, required: bool = True):
+    if not isinstance(record, dict):
+        raise SkipSample(MALFORMED_RECORD, f"record must be a JSON object, got {type(record).__name__}")
+    value = record.get(key)
+    if value is None and not required:
+        return None
+    if not isinstance(value, kind):
+        raise SkipSample(MALFORMED_RECORD, f"field {key!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _image_list(value: object) -> list[str]:
+    """``image`` as the formats write it: absent (text-only), one path, or a list of paths."""
+    images = [] if value is None else [value] if isinstance(value, str) else value
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise SkipSample(MALFORMED_RECORD, f"'image' must be a path or a list of paths, got {value!r:.80}")
+    return images
+
+
+# ---------------------------------------------------------------------- messages → Conversation
+
+
+def _conversation(messages: list[tuple[str, str]], images: list[str], source: str, origin: str) -> Conversation:
+    if not messages:
+        raise SkipSample(MALFORMED_RECORD, "empty conversation")
+    texts = [(role, text.strip()) for role, text in messages if text.strip()]
+    system = "\n".join(text for role, text in texts if role == "system") or None
+    turns = [Turn(role, text) for role, text in texts if role != "system"]
+    Conversation(turns, images).check_images()
+    while turns and turns[0].role == "assistant":
+        turns.pop(0)
+    while turns and turns[-1].role == "user":
+        # Images are in placeholder order, so the dropped turn's images are the last ones.
+        images = images[: len(images) - turns.pop().content.count(IMAGE_TOKEN)]
+    if not turns:
+        raise SkipSample(MALFORMED_RECORD, "no assistant turn answering a user turn")
+    merged = [turns[0]]
+    for turn in turns[1:]:
+        if turn.role == merged[-1].role:
+            merged[-1] = Turn(turn.role, f"{merged[-1].content}\n{turn.content}")
+        else:
+            merged.append(turn)
+    return Conversation(turns=merged, images=images, source=source, origin=origin, system=system)

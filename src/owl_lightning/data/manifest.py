@@ -1,0 +1,102 @@
+"""Data manifests: what a run reads, with mixing weights (``data_manifests/*.yaml``).
+
+A manifest has a ``train`` and an optional ``val`` list of sources. Relative paths resolve
+against the folder holding the manifest, so a manifest works from any working directory::
+
+    train:
+      - name: laion                      # shown in logs and TensorBoard (data/share/laion)
+        shards: /data/laion/{00000..41407}.tar   # stage 1: anything webdataset accepts
+        weight: 0.5
+        num_samples: 400000000           # optional, for epoch length and logging
+        image_key: jpg;png;webp          # img2dataset's layout
+        caption_key: txt                 # or json:caption (a field of the .json member)
+      - name: llava                      # stage 2: an instruction file
+        format: llava                    # llava | alpaca | sharegpt | owl_jsonl
+        path: /data/llava/llava_instruct_150k.json
+        image_root: /data/coco/train2017
+        weight: 0.5
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import yaml
+
+INSTRUCTION_FORMATS = ("llava", "alpaca", "sharegpt", "owl_jsonl")
+
+
+@dataclass
+class ShardSource:
+    """Image–caption WebDataset shards (stage 1)."""
+
+    name: str
+    shards: str
+    weight: float = 1.0
+    num_samples: int | None = None
+    image_key: str = "jpg;png;webp"
+    caption_key: str = "txt"
+
+
+@dataclass
+class InstructionSource:
+    """An instruction file in one of the formats users already have (stage 2)."""
+
+    name: str
+    format: str
+    path: str
+    weight: float = 1.0
+    image_root: str | None = None
+    num_samples: int | None = None  # read at most this many records (None: all)
+
+
+@dataclass
+class Manifest:
+    path: Path
+    train: list
+    val: list
+
+
+def _resolve_path(value: str, base: Path) -> str:
+    if "://" in value or value.startswith("pipe:") or Path(value).is_absolute():
+        return value
+    return str((base / value).resolve())
+
+
+def _parse_source(raw: dict, base: Path, where: str) -> ShardSource | InstructionSource:
+    if not isinstance(raw, dict) or "name" not in raw:
+        raise ValueError(f"{where}: each source must be a mapping with at least 'name', got {raw!r}")
+    kind = ShardSource if "shards" in raw else InstructionSource
+    known = {f.name for f in fields(kind)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"{where}: source {raw['name']!r} has unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    try:
+        source = kind(**raw)
+    except TypeError as err:
+        raise ValueError(f"{where}: source {raw['name']!r}: {err}") from None
+    if source.weight <= 0:
+        raise ValueError(f"{where}: source {source.name!r} needs a positive weight, got {source.weight}")
+    if isinstance(source, ShardSource):
+        source.shards = _resolve_path(source.shards, base)
+    else:
+        if source.format not in INSTRUCTION_FORMATS:
+            raise ValueError(f"{where}: source {source.name!r} has format {source.format!r}; use one of {INSTRUCTION_FORMATS}")
+        source.path = _resolve_path(source.path, base)
+        if source.image_root is not None:
+            source.image_root = _resolve_path(source.image_root, base)
+    return source
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data manifest {path} not found (see data_manifests/ for examples)")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict) or not raw.get("train"):
+        raise ValueError(f"{path}: a manifest needs a non-empty 'train' list of sources")
+    base = path.parent
+    splits = {}
+    for split in ("train", "val"):
+        splits[split] = [_parse_source(s, base, f"{path} [{split}][{i}]") for i, s in enumerate(raw.get(split) or [])]
+    return Manifest(path=path, train=splits["train"], val=splits["val"])

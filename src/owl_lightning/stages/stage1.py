@@ -1,0 +1,84 @@
+"""Stage 1, visual knowledge learning: the LLM is frozen; vision encoder and abstractor learn
+to caption images (next-token loss on the caption)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from owl_lightning.data.template import ConversationTemplate
+from owl_lightning.models.owl import OwlModel
+from owl_lightning.stages.system import OwlSystem
+
+
+class Stage1Module(OwlSystem):
+    """Args beyond :class:`OwlSystem`'s:
+        train_vision: train the vision encoder (the paper) or keep it frozen (cheaper).
+        num_caption_samples: validation images captioned and logged (with the images) at each validation.
+        max_caption_tokens: length limit of those generated captions.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "owl-smol",
+        model_overrides: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 2000,
+        min_lr_ratio: float = 0.0,
+        train_vision: bool = True,
+        num_caption_samples: int = 5,
+        max_caption_tokens: int = 20,
+    ) -> None:
+        super().__init__(model_name, model_overrides, init_from, lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio)
+        self._caption_images: torch.Tensor | None = None
+
+    def freeze_policy(self, model: OwlModel) -> None:
+        model.set_trainable(vision=self.hparams.train_vision, abstractor=True, llm=False)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        if batch_idx == 0 and batch["images"] is not None:
+            self._caption_images = batch["images"][: self.hparams.num_caption_samples]
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if self._caption_images is not None and self.hparams.num_caption_samples and not self.trainer.sanity_checking:
+            self.log_captions(self._caption_images)
+        self._caption_images = None
+
+    def generate_captions(self, images: torch.Tensor) -> list[str]:
+        """Greedy captions for ``[M, 3, H, W]`` images."""
+        template = ConversationTemplate(self.tokenizer, image_token_length=self.model.visual_tokens_per_image)
+        prompt = torch.tensor([template.caption_prompt()] * images.shape[0], device=images.device)
+        generated = self.model.generate(
+            prompt,
+            torch.ones_like(prompt),
+            images,
+            max_new_tokens=self.hparams.max_caption_tokens,
+            do_sample=False,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+
+    def log_captions(self, images: torch.Tensor) -> None:
+        captions = self.generate_captions(images)
+        for i, caption in enumerate(captions):
+            self.print(f"step {self.global_step} caption {i}: {caption!r}")
+        writer = getattr(self.logger, "experiment", None)
+        if writer is None or not hasattr(writer, "add_text"):
+            return
+        # Undo the normalisation roughly for display: timm's mean/std are per-channel constants.
+        cfg = self.trainer.datamodule.image_data_config if hasattr(self.trainer.datamodule, "image_data_config") else None
+        shown = images.float()
+        if cfg is not None:
+            mean = torch.tensor(cfg["mean"], device=images.device)[:, None, None]
+            std = torch.tensor(cfg["std"], device=images.device)[:, None, None]
+            shown = (shown * std + mean).clamp(0, 1)
+        for i, caption in enumerate(captions):
+            writer.add_image(f"captions/{i}", shown[i], self.global_step)
+            writer.add_text(f"captions/{i}", caption, self.global_step)

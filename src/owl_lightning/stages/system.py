@@ -1,0 +1,146 @@
+"""What both training stages share: build the model in ``configure_model``, next-token loss,
+throughput and data-health logging, AdamW + warm-up/cosine, checkpoints without the base LLM.
+
+Each stage is a small subclass that says which parameters train (its ``freeze_policy``).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+from owl_lightning.checkpoints import load_model_weights, read_checkpoint, strip_base_llm
+from owl_lightning.config import OwlConfig, get_config
+from owl_lightning.models.llm import load_tokenizer
+from owl_lightning.models.owl import OwlModel, build_owl
+
+log = logging.getLogger(__name__)
+
+
+class OwlSystem(L.LightningModule):
+    """Args (shared by both stages):
+        model_name: a registered config (``owl-tiny``, ``owl-smol``, ``owl-llama7b``).
+        model_overrides: dotted-key changes to it, e.g. ``{"abstractor.num_queries": 32}``.
+        init_from: a checkpoint (or run folder) whose trained weights start this run.
+        lr, weight_decay, betas, eps: AdamW. warmup_steps, min_lr_ratio: linear warm-up, then
+            cosine decay to ``lr * min_lr_ratio`` over the run's optimizer steps.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "owl-smol",
+        model_overrides: dict[str, Any] | None = None,
+        init_from: str | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 2000,
+        min_lr_ratio: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.owl_config: OwlConfig = get_config(model_name, model_overrides)
+        self.model: OwlModel | None = None
+        self.tokenizer = None
+        # Checkpoints leave out the frozen base LLM (see checkpoints.py).
+        self.strict_loading = False
+        self.val_loss = MeanMetric()
+        self._last_batch_end: float | None = None
+        self.empty_batches = 0
+
+    # -- model -------------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.tokenizer = load_tokenizer(self.owl_config.llm)
+        model = build_owl(self.owl_config, tokenizer=self.tokenizer)
+        if self.hparams.init_from:
+            checkpoint = read_checkpoint(self.hparams.init_from)
+            load_model_weights(model, checkpoint["state_dict"], self.hparams.init_from)
+            log.info("initialised from %s", self.hparams.init_from)
+        self.freeze_policy(model)
+        self.model = model
+
+    def freeze_policy(self, model: OwlModel) -> None:
+        """Set which parameters train (and add adapters). Subclasses define it."""
+        raise NotImplementedError
+
+    # -- training ----------------------------------------------------------------------------------
+
+    def forward(self, batch: dict):
+        return self.model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"], batch["image_counts"])
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        out = self(batch)
+        batch_size = batch["input_ids"].shape[0]
+        self._log_throughput(batch_size, out.num_tokens)
+        health = getattr(self.trainer.datamodule, "health", None)
+        if health is not None:
+            self.log_dict(health.metrics(), on_step=True, on_epoch=False, batch_size=batch_size)
+        if out.loss is None:
+            # Nothing supervised (every answer truncated away): no update rather than a NaN loss.
+            self.empty_batches += 1
+            self.log("train/empty_batches", float(self.empty_batches), batch_size=batch_size)
+            return None
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/supervised_tokens", float(out.num_supervised), batch_size=batch_size)
+        return out.loss
+
+    def _log_throughput(self, samples: int, tokens: int) -> None:
+        """samples/s and tokens/s (real tokens, visual included) over the wall time between batches."""
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            seconds = now - self._last_batch_end
+            self.log("perf/samples_per_s", samples / seconds, batch_size=samples)
+            self.log("perf/tokens_per_s", tokens / seconds, prog_bar=True, batch_size=samples)
+        self._last_batch_end = now
+
+    # -- validation --------------------------------------------------------------------------------
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        out = self(batch)
+        if out.loss is not None:
+            self.val_loss.update(out.loss, weight=out.num_supervised)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_loss.update_count:
+            self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        self.val_loss.reset()
+        self._last_batch_end = None  # validation time is not training throughput
+
+    # -- optimizers --------------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        # No weight decay on biases and norm scales (1-d tensors).
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.hparams.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(self.hparams.warmup_steps, total)
+        floor = self.hparams.min_lr_ratio
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(total - warmup, 1)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = strip_base_llm(checkpoint["state_dict"])
+        checkpoint["owl_config"] = self.owl_config.to_dict()
+
