@@ -31,3 +31,22 @@ describe: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The embedded dataset (easy-VQA shards, instructions, stdlib text): built once, skipped when present.
+data: install
+	$(OWL) data --out data/embedded
+
+STAGE1_CONFIG ?= experiments/stage1_smol.yaml
+STAGE2_CONFIG ?= experiments/stage2_smol.yaml
+STAGE1_CKPT ?= $(RUNS)/stage1_smol/checkpoints/last.ckpt
+
+# Resumes from the run's last.ckpt when there is one (Lightning only warns when there is none).
+stage1: data
+	$(OWL) stage1 fit --config $(STAGE1_CONFIG) --ckpt_path last $(ARGS)
+
+stage2: data
+	@test -f $(STAGE1_CKPT) || { echo "no stage-1 checkpoint at $(STAGE1_CKPT): run 'make stage1' first (or pass STAGE1_CKPT=...)"; exit 1; }
+	$(OWL) stage2 fit --config $(STAGE2_CONFIG) --model.init_from $(STAGE1_CKPT) --ckpt_path last $(ARGS)
+
+tensorboard: install
+	$(VENV)/bin/tensorboard --logdir $(RUNS) --host 127.0.0.1

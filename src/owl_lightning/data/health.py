@@ -130,6 +130,9 @@ class DataHealth:
 
 
 def _file_of(where: str) -> str:
-    """``shard-000.tar:000123`` → ``shard-000.tar``; a location without a sample part stays whole."""
-    head, sep, tail = where.rpartition(":")
-    return head if sep and head and "/" not in tail else where
+    """``shard.tar:000123``, ``data.jsonl:34`` or ``data.json#17`` → the file; other locations stay whole."""
+    for separator in ("#", ":"):
+        head, sep, tail = where.rpartition(separator)
+        if sep and head and "/" not in tail:
+            return head
+    return where

@@ -103,11 +103,13 @@ def _parse_conversations(record: object) -> _Parsed:
     conversations = _field(record, "conversations", list)
     messages = []
     for number, message in enumerate(conversations):
-        if not isinstance(message, dict) or not isinstance(message.get("from"), str) or not isinstance(message.get("value"), str):
-            raise SkipSample(MALFORMED_RECORD, f"conversations[{number}] must be {{'from': str, 'value': str}}, got {message!r:.80}")
+        if not (isinstance(message, dict) and isinstance(message.get("from"), str) and isinstance(message.get("value"), str)):
+            raise SkipSample(MALFORMED_RECORD,
+                             f"conversations[{number}] must be {{'from': str, 'value': str}}, got {message!r:.80}")
         role = SPEAKER_ROLES.get(message["from"].lower())
         if role is None:
-            raise SkipSample(MALFORMED_RECORD, f"conversations[{number}] has unknown speaker {message['from']!r}; known: {sorted(SPEAKER_ROLES)}")
+            raise SkipSample(MALFORMED_RECORD,
+                             f"conversations[{number}] has unknown speaker {message['from']!r}; known: {sorted(SPEAKER_ROLES)}")
         messages.append((role, message["value"]))
     return messages, _image_list(record.get("image"))
 

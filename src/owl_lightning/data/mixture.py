@@ -109,6 +109,9 @@ class InstructionMixture(IterableDataset):
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
         for source, conversations in sources:
+            if source.weight <= 0:
+                raise ValueError(f"instruction source {source.name!r} needs a positive weight, got {source.weight}; "
+                                 "drop it from the manifest instead")
             if not conversations:
                 raise ValueError(f"instruction source {source.name!r} ({source.path}) has no usable conversation; "
                                  "see the skip warnings above, fix the file or drop it from the manifest")

@@ -51,8 +51,12 @@ class _OwlDataModule(L.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def _loader(self, dataset, workers: int | None = None) -> DataLoader:
+        """Batches are built in the workers. Workers are not persistent: each epoch's iterator pickles
+        the dataset afresh, so the epoch set by ``set_epoch`` reaches them."""
         workers = self.hparams.num_workers if workers is None else workers
-        return DataLoader(dataset, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
+        if self.trainer is not None and hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.trainer.current_epoch)  # a resumed run starts at its own epoch
+        return DataLoader(dataset, batch_size=None, num_workers=workers)
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.trainer is not None and self.trainer.training:
@@ -128,20 +132,24 @@ class InstructionDataModule(_OwlDataModule):
         model_name, model_overrides: the model config (the CLI links them from ``--model``).
         batch_size: samples per batch per process; each batch holds every source in proportion to its weight.
         template: ``owl`` (the mPLUG-Owl template) or ``chat_template`` (the tokenizer's own).
-        system_prompt: the system line (owl default: the paper's); ``null`` for none.
+        system_prompt: the system line; ``null``: the style's default (owl: the paper's line;
+            chat_template: whatever the tokenizer's template adds); ``""``: none.
         max_length: tokens per sample, visual tokens included; samples are cut, and skipped if no answer is left.
         batches_per_epoch: global batches per epoch (default: the largest source seen once).
     """
 
     def __init__(self, manifest: str = "data_manifests/embedded_stage2.yaml", model_name: str = "owl-smol",
                  model_overrides: dict[str, Any] | None = None, batch_size: int = 16, num_workers: int = 2,
-                 max_length: int = 1024, template: str = "owl", system_prompt: str | None = OWL_SYSTEM_PROMPT,
+                 max_length: int = 1024, template: str = "owl", system_prompt: str | None = None,
                  batches_per_epoch: int | None = None, seed: int = 0, max_skip_fraction: float = 0.1) -> None:
         super().__init__(manifest, model_name, model_overrides, batch_size, num_workers, max_length, seed, max_skip_fraction)
 
     def _mixture(self, sources: list) -> InstructionMixture:
         rank, world = self._rank_and_world
-        template = ConversationTemplate(self.tokenizer, style=self.hparams.template, system_prompt=self.hparams.system_prompt,
+        system_prompt = self.hparams.system_prompt
+        if system_prompt is None:
+            system_prompt = OWL_SYSTEM_PROMPT if self.hparams.template == "owl" else None
+        template = ConversationTemplate(self.tokenizer, style=self.hparams.template, system_prompt=system_prompt or None,
                                         max_length=self.hparams.max_length,
                                         image_token_length=self.owl_config.visual_tokens_per_image)
         skips = SkipLog()

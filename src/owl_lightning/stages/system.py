@@ -77,6 +77,12 @@ class OwlSystem(L.LightningModule):
     def forward(self, batch: dict):
         return self.model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"], batch["image_counts"])
 
+    def on_train_epoch_start(self) -> None:
+        # Streams reshuffle per epoch; the DataLoader hands this object to fresh workers each epoch.
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         out = self(batch)
         batch_size = batch["input_ids"].shape[0]
