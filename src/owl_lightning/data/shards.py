@@ -1,0 +1,374 @@
+"""Stage-1 data: image–caption WebDataset shards → padded batches, as an explicit list of stages.
+
+Training (``train=True``), for each source::
+
+    wds.ResampledShards       shard URLs drawn with replacement, seeded: an endless stream, so any
+                              number of shards serves any number of ranks × workers
+    → read tar                a broken or truncated tar is recorded (TRUNCATED_TAR) and left
+    → shuffle samples         buffer of raw samples, seeded per (seed, epoch, rank, worker)
+    → encode                  caption → encode_caption → decode_image → image_transform;
+                              a bad sample is recorded with its reason and dropped
+
+then the sources are mixed sample by sample by their weights (seeded), batched with
+:func:`~owl_lightning.data.collate.collate`, and every DataLoader worker stops after its share of
+``batches_per_epoch``, so every rank yields exactly ``batches_per_epoch`` batches per epoch.
+
+Validation (``train=False``): every shard of every source once, split by rank then by DataLoader
+worker, in order, no shuffling; the same encode and batch stages; the last partial batch is kept.
+
+Shards in img2dataset's layout (``000000000.jpg`` + ``.txt`` + ``.json``) are read as they are;
+URLs and ``pipe:`` commands go to webdataset untouched. Every skipped sample is recorded in the
+pipeline's :class:`~owl_lightning.data.health.SkipLog` as ``"{shard}:{sample key}"`` and drained into
+the next batch (``batch["skipped"]``). When nothing usable comes out at all (a wrong
+``image_key``, every shard unreadable), the reader raises an error naming the source instead of
+spinning forever without a batch.
+
+Seeding: every random choice (shards, shuffle, mixing) seeds from ``(seed, epoch, rank, worker)``,
+so ranks and workers read different streams, a rerun reads the same ones, and each epoch differs —
+provided the caller calls :meth:`ShardPipeline.set_epoch` at the start of every epoch (Lightning
+calls ``set_epoch`` only on samplers, not on an ``IterableDataset``). The rank is read when the
+pipeline is built, from ``RANK``/``WORLD_SIZE`` or the initialised process group: build it in the
+DataModule's ``setup``, not in ``__init__``.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import multiprocessing
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+from itertools import islice
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from PIL import Image
+
+from owl_lightning.data.collate import EncodedSample, collate
+from owl_lightning.data.health import (
+    BAD_TEXT,
+    MALFORMED_RECORD,
+    MISSING_IMAGE,
+    MISSING_TEXT,
+    TRUNCATED_TAR,
+    SkipLog,
+    SkipSample,
+)
+from owl_lightning.data.images import decode_image
+from owl_lightning.data.manifest import ShardSource
+
+log = logging.getLogger(__name__)
+
+# A pipeline whose samples are all bad would otherwise spin forever without a batch, so no
+# DataHealth check ever runs: past this many skips per batch sample the reader stops with an error.
+STALL_SKIPS_PER_SAMPLE = 100
+MIN_STALL_SKIPS = 1000
+
+# Salts that keep the random streams of different stages apart under one seed.
+_SHARD_SALT, _SHUFFLE_SALT, _MIX_SALT = 1, 2, 3
+
+
+def expand_shards(spec: str) -> list[str]:
+    """``"dir/train-{000000..000007}.tar"`` → the 8 paths, as webdataset expands them.
+
+    Brace ranges and lists expand, ``::`` joins several specs, ``${NAME}`` reads ``WDS_NAME``
+    from the environment. Anything else (URLs, ``pipe:`` commands) passes through as written.
+    """
+    if not spec.strip():
+        raise ValueError("empty shard spec; give a path, URL or brace pattern such as 'shards/{000000..000009}.tar'")
+    return wds.shardlists.expand_urls(spec)
+
+
+class ShardPipeline(wds.DataPipeline):
+    """A webdataset pipeline yielding ready batches (use ``DataLoader(pipeline, batch_size=None)``).
+
+    Every stage seeds from the epoch held here; :meth:`set_epoch` updates it in shared memory,
+    so DataLoader workers — persistent or not — see it when they start the next pass.
+    """
+
+    def __init__(self, *stages, epoch: ctypes.c_longlong) -> None:
+        super().__init__(*stages)
+        self.epoch = epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch.value = epoch
+
+
+class _Seeds:
+    """Seed of one random stream: distinct per (seed, epoch, rank, worker, salt), the same on a rerun."""
+
+    def __init__(self, seed: int, rank: int, epoch: ctypes.c_longlong) -> None:
+        self.seed = seed
+        self.rank = rank
+        self.epoch = epoch
+
+    def __call__(self, *salt: int) -> int:
+        worker = torch.utils.data.get_worker_info()
+        # Integers only: make_seed hashes its arguments, and str hashes change per process.
+        return wds.utils.make_seed(self.seed, self.epoch.value, self.rank, worker.id if worker else 0, *salt)
+
+
+def build_shard_pipeline(
+    sources: list[ShardSource],
+    *,
+    image_transform: Callable[[Image.Image], torch.Tensor],
+    encode_caption: Callable[[str], tuple[list[int], list[int]]],
+    pad_token_id: int,
+    batch_size: int,
+    train: bool = True,
+    seed: int = 0,
+    shuffle_buffer: int = 1000,
+    batches_per_epoch: int | None = None,
+    skips: SkipLog | None = None,
+) -> ShardPipeline:
+    """Build the stage-1 pipeline over ``sources``; it yields :func:`collate` batches.
+
+    Args:
+        sources: shard sources from a data manifest (weights are used in training only).
+        image_transform: RGB PIL image → ``[3, H, W]`` float tensor (all images the same size).
+        encode_caption: caption → ``(input_ids, labels)`` of equal length, labels ``-100`` where not
+            supervised; may raise :class:`SkipSample` (e.g. ``TOO_LONG``).
+        pad_token_id: padding id for ``input_ids``.
+        batch_size: samples per batch on this rank.
+        train: endless, resampled, shuffled and weight-mixed (True), or every validation sample
+            exactly once, in order (False).
+        seed: base of every random choice; see the module docstring.
+        shuffle_buffer: raw samples held per source and worker for shuffling (train only).
+        batches_per_epoch: batches *this rank* yields per epoch (per pass over the DataLoader),
+            divided over the DataLoader workers: worker ``w`` of ``W`` yields
+            ``batches_per_epoch // W`` plus one if ``w < batches_per_epoch % W`` — what
+            ``with_epoch`` does per worker, but summing to exactly ``batches_per_epoch`` per rank.
+            Every rank passes the same number, so every rank steps the same number of times.
+            ``None`` in training: an endless epoch (stop on ``max_steps``). In validation at most
+            this many.
+        skips: where skipped samples are recorded; each batch drains it into ``batch["skipped"]``.
+
+    Returns:
+        A :class:`ShardPipeline`; each batch is the dict :func:`collate` returns, with
+        ``images`` ``[B, 3, H, W]`` and ``image_counts`` all ones.
+    """
+    if not sources:
+        raise ValueError("no shard sources given; add at least one to the data manifest")
+    if batch_size < 1 or (batches_per_epoch is not None and batches_per_epoch < 1):
+        raise ValueError(f"batch_size and batches_per_epoch must be positive, got {batch_size} and {batches_per_epoch}")
+    skips = skips if skips is not None else SkipLog()
+    rank, world_size, _, _ = wds.utils.pytorch_worker_info()
+    # Shared memory the workers read; only the main process writes, and without a lock it
+    # pickles into workers under any start method (fork, spawn, forkserver).
+    epoch = multiprocessing.Value(ctypes.c_longlong, 0, lock=False)
+    seeds = _Seeds(seed, rank, epoch)
+    shard_lists = {source.name: _existing_shards(source) for source in sources}
+    # Stages are partials of module-level functions so that spawned workers can unpickle them.
+    read = partial(_read_shards, skips=skips, stall_limit=max(MIN_STALL_SKIPS, STALL_SKIPS_PER_SAMPLE * batch_size))
+    encode_one = partial(_encode_sample, image_transform=image_transform, encode_caption=encode_caption)
+    encode = partial(_map_or_skip, fn=encode_one, skips=skips)
+    batch = partial(_batched, batch_size=batch_size, pad_token_id=pad_token_id, skips=skips, keep_partial=not train)
+    share = None if batches_per_epoch is None else partial(_worker_share, batches_per_epoch=batches_per_epoch)
+
+    if train:
+        streams = [
+            wds.DataPipeline(
+                wds.ResampledShards(
+                    shard_lists[source.name], worker_seed=partial(seeds, _SHARD_SALT, index), deterministic=True
+                ),
+                partial(_tag_source, source=source),
+                read,
+                _SeededShuffle(shuffle_buffer, partial(seeds, _SHUFFLE_SALT, index)),
+                encode,
+            )
+            for index, source in enumerate(sources)
+        ]
+        mix = _WeightedMix(streams, [source.weight for source in sources], partial(seeds, _MIX_SALT))
+        return ShardPipeline(mix, batch, share, epoch=epoch)
+
+    shards = [{"url": url, "source": source} for source in sources for url in shard_lists[source.name]]
+    if len(shards) < world_size:
+        raise ValueError(
+            f"{len(shards)} validation shard(s) for {world_size} ranks: webdataset gives each rank whole shards, so every "
+            f"rank needs at least one. Write the validation set as at least {world_size} shards."
+        )
+    # A callable source, not the list itself: DataPipeline splices a list argument in as stages.
+    split = partial(_split_by_rank_and_worker, rank=rank, world_size=world_size)
+    return ShardPipeline(partial(iter, shards), split, read, encode, batch, share, epoch=epoch)
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def _existing_shards(source: ShardSource) -> list[str]:
+    """The source's shard URLs; local files that do not exist are dropped with a warning
+    (img2dataset leaves gaps where a shard failed), and none existing at all is an error."""
+    urls = expand_shards(source.shards)
+    present = [url for url in urls if not _is_local(url) or Path(url).is_file()]
+    if len(present) < len(urls):
+        first_missing = next(url for url in urls if _is_local(url) and not Path(url).is_file())
+        if not present:
+            raise FileNotFoundError(
+                f"source {source.name!r}: none of the {len(urls)} shard(s) of {source.shards!r} exist "
+                f"(first: {first_missing}). Fix 'shards' in the data manifest, or create the data "
+                "(the embedded data: python -m owl_lightning.data.embedded)."
+            )
+        log.warning(
+            "source %r: %d of %d shards missing, reading the rest (first missing: %s)",
+            source.name, len(urls) - len(present), len(urls), first_missing,
+        )
+    return present
+
+
+def _tag_source(shards: Iterable[dict], source: ShardSource) -> Iterator[dict]:
+    for shard in shards:
+        yield {**shard, "source": source}
+
+
+def _split_by_rank_and_worker(shards: Iterable[dict], rank: int, world_size: int) -> Iterator[dict]:
+    """Rank ``r`` reads shards ``r, r + world_size, ...``, and its workers split those the same way.
+    The rank comes from build time: a spawned worker cannot see the process group."""
+    worker = torch.utils.data.get_worker_info()
+    worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+    yield from islice(islice(shards, rank, None, world_size), worker_id, None, num_workers)
+
+
+def _read_shards(shards: Iterable[dict], skips: SkipLog, stall_limit: int) -> Iterator[dict]:
+    """``{"url", "source"}`` shards → raw samples ``{"__key__", "__url__", "__source__", ext: bytes}``."""
+    for shard in shards:
+        url = shard["url"]
+        on_error = partial(_stop_at_broken_tar, skips=skips, url=url)
+        for sample in wds.tarfile_samples([{"url": url}], handler=on_error):
+            sample["__source__"] = shard["source"]
+            yield sample
+            _check_stall(skips, stall_limit, shard["source"])
+        _check_stall(skips, stall_limit, shard["source"])  # also after a shard that gave nothing
+
+
+def _stop_at_broken_tar(error: Exception, skips: SkipLog, url: str) -> bool:
+    """webdataset's error handler while reading one shard: record it, then stop reading that shard
+    (False) — a tar stream cannot resync past a broken member. Samples read before it are kept."""
+    message = error.args[0] if error.args else ""
+    skips.record(TRUNCATED_TAR, url, f"{type(error).__name__}: {message}. Re-create or re-download this shard.")
+    return False
+
+
+def _check_stall(skips: SkipLog, stall_limit: int, source: ShardSource) -> None:
+    if len(skips.pending) <= stall_limit:
+        return
+    reasons = Counter(reason for reason, _ in skips.pending)
+    raise RuntimeError(
+        f"{len(skips.pending)} samples skipped without filling one batch "
+        f"({', '.join(f'{r}={n}' for r, n in reasons.most_common())}; last: {skips.pending[-1][1]}). "
+        f"Check source {source.name!r} in the data manifest: image_key={source.image_key!r} and "
+        f"caption_key={source.caption_key!r} must name members its shards have, and the shards must be readable."
+    )
+
+
+class _SeededShuffle(wds.PipelineStage):
+    """Buffered shuffle of raw samples, reseeded at every pass from (seed, epoch, rank, worker)."""
+
+    def __init__(self, buffer_size: int, seed: Callable[[], int]) -> None:
+        self.buffer_size = buffer_size
+        self.seed = seed
+
+    def run(self, samples: Iterable[dict]) -> Iterator[dict]:
+        return wds.shuffle(self.buffer_size, rng=random.Random(self.seed()))(samples)
+
+
+def _map_or_skip(
+    samples: Iterable[dict], fn: Callable[[dict], EncodedSample], skips: SkipLog
+) -> Iterator[EncodedSample]:
+    for sample in samples:
+        try:
+            yield fn(sample)
+        except SkipSample as skip:
+            skips.record(skip.reason, f"{sample['__url__']}:{sample['__key__']}", skip.detail)
+
+
+def _encode_sample(
+    raw: dict,
+    image_transform: Callable[[Image.Image], torch.Tensor],
+    encode_caption: Callable[[str], tuple[list[int], list[int]]],
+) -> EncodedSample:
+    """Raw tar sample → :class:`EncodedSample` with one ``[3, H, W]`` image, or :class:`SkipSample`."""
+    source: ShardSource = raw["__source__"]
+    # The cheap checks first: a sample with a bad caption costs no image decode.
+    input_ids, labels = encode_caption(_caption_of(raw, source.caption_key))
+    image = decode_image(_image_bytes_of(raw, source.image_key))
+    return EncodedSample(input_ids=input_ids, labels=labels, images=[image_transform(image)], source=source.name)
+
+
+def _image_bytes_of(raw: dict, image_key: str) -> bytes:
+    """Bytes of the first member present among ``image_key``'s extensions (``"jpg;png;webp"``)."""
+    for extension in image_key.split(";"):
+        if extension in raw:
+            return raw[extension]
+    raise SkipSample(MISSING_IMAGE, f"no member with extension {image_key!r}; it has {_members(raw)}")
+
+
+def _caption_of(raw: dict, caption_key: str) -> str:
+    """The caption from a text member (``"txt"``) or a field of the JSON member (``"json:caption"``)."""
+    member, _, field = caption_key.partition(":")
+    if member not in raw:
+        raise SkipSample(MISSING_TEXT, f"no .{member} member; it has {_members(raw)}")
+    try:
+        text = raw[member].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SkipSample(BAD_TEXT, f".{member} is not UTF-8: {err}") from None
+    if field:
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise SkipSample(MALFORMED_RECORD, f".{member} is not valid JSON: {err}") from None
+        text = record.get(field) if isinstance(record, dict) else None
+        if text is not None and not isinstance(text, str):
+            raise SkipSample(BAD_TEXT, f"field {field!r} of .{member} is a {type(text).__name__}, not a string")
+    if not text or not text.strip():
+        raise SkipSample(MISSING_TEXT, f"empty caption in {caption_key!r}")
+    return text.strip()
+
+
+def _members(raw: dict) -> list[str]:
+    return sorted(key for key in raw if not key.startswith("__"))
+
+
+class _WeightedMix(torch.utils.data.IterableDataset):
+    """Endless per-sample mix of endless streams: each sample comes from stream ``i`` with
+    probability ``weights[i] / sum(weights)``, drawn by an RNG seeded at every pass."""
+
+    def __init__(self, streams: list[Iterable[EncodedSample]], weights: list[float], seed: Callable[[], int]) -> None:
+        self.streams = streams
+        self.weights = weights
+        self.seed = seed
+
+    def __iter__(self) -> Iterator[EncodedSample]:
+        rng = random.Random(self.seed())
+        iterators = [iter(stream) for stream in self.streams]
+        while True:
+            (chosen,) = rng.choices(iterators, weights=self.weights)
+            yield next(chosen)
+
+
+def _batched(
+    samples: Iterable[EncodedSample], batch_size: int, pad_token_id: int, skips: SkipLog, keep_partial: bool
+) -> Iterator[dict]:
+    """Samples → :func:`collate` batches. A full batch is handed on only when the next sample
+    arrives (or the stream ends), so the skips met while reading ahead — and the last ones of a
+    finite stream — travel with a batch instead of being left behind."""
+    batch: list[EncodedSample] = []
+    for sample in samples:
+        if len(batch) == batch_size:
+            yield collate(batch, pad_token_id, skipped=skips.drain())
+            batch = []
+        batch.append(sample)
+    if batch and (keep_partial or len(batch) == batch_size):
+        yield collate(batch, pad_token_id, skipped=skips.drain())
+
+
+def _worker_share(batches: Iterable[dict], batches_per_epoch: int) -> Iterator[dict]:
+    """This DataLoader worker's share of the rank's ``batches_per_epoch`` (see build_shard_pipeline).
+    webdataset's ``with_epoch`` counts per worker, and the worker count is only known here."""
+    worker = torch.utils.data.get_worker_info()
+    worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+    share = batches_per_epoch // num_workers + (worker_id < batches_per_epoch % num_workers)
+    return islice(batches, share)

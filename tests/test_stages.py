@@ -1,0 +1,102 @@
+"""Both training stages end to end on owl-tiny (and one owl-smol checkpoint), on data the tests write."""
+import lightning as L
+import pytest
+import torch
+
+from owl_lightning.checkpoints import load_owl, read_checkpoint
+from owl_lightning.cli import main
+from owl_lightning.data.modules import CaptionDataModule, InstructionDataModule
+from owl_lightning.stages.stage1 import Stage1Module
+from owl_lightning.stages.stage2 import Stage2Module
+
+
+def fit(system, datamodule, tmp_path, steps=2, **trainer_kwargs):
+    trainer = L.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, default_root_dir=tmp_path, accelerator="cpu", **trainer_kwargs)
+    trainer.fit(system, datamodule)
+    return trainer
+
+
+def snapshot(system):
+    return {n: p.detach().clone() for n, p in system.model.named_parameters()}
+
+
+def changed(before, system):
+    return {n for n, p in system.model.named_parameters() if not torch.equal(before[n], p.detach())}
+
+
+def test_stage1_step_changes_only_vision_and_abstractor(tmp_path, caption_manifest):
+    system = Stage1Module(model_name="owl-tiny", lr=1e-2, warmup_steps=1)
+    data = CaptionDataModule(manifest=str(caption_manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
+    system.configure_model()
+    before = snapshot(system)
+    fit(system, data, tmp_path)
+    moved = changed(before, system)
+    assert any(n.startswith("vision.") for n in moved) and any(n.startswith("abstractor.") for n in moved)
+    assert not any(n.startswith("llm.") for n in moved)
+    assert data.health.used == 8 and data.health.used_by_source["squares"] == 8
+
+
+def test_stage2_step_changes_only_lora_and_abstractor(tmp_path, instruction_manifest):
+    system = Stage2Module(model_name="owl-tiny", lr=1e-2, warmup_steps=1)
+    data = InstructionDataModule(manifest=str(instruction_manifest), model_name="owl-tiny", batch_size=4, num_workers=0, max_length=256)
+    system.configure_model()
+    # LoRA B starts at zero; a step must move it (and A gets gradient after B is non-zero).
+    before = snapshot(system)
+    fit(system, data, tmp_path)
+    moved = changed(before, system)
+    llm_moved = {n for n in moved if n.startswith("llm.")}
+    assert llm_moved and all("lora_" in n for n in llm_moved)
+    assert any(n.startswith("abstractor.") for n in moved)
+    assert not any(n.startswith("vision.") for n in moved)
+    assert data.health.used_by_source == {"vqa": 4, "text": 4}
+
+
+def run_cli(stage, tmp_path, manifest, *extra):
+    main([stage, "fit", "--model.model_name", "owl-tiny", "--data.manifest", str(manifest), "--data.num_workers", "0",
+          "--data.batch_size", "4", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / stage),
+          "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "1", "--model.warmup_steps", "1",
+          "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+          f"--trainer.callbacks.dirpath={tmp_path / stage / 'checkpoints'}", "--trainer.callbacks.save_last=true",
+          "--trainer.callbacks.every_n_train_steps=2", "--ckpt_path", "last", *extra])
+
+
+def test_stage1_then_stage2_through_the_cli_with_resume(tmp_path, caption_manifest, instruction_manifest, monkeypatch):
+    steps_run = []
+    original = Stage1Module.training_step
+    monkeypatch.setattr(Stage1Module, "training_step", lambda self, *a: steps_run.append(self.global_step) or original(self, *a))
+    run_cli("stage1", tmp_path, caption_manifest, "--trainer.max_steps=2")
+    last = tmp_path / "stage1" / "checkpoints" / "last.ckpt"
+    assert read_checkpoint(last)["global_step"] == 2
+    # The same command with a larger budget resumes at step 2 instead of starting again.
+    run_cli("stage1", tmp_path, caption_manifest, "--trainer.max_steps=4")
+    assert steps_run == [0, 1, 2, 3]
+    resumed = read_checkpoint(last)
+    assert resumed["global_step"] == 4
+
+    run_cli("stage2", tmp_path, instruction_manifest, "--trainer.max_steps=2", "--model.init_from", str(last),
+            "--data.max_length", "256")
+    stage2 = read_checkpoint(tmp_path / "stage2" / "checkpoints" / "last.ckpt")
+    assert any("lora_" in k for k in stage2["state_dict"])
+    # Stage 2 started from stage 1's vision encoder (frozen since): identical tensors.
+    for key, value in resumed["state_dict"].items():
+        if key.startswith("model.vision."):
+            torch.testing.assert_close(stage2["state_dict"][key], value)
+    model = load_owl(tmp_path / "stage2")  # a run folder works as well as a file
+    assert model.llm.peft_config  # LoRA came back
+
+
+def test_owl_smol_checkpoint_leaves_out_the_llm(tmp_path, caption_manifest):
+    system = Stage1Module(model_name="owl-smol", warmup_steps=1)
+    data = CaptionDataModule(manifest=str(caption_manifest), model_name="owl-smol", batch_size=2, num_workers=0)
+    trainer = fit(system, data, tmp_path, steps=1)
+    path = tmp_path / "smol.ckpt"
+    trainer.save_checkpoint(path)
+    state = read_checkpoint(path)["state_dict"]
+    assert state and not any(k.startswith("model.llm.") for k in state)
+    vision_and_abstractor = sum(p.numel() for n, p in system.model.named_parameters() if not n.startswith("llm."))
+    # weights + two AdamW moments for ~11M trainable parameters; the 135M LLM alone would be 540 MB
+    assert path.stat().st_size < (vision_and_abstractor * 4 * 3) * 1.1 + 5e6
+    reloaded = load_owl(path)
+    for name, param in system.model.named_parameters():
+        torch.testing.assert_close(reloaded.get_parameter(name), param.detach(), msg=name)
