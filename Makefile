@@ -50,3 +50,7 @@ stage2: data
 
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir $(RUNS) --host 127.0.0.1
+
+# Benchmarks write bench/results.json (see docs/benchmarks.md). Run alone: they time the CPU.
+bench: data
+	$(PY) bench/stage1_data.py

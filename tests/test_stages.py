@@ -100,3 +100,21 @@ def test_owl_smol_checkpoint_leaves_out_the_llm(tmp_path, caption_manifest):
     reloaded = load_owl(path)
     for name, param in system.model.named_parameters():
         torch.testing.assert_close(reloaded.get_parameter(name), param.detach(), msg=name)
+
+
+def test_batch_without_supervised_tokens_makes_no_update_and_is_counted(tmp_path, caption_manifest):
+    system = Stage1Module(model_name="owl-tiny", lr=1e-2, warmup_steps=1)
+    data = CaptionDataModule(manifest=str(caption_manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
+    original = data.on_before_batch_transfer
+
+    def unsupervised(batch, dataloader_idx):
+        batch = original(batch, dataloader_idx)
+        batch["labels"].fill_(-100)  # as if truncation had cut every answer
+        return batch
+
+    data.on_before_batch_transfer = unsupervised
+    system.configure_model()
+    before = snapshot(system)
+    fit(system, data, tmp_path, steps=2, max_epochs=1, limit_train_batches=2)
+    assert system.empty_batches == 2
+    assert not changed(before, system)

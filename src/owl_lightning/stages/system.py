@@ -117,7 +117,16 @@ class OwlSystem(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if self.val_loss.update_count:
-            self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+            loss = self.val_loss.compute()
+            if self.trainer.sanity_checking:
+                # Lightning discards sanity-check logs; keep this one as the "before" point of the
+                # val/loss curve (the same batches when num_sanity_val_steps = limit_val_batches).
+                if self.logger is not None:
+                    self.logger.log_metrics({"val/loss": float(loss)}, step=self.global_step)
+                self.print(f"val/loss at step {self.global_step} (sanity check): {float(loss):.4f}")
+            else:
+                self.log("val/loss", loss, prog_bar=True)
+                self.print(f"val/loss at step {self.global_step}: {float(loss):.4f}")
         self.val_loss.reset()
         self._last_batch_end = None  # validation time is not training throughput
 

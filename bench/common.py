@@ -1,0 +1,24 @@
+"""Shared by the benchmarks: results go into one JSON file, one entry per benchmark."""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).with_name("results.json")
+
+
+def machine() -> dict:
+    return {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def record(name: str, entry: dict) -> None:
+    """Merge ``entry`` under ``name`` into bench/results.json and print it."""
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results[name] = {**entry, "machine": machine()}
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps({name: results[name]}, indent=2))
