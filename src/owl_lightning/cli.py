@@ -4,6 +4,8 @@
     owl-lightning stage2 fit --config experiments/stage2_smol.yaml [--ckpt_path last]
     owl-lightning describe owl-llama7b [--json]
     owl-lightning data [--out data/embedded]
+    owl-lightning eval --ckpt RUN_OR_CKPT [--vqa-limit N]
+    owl-lightning chat --ckpt RUN_OR_CKPT --image a.jpg [--image b.jpg] [--prompt "..."]
 """
 from __future__ import annotations
 
@@ -92,11 +94,68 @@ def _data_main(args: list[str]) -> None:
     build_embedded(args)
 
 
+def _eval_main(args: list[str]) -> None:
+    from owl_lightning.eval.run import evaluate, summary_table
+
+    parser = argparse.ArgumentParser(prog="owl-lightning eval", description="Evaluate a checkpoint: easy-VQA accuracy, "
+                                     "caption BLEU, text-only retention, qualitative sheet. Writes <run>/eval.json.")
+    parser.add_argument("--ckpt", required=True, help="a .ckpt file or a run folder (uses checkpoints/last.ckpt)")
+    parser.add_argument("--data", default="data/embedded", help="the embedded data folder (make data)")
+    parser.add_argument("--vqa-limit", type=int, default=None, help="first N easy-VQA test questions (default: all 9,673)")
+    parser.add_argument("--text-limit", type=int, default=None, help="first N held-out text instructions (default: all)")
+    parser.add_argument("--caption-limit", type=int, default=200, help="held-out images to caption")
+    parser.add_argument("--batch-size", type=int, default=64)
+    ns = parser.parse_args(args)
+    results, path = evaluate(ns.ckpt, ns.data, ns.vqa_limit, ns.text_limit, ns.caption_limit, ns.batch_size)
+    print(summary_table(results))
+    print(path)
+
+
+def _chat_main(args: list[str]) -> None:
+    from PIL import Image
+
+    from owl_lightning.inference import ChatSession, OwlAssistant
+
+    parser = argparse.ArgumentParser(prog="owl-lightning chat", description="Chat about images with a trained model. "
+                                     "Type /reset to start over, /quit (or Ctrl-D) to leave.")
+    parser.add_argument("--ckpt", required=True, help="a .ckpt file or a run folder")
+    parser.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
+    parser.add_argument("--prompt", help="answer this once and exit")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ns = parser.parse_args(args)
+    images = []
+    for path in ns.image:
+        try:
+            images.append(Image.open(path).convert("RGB"))
+        except (OSError, ValueError) as err:
+            parser.error(f"cannot read image {path}: {err}")
+    session = ChatSession(OwlAssistant.from_checkpoint(ns.ckpt), images, ns.max_new_tokens, ns.temperature)
+    if ns.prompt is not None:
+        print(session.ask(ns.prompt))
+        return
+    print(f"{len(images)} image(s) loaded. /reset starts over, /quit leaves.")
+    while True:
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if text == "/quit":
+            break
+        if text == "/reset":
+            session.reset()
+            continue
+        if text:
+            print(f"owl> {session.ask(text)}")
+
+
 COMMANDS = {
     "stage1": lambda a: _stage_cli("stage1", a),
     "stage2": lambda a: _stage_cli("stage2", a),
     "describe": _describe_main,
     "data": _data_main,
+    "eval": _eval_main,
+    "chat": _chat_main,
 }
 
 

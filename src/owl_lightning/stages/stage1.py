@@ -6,7 +6,9 @@ from typing import Any
 
 import torch
 
+from owl_lightning.data.collate import IGNORE_INDEX, EncodedSample
 from owl_lightning.data.template import ConversationTemplate
+from owl_lightning.inference import generate
 from owl_lightning.models.owl import OwlModel
 from owl_lightning.stages.system import OwlSystem
 
@@ -51,19 +53,11 @@ class Stage1Module(OwlSystem):
         self._caption_images = None
 
     def generate_captions(self, images: torch.Tensor) -> list[str]:
-        """Greedy captions for ``[M, 3, H, W]`` images."""
+        """Greedy captions for ``[M, 3, H, W]`` images, generated from ``BOS <image>``."""
         template = ConversationTemplate(self.tokenizer, image_token_length=self.model.visual_tokens_per_image)
-        prompt = torch.tensor([template.caption_prompt()] * images.shape[0], device=images.device)
-        generated = self.model.generate(
-            prompt,
-            torch.ones_like(prompt),
-            images,
-            max_new_tokens=self.hparams.max_caption_tokens,
-            do_sample=False,
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        return self.tokenizer.batch_decode(generated, skip_special_tokens=True)
+        prompt = template.caption_prompt()
+        samples = [EncodedSample(prompt, [IGNORE_INDEX] * len(prompt), [image]) for image in images]
+        return generate(self.model, self.tokenizer, samples, self.hparams.max_caption_tokens)
 
     def log_captions(self, images: torch.Tensor) -> None:
         captions = self.generate_captions(images)

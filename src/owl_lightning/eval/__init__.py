@@ -1,0 +1,1 @@
+"""Evaluation: easy-VQA accuracy, caption BLEU, text retention, and a qualitative sheet."""

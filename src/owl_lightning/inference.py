@@ -1,0 +1,121 @@
+"""Answering conversations with images: the training template, batched left-padded generation.
+
+Used by ``owl-lightning chat`` and ``eval``; keeps prompts exactly as the model was trained on
+(template style and system prompt are read from the checkpoint's data settings).
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from owl_lightning.checkpoints import load_owl, read_checkpoint
+from owl_lightning.data.collate import IGNORE_INDEX, EncodedSample, collate
+from owl_lightning.data.template import OWL_SYSTEM_PROMPT, Conversation, ConversationTemplate, Turn
+from owl_lightning.models.llm import IMAGE_TOKEN, load_tokenizer
+from owl_lightning.models.owl import OwlModel
+from owl_lightning.models.vision import image_transform
+
+
+@dataclass
+class Request:
+    """One conversation to continue: ``turns`` ends with a user turn whose ``<image>``
+    placeholders (in any user turn) match ``images`` in order."""
+
+    turns: list[Turn]
+    images: list[Image.Image] = field(default_factory=list)
+
+    @classmethod
+    def single(cls, question: str, images: list[Image.Image] = ()) -> "Request":
+        """A one-turn question about ``images`` (their placeholders go first, one per image)."""
+        return cls([Turn("user", IMAGE_TOKEN * len(images) + ("\n" if images else "") + question)], list(images))
+
+
+class OwlAssistant:
+    """Batched answers from an :class:`OwlModel`.
+
+    Args:
+        model, tokenizer: the model and its tokenizer (with ``<image>``).
+        template: ``owl`` or ``chat_template``; system_prompt: the system line used in training.
+        max_length: longest prompt accepted (visual tokens included).
+        bf16: run under bfloat16 autocast (about 1.7x faster on CPU, the default on GPU).
+    """
+
+    def __init__(self, model: OwlModel, tokenizer, template: str = "owl", system_prompt: str | None = OWL_SYSTEM_PROMPT,
+                 max_length: int = 2048, bf16: bool = True) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.template = ConversationTemplate(tokenizer, style=template, system_prompt=system_prompt, max_length=max_length,
+                                             image_token_length=model.visual_tokens_per_image)
+        self.transform = image_transform(model.config.vision)
+        self.device = next(model.parameters()).device
+        self.bf16 = bf16
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", **kwargs) -> "OwlAssistant":
+        """From a stage-1/2 checkpoint or run folder; template settings follow the run's data settings."""
+        data = read_checkpoint(path).get("datamodule_hyper_parameters", {})
+        template = data.get("template", "owl")
+        system_prompt = data.get("system_prompt")
+        if system_prompt is None:
+            system_prompt = OWL_SYSTEM_PROMPT if template == "owl" else None
+        model = load_owl(path).to(device)
+        settings = {"template": template, "system_prompt": system_prompt or None, **kwargs}
+        return cls(model, load_tokenizer(model.config.llm), **settings)
+
+    @torch.no_grad()
+    def answer(self, requests: list[Request], max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
+        """Continue each conversation with one assistant turn. Greedy when ``temperature`` is 0."""
+        samples = []
+        for request in requests:
+            conversation = Conversation(request.turns, images=[f"image {i}" for i in range(len(request.images))])
+            ids = self.template.encode_prompt(conversation)
+            samples.append(EncodedSample(ids, [IGNORE_INDEX] * len(ids), [self.transform(i.convert("RGB")) for i in request.images]))
+        return generate(self.model, self.tokenizer, samples, max_new_tokens, temperature, top_p, self.bf16)
+
+    def caption(self, images: list[Image.Image], max_new_tokens: int = 20) -> list[str]:
+        """Stage-1 style captions, generated from ``BOS <image>``."""
+        prompt = self.template.caption_prompt()
+        samples = [EncodedSample(prompt, [IGNORE_INDEX] * len(prompt), [self.transform(i.convert("RGB"))]) for i in images]
+        return generate(self.model, self.tokenizer, samples, max_new_tokens, bf16=self.bf16)
+
+
+@torch.no_grad()
+def generate(model: OwlModel, tokenizer, samples: list[EncodedSample], max_new_tokens: int, temperature: float = 0.0,
+             top_p: float = 1.0, bf16: bool = False) -> list[str]:
+    """Prompts (token ids with ``<image>`` tokens, and their image tensors) → decoded continuations.
+
+    One left-padded batch; greedy when ``temperature`` is 0; each answer stops at EOS."""
+    device = next(model.parameters()).device
+    batch = collate(samples, tokenizer.pad_token_id, padding_side="left")
+    images = None if batch["images"] is None else batch["images"].to(device)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+        generated = model.generate(
+            batch["input_ids"].to(device), batch["attention_mask"].to(device), images, batch["image_counts"].to(device),
+            max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling,
+        )
+    return [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+
+
+class ChatSession:
+    """A multi-turn conversation about a fixed set of images; their placeholders open the first turn."""
+
+    def __init__(self, assistant: OwlAssistant, images: list[Image.Image] = (), max_new_tokens: int = 128,
+                 temperature: float = 0.0) -> None:
+        self.assistant, self.images = assistant, list(images)
+        self.max_new_tokens, self.temperature = max_new_tokens, temperature
+        self.turns: list[Turn] = []
+
+    def ask(self, text: str) -> str:
+        opening = IMAGE_TOKEN * len(self.images) + "\n" if self.images and not self.turns else ""
+        self.turns.append(Turn("user", opening + text))
+        reply = self.assistant.answer([Request(list(self.turns), self.images)], self.max_new_tokens, self.temperature)[0]
+        self.turns.append(Turn("assistant", reply))
+        return reply
+
+    def reset(self) -> None:
+        self.turns = []
