@@ -9,7 +9,7 @@ RUNS ?= runs
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all describe data stage1 stage2 tensorboard bench clean-venv
+.PHONY: install test test-all describe data stage1 stage2 eval chat tensorboard bench clean-venv
 
 install: $(STAMP)
 
@@ -47,6 +47,17 @@ stage1: data
 stage2: data
 	@test -f $(STAGE1_CKPT) || { echo "no stage-1 checkpoint at $(STAGE1_CKPT): run 'make stage1' first (or pass STAGE1_CKPT=...)"; exit 1; }
 	$(OWL) stage2 fit --config $(STAGE2_CONFIG) --model.init_from $(STAGE1_CKPT) --ckpt_path last $(ARGS)
+
+STAGE2_RUN ?= $(RUNS)/stage2_smol
+PHOTO = $(shell $(PY) -c "import skimage.data, os; print(os.path.join(os.path.dirname(skimage.data.__file__), 'coffee.png'))")
+
+# Metrics of the latest embedded run into $(STAGE2_RUN)/eval.json (ARGS e.g. "--vqa-limit 1000").
+eval: data
+	$(OWL) eval --ckpt $(STAGE2_RUN) $(ARGS)
+
+# Chat about a real photo with the latest embedded run (ARGS e.g. '--image my.jpg --prompt "..."').
+chat: install
+	$(OWL) chat --ckpt $(STAGE2_RUN) --image $(PHOTO) $(ARGS)
 
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir $(RUNS) --host 127.0.0.1

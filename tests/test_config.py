@@ -39,7 +39,7 @@ def test_owl_llama7b_builds_on_meta_with_the_papers_shapes():
     assert model.abstractor.proj.weight.shape == (4096, 1024)
     assert model.visual_tokens_per_image == 65
     assert model.llm.config.hidden_size == 4096 and model.llm.config.num_hidden_layers == 32
-    assert model.vision(torch.empty(1, 3, 224, 224, device="meta")).shape == (1, 257, 1024)
+    assert model.vision(torch.empty(1, 3, 224, 224, dtype=torch.uint8, device="meta")).shape == (1, 257, 1024)
 
 
 def test_describe_owl_llama7b_counts():

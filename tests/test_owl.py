@@ -62,7 +62,7 @@ def test_model_embeddings_at_image_positions_equal_the_abstractor_output(tiny_mo
     tok = tiny_tokenizer
     image_id = tiny_model.image_token_id
     ids = torch.tensor([[tok.bos_token_id, image_id, image_id, 65, 66]])
-    images = torch.randn(2, 3, 32, 32)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     tiny_model.eval()
     embeds, mask, _ = tiny_model.embed(ids, torch.ones_like(ids), images)
     v = tiny_model.visual_tokens_per_image
@@ -77,7 +77,7 @@ def test_model_embeddings_at_image_positions_equal_the_abstractor_output(tiny_mo
 def test_loss_is_finite_and_none_without_supervision(tiny_model, tiny_tokenizer):
     ids = torch.tensor([[tiny_tokenizer.bos_token_id, tiny_model.image_token_id, 70, 71, 72]])
     mask = torch.ones_like(ids)
-    images = torch.randn(1, 3, 32, 32)
+    images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
     out = tiny_model(ids, mask, torch.tensor([[-100, -100, 70, 71, 72]]), images)
     assert torch.isfinite(out.loss) and out.num_supervised == 3
     assert out.num_tokens == 4 + tiny_model.visual_tokens_per_image
@@ -91,7 +91,7 @@ def test_loss_matches_full_logits_cross_entropy(tiny_model, tiny_tokenizer):
     ids = torch.tensor([[1, tiny_model.image_token_id, 70, 71, 72], [1, 80, 81, 82, 0]])
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]])
     labels = torch.tensor([[-100, -100, -100, 71, 72], [-100, -100, 81, 82, -100]])
-    images = torch.randn(1, 3, 32, 32)
+    images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
     out = tiny_model(ids, mask, labels, images)
     embeds, emask, elabels = tiny_model.embed(ids, mask, images, labels)
     logits = tiny_model.llm(inputs_embeds=embeds, attention_mask=emask).logits

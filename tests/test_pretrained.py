@@ -5,7 +5,7 @@ from PIL import Image
 
 from owl_lightning.config import get_config
 from owl_lightning.models.llm import build_llm, load_tokenizer
-from owl_lightning.models.vision import image_transform, load_vision_weights
+from owl_lightning.models.vision import load_vision_weights
 
 CAT_CLASSES = set(range(281, 286))  # ImageNet tabby, tiger cat, Persian, Siamese, Egyptian cat
 
@@ -17,7 +17,8 @@ def test_packaged_efficientnet_lite0_sees_a_cat():
     vision = get_config("owl-smol").vision
     classifier = timm.create_model(vision.timm_name, pretrained=False).eval()
     load_vision_weights(classifier, vision.weights)
-    transform = image_transform(type(vision)(timm_name=vision.timm_name))  # timm's own 224 px preprocessing
+    # timm's own 224 px preprocessing of this model
+    transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=classifier))
     with torch.no_grad():
         top5 = classifier(transform(Image.fromarray(skimage.data.chelsea()))[None]).topk(5).indices[0].tolist()
     assert top5[0] in CAT_CLASSES, top5

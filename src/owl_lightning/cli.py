@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 import torch
 
@@ -38,6 +39,10 @@ def _stage_cli(stage: str, args: list[str]) -> None:
             if logger is not None and getattr(logger, "save_dir", None):
                 print(f"TensorBoard: tensorboard --logdir {logger.save_dir}", flush=True)
 
+    # Both are by design: frozen modules stay in eval mode, and our iterable datasets split their
+    # batches over workers themselves, so their __len__ is exact.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
     model_class, data_class = {"stage1": (Stage1Module, CaptionDataModule), "stage2": (Stage2Module, InstructionDataModule)}[stage]
     OwlCLI(model_class, data_class, args=args, save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": f"owl-lightning {stage}"})
 

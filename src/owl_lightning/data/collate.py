@@ -14,7 +14,7 @@ class EncodedSample:
 
     ``input_ids`` hold one ``<image>`` token per image (the model expands it into the
     visual tokens); ``labels`` have the same length, ``IGNORE_INDEX`` where not supervised.
-    ``images`` are preprocessed ``[3, H, W]`` tensors in placeholder order.
+    ``images`` are preprocessed ``[3, H, W]`` uint8 tensors in placeholder order.
     """
 
     input_ids: list[int]
@@ -33,7 +33,7 @@ def collate(
 
     Returns a dict with
         ``input_ids``, ``attention_mask``, ``labels``: ``[B, T]`` long (padded on ``padding_side``);
-        ``images``: ``[M, 3, H, W]`` float, every image of the batch, sample-major in placeholder
+        ``images``: ``[M, 3, H, W]`` uint8 pixels, every image of the batch, sample-major in placeholder
         order, or ``None`` when the batch has no image;
         ``image_counts``: ``[B]`` long, images per sample;
         ``source``: ``list[str]`` of length B; ``skipped``: the ``(reason, where)`` skips since the

@@ -75,7 +75,7 @@ class InstructionMixture(IterableDataset):
     Args:
         sources: each source with its conversations (from :func:`~owl_lightning.data.instruct.read_conversations`).
         template: tokenises a conversation (its ``max_length`` and ``image_token_length`` apply).
-        image_transform: RGB PIL image → ``[3, H, W]`` float tensor (the vision encoder's preprocessing).
+        image_transform: RGB PIL image → ``[3, H, W]`` uint8 tensor (the vision encoder's preprocessing).
         batch_size: samples per batch on each rank.
         pad_token_id: the tokenizer's pad token.
         seed: with the epoch and batch index, fixes every batch's content.

@@ -21,7 +21,7 @@ from owl_lightning.data.mixture import InstructionMixture
 from owl_lightning.data.shards import build_shard_pipeline
 from owl_lightning.data.template import OWL_SYSTEM_PROMPT, ConversationTemplate
 from owl_lightning.models.llm import load_tokenizer
-from owl_lightning.models.vision import image_transform, vision_data_config
+from owl_lightning.models.vision import image_transform
 
 
 class _OwlDataModule(L.LightningDataModule):
@@ -34,10 +34,6 @@ class _OwlDataModule(L.LightningDataModule):
         self.owl_config: OwlConfig = get_config(model_name, model_overrides)
         self.health = DataHealth(max_skip_fraction=max_skip_fraction)
         self.tokenizer = None
-
-    @property
-    def image_data_config(self) -> dict:
-        return vision_data_config(self.owl_config.vision)
 
     def setup(self, stage: str) -> None:
         if self.tokenizer is None:

@@ -128,7 +128,7 @@ def build_shard_pipeline(
 
     Args:
         sources: shard sources from a data manifest (weights are used in training only).
-        image_transform: RGB PIL image → ``[3, H, W]`` float tensor (all images the same size).
+        image_transform: RGB PIL image → ``[3, H, W]`` tensor, uint8 for the model (all images the same size).
         encode_caption: caption → ``(input_ids, labels)`` of equal length, labels ``-100`` where not
             supervised; may raise :class:`SkipSample` (e.g. ``TOO_LONG``).
         pad_token_id: padding id for ``input_ids``.

@@ -66,13 +66,6 @@ class Stage1Module(OwlSystem):
         writer = getattr(self.logger, "experiment", None)
         if writer is None or not hasattr(writer, "add_text"):
             return
-        # Undo the normalisation roughly for display: timm's mean/std are per-channel constants.
-        cfg = self.trainer.datamodule.image_data_config if hasattr(self.trainer.datamodule, "image_data_config") else None
-        shown = images.float()
-        if cfg is not None:
-            mean = torch.tensor(cfg["mean"], device=images.device)[:, None, None]
-            std = torch.tensor(cfg["std"], device=images.device)[:, None, None]
-            shown = (shown * std + mean).clamp(0, 1)
         for i, caption in enumerate(captions):
-            writer.add_image(f"captions/{i}", shown[i], self.global_step)
+            writer.add_image(f"captions/{i}", images[i], self.global_step)  # uint8 [3, H, W]
             writer.add_text(f"captions/{i}", caption, self.global_step)
