@@ -9,7 +9,7 @@ RUNS ?= runs
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all describe data stage1 stage2 eval chat tensorboard bench clean-venv
+.PHONY: install test test-all describe data stage1 stage2 eval chat tensorboard bench ablation clean-venv
 
 install: $(STAMP)
 
@@ -65,3 +65,7 @@ tensorboard: install
 # Benchmarks write bench/results.json (see docs/benchmarks.md). Run alone: they time the CPU.
 bench: data
 	$(PY) bench/stage1_data.py
+
+# The paper's five ablation settings on the embedded task → docs/ablation.md (about an hour on 2 cores).
+ablation: data
+	$(PY) -m owl_lightning.eval.ablation $(ARGS)

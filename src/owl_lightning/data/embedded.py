@@ -6,7 +6,7 @@ directory) writes, from easy-VQA's 4,000 train / 1,000 test images and their que
     stage1/train-{000000..000007}.tar   4,000 image–caption pairs in img2dataset's layout
     stage1/val-{000000..000003}.tar     1,000 (the easy-VQA test images)
     images/{train,test}/N.png           the images, as the image root of stage 2
-    stage2/easyvqa_train.json           LLaVA: one multi-turn conversation per train image
+    stage2/easyvqa_train.json           LLaVA: each train image's questions as multi-turn conversations of up to 3
     stage2/easyvqa_val.json             the same for the last 200 train images, held out
     stage2/easyvqa_test.json            LLaVA: every test question alone, with its question_type
     stage2/text_train.json              Alpaca: questions on Python standard-library docstrings
@@ -40,7 +40,7 @@ from PIL import Image
 
 log = logging.getLogger(__name__)
 
-BUILD_VERSION = 1  # bump when the output changes, so existing builds are redone
+BUILD_VERSION = 2  # bump when the output changes, so existing builds are redone
 MARKER = "BUILD.json"
 SEED = 0
 
@@ -48,6 +48,10 @@ SHAPES = ("circle", "rectangle", "triangle")
 COLOURS = ("red", "green", "blue", "yellow", "teal", "brown", "black", "gray")
 YES_NO = ("yes", "no")
 VAL_IMAGES = 200  # the last train images, held out of stage 2 as easyvqa_val
+# An image's ~10 questions are split into conversations of at most this many. Longer ones let the
+# model answer late questions from earlier answers ("what color?" "blue" ... "is it blue?") instead
+# of from the image, while evaluation asks each question alone; shorter ones also pad less.
+QUESTIONS_PER_CONVERSATION = 3
 # Samples per shard. Validation reads whole shards, one reader (rank × DataLoader worker) each:
 # 4 validation shards serve the 2-rank × 2-worker CPU setup; training resamples, 8 shards is plenty.
 SHARD_SIZE = {"train": 500, "val": 250}
@@ -219,8 +223,9 @@ def _multi_turn_records(by_image: dict[int, list[tuple[str, str]]], rng: random.
     records = []
     for image_id, pairs in by_image.items():
         shuffled = rng.sample(pairs, len(pairs))  # no fixed question order for the model to learn
-        records.append({"id": f"easyvqa-train-{image_id}", "image": f"train/{image_id}.png",
-                        "conversations": _conversation(shuffled)})
+        for part, start in enumerate(range(0, len(shuffled), QUESTIONS_PER_CONVERSATION)):
+            records.append({"id": f"easyvqa-train-{image_id}-{part}", "image": f"train/{image_id}.png",
+                            "conversations": _conversation(shuffled[start : start + QUESTIONS_PER_CONVERSATION])})
     return records
 
 
@@ -352,12 +357,15 @@ def _build_into(root: Path) -> dict[str, int]:
     stage2 = root / "stage2"
     stage2.mkdir()
     train_by_image, _ = splits["train"]
-    conversations = _multi_turn_records(train_by_image, random.Random(SEED))
+    image_ids = list(train_by_image)
+    held_out = {image_id: train_by_image[image_id] for image_id in image_ids[-VAL_IMAGES:]}
+    kept = {image_id: train_by_image[image_id] for image_id in image_ids[:-VAL_IMAGES]}
+    rng = random.Random(SEED)
     test_records = _single_turn_records(splits["test"][0])
     text = stdlib_text_pairs()
     outputs = {
-        "easyvqa_train": conversations[:-VAL_IMAGES],
-        "easyvqa_val": conversations[-VAL_IMAGES:],
+        "easyvqa_train": _multi_turn_records(kept, rng),
+        "easyvqa_val": _multi_turn_records(held_out, rng),
         "easyvqa_test": test_records,
         "text_train": [record for record in text if not _is_heldout(record)],
         "text_heldout": [record for record in text if _is_heldout(record)],
