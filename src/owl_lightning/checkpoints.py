@@ -37,9 +37,10 @@ def read_checkpoint(path: str | Path) -> dict:
 def load_model_weights(model: OwlModel, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Load a checkpoint's tensors (``model.``-prefixed) into ``model``; every tensor must find its place."""
     own = {k[len(PREFIX):]: v for k, v in state_dict.items() if k.startswith(PREFIX)}
-    missing_base_ok = model.load_state_dict(own, strict=False)
-    if missing_base_ok.unexpected_keys:
-        raise ValueError(f"{source}: {len(missing_base_ok.unexpected_keys)} tensors do not fit this model, e.g. {missing_base_ok.unexpected_keys[:3]}")
+    # Missing keys are expected (the base LLM is not saved); tensors that fit nowhere are not.
+    unexpected = model.load_state_dict(own, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"{source}: {len(unexpected)} tensors do not fit this model, e.g. {unexpected[:3]}")
 
 
 def load_owl(path: str | Path) -> OwlModel:
