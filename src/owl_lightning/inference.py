@@ -14,7 +14,7 @@ from PIL import Image
 
 from owl_lightning.checkpoints import load_owl, read_checkpoint
 from owl_lightning.data.collate import IGNORE_INDEX, EncodedSample, collate
-from owl_lightning.data.template import OWL_SYSTEM_PROMPT, Conversation, ConversationTemplate, Turn
+from owl_lightning.data.template import OWL_SYSTEM_PROMPT, Conversation, ConversationTemplate, Turn, resolve_system_prompt
 from owl_lightning.models.llm import IMAGE_TOKEN, load_tokenizer
 from owl_lightning.models.owl import OwlModel
 from owl_lightning.models.vision import image_transform
@@ -59,11 +59,8 @@ class OwlAssistant:
         """From a stage-1/2 checkpoint or run folder; template settings follow the run's data settings."""
         data = read_checkpoint(path).get("datamodule_hyper_parameters", {})
         template = data.get("template", "owl")
-        system_prompt = data.get("system_prompt")
-        if system_prompt is None:
-            system_prompt = OWL_SYSTEM_PROMPT if template == "owl" else None
         model = load_owl(path).to(device)
-        settings = {"template": template, "system_prompt": system_prompt or None, **kwargs}
+        settings = {"template": template, "system_prompt": resolve_system_prompt(template, data.get("system_prompt")), **kwargs}
         return cls(model, load_tokenizer(model.config.llm), **settings)
 
     @torch.no_grad()
@@ -78,9 +75,16 @@ class OwlAssistant:
 
     def caption(self, images: list[Image.Image], max_new_tokens: int = 20) -> list[str]:
         """Stage-1 style captions, generated from ``BOS <image>``."""
-        prompt = self.template.caption_prompt()
-        samples = [EncodedSample(prompt, [IGNORE_INDEX] * len(prompt), [self.transform(i.convert("RGB"))]) for i in images]
-        return generate(self.model, self.tokenizer, samples, max_new_tokens, bf16=self.bf16)
+        pixels = [self.transform(image.convert("RGB")) for image in images]
+        return generate_captions(self.model, self.tokenizer, self.template, pixels, max_new_tokens, self.bf16)
+
+
+def generate_captions(model: OwlModel, tokenizer, template: ConversationTemplate, pixels: list[torch.Tensor],
+                      max_new_tokens: int, bf16: bool = False) -> list[str]:
+    """Greedy captions of preprocessed images (uint8 ``[3, H, W]`` each), from the stage-1 prompt ``BOS <image>``."""
+    prompt = template.caption_prompt()
+    samples = [EncodedSample(prompt, [IGNORE_INDEX] * len(prompt), [image]) for image in pixels]
+    return generate(model, tokenizer, samples, max_new_tokens, bf16=bf16)
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from owl_lightning.data.instruct import read_conversations
 from owl_lightning.data.manifest import load_manifest
 from owl_lightning.data.mixture import InstructionMixture
 from owl_lightning.data.shards import build_shard_pipeline
-from owl_lightning.data.template import OWL_SYSTEM_PROMPT, ConversationTemplate
+from owl_lightning.data.template import ConversationTemplate, resolve_system_prompt
 from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.vision import image_transform
 
@@ -142,10 +142,8 @@ class InstructionDataModule(_OwlDataModule):
 
     def _mixture(self, sources: list) -> InstructionMixture:
         rank, world = self._rank_and_world
-        system_prompt = self.hparams.system_prompt
-        if system_prompt is None:
-            system_prompt = OWL_SYSTEM_PROMPT if self.hparams.template == "owl" else None
-        template = ConversationTemplate(self.tokenizer, style=self.hparams.template, system_prompt=system_prompt or None,
+        system_prompt = resolve_system_prompt(self.hparams.template, self.hparams.system_prompt)
+        template = ConversationTemplate(self.tokenizer, style=self.hparams.template, system_prompt=system_prompt,
                                         max_length=self.hparams.max_length,
                                         image_token_length=self.owl_config.visual_tokens_per_image)
         skips = SkipLog()

@@ -65,6 +65,14 @@ class Conversation:
             raise SkipSample(MALFORMED_RECORD, f"an assistant turn contains {IMAGE_TOKEN}; images belong in user turns")
 
 
+def resolve_system_prompt(style: str, system_prompt: str | None) -> str | None:
+    """A run's ``system_prompt`` setting → the template's: ``None`` means the style's default (owl:
+    the paper's line; chat_template: whatever the tokenizer's template adds), ``""`` means none."""
+    if system_prompt is None:
+        return OWL_SYSTEM_PROMPT if style == "owl" else None
+    return system_prompt or None
+
+
 # (token ids, supervised?) — the unit both styles build a sequence from.
 _Segment = tuple[list[int], bool]
 

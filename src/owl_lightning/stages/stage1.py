@@ -6,9 +6,8 @@ from typing import Any
 
 import torch
 
-from owl_lightning.data.collate import IGNORE_INDEX, EncodedSample
 from owl_lightning.data.template import ConversationTemplate
-from owl_lightning.inference import generate
+from owl_lightning.inference import generate_captions
 from owl_lightning.models.owl import OwlModel
 from owl_lightning.stages.system import OwlSystem
 
@@ -55,9 +54,7 @@ class Stage1Module(OwlSystem):
     def generate_captions(self, images: torch.Tensor) -> list[str]:
         """Greedy captions for ``[M, 3, H, W]`` images, generated from ``BOS <image>``."""
         template = ConversationTemplate(self.tokenizer, image_token_length=self.model.visual_tokens_per_image)
-        prompt = template.caption_prompt()
-        samples = [EncodedSample(prompt, [IGNORE_INDEX] * len(prompt), [image]) for image in images]
-        return generate(self.model, self.tokenizer, samples, self.hparams.max_caption_tokens)
+        return generate_captions(self.model, self.tokenizer, template, list(images), self.hparams.max_caption_tokens)
 
     def log_captions(self, images: torch.Tensor) -> None:
         captions = self.generate_captions(images)
