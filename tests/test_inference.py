@@ -91,3 +91,14 @@ def test_easy_vqa_accuracy_by_type(tmp_path):
     assert result["by_type"] == {"color": 0.0, "shape": 1.0, "yes_no": 0.5}
     assert [m["predicted"] for m in result["mistakes"]] == ["blue", "yes"]
     json.dumps(result)  # eval.json must be able to hold it
+
+
+def test_stage1_caption_logging_and_the_assistant_caption_alike(tiny_config, tiny_tokenizer):
+    from owl_lightning.stages.stage1 import Stage1Module
+
+    system = Stage1Module(model_name="owl-tiny", max_caption_tokens=6)
+    system.configure_model()
+    assistant = OwlAssistant(system.model, tiny_tokenizer, bf16=False)
+    images = [square("red"), square("blue")]
+    pixels = torch.stack([assistant.transform(image) for image in images])
+    assert system.generate_captions(pixels) == assistant.caption(images, max_new_tokens=6)
