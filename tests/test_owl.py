@@ -74,7 +74,7 @@ def test_model_embeddings_at_image_positions_equal_the_abstractor_output(tiny_mo
     torch.testing.assert_close(embeds[0, -2:], text[0, -2:])
 
 
-def test_loss_is_finite_and_none_without_supervision(tiny_model, tiny_tokenizer):
+def test_loss_is_finite_and_zero_without_supervision(tiny_model, tiny_tokenizer):
     ids = torch.tensor([[tiny_tokenizer.bos_token_id, tiny_model.image_token_id, 70, 71, 72]])
     mask = torch.ones_like(ids)
     images = torch.randint(0, 256, (1, 3, 32, 32), dtype=torch.uint8)
@@ -82,7 +82,9 @@ def test_loss_is_finite_and_none_without_supervision(tiny_model, tiny_tokenizer)
     assert torch.isfinite(out.loss) and out.num_supervised == 3
     assert out.num_tokens == 4 + tiny_model.visual_tokens_per_image
     empty = tiny_model(ids, mask, torch.full_like(ids, -100), images)
-    assert empty.loss is None and empty.num_supervised == 0
+    assert empty.num_supervised == 0 and empty.loss.item() == 0.0
+    empty.loss.backward()  # a graph to run backward on (every DDP/FSDP rank must), with zero gradients
+    assert all(p.grad is None or not p.grad.any() for p in tiny_model.parameters())
 
 
 def test_loss_matches_full_logits_cross_entropy(tiny_model, tiny_tokenizer):

@@ -18,6 +18,8 @@ How batch ``b`` is built:
    replaced by a draw from the same source seeded by ``(seed, epoch, b, slot, attempt)``.
 4. Splitting. Global batch ``b`` goes to rank ``b % world_size`` and, within it, to DataLoader
    worker ``(b // world_size) % num_workers``; every rank yields ``batches_per_epoch // world_size``.
+   A run resumed mid-epoch (:meth:`InstructionMixture.resume_at`) starts at the rank's next batch,
+   its workers rotated so batches still arrive in order (:mod:`~owl_lightning.data.resume`).
 """
 from __future__ import annotations
 
@@ -29,12 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
 from owl_lightning.data.collate import EncodedSample, collate
 from owl_lightning.data.health import SkipLog, SkipSample
 from owl_lightning.data.images import decode_image, resolve_under_root
 from owl_lightning.data.manifest import InstructionSource
+from owl_lightning.data.resume import role_positions, worker_role
 from owl_lightning.data.template import Conversation, ConversationTemplate
 
 # Replacement draws for one slot before the source is declared broken (not one bad sample, but
@@ -138,6 +141,7 @@ class InstructionMixture(IterableDataset):
         self.batches_per_rank = batches_per_epoch // world_size
         self.batches_per_epoch = self.batches_per_rank * world_size
         self.epoch = 0
+        self._resume = (-1, 0)  # (epoch, batches of it this rank had consumed)
         self.skips = SkipLog()
         self._quotas = batch_quotas(weights, batch_size, self.batches_per_epoch)
         # Slot of each source's first sample in batch b: its samples in batches 0..b-1.
@@ -146,17 +150,21 @@ class InstructionMixture(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """The next pass over ``epoch`` starts at this rank's batch ``batches_done`` (nothing to replay:
+        every batch is a function of its index)."""
+        self._resume = (epoch, batches_done)
+
     def __len__(self) -> int:
         return self.batches_per_rank
 
     def __iter__(self) -> Iterator[dict]:
         epoch = self.epoch
-        worker = get_worker_info()
-        worker_id, num_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        done = self._resume[1] if self._resume[0] == epoch else 0
+        first, step = role_positions(*worker_role(done), done)
         permutations: dict[int, tuple[int, np.ndarray]] = {}
-        first = self.rank + self.world_size * worker_id
-        for batch_index in range(first, self.batches_per_epoch, self.world_size * num_workers):
-            yield self._batch(epoch, batch_index, permutations)
+        for position in range(first, self.batches_per_rank, step):
+            yield self._batch(epoch, self.rank + self.world_size * position, permutations)
 
     def _batch(self, epoch: int, batch_index: int, permutations: dict[int, tuple[int, np.ndarray]]) -> dict:
         samples: list[EncodedSample] = []

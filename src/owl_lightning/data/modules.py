@@ -7,10 +7,12 @@ added up here (:class:`DataHealth`): the run stops with a clear message past ``m
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from owl_lightning.config import OwlConfig, get_config
@@ -22,6 +24,28 @@ from owl_lightning.data.shards import build_shard_pipeline
 from owl_lightning.data.template import ConversationTemplate, resolve_system_prompt
 from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.vision import image_transform
+
+log = logging.getLogger(__name__)
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader, with the state Lightning saves in every checkpoint (it calls
+    ``state_dict`` when saving and ``load_state_dict`` before iterating a resumed run): the epoch and
+    how many of its batches the trainer had taken. The dataset (``resume_at``) then continues right
+    after them with the very batches the interrupted run would have seen next."""
+
+    def __init__(self, dataset, num_workers: int, trainer: L.Trainer) -> None:
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, generator=torch.Generator())
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        # ``ready`` counts the batches of this epoch handed to training_step, the one being saved
+        # after included; Lightning's own prefetch of the next batch is not counted.
+        return {"epoch": self.trainer.current_epoch, "batches_done": self.trainer.fit_loop.epoch_loop.batch_progress.current.ready}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.resume_at(state["epoch"], state["batches_done"])
+        log.info("resuming the training data at epoch %d, after batch %d", state["epoch"], state["batches_done"])
 
 
 class _OwlDataModule(L.LightningDataModule):
@@ -46,13 +70,17 @@ class _OwlDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _loader(self, dataset, workers: int | None = None) -> DataLoader:
+    def _loader(self, dataset, workers: int | None = None, train: bool = False) -> DataLoader:
         """Batches are built in the workers. Workers are not persistent: each epoch's iterator pickles
-        the dataset afresh, so the epoch set by ``set_epoch`` reaches them."""
+        the dataset afresh, so the epoch set by ``set_epoch`` reaches them. The loaders draw their
+        worker seeds from a generator of their own (our datasets seed themselves), so creating one
+        leaves the global RNG — and with it dropout after a resume — untouched."""
         workers = self.hparams.num_workers if workers is None else workers
         if self.trainer is not None and hasattr(dataset, "set_epoch"):
             dataset.set_epoch(self.trainer.current_epoch)  # a resumed run starts at its own epoch
-        return DataLoader(dataset, batch_size=None, num_workers=workers)
+        if train and self.trainer is not None:
+            return ResumableLoader(dataset, workers, self.trainer)
+        return DataLoader(dataset, batch_size=None, num_workers=workers, generator=torch.Generator())
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.trainer is not None and self.trainer.training:
@@ -112,7 +140,7 @@ class CaptionDataModule(_OwlDataModule):
         return max(1, math.ceil(samples / (self.hparams.batch_size * world)))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._pipeline(self.manifest.train, train=True))
+        return self._loader(self._pipeline(self.manifest.train, train=True), train=True)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.manifest.val:
@@ -155,7 +183,7 @@ class InstructionDataModule(_OwlDataModule):
                                   batches_per_epoch=self.hparams.batches_per_epoch, rank=rank, world_size=world)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._mixture(self.manifest.train))
+        return self._loader(self._mixture(self.manifest.train), train=True)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.manifest.val:

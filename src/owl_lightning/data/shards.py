@@ -26,7 +26,9 @@ spinning forever without a batch.
 Seeding: every random choice (shards, shuffle, mixing) seeds from ``(seed, epoch, rank, worker)``,
 so ranks and workers read different streams, a rerun reads the same ones, and each epoch differs —
 provided the caller calls :meth:`ShardPipeline.set_epoch` at the start of every epoch (Lightning
-calls ``set_epoch`` only on samplers, not on an ``IterableDataset``). The rank is read when the
+calls ``set_epoch`` only on samplers, not on an ``IterableDataset``). A run resumed mid-epoch
+calls :meth:`ShardPipeline.resume_at`; the workers then replay their streams to where the
+interrupted run stopped (:mod:`~owl_lightning.data.resume`), so it continues with the same batches. The rank is read when the
 pipeline is built, from ``RANK``/``WORLD_SIZE`` or the initialised process group: build it in the
 DataModule's ``setup``, not in ``__init__``.
 """
@@ -59,6 +61,7 @@ from owl_lightning.data.health import (
 )
 from owl_lightning.data.images import decode_image
 from owl_lightning.data.manifest import ShardSource
+from owl_lightning.data.resume import batches_consumed_by_role, worker_info, worker_role
 
 log = logging.getLogger(__name__)
 
@@ -82,33 +85,56 @@ def expand_shards(spec: str) -> list[str]:
     return wds.shardlists.expand_urls(spec)
 
 
+class StreamPosition:
+    """The epoch a pipeline is in and, after a resume, how many of that epoch's batches this rank
+    had already consumed. Shared memory: only the main process writes it, and DataLoader workers —
+    persistent or not, forked or spawned — read it when they start a pass."""
+
+    def __init__(self) -> None:
+        # Without a lock a Value pickles into workers under any start method.
+        self.epoch = multiprocessing.Value(ctypes.c_longlong, 0, lock=False)
+        self.resume_epoch = multiprocessing.Value(ctypes.c_longlong, -1, lock=False)
+        self.resume_batches = multiprocessing.Value(ctypes.c_longlong, 0, lock=False)
+
+    def batches_done(self) -> int:
+        """Batches of the current epoch consumed before this pass started (0 unless resumed into it)."""
+        return self.resume_batches.value if self.resume_epoch.value == self.epoch.value else 0
+
+
 class ShardPipeline(wds.DataPipeline):
     """A webdataset pipeline yielding ready batches (use ``DataLoader(pipeline, batch_size=None)``).
 
-    Every stage seeds from the epoch held here; :meth:`set_epoch` updates it in shared memory,
-    so DataLoader workers — persistent or not — see it when they start the next pass.
+    Every stage seeds from the :class:`StreamPosition` held here; :meth:`set_epoch` and
+    :meth:`resume_at` update it for the workers' next pass.
     """
 
-    def __init__(self, *stages, epoch: ctypes.c_longlong) -> None:
+    def __init__(self, *stages, position: StreamPosition) -> None:
         super().__init__(*stages)
-        self.epoch = epoch
+        self.position = position
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch.value = epoch
+        self.position.epoch.value = epoch
+
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        """Make the next pass over ``epoch`` continue after its first ``batches_done`` batches, exactly
+        as the interrupted run would have (see :mod:`~owl_lightning.data.resume`): each worker replays
+        its stream up to there, decoding but discarding, and the skips it meets are not counted twice."""
+        self.position.resume_epoch.value = epoch
+        self.position.resume_batches.value = batches_done
 
 
 class _Seeds:
-    """Seed of one random stream: distinct per (seed, epoch, rank, worker, salt), the same on a rerun."""
+    """Seed of one random stream: distinct per (seed, epoch, rank, worker role, salt), the same on a rerun."""
 
-    def __init__(self, seed: int, rank: int, epoch: ctypes.c_longlong) -> None:
+    def __init__(self, seed: int, rank: int, position: StreamPosition) -> None:
         self.seed = seed
         self.rank = rank
-        self.epoch = epoch
+        self.position = position
 
     def __call__(self, *salt: int) -> int:
-        worker = torch.utils.data.get_worker_info()
+        role, _ = worker_role(self.position.batches_done())
         # Integers only: make_seed hashes its arguments, and str hashes change per process.
-        return wds.utils.make_seed(self.seed, self.epoch.value, self.rank, worker.id if worker else 0, *salt)
+        return wds.utils.make_seed(self.seed, self.position.epoch.value, self.rank, role, *salt)
 
 
 def build_shard_pipeline(
@@ -156,17 +182,15 @@ def build_shard_pipeline(
         raise ValueError(f"batch_size and batches_per_epoch must be positive, got {batch_size} and {batches_per_epoch}")
     skips = skips if skips is not None else SkipLog()
     rank, world_size, _, _ = wds.utils.pytorch_worker_info()
-    # Shared memory the workers read; only the main process writes, and without a lock it
-    # pickles into workers under any start method (fork, spawn, forkserver).
-    epoch = multiprocessing.Value(ctypes.c_longlong, 0, lock=False)
-    seeds = _Seeds(seed, rank, epoch)
+    position = StreamPosition()
+    seeds = _Seeds(seed, rank, position)
     shard_lists = {source.name: _existing_shards(source) for source in sources}
     # Stages are partials of module-level functions so that spawned workers can unpickle them.
     read = partial(_read_shards, skips=skips, stall_limit=max(MIN_STALL_SKIPS, STALL_SKIPS_PER_SAMPLE * batch_size))
     encode_one = partial(_encode_sample, image_transform=image_transform, encode_caption=encode_caption)
     encode = partial(_map_or_skip, fn=encode_one, skips=skips)
     batch = partial(_batched, batch_size=batch_size, pad_token_id=pad_token_id, skips=skips, keep_partial=not train)
-    share = None if batches_per_epoch is None else partial(_worker_share, batches_per_epoch=batches_per_epoch)
+    share = partial(_worker_share, batches_per_epoch=batches_per_epoch, position=position)
 
     if train:
         streams = [
@@ -182,7 +206,7 @@ def build_shard_pipeline(
             for index, source in enumerate(sources)
         ]
         mix = _WeightedMix(streams, [source.weight for source in sources], partial(seeds, _MIX_SALT))
-        return ShardPipeline(mix, batch, share, epoch=epoch)
+        return ShardPipeline(mix, batch, share, position=position)
 
     shards = [{"url": url, "source": source} for source in sources for url in shard_lists[source.name]]
     if len(shards) < world_size:
@@ -192,7 +216,7 @@ def build_shard_pipeline(
         )
     # A callable source, not the list itself: DataPipeline splices a list argument in as stages.
     split = partial(_split_by_rank_and_worker, rank=rank, world_size=world_size)
-    return ShardPipeline(partial(iter, shards), split, read, encode, batch, share, epoch=epoch)
+    return ShardPipeline(partial(iter, shards), split, read, encode, batch, share, position=position)
 
 
 def _is_local(url: str) -> bool:
@@ -227,8 +251,7 @@ def _tag_source(shards: Iterable[dict], source: ShardSource) -> Iterator[dict]:
 def _split_by_rank_and_worker(shards: Iterable[dict], rank: int, world_size: int) -> Iterator[dict]:
     """Rank ``r`` reads shards ``r, r + world_size, ...``, and its workers split those the same way.
     The rank comes from build time: a spawned worker cannot see the process group."""
-    worker = torch.utils.data.get_worker_info()
-    worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+    worker_id, num_workers = worker_info()
     yield from islice(islice(shards, rank, None, world_size), worker_id, None, num_workers)
 
 
@@ -365,10 +388,15 @@ def _batched(
         yield collate(batch, pad_token_id, skipped=skips.drain())
 
 
-def _worker_share(batches: Iterable[dict], batches_per_epoch: int) -> Iterator[dict]:
-    """This DataLoader worker's share of the rank's ``batches_per_epoch`` (see build_shard_pipeline).
-    webdataset's ``with_epoch`` counts per worker, and the worker count is only known here."""
-    worker = torch.utils.data.get_worker_info()
-    worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-    share = batches_per_epoch // num_workers + (worker_id < batches_per_epoch % num_workers)
-    return islice(batches, share)
+def _worker_share(batches: Iterable[dict], batches_per_epoch: int | None, position: StreamPosition) -> Iterator[dict]:
+    """This DataLoader worker's share of the rank's ``batches_per_epoch`` (see build_shard_pipeline),
+    less the batches its role had already delivered before a resume (read, then dropped with their
+    skips, which the restored run has counted already). webdataset's ``with_epoch`` counts per
+    worker, and the worker count is only known here."""
+    done = position.batches_done()
+    role, num_workers = worker_role(done)
+    share = None if batches_per_epoch is None else batches_per_epoch // num_workers + (role < batches_per_epoch % num_workers)
+    replay = batches_consumed_by_role(role, num_workers, done)
+    for index, batch in enumerate(islice(batches, share)):
+        if index >= replay:
+            yield batch

@@ -23,7 +23,7 @@ from owl_lightning.models.vision import VisionEncoder
 
 @dataclass
 class OwlOutput:
-    loss: torch.Tensor | None  # mean next-token loss over supervised tokens; None when there are none
+    loss: torch.Tensor  # mean next-token loss over supervised tokens; a zero tied to the graph when there are none
     num_supervised: int  # tokens the loss averages over
     num_tokens: int  # real (non-padding) tokens the LLM processed, visual tokens included
 
@@ -137,17 +137,17 @@ class OwlModel(nn.Module):
         supervised = targets != IGNORE_INDEX
         num_supervised = int(supervised.sum())
         num_tokens = int(mask.sum())
-        if num_supervised == 0:
-            return OwlOutput(loss=None, num_supervised=0, num_tokens=num_tokens)
         # Logits only where some sample is supervised: the vocabulary projection of every visual
-        # and prompt token would otherwise cost as much as a few decoder layers.
+        # and prompt token would otherwise cost as much as a few decoder layers. With nothing
+        # supervised the forward still runs (keep is empty) and the loss is a zero with a graph:
+        # under DDP/FSDP every rank must run the same forward and backward collectives.
         keep = supervised.any(0).nonzero().flatten()
         position_ids = (mask.cumsum(1) - 1).clamp(min=0)
         logits = self.llm(
             inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep, use_cache=False
         ).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        return OwlOutput(loss=loss / num_supervised, num_supervised=num_supervised, num_tokens=num_tokens)
+        return OwlOutput(loss=loss / max(num_supervised, 1), num_supervised=num_supervised, num_tokens=num_tokens)
 
     @torch.no_grad()
     def generate(

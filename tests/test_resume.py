@@ -1,0 +1,91 @@
+"""Exact resume: a run interrupted mid-epoch and resumed from its checkpoint ends with the same
+weights as one that never stopped — the streamed shards (stage 1) and the instruction mixture
+(stage 2) continue where they stopped, with 0 and 2 DataLoader workers."""
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from owl_lightning.data.modules import CaptionDataModule, InstructionDataModule
+from owl_lightning.stages.stage1 import Stage1Module
+from owl_lightning.stages.stage2 import Stage2Module
+
+STEPS = 8
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptAt(Callback):
+    """Dies before step ``step`` begins — after the checkpoint of the step before was written."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise Interrupted
+
+
+def build(stage: str, manifest, workers: int):
+    L.seed_everything(0)  # the same initial weights (and owl-tiny's random LLM) in every run
+    if stage == "stage1":
+        system = Stage1Module(model_name="owl-tiny", lr=1e-2, warmup_steps=2, num_caption_samples=0)
+        data = CaptionDataModule(manifest=str(manifest), model_name="owl-tiny", batch_size=4, num_workers=workers, shuffle_buffer=8)
+    else:
+        system = Stage2Module(model_name="owl-tiny", lr=1e-2, warmup_steps=2)
+        data = InstructionDataModule(manifest=str(manifest), model_name="owl-tiny", batch_size=4, num_workers=workers, max_length=256)
+    return system, data
+
+
+def train(stage, manifest, workers, folder, interrupt_at=None, ckpt_path=None):
+    system, data = build(stage, manifest, workers)
+    callbacks = [ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0, every_n_train_steps=1)]
+    if interrupt_at is not None:
+        callbacks.append(InterruptAt(interrupt_at))
+    # Validation in the middle too: it must not disturb the training stream or the RNG.
+    trainer = L.Trainer(max_steps=STEPS, val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=1,
+                        num_sanity_val_steps=1, logger=False, enable_progress_bar=False, accelerator="cpu",
+                        default_root_dir=folder, callbacks=callbacks)
+    trainer.fit(system, data, ckpt_path=ckpt_path)
+    return system, trainer
+
+
+def trained_weights(system) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in system.model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("stage, interrupt_at", [("stage1", 3), ("stage2", 3), ("stage2", 7)])
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, caption_manifest, instruction_manifest,
+                                                                stage, interrupt_at, workers):
+    """Stage 1: 12 batches per epoch, so step 3 is mid-epoch. Stage 2: 6 per epoch, so step 7 is
+    mid-way through the second epoch (the mixture reshuffles per epoch)."""
+    manifest = caption_manifest if stage == "stage1" else instruction_manifest
+    straight, _ = train(stage, manifest, workers, tmp_path / "straight")
+
+    with pytest.raises(Interrupted):
+        train(stage, manifest, workers, tmp_path / "resumed", interrupt_at=interrupt_at)
+    resumed, trainer = train(stage, manifest, workers, tmp_path / "resumed", ckpt_path=tmp_path / "resumed" / "last.ckpt")
+
+    assert trainer.global_step == STEPS
+    expected, got = trained_weights(straight), trained_weights(resumed)
+    assert expected.keys() == got.keys() and expected
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_resume_after_a_different_batch_sees_different_data(tmp_path, caption_manifest):
+    """The check above has teeth: a resumed run that restarts its stream from the epoch's first
+    batch (what a plain DataLoader does) ends with different weights."""
+    straight, _ = train("stage1", caption_manifest, 0, tmp_path / "straight")
+    with pytest.raises(Interrupted):
+        train("stage1", caption_manifest, 0, tmp_path / "resumed", interrupt_at=3)
+    checkpoint = torch.load(tmp_path / "resumed" / "last.ckpt", weights_only=True)
+    for state in checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]:
+        state["batches_done"] = 0
+    torch.save(checkpoint, tmp_path / "rewound.ckpt")
+    rewound, _ = train("stage1", caption_manifest, 0, tmp_path / "resumed", ckpt_path=tmp_path / "rewound.ckpt")
+    expected, got = trained_weights(straight), trained_weights(rewound)
+    assert any(not torch.allclose(got[name], expected[name], rtol=0, atol=1e-6) for name in expected)
