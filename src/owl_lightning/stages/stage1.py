@@ -30,11 +30,13 @@ class Stage1Module(OwlSystem):
         eps: float = 1e-6,
         warmup_steps: int = 2000,
         min_lr_ratio: float = 0.0,
+        max_nonfinite_steps: int = 5,
         train_vision: bool = True,
         num_caption_samples: int = 5,
         max_caption_tokens: int = 20,
     ) -> None:
-        super().__init__(model_name, model_overrides, init_from, lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio)
+        super().__init__(model_name, model_overrides, init_from, lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio,
+                         max_nonfinite_steps)
         self._caption_images: torch.Tensor | None = None
 
     def freeze_policy(self, model: OwlModel) -> None:

@@ -26,9 +26,11 @@ class Stage2Module(OwlSystem):
         eps: float = 1e-8,
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.0,
+        max_nonfinite_steps: int = 5,
         train_abstractor: bool = True,
     ) -> None:
-        super().__init__(model_name, model_overrides, init_from, lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio)
+        super().__init__(model_name, model_overrides, init_from, lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio,
+                         max_nonfinite_steps)
 
     def freeze_policy(self, model: OwlModel) -> None:
         model.add_lora(self.owl_config.lora)

@@ -8,16 +8,21 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import Counter
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
+from owl_lightning.checkpoint_io import SafeCheckpointIO
 from owl_lightning.checkpoints import load_model_weights, read_checkpoint, strip_base_llm
 from owl_lightning.config import OwlConfig, get_config
 from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.owl import OwlModel, build_owl
+from owl_lightning.preflight import check_outputs
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +34,8 @@ class OwlSystem(L.LightningModule):
         init_from: a checkpoint (or run folder) whose trained weights start this run.
         lr, weight_decay, betas, eps: AdamW. warmup_steps, min_lr_ratio: linear warm-up, then
             cosine decay to ``lr * min_lr_ratio`` over the run's optimizer steps.
+        max_nonfinite_steps: an optimizer step whose loss or gradient is not finite is skipped and
+            counted; this many in a row stop the run.
     """
 
     def __init__(
@@ -42,6 +49,7 @@ class OwlSystem(L.LightningModule):
         eps: float = 1e-6,
         warmup_steps: int = 2000,
         min_lr_ratio: float = 0.0,
+        max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -53,6 +61,12 @@ class OwlSystem(L.LightningModule):
         self.val_loss = MeanMetric()
         self._last_batch_end: float | None = None
         self.empty_batches = 0
+        self.nonfinite_steps = 0  # skipped for a non-finite loss or gradient, in all
+        self._nonfinite_in_a_row = 0
+        self._step_losses_finite = True  # over the micro-batches of the coming optimizer step
+        self._step_supervised = 0
+        self._step_sources: list[str] = []
+        self._rng_to_restore: dict | None = None
 
     # -- model -------------------------------------------------------------------------------------
 
@@ -83,21 +97,51 @@ class OwlSystem(L.LightningModule):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(self.current_epoch)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self(batch)
         batch_size = batch["input_ids"].shape[0]
         self._log_throughput(batch_size, out.num_tokens)
         health = getattr(self.trainer.datamodule, "health", None)
         if health is not None:
             self.log_dict(health.metrics(), on_step=True, on_epoch=False, batch_size=batch_size)
-        if out.loss is None:
-            # Nothing supervised (every answer truncated away): no update rather than a NaN loss.
+        self._step_sources = list(batch["source"])
+        self._step_supervised += out.num_supervised
+        if out.num_supervised == 0:
+            # Every answer truncated away: the loss is a zero with a graph, so DDP/FSDP ranks stay in
+            # step; if no rank had anything supervised, on_before_optimizer_step makes no update.
             self.empty_batches += 1
             self.log("train/empty_batches", float(self.empty_batches), batch_size=batch_size)
-            return None
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
-        self.log("train/supervised_tokens", float(out.num_supervised), batch_size=batch_size)
+        elif torch.isfinite(out.loss):
+            self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
+            self.log("train/supervised_tokens", float(out.num_supervised), batch_size=batch_size)
+        else:
+            self._step_losses_finite = False  # backward still runs on every rank; the update is dropped
         return out.loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop the update of a step whose loss or gradients are not finite on any rank, or that
+        had nothing supervised on every rank: AdamW leaves parameters without a gradient alone."""
+        strategy = self.trainer.strategy
+        finite = strategy.reduce_boolean_decision(self._step_losses_finite and gradients_finite(self.model), all=True)
+        supervised = strategy.reduce_boolean_decision(self._step_supervised > 0, all=False)
+        self._step_losses_finite, self._step_supervised = True, 0
+        if not (finite and supervised):
+            optimizer.zero_grad(set_to_none=True)
+        if finite:
+            self._nonfinite_in_a_row = 0
+            return
+        self.nonfinite_steps += 1
+        self._nonfinite_in_a_row += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+        sources = ", ".join(f"{name} x{count}" for name, count in Counter(self._step_sources).most_common())
+        log.warning("step %d: non-finite loss or gradient, update skipped (batch sources: %s)", self.global_step, sources)
+        if self._nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
+            raise FloatingPointError(
+                f"{self._nonfinite_in_a_row} optimizer steps in a row had a non-finite loss or gradient, the last at step "
+                f"{self.global_step} (its batch came from: {sources}). Lower the learning rate (--model.lr), keep gradient "
+                "clipping on (--trainer.gradient_clip_val), check those sources for bad records, or resume from an "
+                "earlier checkpoint; --model.max_nonfinite_steps sets how many in a row are tolerated."
+            )
 
     def _log_throughput(self, samples: int, tokens: int) -> None:
         """samples/s and tokens/s (real tokens, visual included) over the wall time between batches."""
@@ -112,7 +156,7 @@ class OwlSystem(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         out = self(batch)
-        if out.loss is not None:
+        if out.num_supervised:
             self.val_loss.update(out.loss, weight=out.num_supervised)
 
     def on_validation_epoch_end(self) -> None:
@@ -158,4 +202,43 @@ class OwlSystem(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = strip_base_llm(checkpoint["state_dict"])
         checkpoint["owl_config"] = self.owl_config.to_dict()
+        # Dropout (LoRA's, the abstractor's) draws from it: a resumed run must draw the same masks.
+        checkpoint["rng_state"] = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._rng_to_restore = checkpoint.get("rng_state")
+
+    def on_train_start(self) -> None:
+        # Restored here, not on load: sanity-check validation and loader start-up come in between.
+        if self._rng_to_restore is not None:
+            torch.set_rng_state(self._rng_to_restore["cpu"])
+            if "cuda" in self._rng_to_restore and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(self._rng_to_restore["cuda"])
+            self._rng_to_restore = None
+
+    # -- before the first step ---------------------------------------------------------------------
+
+    def setup(self, stage: str) -> None:
+        strategy = self.trainer.strategy
+        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default; a user's own plugin is kept
+            strategy.checkpoint_io = SafeCheckpointIO()
+
+    def on_fit_start(self) -> None:
+        check_outputs(self.trainer, self.checkpoint_bytes())
+
+    def checkpoint_bytes(self) -> int:
+        """Size of one checkpoint: the saved tensors (no base LLM) and AdamW's two fp32 moments per trained parameter."""
+        saved = strip_base_llm(self.state_dict())
+        weights = sum(t.numel() * t.element_size() for t in saved.values())
+        moments = 2 * 4 * sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return weights + moments
+
+
+def gradients_finite(model: torch.nn.Module) -> bool:
+    """Whether every gradient this process holds is finite (its local shard, for sharded ones)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+    return all(bool(torch.isfinite(g).all()) for g in local)
 
