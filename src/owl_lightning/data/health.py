@@ -26,7 +26,8 @@ TRUNCATED_TAR = "truncated_tar"
 MALFORMED_RECORD = "malformed_record"  # bad JSON, wrong field types, unknown role, empty conversation
 IMAGE_COUNT_MISMATCH = "image_count_mismatch"
 PATH_OUTSIDE_ROOT = "path_outside_root"
-TOO_LONG = "too_long"  # truncation would leave no supervised token
+TOO_LONG = "too_long"  # truncation would leave no supervised token, or megabytes of text
+EMPTY_SOURCE = "empty_source"  # an instruction file without one usable record (e.g. 0 bytes)
 
 
 class SkipSample(Exception):

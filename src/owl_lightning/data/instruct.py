@@ -77,7 +77,10 @@ def read_conversations(source: InstructionSource, skips: SkipLog) -> list[Conver
 
 def _json_records(path: Path, format: str) -> Iterator[tuple[str, object]]:
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():  # a 0-byte file: no records, not a broken one
+            return
+        records = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a readable JSON file ({err}); format {format!r} expects a JSON list of records") from None
     if not isinstance(records, list):

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from owl_lightning.config import OwlConfig, get_config
-from owl_lightning.data.health import DataHealth, SkipLog
+from owl_lightning.data.health import EMPTY_SOURCE, DataHealth, SkipLog
 from owl_lightning.data.instruct import read_conversations
 from owl_lightning.data.manifest import load_manifest
 from owl_lightning.data.mixture import InstructionMixture
@@ -175,9 +175,18 @@ class InstructionDataModule(_OwlDataModule):
                                         max_length=self.hparams.max_length,
                                         image_token_length=self.owl_config.visual_tokens_per_image)
         skips = SkipLog()
-        read = [(source, read_conversations(source, skips)) for source in sources]
+        read = []
+        for source in sources:
+            conversations = read_conversations(source, skips)
+            if conversations:
+                read.append((source, conversations))
+            else:  # e.g. a 0-byte file: the other sources are mixed by their weights
+                skips.record(EMPTY_SOURCE, source.path, f"source {source.name!r} has no usable conversation; left out of the mixture")
         # Records refused while reading are counted like any other skip.
         self.health.update([], skips.drain())
+        if not read:
+            raise ValueError(f"{self.manifest.path}: none of the instruction sources {[s.name for s in sources]} has a usable "
+                             "conversation; see the skip warnings above")
         return InstructionMixture(read, template, self.transform, batch_size=self.hparams.batch_size,
                                   pad_token_id=self.tokenizer.pad_token_id, seed=self.hparams.seed,
                                   batches_per_epoch=self.hparams.batches_per_epoch, rank=rank, world_size=world)

@@ -18,6 +18,10 @@ from owl_lightning.data.collate import IGNORE_INDEX
 from owl_lightning.data.health import IMAGE_COUNT_MISMATCH, MALFORMED_RECORD, MISSING_TEXT, TOO_LONG, SkipSample
 from owl_lightning.models.llm import IMAGE_TOKEN
 
+# Text longer than this many characters per token of max_length is refused untokenised: no
+# tokenizer's tokens run that long on average, so such a record is garbage, not a long sample.
+MAX_CHARACTERS_PER_TOKEN = 64
+
 OWL_SYSTEM_PROMPT = (
     "The following is a conversation between a curious human and AI assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -138,6 +142,7 @@ class ConversationTemplate:
         conv.check_images()
         if not any(turn.role == "assistant" for turn in conv.turns):
             raise SkipSample(MALFORMED_RECORD, "no assistant turn to learn from")
+        self._check_size(sum(len(turn.content) for turn in conv.turns))
         input_ids, labels = self._join(self._segments(conv, add_generation_prompt=False))
         input_ids, labels = self._fit(input_ids, labels)
         return input_ids, labels, input_ids.count(self.image_token_id)
@@ -164,6 +169,7 @@ class ConversationTemplate:
         caption = caption.strip()
         if not caption:
             raise SkipSample(MISSING_TEXT, "empty caption")
+        self._check_size(len(caption))
         segments = [(self._bos, False), ([self.image_token_id], False), (self._tokens(caption) + [self.tokenizer.eos_token_id], True)]
         return self._fit(*self._join(segments))
 
@@ -232,6 +238,14 @@ class ConversationTemplate:
                 "conversation, so assistant spans cannot be located; use style='owl' or a template that only appends"
             )
         return text
+
+    def _check_size(self, characters: int) -> None:
+        """Refuse text far beyond anything ``max_length`` tokens could hold before tokenising it: a
+        multi-megabyte record would cost seconds of tokenizer time for a sample cut to a few hundred tokens."""
+        limit = self.max_length * MAX_CHARACTERS_PER_TOKEN
+        if characters > limit:
+            raise SkipSample(TOO_LONG, f"{characters:,} characters of text, more than {limit:,} "
+                                       f"({MAX_CHARACTERS_PER_TOKEN} per token of max_length={self.max_length})")
 
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
