@@ -43,7 +43,9 @@ class AbstractorConfig:
     num_heads: int = 16
     # The official code's SwiGLU width: 2/3 of 4096 rounded up to a multiple of 256.
     intermediate_size: int = 2816
-    layer_norm_eps: float = 1e-6
+    # As the official layer: 1e-5 in the query, context and feed-forward norms, 1e-6 in the SwiGLU's inner norm.
+    layer_norm_eps: float = 1e-5
+    inner_norm_eps: float = 1e-6
     attention_dropout: float = 0.0
 
 
@@ -138,10 +140,11 @@ _REGISTRY: dict[str, OwlConfig] = {
         llm=LLMConfig(source=PACKAGED_SMOLLM2),
     ),
     # The paper's model. CLIP ViT-L/14 uses QuickGELU (as the official vision tower), so the
-    # timm quickgelu variant is the one the released weights fit.
+    # timm quickgelu variant is the one the released weights fit; ``.openai``: OpenAI's CLIP weights
+    # and preprocessing (timm's untagged default is another CLIP training).
     "owl-llama7b": OwlConfig(
         name="owl-llama7b",
-        vision=VisionConfig(timm_name="vit_large_patch14_clip_quickgelu_224", weights="timm"),
+        vision=VisionConfig(timm_name="vit_large_patch14_clip_quickgelu_224.openai", weights="timm"),
         abstractor=AbstractorConfig(num_queries=64, num_layers=6, hidden_size=1024, num_heads=16, intermediate_size=2816, attention_dropout=0.1),
         llm=LLMConfig(source="huggyllama/llama-7b", architecture=LLAMA_7B, dtype="bfloat16"),
     ),

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from owl_lightning.checkpoints import load_owl, read_checkpoint
+from owl_lightning.checkpoints import model_from_checkpoint, read_checkpoint, template_settings
 from owl_lightning.data.collate import IGNORE_INDEX, EncodedSample, collate
 from owl_lightning.data.template import OWL_SYSTEM_PROMPT, Conversation, ConversationTemplate, Turn, resolve_system_prompt
 from owl_lightning.models.llm import IMAGE_TOKEN, load_tokenizer
@@ -56,11 +56,13 @@ class OwlAssistant:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "cpu", **kwargs) -> "OwlAssistant":
-        """From a stage-1/2 checkpoint or run folder; template settings follow the run's data settings."""
-        data = read_checkpoint(path).get("datamodule_hyper_parameters", {})
-        template = data.get("template", "owl")
-        model = load_owl(path).to(device)
-        settings = {"template": template, "system_prompt": resolve_system_prompt(template, data.get("system_prompt")), **kwargs}
+        """From a stage-1/2 checkpoint, a run folder or an exported folder; template settings follow the
+        run's data settings (an export keeps them)."""
+        checkpoint = read_checkpoint(path)
+        template = template_settings(checkpoint)
+        model = model_from_checkpoint(checkpoint, str(path)).to(device)
+        settings = {"template": template["template"],
+                    "system_prompt": resolve_system_prompt(template["template"], template["system_prompt"]), **kwargs}
         return cls(model, load_tokenizer(model.config.llm), **settings)
 
     @torch.no_grad()

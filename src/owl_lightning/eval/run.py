@@ -14,7 +14,9 @@ from owl_lightning.inference import OwlAssistant
 
 
 def run_folder(ckpt: Path) -> tuple[Path, Path]:
-    """(run folder, checkpoint file) for a run folder or a ``<run>/checkpoints/*.ckpt`` path."""
+    """(run folder, checkpoint) for a run folder, a ``<run>/checkpoints/*.ckpt`` path or an exported folder."""
+    if is_export(ckpt):  # an exported folder is read as a checkpoint of its own
+        return ckpt, ckpt
     if ckpt.is_dir():
         return ckpt, ckpt / "checkpoints" / "last.ckpt"
     return (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent), ckpt

@@ -49,7 +49,7 @@ class _AbstractorLayer(nn.Module):
         self.v_proj = nn.Linear(h, h)
         self.out_proj = nn.Linear(h, h)
         self.ffn_norm = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
-        self.ffn = _SwiGLU(h, cfg.intermediate_size, cfg.layer_norm_eps)
+        self.ffn = _SwiGLU(h, cfg.intermediate_size, cfg.inner_norm_eps)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:  # [B, L, H] → [B, heads, L, H/heads]
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)

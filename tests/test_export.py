@@ -1,0 +1,140 @@
+"""Exported folders: loadable by transformers, peft and timm on their own, and back into owl_lightning
+with the same greedy answers as the checkpoint they came from.
+
+owl-tiny's base LLM is random and, like every base LLM, left out of checkpoints: the same seed
+before two loads of one checkpoint rebuilds the same model.
+"""
+import json
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from owl_lightning.checkpoints import PREFIX, load_owl, strip_base_llm
+from owl_lightning.cli import main
+from owl_lightning.config import AbstractorConfig, get_config
+from owl_lightning.data.modules import CaptionDataModule, InstructionDataModule
+from owl_lightning.data.template import Turn
+from owl_lightning.export import export_checkpoint
+from owl_lightning.inference import ChatSession, OwlAssistant, Request
+from owl_lightning.models.abstractor import VisualAbstractor
+from owl_lightning.models.llm import IMAGE_TOKEN, load_tokenizer
+from owl_lightning.models.owl import build_owl
+from owl_lightning.stages.stage1 import Stage1Module
+from owl_lightning.stages.stage2 import Stage2Module
+
+from conftest import COLOURS
+from test_stages import fit
+
+
+# owl-tiny with 10x the LLM's random-init scale: its greedy answers then differ with the prompt and the
+# image (at the default scale every answer is blanks), so equal answers mean something.
+VARIED = {"llm.architecture": {**get_config("owl-tiny").llm.architecture, "initializer_range": 0.2}}
+
+
+def square(colour):
+    return Image.new("RGB", (32, 32), COLOURS[colour])
+
+
+def stage2_checkpoint(path, system_prompt):
+    """An owl-tiny stage-2 checkpoint as the training systems save it (no base LLM), its LoRA non-zero."""
+    config = get_config("owl-tiny", VARIED)
+    model = build_owl(config, tokenizer=load_tokenizer(config.llm))
+    model.add_lora(config.lora)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # zero at init: the adapter would change nothing
+                param.normal_(std=0.05)
+    state = strip_base_llm({PREFIX + k: v for k, v in model.state_dict().items()})
+    torch.save({"state_dict": state, "owl_config": config.to_dict(),
+                "datamodule_hyper_parameters": {"template": "owl", "system_prompt": system_prompt}}, path)
+    return path
+
+
+@torch.no_grad()
+def test_exported_parts_load_in_transformers_peft_and_timm(tmp_path):
+    ckpt = stage2_checkpoint(tmp_path / "stage2.ckpt", system_prompt=None)
+    torch.manual_seed(0)
+    original = load_owl(ckpt)
+    torch.manual_seed(0)
+    out = export_checkpoint(ckpt, tmp_path / "export")
+    manifest = json.loads((out / "owl.json").read_text())
+    assert manifest["image_token"] == IMAGE_TOKEN and manifest["visual_tokens_per_image"] == 5
+
+    # The LLM with LoRA merged, and its tokenizer with <image> as one token.
+    tokenizer = AutoTokenizer.from_pretrained(out / "llm")
+    assert tokenizer(f"a{IMAGE_TOKEN}b", add_special_tokens=False)["input_ids"][1] == manifest["image_token_id"] == original.image_token_id
+    ids = torch.tensor([tokenizer.encode("Human: what is an owl?\nAI: ")])
+    expected = original.llm(input_ids=ids).logits
+    merged = AutoModelForCausalLM.from_pretrained(out / "llm")
+    torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+    # The adapter alone, unmerged, on the base LLM it was trained on.
+    base = original.llm.unload()
+    assert not torch.allclose(base(input_ids=ids).logits, expected, atol=1e-3)  # so the adapter matters
+    adapted = PeftModel.from_pretrained(base, out / "lora")
+    torch.testing.assert_close(adapted(input_ids=ids).logits, expected)
+
+    # The vision encoder in plain timm, and the abstractor from its config.
+    vision = manifest["owl_config"]["vision"]
+    encoder = timm.create_model(vision["timm_name"], num_classes=0, global_pool="", **vision["timm_kwargs"])
+    encoder.load_state_dict(load_file(out / "vision.safetensors"))
+    images = torch.randn(2, 3, 32, 32)
+    features = encoder.eval().forward_features(images)
+    torch.testing.assert_close(features, original.vision.model.forward_features(images))
+    abstractor = VisualAbstractor(AbstractorConfig(**manifest["owl_config"]["abstractor"]), encoder.num_features,
+                                  merged.config.hidden_size)
+    abstractor.load_state_dict(load_file(out / "abstractor.safetensors"))
+    torch.testing.assert_close(abstractor.eval()(features), original.abstractor(features))
+
+
+def test_export_replaces_an_export_but_no_other_folder(tmp_path):
+    ckpt = stage2_checkpoint(tmp_path / "stage2.ckpt", system_prompt=None)
+    out = export_checkpoint(ckpt, tmp_path / "export")
+    (out / "stale.txt").write_text("from an earlier export")
+    export_checkpoint(ckpt, out)
+    assert not (out / "stale.txt").exists() and (out / "lora" / "adapter_config.json").is_file()
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="is not an owl_lightning export"):
+        export_checkpoint(ckpt, precious)
+    assert (precious / "notes.txt").read_text() == "keep me"
+
+
+def test_stage1_stage2_export_reload_chat(tmp_path, caption_manifest, instruction_manifest):
+    model = {"model_name": "owl-tiny", "model_overrides": VARIED}
+    stage1 = Stage1Module(**model, lr=1e-2, warmup_steps=1)
+    trainer = fit(stage1, CaptionDataModule(manifest=str(caption_manifest), **model, batch_size=4, num_workers=0),
+                  tmp_path / "stage1", steps=1)
+    trainer.save_checkpoint(tmp_path / "stage1.ckpt")
+    stage2 = Stage2Module(**model, lr=1e-2, warmup_steps=1, init_from=str(tmp_path / "stage1.ckpt"))
+    data = InstructionDataModule(manifest=str(instruction_manifest), **model, batch_size=4, num_workers=0,
+                                 max_length=256, system_prompt="You are a terse owl.")
+    trainer = fit(stage2, data, tmp_path / "stage2", steps=1)
+    ckpt = tmp_path / "stage2.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    torch.manual_seed(0)
+    original = OwlAssistant.from_checkpoint(ckpt, bf16=False)
+    torch.manual_seed(0)
+    main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "export")])
+    exported = OwlAssistant.from_checkpoint(tmp_path / "export", bf16=False)
+
+    assert exported.template.system_prompt == original.template.system_prompt == "You are a terse owl."
+    requests = [
+        Request.single("What colour is the square?", [square("red")]),
+        Request.single("What colour is the square?", [square("blue")]),
+        Request.single("Say the number 3."),
+        Request([Turn("user", "Hi"), Turn("assistant", "Hello"), Turn("user", "<image>\nAnd this?")], [square("blue")]),
+    ]
+    answers = exported.answer(requests, max_new_tokens=12)
+    assert answers == original.answer(requests, max_new_tokens=12)
+    assert len(set(answers)) == len(requests)  # the image and the prompt change the answer
+    session = ChatSession(exported, [square("green")], max_new_tokens=6)
+    first, second = session.ask("What colour is it?"), session.ask("Are you sure?")
+    assert isinstance(first, str) and isinstance(second, str) and len(session.turns) == 4
