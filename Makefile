@@ -9,7 +9,7 @@ RUNS ?= runs
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all describe data stage1 stage2 eval chat tensorboard bench ablation clean-venv
+.PHONY: install test test-all describe data stage1 stage2 eval chat owleval demo export tensorboard bench ablation clean-venv
 
 install: $(STAMP)
 
@@ -58,6 +58,18 @@ eval: data
 # Chat about a real photo with the latest embedded run (ARGS e.g. '--image my.jpg --prompt "..."').
 chat: install
 	$(OWL) chat --ckpt $(STAGE2_RUN) --image $(PHOTO) $(ARGS)
+
+# The latest embedded run for tools outside owl_lightning (HF LLM with LoRA merged, safetensors, peft adapter).
+export: install
+	$(OWL) export --ckpt $(STAGE2_RUN) --out $(RUNS)/export $(ARGS)
+
+# The paper's OwlEval questions answered by the latest embedded run (official answer format; rate with `owl-lightning rate`).
+owleval: install
+	$(OWL) owleval --ckpt $(STAGE2_RUN) --out $(STAGE2_RUN)/owleval_answers.jsonl $(ARGS)
+
+# Chat with the latest embedded run in a browser page on 127.0.0.1 (upload images, several turns).
+demo: install
+	$(OWL) serve --ckpt $(STAGE2_RUN) $(ARGS)
 
 tensorboard: install
 	$(VENV)/bin/tensorboard --logdir $(RUNS) --host 127.0.0.1

@@ -6,6 +6,12 @@
     owl-lightning data [--out data/embedded]
     owl-lightning eval --ckpt RUN_OR_CKPT [--vqa-limit N]
     owl-lightning chat --ckpt RUN_OR_CKPT --image a.jpg [--image b.jpg] [--prompt "..."]
+    owl-lightning owleval --ckpt RUN_OR_CKPT --out answers.jsonl [--data ../shared/owleval]
+    owl-lightning rate --answers DIR_OR_FILE [--answers ...] [--ratings owleval_ratings.jsonl] [--summary]
+    owl-lightning serve --ckpt RUN_OR_CKPT [--port 7860]
+    owl-lightning export --ckpt RUN_OR_CKPT --out DIR
+    owl-lightning convert-official --src OFFICIAL_DIR [--src ADAPTER_DIR] --out DIR [--config owl-llama7b] [--overrides JSON]
+    owl-lightning consolidate SHARDED_CKPT_OR_RUN OUT.ckpt
 """
 from __future__ import annotations
 
@@ -154,6 +160,131 @@ def _chat_main(args: list[str]) -> None:
             print(f"owl> {session.ask(text)}")
 
 
+def _owleval_main(args: list[str]) -> None:
+    from owl_lightning.owleval import DEFAULT_DATA, OwlEvalError, run_owleval
+
+    parser = argparse.ArgumentParser(prog="owl-lightning owleval", description="Answer the 82 OwlEval questions (the mPLUG-Owl "
+                                     "paper's benchmark) with a checkpoint, into an answer file in the official format. "
+                                     "Multi-turn questions about one image are asked in one conversation, in question_id order.")
+    parser.add_argument("--ckpt", required=True, help="a .ckpt file or a run folder")
+    parser.add_argument("--data", default=DEFAULT_DATA, help="the OwlEval folder: questions.jsonl, cases/ (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="the answer file to write (JSONL)")
+    parser.add_argument("--model-id", help="the model_id written on every line (default: owl-lightning:<run folder name>)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ns = parser.parse_args(args)
+    try:
+        path = run_owleval(ns.ckpt, ns.data, ns.out, ns.model_id, ns.batch_size, ns.max_new_tokens, ns.temperature)
+    except (OwlEvalError, FileNotFoundError) as err:
+        parser.error(str(err))
+    print(f"answers: {path}\nrate them blind beside the published ones: "
+          f"owl-lightning rate --answers {ns.data}/answer --answers {path}")
+
+
+def _rate_main(args: list[str]) -> None:
+    from owl_lightning.owleval import DEFAULT_DATA, OwlEvalError
+    from owl_lightning.web import serve
+    from owl_lightning.web.rate import open_rating
+
+    parser = argparse.ArgumentParser(prog="owl-lightning rate", description="Rate OwlEval answers blind in a browser "
+                                     "(A/B/C/D, the paper's scale): every system's answer to a question, anonymised and "
+                                     "shuffled. Each click is saved at once to the ratings file; the summary view (or "
+                                     "--summary) gives the paper's table.")
+    parser.add_argument("--answers", action="append", required=True,
+                        help="an answer file, or a folder of *.jsonl answer files (repeat for several)")
+    parser.add_argument("--data", default=DEFAULT_DATA, help="the OwlEval folder: questions.jsonl, cases/ (default: %(default)s)")
+    parser.add_argument("--ratings", default="runs/owleval_ratings.jsonl", help="where ratings are kept (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=7861, help="port on 127.0.0.1 (0: any free port; default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the per-question order of the anonymous answers")
+    parser.add_argument("--summary", action="store_true", help="print the A/B/C/D table as Markdown and exit")
+    ns = parser.parse_args(args)
+    try:
+        app = open_rating(ns.data, ns.answers, ns.ratings, ns.seed)
+    except OwlEvalError as err:
+        parser.error(str(err))
+    if ns.summary:
+        print(app.summary()["markdown"])
+        return
+    serve(app, ns.port, f"rating {len(app.files)} systems on {len(app.questions)} questions, ratings in {ns.ratings}")
+
+
+def _serve_main(args: list[str]) -> None:
+    from owl_lightning.inference import OwlAssistant
+    from owl_lightning.web import serve
+    from owl_lightning.web.demo import ChatApp
+
+    parser = argparse.ArgumentParser(prog="owl-lightning serve", description="Chat with a trained model in a browser: "
+                                     "upload images, ask over several turns, adjust max tokens and temperature.")
+    parser.add_argument("--ckpt", required=True, help="a .ckpt file or a run folder")
+    parser.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (0: any free port; default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="the page's starting value")
+    parser.add_argument("--temperature", type=float, default=0.0, help="the page's starting value (0: greedy)")
+    ns = parser.parse_args(args)
+    try:
+        assistant = OwlAssistant.from_checkpoint(ns.ckpt)
+    except FileNotFoundError as err:
+        parser.error(str(err))
+    serve(ChatApp(assistant, ns.max_new_tokens, ns.temperature, title=str(ns.ckpt)), ns.port, "chat demo")
+
+
+def _export_main(args: list[str]) -> None:
+    from owl_lightning.export import export_checkpoint
+
+    parser = argparse.ArgumentParser(prog="owl-lightning export", description="Export a checkpoint for tools outside "
+                                     "owl_lightning: DIR/llm (LoRA merged, tokenizer with <image>), DIR/vision.safetensors, "
+                                     "DIR/abstractor.safetensors, DIR/lora (the adapter, stage 2), DIR/owl.json.")
+    parser.add_argument("--ckpt", required=True, help="a .ckpt file or a run folder (uses checkpoints/last.ckpt)")
+    parser.add_argument("--out", required=True, help="the folder to write (replaces an earlier export there)")
+    ns = parser.parse_args(args)
+    try:
+        print(export_checkpoint(ns.ckpt, ns.out))
+    except (FileNotFoundError, FileExistsError) as err:
+        parser.error(str(err))
+
+
+def _convert_official_main(args: list[str]) -> None:
+    from owl_lightning.official import write_official_export
+
+    parser = argparse.ArgumentParser(prog="owl-lightning convert-official", description="Convert the official mPLUG-Owl "
+                                     "v1 weights (Hugging Face folder) into an exported folder to chat with or start stage 2 from.")
+    parser.add_argument("--src", action="append", required=True, help="an official model folder or file; repeat to add "
+                        "a LoRA adapter saved by peft after the full model")
+    parser.add_argument("--out", required=True, help="the folder to write")
+    parser.add_argument("--config", default="owl-llama7b", help=f"our config of the same sizes: {', '.join(list_configs())}")
+    parser.add_argument("--overrides", type=json.loads, default=None, help='dotted-key changes to it as JSON, e.g. '
+                        '\'{"llm.tokenizer": "path/to/llama-tokenizer"}\'')
+    ns = parser.parse_args(args)
+    try:
+        out = write_official_export(ns.src, ns.out, get_config(ns.config, ns.overrides))
+    except (KeyError, ValueError, FileNotFoundError, FileExistsError) as err:
+        parser.error(str(err.args[0]) if isinstance(err, KeyError) else str(err))
+    overrides = json.dumps({**(ns.overrides or {}), "llm.source": str(out / "llm")})
+    print(f"{out}\nchat:    owl-lightning chat --ckpt {out} --image a.jpg\n"
+          f"stage 2: owl-lightning stage2 fit --config experiments/stage2_llama7b.yaml --model.init_from {out} "
+          f"--model.model_overrides '{overrides}'")
+
+
+def _consolidate_main(args: list[str]) -> None:
+    from pathlib import Path
+
+    from owl_lightning.parallel import consolidate, is_sharded_checkpoint
+
+    parser = argparse.ArgumentParser(prog="owl-lightning consolidate", description="Join the shards of an FSDP checkpoint "
+                                     "(ModelParallelStrategy saves a folder, one file per process) into one .ckpt file: "
+                                     "weights, optimizer state, loop state and config. It resumes on any number of "
+                                     "processes and loads anywhere a checkpoint is taken (eval, chat, export, init_from).")
+    parser.add_argument("checkpoint", help="a sharded checkpoint folder (e.g. runs/x/checkpoints/last.ckpt) or its run folder")
+    parser.add_argument("out", help="the .ckpt file to write")
+    ns = parser.parse_args(args)
+    path = Path(ns.checkpoint)
+    if not is_sharded_checkpoint(path) and is_sharded_checkpoint(path / "checkpoints" / "last.ckpt"):
+        path = path / "checkpoints" / "last.ckpt"
+    if not is_sharded_checkpoint(path):
+        parser.error(f"{ns.checkpoint} is not a sharded checkpoint folder (one holding meta.pt and .distcp files) nor a run folder with one")
+    print(consolidate(path, ns.out))
+
+
 COMMANDS = {
     "stage1": lambda a: _stage_cli("stage1", a),
     "stage2": lambda a: _stage_cli("stage2", a),
@@ -161,6 +292,12 @@ COMMANDS = {
     "data": _data_main,
     "eval": _eval_main,
     "chat": _chat_main,
+    "owleval": _owleval_main,
+    "rate": _rate_main,
+    "serve": _serve_main,
+    "export": _export_main,
+    "convert-official": _convert_official_main,
+    "consolidate": _consolidate_main,
 }
 
 

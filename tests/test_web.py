@@ -1,0 +1,377 @@
+"""The rating page and the chat page: their servers over HTTP, and the pages in headless Chromium.
+
+The browser tests skip (with the reason) where Debian's chromium, chromium-driver or selenium is
+missing, except under CI=true, where they fail instead: .ci/run installs them.
+"""
+import json
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from owl_lightning.cli import main
+from owl_lightning.inference import OwlAssistant
+from owl_lightning.owleval import read_questions, write_answers
+from owl_lightning.web import running
+from owl_lightning.web.demo import ChatApp, read_conversation
+from owl_lightning.web.rate import RatingsFile, open_rating
+
+from conftest import png_bytes
+from test_owleval import SUBSET, write_owleval
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+SYSTEMS = ("alpha", "beta", "gamma")
+WAIT_S = 15
+
+
+# -- fixtures --------------------------------------------------------------------------------------
+
+@pytest.fixture
+def owleval_folder(tmp_path):
+    """The 3-question subset of test_owleval, and an answer file per system: "<system> answers <id>"."""
+    folder = write_owleval(tmp_path / "owleval", SUBSET)
+    questions = read_questions(folder)
+    for system in SYSTEMS:
+        write_answers(folder / "answer" / f"{system}.jsonl", questions, {q.question_id: f"{system} answers {q.question_id}" for q in questions}, system)
+    return folder
+
+
+@pytest.fixture
+def rating(owleval_folder, tmp_path):
+    return open_rating(owleval_folder, [owleval_folder / "answer"], tmp_path / "ratings.jsonl")
+
+
+@pytest.fixture
+def chat_calls(tiny_model, tiny_tokenizer, monkeypatch):
+    """An owl-tiny assistant whose requests are recorded and whose (possibly empty) replies are tagged."""
+    assistant = OwlAssistant(tiny_model, tiny_tokenizer, bf16=False)
+    calls = []
+    answer = assistant.answer
+
+    def recorded(requests, **settings):
+        replies = [f"{reply}[reply {len(calls) + 1}]" for reply in answer(requests, **settings)]
+        calls.append((requests, settings, replies))
+        return replies
+
+    monkeypatch.setattr(assistant, "answer", recorded)
+    return assistant, calls
+
+
+def http(url: str, body: object = None) -> tuple[int, dict]:
+    """GET (or POST ``body`` as JSON): status and the JSON answer, error statuses included."""
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=WAIT_S) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+# -- rating: the server ----------------------------------------------------------------------------
+
+def test_answers_are_shuffled_per_question_stably_and_never_named(rating, owleval_folder, tmp_path):
+    orders = {q: rating.slots(q) for q in rating.questions}
+    assert all(sorted(order) == list(SYSTEMS) for order in orders.values())
+    assert len({tuple(order) for order in orders.values()}) > 1  # shuffled per question, not once
+    restarted = open_rating(owleval_folder, [owleval_folder / "answer"], tmp_path / "ratings.jsonl")
+    assert {q: restarted.slots(q) for q in rating.questions} == orders
+    with running(rating) as server:
+        status, view = http(server.url + "api/question?id=3")
+    assert status == 200
+    assert [a["answer"] for a in view["answers"]] == [f"{system} answers 3" for system in orders[3]]
+    assert view["earlier_questions"] == ["Describe the image."]
+    assert [a["earlier_answers"] for a in view["answers"]] == [[f"{system} answers 2"] for system in orders[3]]
+    # Only the answers' own text names a system here; no field of the page's data does.
+    hidden = json.dumps({k: v for k, v in view.items() if k != "answers"}) + json.dumps([a["slot"] for a in view["answers"]])
+    assert not any(system in hidden for system in SYSTEMS)
+
+
+def test_every_rating_is_on_disk_before_the_page_hears_back_and_the_last_one_wins(rating, owleval_folder, tmp_path):
+    path, slots = tmp_path / "ratings.jsonl", rating.slots(2)
+    with running(rating) as server:
+        for slot, letter in [(1, "A"), (2, "D"), (1, "B")]:
+            status, saved = http(server.url + "api/rate", {"question_id": 2, "slot": slot, "rating": letter})
+            assert status == 200 and saved["rating"] == letter
+            last = json.loads(path.read_text().splitlines()[-1])
+            assert (last["question_id"], last["model_id"], last["rating"]) == (2, slots[slot - 1], letter)
+        assert (saved["rated"], saved["answers"]) == (2, 3)
+    restarted = open_rating(owleval_folder, [owleval_folder / "answer"], path)
+    assert restarted.ratings.ratings == {(2, slots[0]): "B", (2, slots[1]): "D"}
+
+
+def test_a_torn_or_foreign_line_in_the_ratings_file_costs_only_itself(tmp_path, caplog):
+    path = tmp_path / "ratings.jsonl"
+    path.write_text('{"question_id": 1, "model_id": "alpha", "rating": "A"}\nnot json\n'
+                    '{"question_id": 1, "model_id": "beta", "rating": "E"}\n{"question_id": 2, "model_id": "al')
+    with caplog.at_level(logging.WARNING, logger="owl_lightning"):
+        ratings = RatingsFile(path)
+    assert ratings.ratings == {(1, "alpha"): "A"}
+    assert [r.getMessage().split(":")[1] for r in caplog.records] == ["2", "3", "4"]  # line numbers
+    ratings.add(3, "gamma", "C")
+    assert RatingsFile(path).ratings == {(1, "alpha"): "A", (3, "gamma"): "C"}
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"question_id": 99, "slot": 1, "rating": "A"}, 404, "there is no OwlEval question 99 (ids 1-3); nothing was saved"),
+    ({"question_id": "two", "slot": 1, "rating": "A"}, 400, "a question id is a number, not 'two'"),
+    ({"question_id": 2, "slot": 4, "rating": "A"}, 400, "question 2 has answers 1-3, not 4: reload the page"),
+    ({"question_id": 2, "slot": 1, "rating": "E"}, 400, "a rating is one of A, B, C, D, not 'E'"),
+    (b"{not json", 400, "the request body is not JSON"),
+])
+def test_bad_ratings_are_refused_with_a_message_and_nothing_saved(rating, body, status, message):
+    with running(rating) as server:
+        code, answer = http(server.url + "api/rate", body)
+        assert code == status and answer["error"].startswith(message)
+        assert http(server.url + "api/overview")[0] == 200  # and the server carries on
+    assert not rating.ratings.path.exists()
+
+
+def test_the_summary_counts_each_category_and_prints_markdown(rating):
+    alpha, beta = "alpha", "beta"
+    for question_id, system, letter in [(1, alpha, "A"), (2, alpha, "B"), (3, alpha, "D"), (2, beta, "C")]:
+        rating.ratings.add(question_id, system, letter)
+    summary = rating.summary()
+    assert summary["denominators"] == {"single_turn": 2, "multi_turn": 2}
+    rows = {row["model_id"]: row for row in summary["rows"]}
+    # Question 2 is single- and multi-turn: it counts in both, as in the paper.
+    assert rows[alpha]["single_turn"] == {"A": 1, "B": 1, "C": 0, "D": 0, "unrated": 0}
+    assert rows[alpha]["multi_turn"] == {"A": 0, "B": 1, "C": 0, "D": 1, "unrated": 0}
+    assert rows[beta]["multi_turn"] == {"A": 0, "B": 0, "C": 1, "D": 0, "unrated": 1}
+    assert rows["gamma"]["single_turn"]["unrated"] == 2
+    assert summary["markdown"].splitlines()[0] == "| system | single-turn (2) A/B/C/D | unrated | multi-turn (2) A/B/C/D | unrated |"
+    assert "| alpha | 1/1/0/0 | 0 | 0/1/0/1 | 0 |" in summary["markdown"]
+
+
+def test_rate_refuses_a_malformed_answers_file_with_its_line(owleval_folder, tmp_path, capsys):
+    with open(owleval_folder / "answer" / "beta.jsonl", "a") as file:
+        file.write('{"image": "red.png", "question_id": 1, "answer": "again"}\n')
+    with pytest.raises(SystemExit) as exit:
+        main(["rate", "--data", str(owleval_folder), "--answers", str(owleval_folder / "answer"),
+              "--ratings", str(tmp_path / "ratings.jsonl"), "--summary"])
+    assert exit.value.code == 2
+    assert "beta.jsonl:4: missing question, model_id; the official answer format has" in capsys.readouterr().err
+
+
+def test_a_missing_image_is_named_on_the_page_not_served(rating, owleval_folder, caplog):
+    (owleval_folder / "cases" / "blue.png").unlink()
+    with running(rating) as server:
+        status, view = http(server.url + "api/question?id=3")
+        assert status == 200 and view["image_error"].startswith("Image blue.png is missing from")
+        assert http(server.url + "image/blue.png") == (404, {"error": f"image blue.png is not in {owleval_folder / 'cases'}"})
+        assert http(server.url + "image/..%2Fquestions.jsonl")[0] == 404  # nothing but the questions' images
+        assert http(server.url + "api/question?id=1")[1]["image_error"] is None
+
+
+# -- chat: the server ------------------------------------------------------------------------------
+
+def data_url(colour: str) -> dict:
+    import base64
+
+    return {"name": f"{colour}.png", "data": "data:image/png;base64," + base64.b64encode(png_bytes(colour)).decode()}
+
+
+def test_each_message_opens_with_its_own_images():
+    request = read_conversation([
+        {"role": "user", "text": "What is this?", "images": [data_url("red")]},
+        {"role": "assistant", "text": "red"},
+        {"role": "user", "text": "And these?", "images": [data_url("blue"), data_url("green")]},
+    ])
+    assert [t.content for t in request.turns] == ["<image>\nWhat is this?", "red", "<image><image>\nAnd these?"]
+    assert [image.getpixel((0, 0)) for image in request.images] == [(220, 30, 30), (30, 30, 220), (30, 200, 30)]
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([], "'messages' must be a non-empty list"),
+    ([{"role": "user", "text": "look", "images": [{"name": "notes.png", "data": "data:image/png;base64,bm90IGFuIGltYWdl"}]}],
+     "notes.png is not an image the server can read"),
+    ([{"role": "user", "text": "a <image> here"}], "message 1 contains <image>, which stands for an image"),
+    ([{"role": "user", "text": " "}], "message 1 is empty: type a question or add an image"),
+    ([{"role": "user", "text": "hi"}, {"role": "assistant", "text": "hello"}], "the last message must be the user's"),
+    ([{"role": "system", "text": "hi"}], "message 1 needs a role (user or assistant)"),
+])
+def test_bad_chat_requests_get_a_message(chat_calls, messages, message):
+    assistant, calls = chat_calls
+    with running(ChatApp(assistant)) as server:
+        status, answer = http(server.url + "api/chat", {"messages": messages})
+        assert status == 400 and answer["error"].startswith(message)
+        assert http(server.url + "api/chat", {"messages": [{"role": "user", "text": "hi"}], "max_new_tokens": 0})[1] == {
+            "error": "max_new_tokens must be between 1 and 1024, got 0"}
+        assert http(server.url + "api/chat", {"messages": [{"role": "user", "text": "hi"}], "max_new_tokens": 2})[0] == 200
+    assert len(calls) == 1
+
+
+def test_a_conversation_too_long_for_the_model_asks_for_a_new_chat(chat_calls):
+    assistant, _ = chat_calls
+    assistant.template.max_length = 50
+    with running(ChatApp(assistant)) as server:
+        status, answer = http(server.url + "api/chat", {"messages": [{"role": "user", "text": "hi " * 40}]})
+    assert status == 400 and "exceeds max_length=50" in answer["error"] and answer["error"].endswith("start a new chat (or use fewer images)")
+
+
+# -- the pages in headless Chromium ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def browser():
+    missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        missing.append("the selenium package")
+    if missing:
+        reason = f"the browser tests need {', '.join(missing)} (apt-get install chromium chromium-driver; pip install -e '.[dev]')"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason}; CI=true, so they must run: .ci/run installs them")
+        pytest.skip(reason)
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=1280,900"):
+        options.add_argument(flag)
+    with tempfile.TemporaryDirectory(prefix="owl-chromium-") as profile:
+        options.add_argument(f"--user-data-dir={profile}")
+        driver = webdriver.Chrome(options=options, service=Service(str(CHROMEDRIVER)))
+        driver.set_page_load_timeout(WAIT_S)
+        try:
+            yield driver
+        finally:
+            driver.quit()
+
+
+def wait_for(driver, condition, what: str):
+    """``condition(driver)``'s first truthy value, polled for at most WAIT_S seconds."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(condition, message=f"waited {WAIT_S} s for {what}")
+
+
+def css(driver, selector: str):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_elements(By.CSS_SELECTOR, selector)
+
+
+def open_question(driver, url: str, question_id: int) -> None:
+    driver.get(f"{url}#q={question_id}")
+    wait_for(driver, lambda d: f"Question {question_id} ·" in d.find_element("id", "meta").text and css(d, ".answer .rating button"),
+             f"question {question_id}")
+
+
+def click_rating(driver, slot: int, letter: str) -> None:
+    css(driver, f'.answer[data-slot="{slot}"] button[data-rating="{letter}"]')[0].click()
+    wait_for(driver, lambda d: css(d, f'.answer[data-slot="{slot}"] .saved')[0].text == f"saved {letter}", f"answer {slot} saved as {letter}")
+
+
+def shown_ratings(driver) -> dict[int, str]:
+    return {int(button.find_element("xpath", "ancestor::article").get_attribute("data-slot")): button.text
+            for button in css(driver, ".rating button.selected")}
+
+
+def test_browser_ratings_survive_reload_and_restart_and_the_summary_counts_them(browser, rating, owleval_folder, tmp_path):
+    with running(rating) as server:
+        open_question(browser, server.url, 1)
+        assert browser.find_element("id", "question-text").text == "What colour is this?"
+        assert [card.find_element("class name", "text").text for card in css(browser, ".answer")] == [
+            f"{system} answers 1" for system in rating.slots(1)]
+        click_rating(browser, 1, "A")
+        click_rating(browser, 2, "C")
+        click_rating(browser, 2, "D")  # changed its mind: the last click counts
+        css(browser, "#next")[0].click()
+        wait_for(browser, lambda d: "Question 2 ·" in d.find_element("id", "meta").text, "question 2")
+        click_rating(browser, 3, "B")
+        browser.refresh()
+        open_question(browser, server.url, 2)
+        assert shown_ratings(browser) == {3: "B"}
+        # A stale page posting for a question that does not exist: a message on the page, nothing saved.
+        browser.execute_script("rate(99, 1, 'A', document.querySelector('.answer'))")
+        wait_for(browser, lambda d: "no OwlEval question 99" in d.find_element("id", "error").text, "the error message")
+    saved = (tmp_path / "ratings.jsonl").read_text()
+    assert saved.count("\n") == 4 and '"question_id": 99' not in saved
+
+    restarted = open_rating(owleval_folder, [owleval_folder / "answer"], tmp_path / "ratings.jsonl")
+    with running(restarted) as server:
+        open_question(browser, server.url, 1)
+        assert shown_ratings(browser) == {1: "A", 2: "D"}
+        assert "3 of 9 answers rated" in browser.find_element("id", "progress").text
+        css(browser, "#summary-tab")[0].click()
+        wait_for(browser, lambda d: css(d, "#summary-table td"), "the summary table")
+
+        def cell(system, category, letter):
+            return css(browser, f'tr[data-model="{system}"] td[data-category="{category}"][data-letter="{letter}"]')[0].text
+
+        first, second = rating.slots(1)[:2]
+        third_of_q2 = rating.slots(2)[2]
+        assert cell(first, "single_turn", "A") == "1" and cell(second, "single_turn", "D") == "1" and cell(second, "single_turn", "C") == "0"
+        assert cell(third_of_q2, "single_turn", "B") == cell(third_of_q2, "multi_turn", "B") == "1"
+        assert cell(third_of_q2, "multi_turn", "unrated") == "1"
+        assert browser.find_element("id", "summary-markdown").text == restarted.summary()["markdown"]
+
+
+def test_browser_rating_names_a_missing_image(browser, rating, owleval_folder):
+    (owleval_folder / "cases" / "blue.png").unlink()
+    with running(rating) as server:
+        open_question(browser, server.url, 3)
+        error = browser.find_element("id", "image-error")
+        assert error.is_displayed() and error.text.startswith("Image blue.png is missing from")
+        assert not browser.find_element("id", "image").is_displayed()
+        assert [item.text for item in css(browser, "#earlier li")] == ["Describe the image."]
+
+
+def chat_reply(driver, count: int) -> str:
+    """The text of the ``count``-th assistant message, once it is there."""
+    wait_for(driver, lambda d: len(css(d, ".message.assistant:not(.pending)")) >= count and not css(d, ".message.pending"),
+             f"answer {count}")
+    return css(driver, ".message.assistant:not(.pending) .text")[count - 1].text
+
+
+def test_browser_chat_with_an_uploaded_image_over_two_turns(browser, chat_calls, tmp_path):
+    assistant, calls = chat_calls
+    Image.new("RGB", (48, 32), (220, 30, 30)).save(tmp_path / "red.png")
+    with running(ChatApp(assistant, max_new_tokens=16, title="owl-tiny")) as server:
+        browser.get(server.url)
+        wait_for(browser, lambda d: d.find_element("id", "max-new-tokens").get_attribute("value") == "16", "the settings")
+        browser.find_element("id", "files").send_keys(str(tmp_path / "red.png"))
+        wait_for(browser, lambda d: css(d, "#pending img"), "the image preview")
+        browser.find_element("id", "max-new-tokens").clear()
+        browser.find_element("id", "max-new-tokens").send_keys("5")
+        browser.find_element("id", "text").send_keys("What colour is it?")
+        browser.find_element("id", "send").click()
+        first = chat_reply(browser, 1)
+        assert first.endswith("[reply 1]") and css(browser, ".message.assistant .meta")[0].text.endswith(" s")
+        assert len(css(browser, ".message.user img")) == 1 and not css(browser, "#pending img")
+        requests, settings, _ = calls[0]
+        assert [t.content for t in requests[0].turns] == ["<image>\nWhat colour is it?"]
+        assert requests[0].images[0].size == (48, 32) and settings == {"max_new_tokens": 5, "temperature": 0.0}
+
+        browser.find_element("id", "text").send_keys("Are you sure?")
+        browser.find_element("id", "send").click()
+        chat_reply(browser, 2)
+        requests, _, _ = calls[1]
+        assert [t.role for t in requests[0].turns] == ["user", "assistant", "user"]
+        assert requests[0].turns[1].content == calls[0][2][0] and len(requests[0].images) == 1
+        assert len(css(browser, ".message.user img")) == 1  # the image stays in the conversation, sent once
+
+
+def test_browser_chat_shows_why_an_image_was_refused_and_carries_on(browser, chat_calls, tmp_path):
+    assistant, calls = chat_calls
+    (tmp_path / "broken.png").write_bytes(b"not an image at all")
+    with running(ChatApp(assistant, max_new_tokens=4)) as server:
+        browser.get(server.url)
+        wait_for(browser, lambda d: d.find_element("id", "max-new-tokens").get_attribute("value") == "4", "the settings")
+        browser.find_element("id", "files").send_keys(str(tmp_path / "broken.png"))
+        wait_for(browser, lambda d: css(d, "#pending img"), "the preview")
+        browser.find_element("id", "text").send_keys("What is this?")
+        browser.find_element("id", "send").click()
+        wait_for(browser, lambda d: "broken.png is not an image the server can read" in d.find_element("id", "error").text, "the error")
+        assert not css(browser, ".message") and not calls
+        assert browser.find_element("id", "text").get_attribute("value") == "What is this?"  # kept, to fix and resend
+        css(browser, "#pending button")[0].click()  # drop the bad image
+        browser.find_element("id", "send").click()
+        assert chat_reply(browser, 1).endswith("[reply 1]")
+        assert not browser.find_element("id", "error").is_displayed()
