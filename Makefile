@@ -77,6 +77,7 @@ tensorboard: install
 # Benchmarks write bench/results.json (see docs/benchmarks.md). Run alone: they time the CPU.
 bench: data
 	$(PY) bench/stage1_data.py
+	$(PY) bench/step_overhead.py
 
 # The paper's five ablation settings on the embedded task → docs/ablation.md (about an hour on 2 cores).
 ablation: data

@@ -27,10 +27,12 @@ class Stage2Module(OwlSystem):
         warmup_steps: int = 50,
         min_lr_ratio: float = 0.0,
         max_nonfinite_steps: int = 5,
+        activation_checkpointing: bool = False,
+        peak_flops: float | None = None,
         train_abstractor: bool = True,
     ) -> None:
         super().__init__(model_name, model_overrides, init_from, lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio,
-                         max_nonfinite_steps)
+                         max_nonfinite_steps, activation_checkpointing, peak_flops)
 
     def freeze_policy(self, model: OwlModel) -> None:
         model.add_lora(self.owl_config.lora)

@@ -18,10 +18,12 @@ from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
 from owl_lightning.checkpoint_io import SafeCheckpointIO
-from owl_lightning.checkpoints import load_model_weights, read_checkpoint, strip_base_llm
+from owl_lightning.checkpoints import is_base_llm_weight, load_model_weights, read_checkpoint, strip_base_llm
 from owl_lightning.config import OwlConfig, get_config
+from owl_lightning.flops import StepFlops, measure_matmul_flops
 from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.owl import OwlModel, build_owl
+from owl_lightning.parallel import checkpoint_activations, is_sharded, shard_owl
 from owl_lightning.preflight import check_outputs
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,13 @@ class OwlSystem(L.LightningModule):
             cosine decay to ``lr * min_lr_ratio`` over the run's optimizer steps.
         max_nonfinite_steps: an optimizer step whose loss or gradient is not finite is skipped and
             counted; this many in a row stop the run.
+        activation_checkpointing: keep only each block's input in forward and recompute the block
+            in backward (vision blocks, abstractor layers, LLM decoder blocks): less memory, ~1/3 more compute.
+        peak_flops: the device's peak FLOP/s for ``perf/mfu`` (per process; e.g. 989e12 for an H100's
+            dense bf16). None: measured at the start with a large matrix product in the training dtype
+            (the figure for a CPU).
+
+    Under Lightning's ``ModelParallelStrategy`` the model is sharded with FSDP2 (``owl_lightning.parallel``).
     """
 
     def __init__(
@@ -50,14 +59,21 @@ class OwlSystem(L.LightningModule):
         warmup_steps: int = 2000,
         min_lr_ratio: float = 0.0,
         max_nonfinite_steps: int = 5,
+        activation_checkpointing: bool = False,
+        peak_flops: float | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.owl_config: OwlConfig = get_config(model_name, model_overrides)
         self.model: OwlModel | None = None
         self.tokenizer = None
-        # Checkpoints leave out the frozen base LLM (see checkpoints.py).
+        # Checkpoints leave out the frozen base LLM (see checkpoints.py). The state dict itself does:
+        # sharded checkpoints load exactly the keys the state dict names.
+        self.register_state_dict_post_hook(_without_base_llm)
         self.strict_loading = False
+        self.flops: StepFlops | None = None
+        self.peak_flops: float | None = None
+        self._unlogged_work: tuple[int, int, float] | None = None  # samples, tokens, FLOPs of the running step
         self.val_loss = MeanMetric()
         self._last_batch_end: float | None = None
         self.empty_batches = 0
@@ -71,8 +87,14 @@ class OwlSystem(L.LightningModule):
     # -- model -------------------------------------------------------------------------------------
 
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
+        if self.model is None:
+            self.model = self._build_model()
+        if self.device_mesh is not None and not is_sharded(self.model):
+            # ModelParallelStrategy: FSDP2. shard_owl asserts every parameter ended up sharded.
+            param_dtype = torch.bfloat16 if str(self.trainer.precision).startswith("bf16") else None
+            shard_owl(self.model, self.device_mesh, param_dtype)
+
+    def _build_model(self) -> OwlModel:
         self.tokenizer = load_tokenizer(self.owl_config.llm)
         model = build_owl(self.owl_config, tokenizer=self.tokenizer)
         if self.hparams.init_from:
@@ -80,7 +102,10 @@ class OwlSystem(L.LightningModule):
             load_model_weights(model, checkpoint["state_dict"], self.hparams.init_from)
             log.info("initialised from %s", self.hparams.init_from)
         self.freeze_policy(model)
-        self.model = model
+        if self.hparams.activation_checkpointing:
+            checkpoint_activations(model)
+        self.flops = StepFlops.of(model)
+        return model
 
     def freeze_policy(self, model: OwlModel) -> None:
         """Set which parameters train (and add adapters). Subclasses define it."""
@@ -100,7 +125,7 @@ class OwlSystem(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self(batch)
         batch_size = batch["input_ids"].shape[0]
-        self._log_throughput(batch_size, out.num_tokens)
+        self._log_throughput(batch_size, out.num_tokens, self.flops.step(batch, out.num_supervised))
         health = getattr(self.trainer.datamodule, "health", None)
         if health is not None:
             self.log_dict(health.metrics(), on_step=True, on_epoch=False, batch_size=batch_size)
@@ -143,14 +168,20 @@ class OwlSystem(L.LightningModule):
                 "earlier checkpoint; --model.max_nonfinite_steps sets how many in a row are tolerated."
             )
 
-    def _log_throughput(self, samples: int, tokens: int) -> None:
-        """samples/s and tokens/s (real tokens, visual included) over the wall time between batches."""
+    def _log_throughput(self, samples: int, tokens: int, flops: float) -> None:
+        """samples/s, tokens/s (real tokens, visual included), achieved FLOP/s and MFU of the previous
+        step: the wall time from its forward to this one's covers its forward, backward, optimizer step
+        and the loading of this batch. Called from the forward of the step whose work it is given."""
         now = time.perf_counter()
-        if self._last_batch_end is not None:
+        if self._last_batch_end is not None and self._unlogged_work is not None:
             seconds = now - self._last_batch_end
-            self.log("perf/samples_per_s", samples / seconds, batch_size=samples)
-            self.log("perf/tokens_per_s", tokens / seconds, prog_bar=True, batch_size=samples)
+            done_samples, done_tokens, done_flops = self._unlogged_work
+            self.log("perf/samples_per_s", done_samples / seconds, batch_size=done_samples)
+            self.log("perf/tokens_per_s", done_tokens / seconds, prog_bar=True, batch_size=done_samples)
+            self.log("perf/tflops_per_s", done_flops / seconds / 1e12, batch_size=done_samples)
+            self.log("perf/mfu", done_flops / seconds / self.peak_flops, prog_bar=True, batch_size=done_samples)
         self._last_batch_end = now
+        self._unlogged_work = (samples, tokens, flops)
 
     # -- validation --------------------------------------------------------------------------------
 
@@ -200,7 +231,6 @@ class OwlSystem(L.LightningModule):
     # -- checkpoints -------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = strip_base_llm(checkpoint["state_dict"])
         checkpoint["owl_config"] = self.owl_config.to_dict()
         # Dropout (LoRA's, the abstractor's) draws from it: a resumed run must draw the same masks.
         checkpoint["rng_state"] = {"cpu": torch.get_rng_state()}
@@ -226,7 +256,13 @@ class OwlSystem(L.LightningModule):
             strategy.checkpoint_io = SafeCheckpointIO()
 
     def on_fit_start(self) -> None:
+        self.peak_flops = self.hparams.peak_flops or measure_matmul_flops(self.device, self._compute_dtype())
         check_outputs(self.trainer, self.checkpoint_bytes())
+
+    def _compute_dtype(self) -> torch.dtype:
+        """The dtype matrix products run in under the trainer's precision."""
+        precision = str(self.trainer.precision)
+        return torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else torch.float32
 
     def checkpoint_bytes(self) -> int:
         """Size of one checkpoint: the saved tensors (no base LLM) and AdamW's two fp32 moments per trained parameter."""
@@ -234,6 +270,12 @@ class OwlSystem(L.LightningModule):
         weights = sum(t.numel() * t.element_size() for t in saved.values())
         moments = 2 * 4 * sum(p.numel() for p in self.parameters() if p.requires_grad)
         return weights + moments
+
+
+def _without_base_llm(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook: drop the frozen base LLM's tensors (restored from ``llm.source`` on load)."""
+    for key in [k for k in state_dict if k.startswith(prefix) and is_base_llm_weight(k[len(prefix):])]:
+        del state_dict[key]
 
 
 def gradients_finite(model: torch.nn.Module) -> bool:

@@ -1,0 +1,144 @@
+"""Stage-1 throughput and MFU of a ~1.5B owl on one GPU, bf16, FSDP2 (issue 6, item 6; run by bench/gpu.sh).
+
+The model: the paper's vision side (CLIP ViT-L/14 at 224 px, 6-layer abstractor, 65 visual tokens
+per image) on a 1.1B LLaMA (TinyLlama's shape: 22 layers, width 2048, GQA 32/4 heads), all with
+random weights and the built-in byte tokenizer, so nothing is downloaded. Stage 1 as the paper
+trains it: LLM frozen, vision encoder and abstractor trained. Lightning's ModelParallelStrategy
+shards it with FSDP2 (owl_lightning.parallel) even on one GPU, the path the 8-GPU configs take.
+
+Batches are synthetic and all alike (``BOS <image> caption EOS``, no padding), made once on the host.
+Timing: from the first timed step's start to the last one's end (CUDA synchronised at both ends).
+MFU: model FLOPs of those steps (owl_lightning.flops) over that time and ``--peak-flops``.
+
+    python bench/gpu_stage1.py [--steps 30] [--batch-size 64] [--activation-checkpointing]
+    python bench/gpu_stage1.py --model tiny --accelerator cpu --steps 2    # a smoke test of the script
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.utils.data import DataLoader
+
+from common import record
+from owl_lightning.config import get_config
+from owl_lightning.data.collate import IGNORE_INDEX
+from owl_lightning.models.llm import IMAGE_TOKEN, load_tokenizer
+from owl_lightning.models.vision import vision_data_config
+from owl_lightning.stages.stage1 import Stage1Module
+
+TINYLLAMA_1B = {
+    "model_type": "llama", "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+    "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+MODELS = {
+    # owl-llama7b's vision encoder and abstractor, random; the LLM swapped for a random 1.1B LLaMA.
+    "1b": ("owl-llama7b", {"vision.weights": None, "llm.source": "random", "llm.tokenizer": "bytes",
+                           "llm.architecture": TINYLLAMA_1B, "abstractor.attention_dropout": 0.0}),
+    "tiny": ("owl-tiny", {}),
+}
+H100_BF16_DENSE = 989e12
+
+
+def synthetic_batches(model: str, overrides: dict, batch_size: int, caption_tokens: int, count: int) -> list[dict]:
+    """``count`` identical-shape caption batches: ``BOS <image> caption EOS``, the caption and EOS supervised."""
+    config = get_config(model, overrides)
+    tokenizer = load_tokenizer(config.llm)
+    size = vision_data_config(config.vision)["input_size"]
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(count):
+        caption = torch.randint(ord("a"), ord("z") + 1, (batch_size, caption_tokens), generator=generator)
+        bos = torch.full((batch_size, 1), tokenizer.bos_token_id)
+        image = torch.full((batch_size, 1), tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
+        eos = torch.full((batch_size, 1), tokenizer.eos_token_id)
+        input_ids = torch.cat([bos, image, caption, eos], dim=1)
+        labels = torch.cat([torch.full((batch_size, 2), IGNORE_INDEX), caption, eos], dim=1)
+        batches.append({
+            "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
+            "images": torch.randint(0, 256, (batch_size, *size), dtype=torch.uint8, generator=generator),
+            "image_counts": torch.ones(batch_size, dtype=torch.long), "source": ["synthetic"] * batch_size, "skipped": [],
+        })
+    return batches
+
+
+class TimedWindow(L.Callback):
+    """Wall time and model FLOPs / real tokens / samples of the steps after ``warmup``."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.flops = self.tokens = self.samples = 0.0
+        self.start = self.end = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            _synchronize(pl_module.device)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx < self.warmup:
+            return
+        supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        self.flops += pl_module.flops.step(batch, supervised)
+        self.tokens += float(batch["attention_mask"].sum() + batch["image_counts"].sum() * (pl_module.flops.visual_tokens_per_image - 1))
+        self.samples += batch["input_ids"].shape[0]
+        _synchronize(pl_module.device)
+        self.end = time.perf_counter()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="1b")
+    parser.add_argument("--accelerator", default="gpu")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (allocator, kernel selection)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per step")
+    parser.add_argument("--caption-tokens", type=int, default=32)
+    parser.add_argument("--peak-flops", type=float, default=H100_BF16_DENSE, help="the device's dense bf16 FLOP/s (H100/H200 SXM: 989e12)")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--no-record", action="store_true", help="print only; do not write bench/results.json")
+    args = parser.parse_args()
+
+    name, overrides = MODELS[args.model]
+    torch.manual_seed(0)
+    system = Stage1Module(model_name=name, model_overrides=overrides, peak_flops=args.peak_flops,
+                          activation_checkpointing=args.activation_checkpointing, num_caption_samples=0)
+    batches = synthetic_batches(name, overrides, args.batch_size, args.caption_tokens, args.warmup + args.steps)
+    window = TimedWindow(args.warmup)
+    trainer = L.Trainer(accelerator=args.accelerator, devices=1, precision="bf16-mixed", max_steps=len(batches),
+                        strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1), gradient_clip_val=1.0,
+                        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[window])
+    trainer.fit(system, DataLoader(batches, batch_size=None, pin_memory=args.accelerator == "gpu"))
+
+    seconds = window.end - window.start
+    params = {part: sum(p.numel() for p in getattr(system.model, part).parameters()) for part in ("vision", "abstractor", "llm")}
+    entry = {
+        "device": torch.cuda.get_device_name() if args.accelerator == "gpu" else args.accelerator,
+        "model": args.model, "params": params, "batch_size": args.batch_size, "caption_tokens": args.caption_tokens,
+        "timed_steps": args.steps, "step_s": round(seconds / args.steps, 4),
+        "tokens_per_s": round(window.tokens / seconds), "samples_per_s": round(window.samples / seconds, 1),
+        "achieved_tflops_per_s": round(window.flops / seconds / 1e12, 1), "peak_tflops_per_s": args.peak_flops / 1e12,
+        "mfu": round(window.flops / seconds / args.peak_flops, 4), "target_mfu": 0.40,
+        "activation_checkpointing": args.activation_checkpointing,
+        "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if args.accelerator == "gpu" else None,
+        "how": "Stage1Module through the Lightning Trainer, ModelParallelStrategy (FSDP2, 1 process), bf16-mixed with "
+               "bf16 FSDP all-gathers, AdamW, clip 1.0; synthetic uniform batches; model FLOPs from owl_lightning.flops",
+    }
+    print(f"{entry['device']}: {entry['tokens_per_s']:,} tokens/s, {entry['samples_per_s']} images/s, "
+          f"{entry['achieved_tflops_per_s']} TFLOP/s, MFU {entry['mfu']:.1%} (target 40%)", flush=True)
+    if not args.no_record:
+        record("gpu_stage1", entry)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""FSDP2 (``fully_shard``) for the Owl model, applied in ``configure_model`` when Lightning's
+``ModelParallelStrategy`` hands the system a device mesh; activation checkpointing per block; and
+reading the sharded checkpoints that strategy saves.
+
+The FSDP units, built bottom-up (each is all-gathered before its forward and freed after):
+
+    each vision block               the rest of the vision encoder (patch/stem, norms)
+    each abstractor layer           the rest of the abstractor (queries, projections, end token)
+    each LLM decoder block          with its trainable LoRA adapters as a unit of their own
+    the LLM's input and output embeddings (one unit: tied models share the weight)
+    the rest of the LLM (final norm)
+    the whole model, as the root (no parameters of its own)
+
+Trainable and frozen parameters never share a unit: a frozen unit then has no gradient to
+reduce-scatter, and the optimizer's shards are exactly the trainable units. Buffers are not sharded:
+BatchNorm running statistics (EfficientNet) stay per rank and rank 0's are saved, as DDP keeps rank 0's.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed._composable import checkpoint
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from transformers import PreTrainedModel
+
+from owl_lightning.models.owl import OwlModel
+
+# timm models keep their repeated blocks under one of these names (ViT, EfficientNet: blocks; ConvNeXt: stages).
+_VISION_BLOCK_CONTAINERS = ("blocks", "stages", "layers")
+# Lightning's sharded checkpoints are folders holding this file next to the .distcp shards.
+_METADATA_FILE = "meta.pt"
+
+
+# -- which modules are blocks ----------------------------------------------------------------------
+
+
+def vision_blocks(model: OwlModel) -> list[nn.Module]:
+    """The repeated blocks of the timm encoder (ViT blocks, EfficientNet stages); empty if it has none."""
+    for name in _VISION_BLOCK_CONTAINERS:
+        container = getattr(model.vision.model, name, None)
+        if isinstance(container, (nn.Sequential, nn.ModuleList)):
+            return list(container)
+    return []
+
+
+def llm_blocks(model: OwlModel) -> list[nn.Module]:
+    """The LLM's decoder blocks: the classes its Hugging Face model names in ``_no_split_modules``."""
+    names = set(getattr(model.llm, "_no_split_modules", None) or ())
+    # By the class's ancestry: fully_shard swaps a module's class for a subclass (FSDPLlamaDecoderLayer).
+    blocks = [m for m in model.llm.modules() if any(c.__name__ in names for c in type(m).__mro__)]
+    if not blocks:
+        raise ValueError(f"cannot find the decoder blocks of {type(model.llm).__name__}: its _no_split_modules "
+                         f"({sorted(names) or 'none'}) name no submodule")
+    return blocks
+
+
+def blocks(model: OwlModel) -> list[nn.Module]:
+    """Every block that is its own FSDP unit and activation-checkpointing region, input side first."""
+    return [*vision_blocks(model), *model.abstractor.layers, *llm_blocks(model)]
+
+
+# -- activation checkpointing and sharding ---------------------------------------------------------
+
+
+def checkpoint_activations(model: OwlModel) -> None:
+    """Keep only each block's input during forward and recompute the block in backward.
+
+    Composable checkpointing (hooks, no wrapper module): parameter names and checkpoints stay as
+    they are. Call before :func:`shard_owl`.
+    """
+    for block in blocks(model):
+        checkpoint(block)
+
+
+def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The 1-d mesh to shard over, from ModelParallelStrategy's ``(data_parallel, tensor_parallel)`` mesh."""
+    if mesh.ndim == 1:
+        return mesh
+    if mesh["tensor_parallel"].size() != 1:
+        raise ValueError(
+            f"the model has no tensor-parallel plan, but the device mesh has tensor_parallel size "
+            f"{mesh['tensor_parallel'].size()}: give ModelParallelStrategy data_parallel_size = num_nodes x devices "
+            f"({mesh.size()}) and tensor_parallel_size: 1"
+        )
+    return mesh["data_parallel"]
+
+
+def shard_owl(model: OwlModel, mesh: DeviceMesh, param_dtype: torch.dtype | None = None) -> None:
+    """Apply FSDP2 to ``model`` in place over ``mesh`` (see the module docstring for the units).
+
+    ``param_dtype`` (e.g. ``torch.bfloat16``): parameters are all-gathered and computed in it while
+    the shards (and the optimizer) keep their own dtype; gradients are reduced in float32.
+    """
+    mesh = data_parallel_mesh(mesh)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+
+    def shard(modules: list[nn.Module]) -> None:
+        _shard_unit(modules, mesh, policy)
+
+    for block in blocks(model):
+        shard([block])
+    shard([model.vision])
+    shard([model.abstractor])
+    embeddings = [model.llm.get_input_embeddings(), model.llm.get_output_embeddings()]
+    # One unit for both: they share the weight when tied, and the input embeddings are called from
+    # OwlModel.embed, outside the LLM's forward (a unit gathers on its own modules' forward).
+    shard([m for i, m in enumerate(embeddings) if m is not None and m not in embeddings[:i]])
+    shard([model.llm])
+    shard([model])
+    assert_sharded(model)
+    # Hugging Face generation then keeps the ranks in step (synced_gpus): a rank whose captions end
+    # early keeps joining the all-gathers of the others' forwards instead of leaving them waiting.
+    for module in model.llm.modules():
+        if isinstance(module, PreTrainedModel):
+            module._is_fsdp_managed_module = True
+
+
+def _shard_unit(modules: list[nn.Module], mesh: DeviceMesh, policy: MixedPrecisionPolicy) -> None:
+    """One FSDP unit of the parameters under ``modules`` that are in no unit yet; two when those mix
+    trainable and frozen ones: first the modules owning the trainable ones (LoRA's A and B), then the rest."""
+    if len({p.requires_grad for p in _unsharded_parameters(modules)}) > 1:
+        owners = {m: {p.requires_grad for p in _unsharded_parameters([m], recurse=False)} for top in modules for m in top.modules()}
+        mixed = [f"{type(m).__name__}({', '.join(n for n, _ in m.named_parameters(recurse=False))})"
+                 for m, flags in owners.items() if len(flags) > 1]
+        if mixed:
+            raise ValueError(f"{mixed[0]} holds trainable and frozen parameters; FSDP units keep them apart, "
+                             "so freeze or train such a module whole")
+        fully_shard([m for m, flags in owners.items() if flags == {True}], mesh=mesh, mp_policy=policy)
+    fully_shard(modules if len(modules) > 1 else modules[0], mesh=mesh, mp_policy=policy)
+
+
+def _unsharded_parameters(modules: list[nn.Module], recurse: bool = True) -> list[nn.Parameter]:
+    unique = {id(p): p for m in modules for p in m.parameters(recurse=recurse)}
+    return [p for p in unique.values() if not isinstance(p, DTensor)]
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def assert_sharded(model: nn.Module) -> None:
+    """Every parameter is a shard. A parameter left whole would be trained apart on every rank,
+    and the ranks would silently drift into different models."""
+    whole = [name for name, p in model.named_parameters() if not isinstance(p, DTensor)]
+    if whole:
+        raise RuntimeError(f"{len(whole)} parameters were not sharded, e.g. {whole[:3]}")
+
+
+# -- sharded checkpoints ---------------------------------------------------------------------------
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A folder of ``.distcp`` shards plus Lightning's ``meta.pt`` (what ModelParallelStrategy saves)."""
+    return Path(path).is_dir() and (Path(path) / _METADATA_FILE).is_file()
+
+
+def read_sharded_checkpoint(path: str | Path) -> dict:
+    """A sharded checkpoint folder as one Lightning checkpoint dict of whole tensors, in memory.
+
+    Needs no process group and any number of processes may have written it. The optimizer states
+    come back keyed as ``Optimizer.state_dict()`` keys them (parameter indices in group order), so
+    a single-process Trainer can resume from :func:`consolidate`'s file.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        raise FileNotFoundError(f"{path} is not a sharded checkpoint (a folder with {_METADATA_FILE} and .distcp files)")
+    shards: dict = {}
+    _load_state_dict(shards, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    checkpoint = torch.load(path / _METADATA_FILE, map_location="cpu", weights_only=True)
+    checkpoint["state_dict"] = shards.pop("state_dict")
+    count = len([key for key in shards if key.startswith("optimizer_")])
+    checkpoint["optimizer_states"] = [_indexed_optimizer_state(shards.pop(f"optimizer_{i}")) for i in range(count)]
+    return checkpoint
+
+
+def _indexed_optimizer_state(state: dict) -> dict:
+    """Distributed optimizer state (keyed by parameter name) → ``Optimizer.state_dict()`` form (keyed by index)."""
+    index = {name: i for i, name in enumerate(name for group in state["param_groups"] for name in group["params"])}
+    return {
+        "state": {index[name]: values for name, values in state["state"].items()},
+        "param_groups": [{**group, "params": [index[name] for name in group["params"]]} for group in state["param_groups"]],
+    }
+
+
+def consolidate(path: str | Path, out: str | Path) -> Path:
+    """Write a sharded checkpoint folder as one ``.ckpt`` file (weights, optimizer, loop state, config)."""
+    checkpoint = read_sharded_checkpoint(path)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, out)
+    return out

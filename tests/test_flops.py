@@ -1,0 +1,137 @@
+"""FLOP counting (owl_lightning.flops) against the config's shapes and against torch's FlopCounterMode."""
+import lightning as L
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from owl_lightning.data.collate import IGNORE_INDEX
+from owl_lightning.data.modules import CaptionDataModule
+from owl_lightning.flops import StepFlops, measure_matmul_flops, sequence_lengths
+from owl_lightning.models.owl import build_owl
+from owl_lightning.stages.stage1 import Stage1Module
+
+
+def caption_batch(tokenizer, text_lengths=(20,), padded_to=None, images=True):
+    """``BOS <image> text`` samples (``BOS text`` when ``images`` is False), right-padded; the text is supervised."""
+    image = [tokenizer.convert_tokens_to_ids("<image>")] if images else []
+    rows = [[tokenizer.bos_token_id, *image, *range(97, 97 + n)] for n in text_lengths]
+    width = max(padded_to or 0, *(len(r) for r in rows))
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    mask = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    labels = torch.where(mask.bool() & (input_ids >= 97) & (input_ids < 256), input_ids, IGNORE_INDEX)
+    counts = torch.full((len(rows),), len(image))
+    pixels = torch.randint(0, 255, (int(counts.sum()), 3, 32, 32), dtype=torch.uint8) if images else None
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "images": pixels, "image_counts": counts}
+
+
+def tiny(tiny_config, tiny_tokenizer, vision=True, abstractor=True, llm=False, lora=False):
+    torch.manual_seed(0)
+    model = build_owl(tiny_config, tokenizer=tiny_tokenizer)
+    model.set_trainable(vision=vision, abstractor=abstractor, llm=llm)
+    if lora:
+        model.add_lora(tiny_config.lora)
+    return model
+
+
+def forward(model, batch):
+    return model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"], batch["image_counts"])
+
+
+def supervised(batch) -> int:
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def _cpu_attention(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_attention_backward(grad_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
+    # Model FLOPs: gradients to both operands of QKᵀ and of the weighted sum (2x forward); torch's own
+    # formula adds the flash kernel's recompute of the scores, which is hardware work.
+    return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
+                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward}
+
+
+def measured(model, batch) -> int:
+    """What torch counts for one forward + backward: products, convolutions, attention."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION) as counter:
+        forward(model, batch).loss.backward()
+    return counter.get_total_flops()
+
+
+def test_llm_terms_follow_the_config(tiny_config, tiny_tokenizer):
+    arch = tiny_config.llm.architecture
+    d, inner, layers, heads, kv_heads = (arch[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                                                            "num_attention_heads", "num_key_value_heads"))
+    kv = kv_heads * d // heads
+    matrices = layers * (2 * d * d + 2 * d * kv + 3 * d * inner)  # q, o; k, v; gate, up, down
+    model = tiny(tiny_config, tiny_tokenizer)
+    flops = StepFlops.of(model)
+    vocab = model.llm.get_output_embeddings().weight.shape[0]
+    # Frozen LLM in stage 1: forward and input gradient, no weight gradient.
+    assert flops.per_token == 2 * matrices * 2
+    assert flops.per_causal_pair == 2 * 2 * layers * d * 3
+    assert flops.per_supervised_token == 2 * d * vocab * 2
+
+    lora = StepFlops.of(tiny(tiny_config, tiny_tokenizer, vision=False, lora=True))
+    r = tiny_config.lora.r
+    adapters = layers * (r * (d + d) + r * (d + kv))  # A and B on q_proj and v_proj
+    assert lora.per_token == 2 * matrices * 2 + 2 * adapters * 3
+
+
+def test_frozen_llm_backward_counts_no_weight_gradients(tiny_config, tiny_tokenizer):
+    """Training the LLM's weights adds exactly their weight gradients, as torch counts them."""
+    batch = caption_batch(tiny_tokenizer)
+    frozen = tiny(tiny_config, tiny_tokenizer, llm=False)
+    trained = tiny(tiny_config, tiny_tokenizer, llm=True)
+    counted = StepFlops.of(trained).step(batch, 20) - StepFlops.of(frozen).step(batch, 20)
+    assert counted == measured(trained, batch) - measured(frozen, batch)
+
+
+def test_step_matches_what_torch_counts(tiny_config, tiny_tokenizer):
+    """Against torch's count of one real step (its CPU attention kernels counted too), the model
+    differs by exactly two terms it means to: causal attention counts each token's prefix, where
+    torch counts the whole square; and the first vision layer's input gradient, which autograd skips
+    (pixels need none), is counted. Left over: the rotary embedding's small product (< 0.01%)."""
+    batch = caption_batch(tiny_tokenizer)
+    model = tiny(tiny_config, tiny_tokenizer)
+    flops = StepFlops.of(model)
+    length = float(sequence_lengths(batch, flops.visual_tokens_per_image).sum())
+    square_minus_prefix = (length * length - length * (length + 1) / 2) * flops.per_causal_pair
+    patch_embed = model.vision.model.patch_embed.proj
+    first_input_gradient = 2 * patch_embed.weight.numel() * (32 // patch_embed.stride[0]) ** 2
+    ours = flops.step(batch, supervised(batch)) + square_minus_prefix - first_input_gradient
+    torch.testing.assert_close(ours, float(measured(model, batch)), rtol=1e-4, atol=0)
+
+
+def test_only_real_tokens_count(tiny_config, tiny_tokenizer):
+    model = tiny(tiny_config, tiny_tokenizer)
+    flops = StepFlops.of(model)
+    batch = caption_batch(tiny_tokenizer, text_lengths=(20, 5))
+    out = forward(model, batch)
+    assert int(sequence_lengths(batch, flops.visual_tokens_per_image).sum()) == out.num_tokens
+    assert flops.step(caption_batch(tiny_tokenizer, (20, 5), padded_to=40), 25) == flops.step(batch, 25)
+    text_only = caption_batch(tiny_tokenizer, (20, 5), images=False)
+    assert flops.step(batch, 25) - flops.step(text_only, 25) > 2 * flops.per_image  # two images and their visual tokens
+
+
+def test_matmul_rate_is_measured():
+    rate = measure_matmul_flops("cpu", torch.float32, size=256, repeats=2)
+    assert 1e8 < rate < 1e14
+
+
+def test_training_logs_throughput_and_mfu(tmp_path, caption_manifest):
+    system = Stage1Module(model_name="owl-tiny", warmup_steps=1, peak_flops=1e11)
+    data = CaptionDataModule(manifest=str(caption_manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
+    trainer = L.Trainer(max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path, accelerator="cpu")
+    trainer.fit(system, data)
+    metrics = trainer.callback_metrics
+    assert 0 < float(metrics["perf/mfu"]) < 1
+    torch.testing.assert_close(float(metrics["perf/mfu"]), float(metrics["perf/tflops_per_s"]) * 1e12 / 1e11)
+    assert float(metrics["perf/tokens_per_s"]) > 0 and float(metrics["perf/samples_per_s"]) > 0

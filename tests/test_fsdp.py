@@ -1,0 +1,247 @@
+"""FSDP2 through Lightning's ModelParallelStrategy: 2 CPU processes over gloo, on owl-tiny.
+
+Each run is the real ``owl-lightning stageN fit`` command in a subprocess (Lightning starts the
+second rank by re-running it); the :class:`ShardReport` callback below, loaded by that command
+from this file, writes what every rank holds at the start and the end of training.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+
+from owl_lightning.checkpoints import is_base_llm_weight, load_owl, read_checkpoint
+from owl_lightning.cli import main
+from owl_lightning.data.modules import CaptionDataModule
+from owl_lightning.models.owl import build_owl
+from owl_lightning.parallel import assert_sharded, checkpoint_activations, is_sharded_checkpoint, llm_blocks, shard_owl
+from owl_lightning.stages.stage1 import Stage1Module
+
+TESTS = Path(__file__).parent
+
+
+class ShardReport(L.Callback):
+    """Per rank, at train start and end: each parameter's local and full size, a hash of its full
+    value, whether it is a DTensor; the FSDP units mixing trainable and frozen parameters; the
+    global step and the optimizer's step count."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, pl_module, "start")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._write(trainer, pl_module, "end")
+
+    def _write(self, trainer: L.Trainer, pl_module: L.LightningModule, moment: str) -> None:
+        params = {}
+        for name, param in pl_module.model.named_parameters():
+            sharded = isinstance(param, DTensor)
+            full = param.full_tensor() if sharded else param  # a collective: every rank, same order
+            params[name] = {
+                "sharded": sharded,
+                "local_numel": param.to_local().numel() if sharded else param.numel(),
+                "numel": full.numel(),
+                "dim0": full.shape[0] if full.ndim else 1,
+                "trainable": param.requires_grad,
+                "hash": digest(full),
+            }
+        adam_steps = {int(s["step"]) for s in trainer.optimizers[0].state.values()}
+        report = {"global_step": trainer.global_step, "world_size": trainer.world_size, "params": params,
+                  "mixed_units": mixed_units(pl_module.model), "adam_steps": sorted(adam_steps)}
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"{moment}_rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+def digest(tensor: torch.Tensor) -> str:
+    return hashlib.sha1(tensor.detach().float().contiguous().numpy().tobytes()).hexdigest()
+
+
+def mixed_units(model: torch.nn.Module) -> list[list[str]]:
+    """FSDP units holding both trainable and frozen parameters (there should be none)."""
+    groups = {id(g): g for m in model.modules() if isinstance(m, FSDPModule) for g in m._get_fsdp_state()._fsdp_param_groups}
+    return [[p._param_fqn for p in g.fsdp_params] for g in groups.values()
+            if len({p.sharded_param.requires_grad for p in g.fsdp_params}) > 1]
+
+
+def run(stage: str, tmp_path: Path, manifest: Path, devices: int, max_steps: int, report: str, *extra: str) -> list[dict]:
+    """``owl-lightning <stage> fit`` on ``devices`` CPU processes; returns each rank's start and end reports."""
+    root = tmp_path / stage
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": devices, "max_steps": max_steps, "limit_val_batches": 0, "logger": False,
+            "enable_progress_bar": False, "enable_model_summary": False, "gradient_clip_val": 1.0, "default_root_dir": str(root),
+            "strategy": {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+                         "init_args": {"data_parallel_size": devices, "tensor_parallel_size": 1}},
+            "callbacks": [
+                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                 "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 0, "every_n_train_steps": 2}},
+                {"class_path": "test_fsdp.ShardReport", "init_args": {"out": str(tmp_path / report)}},
+            ],
+        },
+        "model": {"model_name": "owl-tiny", "lr": 1e-2, "warmup_steps": 1, "peak_flops": 1e11},
+        "data": {"manifest": str(manifest), "batch_size": 4, "num_workers": 0},
+    }
+    path = tmp_path / f"{stage}_{report}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    # One thread per process: the two ranks share the machine's cores.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "owl_lightning", stage, "fit", "--config", str(path), "--ckpt_path", "last", *extra]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    if done.returncode:
+        raise AssertionError(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
+    return [{moment: json.loads((tmp_path / report / f"{moment}_rank{rank}.json").read_text()) for moment in ("start", "end")}
+            for rank in range(devices)]
+
+
+def assert_sharded_and_in_agreement(ranks: list[dict]) -> None:
+    """Every parameter a DTensor split over the ranks (each holds a part), the same full values on every rank,
+    and no FSDP unit mixing trainable with frozen parameters."""
+    first = ranks[0]["end"]["params"]
+    for name, info in first.items():
+        assert all(r["end"]["params"][name]["sharded"] for r in ranks), name
+        local = [r["end"]["params"][name]["local_numel"] for r in ranks]
+        assert sum(local) == info["numel"], (name, local)
+        if info["dim0"] >= len(ranks):
+            assert all(local), (name, local)  # sharded on dim 0: every rank holds rows
+        assert len({r["end"]["params"][name]["hash"] for r in ranks}) == 1, f"ranks disagree on {name}"
+    assert all(r["end"]["mixed_units"] == [] for r in ranks)
+
+
+def moved(report: dict) -> set[str]:
+    return {n for n, info in report["end"]["params"].items() if info["hash"] != report["start"]["params"][n]["hash"]}
+
+
+def assert_resumed_from(resumed: dict, saved: dict, steps: int) -> None:
+    """The resumed run started from the saved weights and optimizer state, at the saved step."""
+    assert resumed["start"]["global_step"] == steps and resumed["start"]["adam_steps"] == [steps]
+    for name, info in saved["end"]["params"].items():
+        assert resumed["start"]["params"][name]["hash"] == info["hash"], name
+
+
+def test_stage1_shards_resumes_on_one_process_and_consolidates(tmp_path, caption_manifest):
+    # Validation at step 2 generates captions: ranks must stay in step through generation too.
+    # Each rank reads whole validation shards: give it two (training shards will do).
+    manifest = yaml.safe_load(caption_manifest.read_text())
+    manifest["val"][0]["shards"] = "shards/train-{000000..000001}.tar"
+    caption_manifest.write_text(yaml.safe_dump(manifest))
+    validation = ["--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2", "--model.num_caption_samples", "2"]
+    two = run("stage1", tmp_path, caption_manifest, 2, 2, "two", *validation)
+    assert_sharded_and_in_agreement(two)
+    assert all(r["end"]["world_size"] == 2 and r["end"]["global_step"] == 2 for r in two)
+    changed = moved(two[0])
+    assert any(n.startswith("vision.") for n in changed) and any(n.startswith("abstractor.") for n in changed)
+    assert not any(n.startswith("llm.") for n in changed)
+
+    last = tmp_path / "stage1" / "checkpoints" / "last.ckpt"
+    assert is_sharded_checkpoint(last) and len(list(last.glob("*.distcp"))) == 2
+    checkpoint = read_checkpoint(last)  # every shard, in one process
+    assert checkpoint["global_step"] == 2 and checkpoint["owl_config"]["name"] == "owl-tiny"
+    assert not any(is_base_llm_weight(k) for k in checkpoint["state_dict"])
+
+    one = run("stage1", tmp_path, caption_manifest, devices=1, max_steps=4, report="one")
+    assert_resumed_from(one[0], two[0], steps=2)
+    assert one[0]["end"]["global_step"] == 4 and one[0]["end"]["params"]["vision.model.cls_token"]["sharded"]
+
+    # One portable file: the model loads from it, and its optimizer state is keyed as a plain Trainer expects.
+    main(["consolidate", str(last), str(tmp_path / "stage1.ckpt")])
+    file = torch.load(tmp_path / "stage1.ckpt", weights_only=True)
+    assert file["global_step"] == 4
+    assert all(isinstance(k, int) for k in file["optimizer_states"][0]["state"])
+    model = load_owl(tmp_path / "stage1.ckpt")
+    for name, info in one[0]["end"]["params"].items():
+        assert digest(model.get_parameter(name)) == info["hash"], name
+
+    # A plain single-process Trainer (no FSDP) resumes from it, optimizer state included.
+    system = Stage1Module(model_name="owl-tiny", lr=1e-2, warmup_steps=1)
+    data = CaptionDataModule(manifest=str(caption_manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
+    trainer = L.Trainer(max_steps=5, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path / "plain", accelerator="cpu")
+    trainer.fit(system, data, ckpt_path=tmp_path / "stage1.ckpt")
+    assert trainer.global_step == 5
+    assert {int(s["step"]) for s in trainer.optimizers[0].state.values()} == {5}
+
+
+def test_stage2_lora_units_bf16_activation_checkpointing_and_resume(tmp_path, instruction_manifest):
+    extra = ["--data.max_length", "256", "--model.activation_checkpointing", "true", "--trainer.precision", "bf16-mixed"]
+    two = run("stage2", tmp_path, instruction_manifest, 2, 2, "two", *extra)
+    assert_sharded_and_in_agreement(two)
+    changed = moved(two[0])
+    llm_changed = {n for n in changed if n.startswith("llm.")}
+    assert llm_changed and all("lora_" in n for n in llm_changed)
+    assert any(n.startswith("abstractor.") for n in changed) and not any(n.startswith("vision.") for n in changed)
+
+    one = run("stage2", tmp_path, instruction_manifest, 1, 4, "one", *extra)
+    assert_resumed_from(one[0], two[0], steps=2)
+
+
+@pytest.fixture
+def one_process_mesh():
+    """A one-process gloo group and its mesh: enough for fully_shard to build DTensors in this process."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    yield init_device_mesh("cpu", (1,))
+    torch.distributed.destroy_process_group()
+
+
+def stage2_model(tiny_config, tiny_tokenizer):
+    torch.manual_seed(0)
+    model = build_owl(tiny_config, tokenizer=tiny_tokenizer)
+    model.add_lora(tiny_config.lora)
+    model.vision.requires_grad_(False)
+    return model
+
+
+def test_sharded_model_computes_the_same_with_lora_in_units_of_its_own(one_process_mesh, tiny_config, tiny_tokenizer):
+    model = stage2_model(tiny_config, tiny_tokenizer)
+    whole = copy.deepcopy(model)
+    shard_owl(model, one_process_mesh)
+    assert mixed_units(model) == []
+    ids = torch.tensor([[tiny_tokenizer.bos_token_id, tiny_tokenizer.convert_tokens_to_ids("<image>"), 97, 98, 99]])
+    images = torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8)
+    losses = [m(ids, torch.ones_like(ids), ids, images, torch.tensor([1])).loss for m in (model, whole)]
+    torch.testing.assert_close(losses[0], losses[1])
+
+    # The check has teeth: whole decoder blocks as units would mix LoRA with the frozen weights.
+    naive = stage2_model(tiny_config, tiny_tokenizer)
+    for block in llm_blocks(naive):
+        fully_shard(block, mesh=one_process_mesh)
+    assert len(mixed_units(naive)) == len(llm_blocks(naive))
+
+
+def test_forgotten_sharding_is_an_error(tiny_model):
+    with pytest.raises(RuntimeError, match="not sharded"):
+        assert_sharded(tiny_model)
+
+
+def test_activation_checkpointing_keeps_loss_and_gradients(tiny_config, tiny_tokenizer):
+    def loss_and_grads(checkpointed: bool):
+        torch.manual_seed(0)
+        model = build_owl(tiny_config, tokenizer=tiny_tokenizer)
+        model.set_trainable(vision=True, abstractor=True, llm=False)
+        if checkpointed:
+            checkpoint_activations(model)
+        ids = torch.tensor([[tiny_tokenizer.bos_token_id, tiny_tokenizer.convert_tokens_to_ids("<image>"), 97, 98, 99]])
+        images = torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8)
+        out = model(ids, torch.ones_like(ids), ids, images, torch.tensor([1]))
+        out.loss.backward()
+        return out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = loss_and_grads(False)
+    loss_ckpt, grads_ckpt = loss_and_grads(True)
+    torch.testing.assert_close(loss_ckpt, loss)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, msg=name)
