@@ -138,3 +138,14 @@ def test_stage1_stage2_export_reload_chat(tmp_path, caption_manifest, instructio
     session = ChatSession(exported, [square("green")], max_new_tokens=6)
     first, second = session.ask("What colour is it?"), session.ask("Are you sure?")
     assert isinstance(first, str) and isinstance(second, str) and len(session.turns) == 4
+
+
+def test_eval_reads_an_export_as_its_own_run(tmp_path):
+    from owl_lightning.eval.run import run_folder
+
+    out = export_checkpoint(stage2_checkpoint(tmp_path / "stage2.ckpt", system_prompt=None), tmp_path / "export")
+    assert run_folder(out) == (out, out)
+    run = tmp_path / "run"
+    run.mkdir()
+    assert run_folder(run) == (run, run / "checkpoints" / "last.ckpt")
+    assert run_folder(run / "checkpoints" / "last.ckpt") == (run, run / "checkpoints" / "last.ckpt")

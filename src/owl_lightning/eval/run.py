@@ -10,16 +10,20 @@ from owl_lightning.eval.captions import caption_bleu, read_captioned_images
 from owl_lightning.eval.qualitative import qualitative_sheet
 from owl_lightning.eval.text import text_retention
 from owl_lightning.eval.vqa import easy_vqa_accuracy, read_vqa_records
+from owl_lightning.export import is_export
 from owl_lightning.inference import OwlAssistant
 
 
 def run_folder(ckpt: Path) -> tuple[Path, Path]:
-    """(run folder, checkpoint) for a run folder, a ``<run>/checkpoints/*.ckpt`` path or an exported folder."""
-    if is_export(ckpt):  # an exported folder is read as a checkpoint of its own
+    """(run folder, checkpoint) for a run folder, a ``<run>/checkpoints/*.ckpt`` file or sharded folder,
+    or an exported folder (its own run folder)."""
+    if is_export(ckpt):
         return ckpt, ckpt
+    if ckpt.parent.name == "checkpoints":
+        return ckpt.parent.parent, ckpt
     if ckpt.is_dir():
         return ckpt, ckpt / "checkpoints" / "last.ckpt"
-    return (ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent), ckpt
+    return ckpt.parent, ckpt
 
 
 def evaluate(ckpt: str, data_dir: str = "data/embedded", vqa_limit: int | None = None, text_limit: int | None = None,

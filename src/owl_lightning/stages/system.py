@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 
 from owl_lightning.checkpoint_io import SafeCheckpointIO
-from owl_lightning.checkpoints import is_base_llm_weight, load_model_weights, read_checkpoint, strip_base_llm
+from owl_lightning.checkpoints import is_base_llm_weight, load_model_weights, read_checkpoint
 from owl_lightning.config import OwlConfig, get_config
 from owl_lightning.flops import StepFlops, measure_matmul_flops
 from owl_lightning.models.llm import load_tokenizer
@@ -266,8 +266,7 @@ class OwlSystem(L.LightningModule):
 
     def checkpoint_bytes(self) -> int:
         """Size of one checkpoint: the saved tensors (no base LLM) and AdamW's two fp32 moments per trained parameter."""
-        saved = strip_base_llm(self.state_dict())
-        weights = sum(t.numel() * t.element_size() for t in saved.values())
+        weights = sum(t.numel() * t.element_size() for t in self.state_dict().values())  # base LLM left out by the hook
         moments = 2 * 4 * sum(p.numel() for p in self.parameters() if p.requires_grad)
         return weights + moments
 
