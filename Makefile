@@ -78,6 +78,7 @@ tensorboard: install
 bench: data
 	$(PY) bench/stage1_data.py
 	$(PY) bench/step_overhead.py
+	$(PY) bench/stage2_padding.py
 
 # The paper's five ablation settings on the embedded task → docs/ablation.md (about an hour on 2 cores).
 ablation: data

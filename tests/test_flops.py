@@ -101,7 +101,7 @@ def test_step_matches_what_torch_counts(tiny_config, tiny_tokenizer):
     batch = caption_batch(tiny_tokenizer)
     model = tiny(tiny_config, tiny_tokenizer)
     flops = StepFlops.of(model)
-    length = float(sequence_lengths(batch, flops.visual_tokens_per_image).sum())
+    length = float(sequence_lengths(batch, flops.visual_tokens_per_image, flops.image_token_id).sum())
     square_minus_prefix = (length * length - length * (length + 1) / 2) * flops.per_causal_pair
     patch_embed = model.vision.model.patch_embed.proj
     first_input_gradient = 2 * patch_embed.weight.numel() * (32 // patch_embed.stride[0]) ** 2
@@ -114,7 +114,7 @@ def test_only_real_tokens_count(tiny_config, tiny_tokenizer):
     flops = StepFlops.of(model)
     batch = caption_batch(tiny_tokenizer, text_lengths=(20, 5))
     out = forward(model, batch)
-    assert int(sequence_lengths(batch, flops.visual_tokens_per_image).sum()) == out.num_tokens
+    assert int(sequence_lengths(batch, flops.visual_tokens_per_image, flops.image_token_id).sum()) == out.num_tokens
     assert flops.step(caption_batch(tiny_tokenizer, (20, 5), padded_to=40), 25) == flops.step(batch, 25)
     text_only = caption_batch(tiny_tokenizer, (20, 5), images=False)
     assert flops.step(batch, 25) - flops.step(text_only, 25) > 2 * flops.per_image  # two images and their visual tokens

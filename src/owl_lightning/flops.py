@@ -49,6 +49,7 @@ class StepFlops:
     per_causal_pair: float  # LLM attention, per (query, key) pair with key ≤ query
     per_supervised_token: float  # LM head
     visual_tokens_per_image: int
+    image_token_id: int
 
     @classmethod
     def of(cls, model: OwlModel) -> "StepFlops":
@@ -69,13 +70,14 @@ class StepFlops:
         per_pair = 2 * 2 * config.num_hidden_layers * config.num_attention_heads * head_dim * 3
         head = llm.get_output_embeddings().weight
         per_supervised = 2 * head.numel() * (3 if head.requires_grad else 2)
-        return cls(vision + abstractor, per_token, per_pair, per_supervised, model.visual_tokens_per_image)
+        return cls(vision + abstractor, per_token, per_pair, per_supervised, model.visual_tokens_per_image, model.image_token_id)
 
     def step(self, batch: dict, num_supervised: int) -> float:
-        """Training FLOPs of one collated batch (``attention_mask`` ``[B, T]``, ``image_counts`` ``[B]``):
-        real tokens only, each ``<image>`` counted as its V visual tokens. ``num_supervised``: the
-        positions the loss reads logits at (``OwlOutput.num_supervised``)."""
-        lengths = sequence_lengths(batch, self.visual_tokens_per_image).double()
+        """Training FLOPs of one collated batch (``input_ids``/``attention_mask`` ``[B, T]``, ``image_counts``
+        ``[B]``): real tokens only, each ``<image>`` counted as its V visual tokens, attention within each
+        sample (packed rows hold several). ``num_supervised``: the positions the loss reads logits at
+        (``OwlOutput.num_supervised``)."""
+        lengths = sequence_lengths(batch, self.visual_tokens_per_image, self.image_token_id).double()
         return (
             int(batch["image_counts"].sum()) * self.per_image
             + float(lengths.sum()) * self.per_token
@@ -84,10 +86,15 @@ class StepFlops:
         )
 
 
-def sequence_lengths(batch: dict, visual_tokens_per_image: int) -> torch.Tensor:
-    """``[B]`` real tokens per sample as the LLM sees them: text without padding, each ``<image>`` as its V visual tokens."""
-    counts = batch["image_counts"].to(batch["attention_mask"].device)
-    return batch["attention_mask"].sum(1) + counts * (visual_tokens_per_image - 1)
+def sequence_lengths(batch: dict, visual_tokens_per_image: int, image_token_id: int) -> torch.Tensor:
+    """``[S]`` real tokens of each sample as the LLM sees them: text without padding, each ``<image>``
+    as its V visual tokens. A packed row's ``attention_mask`` numbers its samples 1, 2, … (0: padding)."""
+    sample = batch["attention_mask"]
+    tokens = torch.where(batch["input_ids"] == image_token_id, visual_tokens_per_image, 1) * (sample > 0)
+    per_sample = torch.zeros(sample.shape[0], int(sample.max()) + 1, dtype=torch.long, device=sample.device)
+    per_sample.scatter_add_(1, sample, tokens)
+    lengths = per_sample[:, 1:].flatten()
+    return lengths[lengths > 0]
 
 
 def forward_flops_per_image(model: OwlModel) -> tuple[float, float]:

@@ -86,6 +86,8 @@ class InstructionMixture(IterableDataset):
             ``world_size``. Default: enough that the source with the most batches to get through
             (its size over its average per-batch quota) is seen once.
         rank, world_size: this process's share of the batches.
+        pack: pack several samples into each row (:func:`~owl_lightning.data.collate.collate`):
+            same loss, far less padding when short conversations meet long texts.
 
     Yields the dicts of :func:`~owl_lightning.data.collate.collate` (``input_ids``/``labels``/
     ``attention_mask`` ``[B, T]``, ``images`` ``[M, 3, H, W]`` or ``None``, ``image_counts`` ``[B]``,
@@ -105,6 +107,7 @@ class InstructionMixture(IterableDataset):
         batches_per_epoch: int | None = None,
         rank: int = 0,
         world_size: int = 1,
+        pack: bool = False,
     ) -> None:
         super().__init__()
         if not sources:
@@ -138,6 +141,7 @@ class InstructionMixture(IterableDataset):
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.pack = pack
         self.batches_per_rank = batches_per_epoch // world_size
         self.batches_per_epoch = self.batches_per_rank * world_size
         self.epoch = 0
@@ -173,7 +177,8 @@ class InstructionMixture(IterableDataset):
                 slot = int(self._first_slots[batch_index, source_index]) + offset
                 index = self._permuted(source_index, epoch, slot, permutations)
                 samples.append(self._sample(source_index, epoch, batch_index, len(samples), index))
-        batch = collate(samples, self.pad_token_id, skipped=self.skips.drain())
+        batch = collate(samples, self.pad_token_id, skipped=self.skips.drain(),
+                        pack_with_image_length=self.template.image_token_length if self.pack else None)
         batch["batch_index"] = batch_index
         return batch
 

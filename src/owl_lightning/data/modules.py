@@ -160,12 +160,14 @@ class InstructionDataModule(_OwlDataModule):
             chat_template: whatever the tokenizer's template adds); ``""``: none.
         max_length: tokens per sample, visual tokens included; samples are cut, and skipped if no answer is left.
         batches_per_epoch: global batches per epoch (default: the largest source seen once).
+        pack: several samples per row, kept apart by the model (block-diagonal attention): the same
+            loss as one sample a row, without most of the padding (short VQA turns beside long texts).
     """
 
     def __init__(self, manifest: str = "data_manifests/embedded_stage2.yaml", model_name: str = "owl-smol",
                  model_overrides: dict[str, Any] | None = None, batch_size: int = 16, num_workers: int = 2,
                  max_length: int = 1024, template: str = "owl", system_prompt: str | None = None,
-                 batches_per_epoch: int | None = None, seed: int = 0, max_skip_fraction: float = 0.1) -> None:
+                 batches_per_epoch: int | None = None, seed: int = 0, max_skip_fraction: float = 0.1, pack: bool = True) -> None:
         super().__init__(manifest, model_name, model_overrides, batch_size, num_workers, max_length, seed, max_skip_fraction)
 
     def _mixture(self, sources: list) -> InstructionMixture:
@@ -189,7 +191,8 @@ class InstructionDataModule(_OwlDataModule):
                              "conversation; see the skip warnings above")
         return InstructionMixture(read, template, self.transform, batch_size=self.hparams.batch_size,
                                   pad_token_id=self.tokenizer.pad_token_id, seed=self.hparams.seed,
-                                  batches_per_epoch=self.hparams.batches_per_epoch, rank=rank, world_size=world)
+                                  batches_per_epoch=self.hparams.batches_per_epoch, rank=rank, world_size=world,
+                                  pack=self.hparams.pack)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._mixture(self.manifest.train), train=True)

@@ -41,7 +41,8 @@ def splice_visual_tokens(
     """Expand every ``<image>`` token into its image's visual tokens.
 
     Args:
-        input_ids, attention_mask: ``[B, T]``; padding may be on either side.
+        input_ids, attention_mask: ``[B, T]``; padding (mask 0) may be on either side. Non-zero mask
+            values are carried over to the expanded positions (a packed row numbers its samples 1, 2, …).
         text_embeds: ``[B, T, D]``, the LLM's embeddings of ``input_ids``.
         visual_tokens: ``[M, V, D]`` for the M images of the batch, sample-major in placeholder order.
         labels: optional ``[B, T]``; image positions get ``IGNORE_INDEX``.
@@ -49,7 +50,7 @@ def splice_visual_tokens(
         padding_side: where the expanded batch is padded (``left`` for generation).
 
     Returns:
-        embeds ``[B, L, D]``, attention mask ``[B, L]`` and labels ``[B, L]`` (or None), with
+        embeds ``[B, L, D]``, attention mask ``[B, L]`` (the input's values) and labels ``[B, L]`` (or None), with
         ``L = max_b (real tokens_b + images_b × (V − 1))``. Padding positions have zero embeddings.
     """
     batch, _ = input_ids.shape
@@ -77,15 +78,23 @@ def splice_visual_tokens(
     out_labels = None if labels is None else labels.new_full((batch, total), IGNORE_INDEX)
     rows, cols = (attention_mask.bool() & ~is_image).nonzero(as_tuple=True)
     embeds[rows, start[rows, cols]] = text_embeds[rows, cols]
-    mask[rows, start[rows, cols]] = 1
+    mask[rows, start[rows, cols]] = attention_mask[rows, cols]
     if out_labels is not None:
         out_labels[rows, start[rows, cols]] = labels[rows, cols]
     if num_images:
         img_rows, img_cols = is_image.nonzero(as_tuple=True)  # row-major = sample-major, placeholder order
         positions = start[img_rows, img_cols][:, None] + torch.arange(width, device=input_ids.device)
         embeds[img_rows[:, None].expand_as(positions), positions] = visual_tokens.to(embeds.dtype)
-        mask[img_rows[:, None].expand_as(positions), positions] = 1
+        mask[img_rows[:, None].expand_as(positions), positions] = attention_mask[img_rows, img_cols][:, None]
     return embeds, mask, out_labels
+
+
+def packed_positions(mask: torch.Tensor) -> torch.Tensor:
+    """``[B, L]`` sample numbers of packed rows (0: padding) → each position's index within its run of equal numbers."""
+    index = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    starts = torch.ones_like(mask, dtype=torch.bool)
+    starts[:, 1:] = mask[:, 1:] != mask[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(1).values
 
 
 class OwlModel(nn.Module):
@@ -131,20 +140,28 @@ class OwlModel(nn.Module):
         images: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
     ) -> OwlOutput:
-        """Next-token loss over the supervised positions of ``labels`` (``[B, T]``, aligned with ``input_ids``)."""
+        """Next-token loss over the supervised positions of ``labels`` (``[B, T]``, aligned with ``input_ids``).
+
+        ``attention_mask`` is 1 on real tokens, or numbers the samples packed in a row 1, 2, … (see
+        :func:`~owl_lightning.data.collate.collate`); 0 on padding."""
         embeds, mask, labels = self.embed(input_ids, attention_mask, images, labels, image_counts)
         targets = labels[:, 1:]  # position t predicts token t + 1
         supervised = targets != IGNORE_INDEX
         num_supervised = int(supervised.sum())
-        num_tokens = int(mask.sum())
+        num_tokens = int((mask > 0).sum())
+        if mask.max() > 1:
+            # Packed rows: positions restart with every sample (padding at the end too), and without a 2D
+            # mask transformers reads the restarts as sample boundaries: block-diagonal causal attention.
+            position_ids, llm_mask = packed_positions(mask), None
+        else:
+            position_ids, llm_mask = (mask.cumsum(1) - 1).clamp(min=0), mask
         # Logits only where some sample is supervised: the vocabulary projection of every visual
         # and prompt token would otherwise cost as much as a few decoder layers. With nothing
         # supervised the forward still runs (keep is empty) and the loss is a zero with a graph:
         # under DDP/FSDP every rank must run the same forward and backward collectives.
         keep = supervised.any(0).nonzero().flatten()
-        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
         logits = self.llm(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, logits_to_keep=keep, use_cache=False
+            inputs_embeds=embeds, attention_mask=llm_mask, position_ids=position_ids, logits_to_keep=keep, use_cache=False
         ).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         return OwlOutput(loss=loss / max(num_supervised, 1), num_supervised=num_supervised, num_tokens=num_tokens)

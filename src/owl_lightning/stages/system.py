@@ -124,7 +124,7 @@ class OwlSystem(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self(batch)
-        batch_size = batch["input_ids"].shape[0]
+        batch_size = len(batch["source"])  # samples; a packed batch has fewer rows
         self._log_throughput(batch_size, out.num_tokens, self.flops.step(batch, out.num_supervised))
         health = getattr(self.trainer.datamodule, "health", None)
         if health is not None:
