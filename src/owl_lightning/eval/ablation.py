@@ -96,7 +96,8 @@ def markdown(results: dict, vqa_limit: int | None) -> str:
     lines += ["", "## Commands", ""]
     for name, r in results.items():
         lines.append(f"- {name}:")
-        lines += [f"  - `{' '.join(c)}`" for c in r["commands"] if c]
+        # As a user types them: `python` for this interpreter.
+        lines += [f"  - `{' '.join('python' if part == sys.executable else part for part in c)}`" for c in r["commands"] if c]
     return "\n".join(lines) + "\n"
 
 
