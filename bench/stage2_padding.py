@@ -1,50 +1,82 @@
 """Padding in stage-2 batches: real tokens over all positions the LLM computes (issue 6, item 5).
 
-The embedded stage-2 data mixes short easy-VQA conversations (~70 tokens with the 17 visual ones)
-with Python-docstring answers up to ~300 tokens, 3:1 per batch: one sample a row, the short ones
-are mostly padding. Packed (the default), samples share rows and the ratio nears 1. Counted on
-real batches of ``InstructionDataModule``, lengths as the LLM sees them (each ``<image>`` as its
-visual tokens). Target: ≥ 0.9.
+The embedded stage-2 data mixes easy-VQA conversations (~100 tokens with the 17 visual ones) with
+Python-docstring answers (~50–90 tokens): one sample a row, every row is padded to the longest.
+Packed (the default), samples share rows. Counted on real batches of ``InstructionDataModule``,
+lengths as the LLM sees them (each ``<image>`` as its visual tokens). Target: ≥ 0.9. Also timed:
+owl-smol's forward + backward (LoRA, bf16 autocast) on the same batches both ways — the mixture
+gives batch ``i`` the same samples whether packed or not.
 
     python bench/stage2_padding.py [--batches 100]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
+
+import torch
 
 from common import record
 from owl_lightning.config import get_config
 from owl_lightning.data.modules import InstructionDataModule
 from owl_lightning.flops import sequence_lengths
 from owl_lightning.models.llm import IMAGE_TOKEN
+from owl_lightning.models.owl import build_owl
 
 
-def real_fraction(pack: bool, batches: int, batch_size: int) -> float:
+def loaders(pack: bool, batch_size: int):
     data = InstructionDataModule(batch_size=batch_size, num_workers=0, max_length=512, pack=pack)
     data.setup("fit")
-    visual = get_config(data.hparams.model_name).visual_tokens_per_image
-    image_token_id = data.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    real = computed = 0
-    for _, batch in zip(range(batches), data.train_dataloader()):
-        real += int(sequence_lengths(batch, visual, image_token_id).sum())
-        rows = batch["input_ids"].shape[0]
-        # Every row is as long as the longest one after its <image> tokens are expanded.
-        row_lengths = (batch["attention_mask"] > 0).sum(1) + batch["image_counts"] * (visual - 1)
-        computed += rows * int(row_lengths.max())
-    return real / computed
+    return data, data.train_dataloader()
+
+
+def real_and_computed(batch: dict, visual: int, image_token_id: int) -> tuple[int, int]:
+    """Real tokens, and positions computed: every row is as long as the longest after expanding ``<image>``."""
+    row_lengths = (batch["attention_mask"] > 0).sum(1) + batch["image_counts"] * (visual - 1)
+    return int(sequence_lengths(batch, visual, image_token_id).sum()), batch["input_ids"].shape[0] * int(row_lengths.max())
+
+
+def step_seconds(model, batch: dict) -> float:
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"], batch["image_counts"])
+    out.loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", type=int, default=100)
+    parser.add_argument("--batches", type=int, default=100, help="batches counted")
+    parser.add_argument("--timed-batches", type=int, default=10, help="of those, timed (after 2 warm-up steps)")
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
-    padded = real_fraction(False, args.batches, args.batch_size)
-    packed = real_fraction(True, args.batches, args.batch_size)
+    (data, padded), (_, packed) = loaders(False, args.batch_size), loaders(True, args.batch_size)
+    config = get_config(data.hparams.model_name)
+    image_token_id = data.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    model = build_owl(config, tokenizer=data.tokenizer)
+    model.set_trainable(vision=False, abstractor=True, llm=False)
+    model.add_lora(config.lora)
+    counts = {"padded": [0, 0], "packed": [0, 0]}
+    seconds: dict[str, list[float]] = {"padded": [], "packed": []}
+    for index, batches in zip(range(args.batches), zip(padded, packed)):
+        for name, batch in zip(("padded", "packed"), batches):
+            real, computed = real_and_computed(batch, config.visual_tokens_per_image, image_token_id)
+            counts[name][0] += real
+            counts[name][1] += computed
+            if 2 <= index < 2 + args.timed_batches:
+                seconds[name].append(step_seconds(model, batch))
+            elif index < 2:
+                step_seconds(model, batch)  # warm-up
+    fraction = {name: real / computed for name, (real, computed) in counts.items()}
+    median = {name: statistics.median(values) for name, values in seconds.items()}
     record("stage2_padding", {
-        "real_fraction_padded": round(padded, 3), "real_fraction_packed": round(packed, 3), "target": 0.9,
-        "batches": args.batches, "batch_size": args.batch_size,
-        "how": "InstructionDataModule on data_manifests/embedded_stage2.yaml: real tokens (visual included) over rows x longest row, one sample a row vs packed",
+        "real_fraction_padded": round(fraction["padded"], 3), "real_fraction_packed": round(fraction["packed"], 3),
+        "target": 0.9, "step_s_padded": round(median["padded"], 3), "step_s_packed": round(median["packed"], 3),
+        "batches": args.batches, "timed_batches": args.timed_batches, "batch_size": args.batch_size,
+        "how": "InstructionDataModule on data_manifests/embedded_stage2.yaml: real tokens (visual included) over rows x longest "
+               "row, one sample a row vs packed; owl-smol forward+backward (LoRA q/v, bf16 autocast), median, same batches",
     })
 
 
