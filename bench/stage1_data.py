@@ -78,7 +78,7 @@ def main() -> None:
     record("stage1_data", {
         "ours_samples_per_s": round(ours, 1), "floor_samples_per_s": round(floor, 1), "ratio": round(ours / floor, 3),
         "target_ratio": 0.9, "workers": args.workers, "batch_size": args.batch_size, "batches": args.batches, "warmup_batches": warmup,
-        "image_size": size, "how": "CaptionDataModule.train_dataloader() (uint8 batches) vs tarfile + PIL decode/RGB/resize, images sent to the main process; same workers",
+        "image_size": size, "how": "CaptionDataModule.train_dataloader() (uint8 batches, sent by value) vs tarfile + PIL decode/RGB/resize, PIL images sent to the main process; same workers",
     })
 
 

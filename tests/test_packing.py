@@ -20,6 +20,21 @@ def expanded(s: EncodedSample) -> int:
     return len(s.input_ids) + len(s.images) * (V - 1)
 
 
+def test_padding_right_and_left_keeps_tokens_labels_and_mask_together():
+    samples = [sample(6, 1, first=10), sample(3, first=20)]
+    for side in ("right", "left"):
+        batch = collate(samples, pad_token_id=0, padding_side=side)
+        assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, 6)
+        real = slice(0, 3) if side == "right" else slice(3, 6)
+        pad = slice(3, 6) if side == "right" else slice(0, 3)
+        assert batch["input_ids"][1, real].tolist() == samples[1].input_ids
+        assert batch["labels"][1, real].tolist() == samples[1].labels
+        assert batch["attention_mask"][1].tolist()[real] == [1, 1, 1] and batch["attention_mask"][1].tolist()[pad] == [0, 0, 0]
+        assert batch["input_ids"][1, pad].tolist() == [0, 0, 0] and batch["labels"][1, pad].tolist() == [IGNORE_INDEX] * 3
+        assert batch["input_ids"][0].tolist() == samples[0].input_ids and batch["attention_mask"][0].tolist() == [1] * 6
+    assert batch["image_counts"].tolist() == [1, 0] and batch["images"].shape == (1, 3, 4, 4)
+
+
 def test_packed_rows_hold_every_sample_once():
     samples = [sample(40, first=100), sample(8, 1, first=200), sample(12, first=300), sample(6, 1, first=400),
                sample(30, first=500), sample(9, first=600)]

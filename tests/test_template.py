@@ -210,3 +210,18 @@ def test_caption_truncated_to_fit_and_empty_skipped(tok):
 def test_tokenizer_without_image_token_refused():
     with pytest.raises(ValueError, match="load_tokenizer"):
         ConversationTemplate(byte_tokenizer())
+
+
+@pytest.mark.parametrize("which", ["byte", "smollm2"])
+def test_backend_tokenising_equals_the_tokenizer_call(tok, which):
+    if which == "smollm2":
+        from owl_lightning.config import get_config
+        from owl_lightning.models.llm import load_tokenizer
+
+        tok = load_tokenizer(get_config("owl-smol").llm)
+    template = ConversationTemplate(tok)
+    assert template._backend is not None  # the fast path is the one under test
+    texts = ["a blue rectangle", "  leading and trailing  ", "<image>\nWhat is this?<|im_end|>", "naïve café 東京 🦉",
+             "tabs\tand\nnewlines\r\n", "x" * 500, "<image><image> two"]
+    for text in texts:
+        assert template._tokens(text) == tok(text, add_special_tokens=False)["input_ids"], text

@@ -21,6 +21,7 @@ from owl_lightning.data.instruct import read_conversations
 from owl_lightning.data.manifest import load_manifest
 from owl_lightning.data.mixture import InstructionMixture
 from owl_lightning.data.shards import build_shard_pipeline
+from owl_lightning.data.transfer import send_batches_by_value
 from owl_lightning.data.template import ConversationTemplate, resolve_system_prompt
 from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.vision import image_transform
@@ -35,7 +36,8 @@ class ResumableLoader(DataLoader):
     after them with the very batches the interrupted run would have seen next."""
 
     def __init__(self, dataset, num_workers: int, trainer: L.Trainer) -> None:
-        super().__init__(dataset, batch_size=None, num_workers=num_workers, generator=torch.Generator())
+        super().__init__(dataset, batch_size=None, num_workers=num_workers, generator=torch.Generator(),
+                         worker_init_fn=send_batches_by_value)
         self.trainer = trainer
 
     def state_dict(self) -> dict:
@@ -80,7 +82,8 @@ class _OwlDataModule(L.LightningDataModule):
             dataset.set_epoch(self.trainer.current_epoch)  # a resumed run starts at its own epoch
         if train and self.trainer is not None:
             return ResumableLoader(dataset, workers, self.trainer)
-        return DataLoader(dataset, batch_size=None, num_workers=workers, generator=torch.Generator())
+        return DataLoader(dataset, batch_size=None, num_workers=workers, generator=torch.Generator(),
+                          worker_init_fn=send_batches_by_value)
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.trainer is not None and self.trainer.training:

@@ -120,6 +120,9 @@ class ConversationTemplate:
         self.image_token_id: int = image_token_id
         # Some tokenizers (e.g. Qwen) have no BOS; the sequence then starts with the system text.
         self._bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        # A fast tokenizer's Rust backend, called directly: the HF call around it costs ~10 µs of
+        # Python per text, half the tokenising time of a stage-1 caption. Same ids (tested).
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
 
     # ----------------------------------------------------------------------------------- public
 
@@ -248,7 +251,11 @@ class ConversationTemplate:
                                        f"({MAX_CHARACTERS_PER_TOKEN} per token of max_length={self.max_length})")
 
     def _tokens(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        if not text:
+            return []
+        if self._backend is not None:
+            return self._backend.encode(text, add_special_tokens=False).ids
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @staticmethod
     def _join(segments: list[_Segment]) -> tuple[list[int], list[int]]:

@@ -7,8 +7,13 @@ from typing import Callable
 
 import timm
 import torch
+from PIL import Image
 from timm.data import create_transform, resolve_data_config
+from timm.data.transforms import MaybePILToTensor
 from torch import nn
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from owl_lightning.config import PACKAGED_EFFICIENTNET_LITE0, VisionConfig
 
@@ -72,13 +77,44 @@ def vision_data_config(cfg: VisionConfig, model: nn.Module | None = None) -> dic
     return resolve_data_config(args, model=model)
 
 
-def image_transform(cfg: VisionConfig) -> Callable:
-    """PIL RGB image → uint8 ``[3, H, W]`` tensor, resized and cropped exactly as timm evaluates
-    this model; :class:`VisionEncoder` normalises on device (timm's prefetcher split).
+class TensorPreprocess:
+    """timm's eval preprocessing — resize the shorter side, centre crop — run on uint8 tensors:
+    PIL RGB image → uint8 ``[3, H, W]``.
 
-    Built from the config alone (no model), so data workers can make it cheaply.
+    torchvision's antialiased uint8 kernels reproduce PIL's filters (pixels within ±1, rounding)
+    2.5× (64 px images) to 4× (500×375 → 224) faster than PIL itself, and resizing is most of a
+    data worker's time. Functional calls, not ``v2.Compose``: its dispatch costs ~15 µs an image.
     """
-    return create_transform(**vision_data_config(cfg), is_training=False, use_prefetcher=True)
+
+    def __init__(self, resize: int | list[int], interpolation: InterpolationMode, max_size: int | None,
+                 crop: list[int]) -> None:
+        self.resize, self.interpolation, self.max_size, self.crop = resize, interpolation, max_size, crop
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = TF.pil_to_tensor(image)
+        pixels = TF.resize(pixels, self.resize, self.interpolation, self.max_size, antialias=True)
+        return pixels if list(pixels.shape[-2:]) == self.crop else TF.center_crop(pixels, self.crop)
+
+    def __repr__(self) -> str:
+        return (f"TensorPreprocess(resize={self.resize}, interpolation={self.interpolation.value}, "
+                f"max_size={self.max_size}, crop={self.crop})")
+
+
+def image_transform(cfg: VisionConfig) -> Callable[[Image.Image], torch.Tensor]:
+    """PIL RGB image → uint8 ``[3, H, W]`` tensor, resized and cropped as timm evaluates this
+    model; :class:`VisionEncoder` normalises on device (timm's prefetcher split).
+
+    The sizes and filter are read off timm's own eval transform and run by
+    :class:`TensorPreprocess`; a transform of another shape (e.g. timm's ``crop_mode="border"``)
+    runs as timm built it, on PIL. Built from the config alone (no model), so data workers can
+    make it cheaply.
+    """
+    timm_transform = create_transform(**vision_data_config(cfg), is_training=False, use_prefetcher=True)
+    steps = timm_transform.transforms
+    if [type(step) for step in steps] != [transforms.Resize, transforms.CenterCrop, MaybePILToTensor]:
+        return timm_transform
+    resize, crop, _ = steps
+    return TensorPreprocess(resize.size, resize.interpolation, resize.max_size, list(crop.size))
 
 
 def packaged_efficientnet_lite0() -> Path:
