@@ -21,8 +21,8 @@ from owl_lightning.data.instruct import read_conversations
 from owl_lightning.data.manifest import load_manifest
 from owl_lightning.data.mixture import InstructionMixture
 from owl_lightning.data.shards import build_shard_pipeline
-from owl_lightning.data.transfer import send_batches_by_value
 from owl_lightning.data.template import ConversationTemplate, resolve_system_prompt
+from owl_lightning.data.transfer import send_batches_by_value
 from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.vision import image_transform
 
