@@ -186,6 +186,17 @@ def test_each_message_opens_with_its_own_images():
     assert [image.getpixel((0, 0)) for image in request.images] == [(220, 30, 30), (30, 30, 220), (30, 200, 30)]
 
 
+def test_uploads_convert_to_rgb_as_training_does():
+    import base64
+    import io
+
+    transparent = io.BytesIO()
+    Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(transparent, format="PNG")
+    upload = {"name": "clear.png", "data": "data:image/png;base64," + base64.b64encode(transparent.getvalue()).decode()}
+    (image,) = read_conversation([{"role": "user", "text": "what?", "images": [upload]}]).images
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)  # on white, as data.images composites it
+
+
 @pytest.mark.parametrize("messages, message", [
     ([], "'messages' must be a non-empty list"),
     ([{"role": "user", "text": "look", "images": [{"name": "notes.png", "data": "data:image/png;base64,bm90IGFuIGltYWdl"}]}],

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import threading
 import time
 
 from PIL import Image
 
 from owl_lightning.data.health import SkipSample
+from owl_lightning.data.images import decode_image
 from owl_lightning.data.template import ROLES, Turn
 from owl_lightning.inference import OwlAssistant, Request
 from owl_lightning.models.llm import IMAGE_TOKEN
@@ -24,8 +24,9 @@ MAX_NEW_TOKENS_LIMIT = 1024
 MAX_TEMPERATURE = 2.0
 
 
-def decode_image(upload: object, what: str) -> Image.Image:
-    """An uploaded image (``{"name": ..., "data": "data:image/...;base64,..."}``) as RGB."""
+def decode_upload(upload: object, what: str) -> Image.Image:
+    """An uploaded image (``{"name": ..., "data": "data:image/...;base64,..."}``) as RGB, converted as
+    training converts images (:func:`~owl_lightning.data.images.decode_image`: transparency on white)."""
     if not isinstance(upload, dict) or not isinstance(upload.get("data"), str):
         raise HttpError(400, f"{what} must be an object with a base64 'data' URL")
     name = upload.get("name") or what
@@ -33,9 +34,8 @@ def decode_image(upload: object, what: str) -> Image.Image:
     if not header.startswith("data:") or not header.endswith(";base64"):
         raise HttpError(400, f"{name} is not sent as a base64 data URL")
     try:
-        image = Image.open(io.BytesIO(base64.b64decode(payload, validate=True)))
-        return image.convert("RGB")
-    except (OSError, ValueError, binascii.Error, Image.DecompressionBombError) as err:
+        return decode_image(base64.b64decode(payload, validate=True))
+    except (binascii.Error, SkipSample) as err:
         raise HttpError(400, f"{name} is not an image the server can read ({err}); upload a PNG, JPEG, GIF or WebP") from None
 
 
@@ -53,7 +53,7 @@ def read_conversation(messages: object) -> Request:
             raise HttpError(400, f"message {number} contains {IMAGE_TOKEN}, which stands for an image: reword it")
         if not isinstance(uploads, list) or (uploads and message["role"] != "user"):
             raise HttpError(400, f"message {number}: only the user's messages carry a list of images")
-        decoded = [decode_image(upload, f"image {k} of message {number}") for k, upload in enumerate(uploads, start=1)]
+        decoded = [decode_upload(upload, f"image {k} of message {number}") for k, upload in enumerate(uploads, start=1)]
         if message["role"] == "user" and not text.strip() and not decoded:
             raise HttpError(400, f"message {number} is empty: type a question or add an image")
         turns.append(Turn(message["role"], IMAGE_TOKEN * len(decoded) + ("\n" if decoded else "") + text))
