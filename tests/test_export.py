@@ -14,7 +14,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from owl_lightning.checkpoints import PREFIX, load_owl, strip_base_llm
+from owl_lightning.checkpoints import PREFIX, is_base_llm_weight, load_owl
 from owl_lightning.cli import main
 from owl_lightning.config import AbstractorConfig, get_config
 from owl_lightning.data.modules import CaptionDataModule, InstructionDataModule
@@ -49,7 +49,7 @@ def stage2_checkpoint(path, system_prompt):
         for name, param in model.named_parameters():
             if "lora_B" in name:  # zero at init: the adapter would change nothing
                 param.normal_(std=0.05)
-    state = strip_base_llm({PREFIX + k: v for k, v in model.state_dict().items()})
+    state = {PREFIX + k: v for k, v in model.state_dict().items() if not is_base_llm_weight(PREFIX + k)}
     torch.save({"state_dict": state, "owl_config": config.to_dict(),
                 "datamodule_hyper_parameters": {"template": "owl", "system_prompt": system_prompt}}, path)
     return path

@@ -25,10 +25,6 @@ def is_base_llm_weight(key: str) -> bool:
     return key.startswith(PREFIX + "llm.") and "lora_" not in key
 
 
-def strip_base_llm(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in state_dict.items() if not is_base_llm_weight(k)}
-
-
 def read_checkpoint(path: str | Path) -> dict:
     """A checkpoint dict from a ``.ckpt`` file, a sharded checkpoint folder (FSDP runs), a run folder (its
     ``checkpoints/last.ckpt``) or an exported folder."""
