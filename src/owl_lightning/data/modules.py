@@ -29,6 +29,15 @@ from owl_lightning.models.vision import image_transform
 log = logging.getLogger(__name__)
 
 
+def _loader_settings(num_workers: int) -> dict:
+    """What every loader here is built with: ready batches from the dataset (``batch_size=None``),
+    worker seeds from a generator of its own (our datasets seed themselves, so creating a loader
+    leaves the global RNG — and with it dropout after a resume — untouched), and batches sent by
+    value (:mod:`~owl_lightning.data.transfer`)."""
+    return {"batch_size": None, "num_workers": num_workers, "generator": torch.Generator(),
+            "worker_init_fn": send_batches_by_value}
+
+
 class ResumableLoader(DataLoader):
     """The training DataLoader, with the state Lightning saves in every checkpoint (it calls
     ``state_dict`` when saving and ``load_state_dict`` before iterating a resumed run): the epoch and
@@ -36,8 +45,7 @@ class ResumableLoader(DataLoader):
     after them with the very batches the interrupted run would have seen next."""
 
     def __init__(self, dataset, num_workers: int, trainer: L.Trainer) -> None:
-        super().__init__(dataset, batch_size=None, num_workers=num_workers, generator=torch.Generator(),
-                         worker_init_fn=send_batches_by_value)
+        super().__init__(dataset, **_loader_settings(num_workers))
         self.trainer = trainer
 
     def state_dict(self) -> dict:
@@ -74,16 +82,13 @@ class _OwlDataModule(L.LightningDataModule):
 
     def _loader(self, dataset, workers: int | None = None, train: bool = False) -> DataLoader:
         """Batches are built in the workers. Workers are not persistent: each epoch's iterator pickles
-        the dataset afresh, so the epoch set by ``set_epoch`` reaches them. The loaders draw their
-        worker seeds from a generator of their own (our datasets seed themselves), so creating one
-        leaves the global RNG — and with it dropout after a resume — untouched."""
+        the dataset afresh, so the epoch set by ``set_epoch`` reaches them."""
         workers = self.hparams.num_workers if workers is None else workers
         if self.trainer is not None and hasattr(dataset, "set_epoch"):
             dataset.set_epoch(self.trainer.current_epoch)  # a resumed run starts at its own epoch
         if train and self.trainer is not None:
             return ResumableLoader(dataset, workers, self.trainer)
-        return DataLoader(dataset, batch_size=None, num_workers=workers, generator=torch.Generator(),
-                          worker_init_fn=send_batches_by_value)
+        return DataLoader(dataset, **_loader_settings(workers))
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.trainer is not None and self.trainer.training:

@@ -83,7 +83,8 @@ class TensorPreprocess:
 
     torchvision's antialiased uint8 kernels reproduce PIL's filters up to rounding (photos: at
     most 2 levels apart, on under 1% of pixels) 2.5× (64 px images) to 4× (500×375 → 224) faster
-    than PIL itself, and resizing is most of a data worker's time. Functional calls, not ``v2.Compose``: its dispatch costs ~15 µs an image.
+    than PIL itself, and resizing is most of a data worker's time. Functional calls, not
+    ``v2.Compose``: its dispatch costs ~15 µs an image.
     """
 
     def __init__(self, resize: int | list[int], interpolation: InterpolationMode, max_size: int | None,
