@@ -34,6 +34,16 @@ def test_batched_greedy_answers_equal_one_at_a_time(assistant):
     assert all(isinstance(a, str) for a in together)
 
 
+def test_images_are_converted_to_rgb_as_training_converts_them(assistant, monkeypatch):
+    seen = []
+    transform = assistant.transform
+    monkeypatch.setattr(assistant, "transform", lambda image: seen.append(image) or transform(image))
+    transparent = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    assistant.caption([transparent], max_new_tokens=1)
+    assistant.answer([Request.single("What colour is it?", [transparent])], max_new_tokens=1)
+    assert [image.getpixel((0, 0)) for image in seen] == [(255, 255, 255)] * 2  # on white, as data.images.to_rgb
+
+
 def test_answers_depend_on_the_image(assistant):
     # A random model still routes the image into the prompt: different pixels, different logits.
     model = assistant.model

@@ -123,8 +123,10 @@ def _eval_main(args: list[str]) -> None:
 
 
 def _chat_main(args: list[str]) -> None:
-    from PIL import Image
+    from pathlib import Path
 
+    from owl_lightning.data.health import SkipSample
+    from owl_lightning.data.images import decode_image
     from owl_lightning.inference import ChatSession, OwlAssistant
 
     parser = argparse.ArgumentParser(prog="owl-lightning chat", description="Chat about images with a trained model. "
@@ -138,8 +140,8 @@ def _chat_main(args: list[str]) -> None:
     images = []
     for path in ns.image:
         try:
-            images.append(Image.open(path).convert("RGB"))
-        except (OSError, ValueError) as err:
+            images.append(decode_image(Path(path)))
+        except SkipSample as err:
             parser.error(f"cannot read image {path}: {err}")
     session = ChatSession(OwlAssistant.from_checkpoint(ns.ckpt), images, ns.max_new_tokens, ns.temperature)
     if ns.prompt is not None:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from owl_lightning.checkpoints import model_from_checkpoint, read_checkpoint, template_settings
 from owl_lightning.data.collate import IGNORE_INDEX, EncodedSample, collate
+from owl_lightning.data.images import to_rgb
 from owl_lightning.data.template import OWL_SYSTEM_PROMPT, Conversation, ConversationTemplate, Turn, resolve_system_prompt
 from owl_lightning.models.llm import IMAGE_TOKEN, load_tokenizer
 from owl_lightning.models.owl import OwlModel
@@ -72,12 +73,12 @@ class OwlAssistant:
         for request in requests:
             conversation = Conversation(request.turns, images=[f"image {i}" for i in range(len(request.images))])
             ids = self.template.encode_prompt(conversation)
-            samples.append(EncodedSample(ids, [IGNORE_INDEX] * len(ids), [self.transform(i.convert("RGB")) for i in request.images]))
+            samples.append(EncodedSample(ids, [IGNORE_INDEX] * len(ids), [self.transform(to_rgb(i)) for i in request.images]))
         return generate(self.model, self.tokenizer, samples, max_new_tokens, temperature, top_p, self.bf16)
 
     def caption(self, images: list[Image.Image], max_new_tokens: int = 20) -> list[str]:
         """Stage-1 style captions, generated from ``BOS <image>``."""
-        pixels = [self.transform(image.convert("RGB")) for image in images]
+        pixels = [self.transform(to_rgb(image)) for image in images]
         return generate_captions(self.model, self.tokenizer, self.template, pixels, max_new_tokens, self.bf16)
 
 

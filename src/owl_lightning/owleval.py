@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from owl_lightning.data.health import TOO_LONG, SkipSample
+from owl_lightning.data.images import decode_image
 from owl_lightning.data.template import Conversation, ConversationTemplate, Turn
 from owl_lightning.eval.run import run_folder
 from owl_lightning.inference import OwlAssistant, Request
@@ -129,8 +130,8 @@ def load_images(questions: list[Question], cases: Path) -> dict[str, Image.Image
             problems.append(f"{path}: not found")
             continue
         try:
-            images[name] = Image.open(path).convert("RGB")
-        except (OSError, ValueError) as err:
+            images[name] = decode_image(path)
+        except SkipSample as err:
             problems.append(f"{path}: not a readable image ({err})")
     if problems:
         raise OwlEvalError(f"{len(problems)} OwlEval image(s) cannot be read (is --data the OwlEval folder, with cases/?):\n  "

@@ -1,7 +1,6 @@
 """Caption quality on held-out images: BLEU-4 (torchmetrics) of greedy captions against the references."""
 from __future__ import annotations
 
-import io
 import tarfile
 from pathlib import Path
 
@@ -9,6 +8,7 @@ from PIL import Image
 from torchmetrics.text import BLEUScore
 from tqdm import tqdm
 
+from owl_lightning.data.images import decode_image
 from owl_lightning.inference import OwlAssistant
 
 
@@ -20,7 +20,7 @@ def read_captioned_images(shards: list[Path], limit: int) -> list[tuple[Image.Im
             for member in tar:
                 key, _, ext = member.name.rpartition(".")
                 if ext in ("png", "jpg", "webp"):
-                    pairs.setdefault(key, {})["image"] = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
+                    pairs.setdefault(key, {})["image"] = decode_image(tar.extractfile(member).read())
                 elif ext == "txt":
                     pairs.setdefault(key, {})["caption"] = tar.extractfile(member).read().decode().strip()
         if len(pairs) >= limit:
