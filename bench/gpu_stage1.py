@@ -4,19 +4,22 @@ The model: the paper's vision side (CLIP ViT-L/14 at 224 px, 6-layer abstractor,
 per image) on a 1.1B LLaMA (TinyLlama's shape: 22 layers, width 2048, GQA 32/4 heads), all with
 random weights and the built-in byte tokenizer, so nothing is downloaded. Stage 1 as the paper
 trains it: LLM frozen, vision encoder and abstractor trained. Lightning's ModelParallelStrategy
-shards it with FSDP2 (owl_lightning.parallel) even on one GPU, the path the 8-GPU configs take.
+shards it with FSDP2 (owl_lightning.parallel) even on one GPU, the path the 8-GPU configs take;
+``--strategy single`` runs the same model unsharded, to see what FSDP2 costs on one device.
 
 Batches are synthetic and all alike (``BOS <image> caption EOS``, no padding), made once on the host.
 Timing: from the first timed step's start to the last one's end (CUDA synchronised at both ends).
 MFU: model FLOPs of those steps (owl_lightning.flops) over that time and ``--peak-flops``.
 
-    python bench/gpu_stage1.py [--steps 30] [--batch-size 64] [--activation-checkpointing]
+    python bench/gpu_stage1.py [--steps 30] [--batch-size 64] [--activation-checkpointing] [--record-as NAME]
+    python bench/gpu_stage1.py --steps 3 --profile kernels.txt    # where the time goes (timings then not recorded)
     python bench/gpu_stage1.py --model tiny --accelerator cpu --steps 2    # a smoke test of the script
 """
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -42,6 +45,7 @@ MODELS = {
     "tiny": ("owl-tiny", {}),
 }
 H100_BF16_DENSE = 989e12
+STRATEGIES = {"fsdp2": lambda: ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1), "single": lambda: "auto"}
 
 
 def synthetic_batches(model: str, overrides: dict, batch_size: int, caption_tokens: int, count: int) -> list[dict]:
@@ -90,6 +94,28 @@ class TimedWindow(L.Callback):
         self.end = time.perf_counter()
 
 
+class ProfiledWindow(L.Callback):
+    """torch.profiler over the steps after ``warmup``; writes the operators by device and by host time to ``path``."""
+
+    def __init__(self, warmup: int, path: Path) -> None:
+        self.warmup, self.path = warmup, path
+        self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.warmup:
+            self.profiler.start()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        _synchronize(pl_module.device)
+        self.profiler.stop()
+        table = self.profiler.key_averages()
+        self.path.write_text("\n\n".join([
+            "by device time:\n" + table.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90),
+            "by host time:\n" + table.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=90),
+        ]))
+        print(f"profile written to {self.path}", flush=True)
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -105,7 +131,11 @@ def main() -> None:
     parser.add_argument("--caption-tokens", type=int, default=32)
     parser.add_argument("--peak-flops", type=float, default=H100_BF16_DENSE, help="the device's dense bf16 FLOP/s (H100/H200 SXM: 989e12)")
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--strategy", choices=("fsdp2", "single"), default="fsdp2",
+                        help="fsdp2: ModelParallelStrategy, as the multi-GPU configs; single: Lightning's plain one-device strategy")
     parser.add_argument("--no-record", action="store_true", help="print only; do not write bench/results.json")
+    parser.add_argument("--record-as", default="gpu_stage1", help="the entry's name in bench/results.json")
+    parser.add_argument("--profile", type=Path, help="profile the timed steps and write the operator tables here (not recorded)")
     args = parser.parse_args()
 
     name, overrides = MODELS[args.model]
@@ -115,9 +145,9 @@ def main() -> None:
     batches = synthetic_batches(name, overrides, args.batch_size, args.caption_tokens, args.warmup + args.steps)
     window = TimedWindow(args.warmup)
     trainer = L.Trainer(accelerator=args.accelerator, devices=1, precision="bf16-mixed", max_steps=len(batches),
-                        strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1), gradient_clip_val=1.0,
+                        strategy=STRATEGIES[args.strategy](), gradient_clip_val=1.0,
                         limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[window])
+                        enable_model_summary=False, callbacks=[window, *([ProfiledWindow(args.warmup, args.profile)] if args.profile else [])])
     trainer.fit(system, DataLoader(batches, batch_size=None, pin_memory=args.accelerator == "gpu"))
 
     seconds = window.end - window.start
@@ -129,15 +159,16 @@ def main() -> None:
         "tokens_per_s": round(window.tokens / seconds), "samples_per_s": round(window.samples / seconds, 1),
         "achieved_tflops_per_s": round(window.flops / seconds / 1e12, 1), "peak_tflops_per_s": args.peak_flops / 1e12,
         "mfu": round(window.flops / seconds / args.peak_flops, 4), "target_mfu": 0.40,
-        "activation_checkpointing": args.activation_checkpointing,
+        "activation_checkpointing": args.activation_checkpointing, "strategy": args.strategy,
         "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if args.accelerator == "gpu" else None,
-        "how": "Stage1Module through the Lightning Trainer, ModelParallelStrategy (FSDP2, 1 process), bf16-mixed with "
-               "bf16 FSDP all-gathers, AdamW, clip 1.0; synthetic uniform batches; model FLOPs from owl_lightning.flops",
+        "how": "Stage1Module through the Lightning Trainer, " + ("ModelParallelStrategy (FSDP2, 1 process), bf16-mixed with bf16 "
+               "FSDP all-gathers" if args.strategy == "fsdp2" else "one device unsharded, bf16-mixed") +
+               ", AdamW, clip 1.0; synthetic uniform batches; model FLOPs from owl_lightning.flops",
     }
     print(f"{entry['device']}: {entry['tokens_per_s']:,} tokens/s, {entry['samples_per_s']} images/s, "
           f"{entry['achieved_tflops_per_s']} TFLOP/s, MFU {entry['mfu']:.1%} (target 40%)", flush=True)
-    if not args.no_record:
-        record("gpu_stage1", entry)
+    if not (args.no_record or args.profile):
+        record(args.record_as, entry)
 
 
 if __name__ == "__main__":

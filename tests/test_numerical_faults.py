@@ -6,6 +6,7 @@ from lightning.pytorch.callbacks import Callback
 
 from owl_lightning.data.modules import CaptionDataModule
 from owl_lightning.stages.stage1 import Stage1Module
+from owl_lightning.stages.system import gradients_finite
 from tests.test_stages import fit
 
 
@@ -67,3 +68,13 @@ def test_a_finite_step_resets_the_count(tmp_path, caption_manifest):
     system = poisoned_system({0, 2, 4}, "loss", max_nonfinite_steps=2)
     trainer = fit(system, data(caption_manifest), tmp_path, steps=5)
     assert trainer.global_step == 5 and system.nonfinite_steps == 3
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_gradients_finite_finds_one_bad_element_among_many_gradients(bad):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4), torch.nn.Linear(4, 1))
+    assert gradients_finite(model)  # no gradients yet
+    model(torch.randn(3, 8)).sum().backward()
+    assert gradients_finite(model)
+    model[1].weight.grad[2, 5] = bad
+    assert not gradients_finite(model)
