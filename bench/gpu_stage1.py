@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--caption-tokens", type=int, default=32)
     parser.add_argument("--peak-flops", type=float, default=H100_BF16_DENSE, help="the device's dense bf16 FLOP/s (H100/H200 SXM: 989e12)")
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block (the warm-up steps include compiling)")
     parser.add_argument("--strategy", choices=("fsdp2", "single"), default="fsdp2",
                         help="fsdp2: ModelParallelStrategy, as the multi-GPU configs; single: Lightning's plain one-device strategy")
     parser.add_argument("--no-record", action="store_true", help="print only; do not write bench/results.json")
@@ -141,7 +142,7 @@ def main() -> None:
     name, overrides = MODELS[args.model]
     torch.manual_seed(0)
     system = Stage1Module(model_name=name, model_overrides=overrides, peak_flops=args.peak_flops,
-                          activation_checkpointing=args.activation_checkpointing, num_caption_samples=0)
+                          activation_checkpointing=args.activation_checkpointing, compile=args.compile, num_caption_samples=0)
     batches = synthetic_batches(name, overrides, args.batch_size, args.caption_tokens, args.warmup + args.steps)
     window = TimedWindow(args.warmup)
     trainer = L.Trainer(accelerator=args.accelerator, devices=1, precision="bf16-mixed", max_steps=len(batches),
@@ -159,7 +160,7 @@ def main() -> None:
         "tokens_per_s": round(window.tokens / seconds), "samples_per_s": round(window.samples / seconds, 1),
         "achieved_tflops_per_s": round(window.flops / seconds / 1e12, 1), "peak_tflops_per_s": args.peak_flops / 1e12,
         "mfu": round(window.flops / seconds / args.peak_flops, 4), "target_mfu": 0.40,
-        "activation_checkpointing": args.activation_checkpointing, "strategy": args.strategy,
+        "activation_checkpointing": args.activation_checkpointing, "compile": args.compile, "strategy": args.strategy,
         "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if args.accelerator == "gpu" else None,
         "how": "Stage1Module through the Lightning Trainer, " + ("ModelParallelStrategy (FSDP2, 1 process), bf16-mixed with bf16 "
                "FSDP all-gathers" if args.strategy == "fsdp2" else "one device unsharded, bf16-mixed") +

@@ -175,9 +175,12 @@ class OwlModel(nn.Module):
         image_counts: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.Tensor:
-        """Prompts ``[B, T]`` (any padding side) → generated token ids ``[B, new]`` (prompt not included)."""
-        embeds, mask, _ = self.embed(input_ids, attention_mask, images, image_counts=image_counts, padding_side="left")
-        return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+        """Prompts ``[B, T]`` (any padding side) → generated token ids ``[B, new]`` (prompt not included).
+
+        Eager even where blocks were compiled for training: every new length and cache state would recompile."""
+        with torch.compiler.set_stance("force_eager"):
+            embeds, mask, _ = self.embed(input_ids, attention_mask, images, image_counts=image_counts, padding_side="left")
+            return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
 
     # Freeze policies -------------------------------------------------------------------------------
 

@@ -33,12 +33,13 @@ class Stage1Module(OwlSystem):
         max_nonfinite_steps: int = 5,
         activation_checkpointing: bool = False,
         peak_flops: float | None = None,
+        compile: bool = False,
         train_vision: bool = True,
         num_caption_samples: int = 5,
         max_caption_tokens: int = 20,
     ) -> None:
         super().__init__(model_name, model_overrides, init_from, lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio,
-                         max_nonfinite_steps, activation_checkpointing, peak_flops)
+                         max_nonfinite_steps, activation_checkpointing, peak_flops, compile)
         self._caption_images: torch.Tensor | None = None
 
     def freeze_policy(self, model: OwlModel) -> None:

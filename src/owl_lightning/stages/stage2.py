@@ -29,10 +29,11 @@ class Stage2Module(OwlSystem):
         max_nonfinite_steps: int = 5,
         activation_checkpointing: bool = False,
         peak_flops: float | None = None,
+        compile: bool = False,
         train_abstractor: bool = True,
     ) -> None:
         super().__init__(model_name, model_overrides, init_from, lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio,
-                         max_nonfinite_steps, activation_checkpointing, peak_flops)
+                         max_nonfinite_steps, activation_checkpointing, peak_flops, compile)
 
     def freeze_policy(self, model: OwlModel) -> None:
         model.add_lora(self.owl_config.lora)

@@ -23,7 +23,7 @@ from owl_lightning.config import OwlConfig, get_config
 from owl_lightning.flops import StepFlops, measure_matmul_flops
 from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.owl import OwlModel, build_owl
-from owl_lightning.parallel import checkpoint_activations, is_sharded, shard_owl
+from owl_lightning.parallel import checkpoint_activations, compile_blocks, is_sharded, shard_owl
 from owl_lightning.preflight import check_outputs
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,9 @@ class OwlSystem(L.LightningModule):
             counted; this many in a row stop the run.
         activation_checkpointing: keep only each block's input in forward and recompute the block
             in backward (vision blocks, abstractor layers, LLM decoder blocks): less memory, ~1/3 more compute.
+        compile: ``torch.compile`` each of those blocks (fuses the elementwise work between the matrix
+            products; the first steps take minutes longer while it compiles). For GPUs; generation
+            (validation captions, chat) always runs eagerly.
         peak_flops: the device's peak FLOP/s for ``perf/mfu`` (per process; e.g. 989e12 for an H100's
             dense bf16). None: measured at the start with a large matrix product in the training dtype
             (the figure for a CPU).
@@ -61,6 +64,7 @@ class OwlSystem(L.LightningModule):
         max_nonfinite_steps: int = 5,
         activation_checkpointing: bool = False,
         peak_flops: float | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -102,9 +106,11 @@ class OwlSystem(L.LightningModule):
             load_model_weights(model, checkpoint["state_dict"], self.hparams.init_from)
             log.info("initialised from %s", self.hparams.init_from)
         self.freeze_policy(model)
+        self.flops = StepFlops.of(model)  # before compiling: it runs the model on fake tensors
         if self.hparams.activation_checkpointing:
             checkpoint_activations(model)
-        self.flops = StepFlops.of(model)
+        if self.hparams.compile:
+            compile_blocks(model)
         return model
 
     def freeze_policy(self, model: OwlModel) -> None:
