@@ -1,0 +1,61 @@
+"""``compile``: each block runs through torch.compile and trains exactly as eager; generation stays eager."""
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch._dynamo.utils import counters
+
+from owl_lightning.data.modules import CaptionDataModule, InstructionDataModule
+from owl_lightning.parallel import blocks, compile_blocks
+from owl_lightning.stages.stage1 import Stage1Module
+from owl_lightning.stages.stage2 import Stage2Module
+from tests.test_stages import fit
+
+NO_DROPOUT = {"abstractor.attention_dropout": 0.0, "lora.dropout": 0.0}  # compiled dropout draws other masks
+
+
+class Losses(Callback):
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.values.append(float(outputs["loss"]))
+
+
+def train(stage: str, manifest, tmp_path, compile: bool) -> tuple[list[float], dict[str, torch.Tensor], object]:
+    torch.manual_seed(0)
+    if stage == "stage1":
+        system = Stage1Module(model_name="owl-tiny", model_overrides=NO_DROPOUT, lr=1e-2, warmup_steps=1,
+                              num_caption_samples=0, compile=compile)
+        data = CaptionDataModule(manifest=str(manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
+    else:
+        system = Stage2Module(model_name="owl-tiny", model_overrides=NO_DROPOUT, lr=1e-2, warmup_steps=1, compile=compile)
+        data = InstructionDataModule(manifest=str(manifest), model_name="owl-tiny", batch_size=4, num_workers=0, max_length=256)
+    losses = Losses()
+    fit(system, data, tmp_path / str(compile), steps=3, callbacks=[losses])
+    trained = {n: p.detach().clone() for n, p in system.model.named_parameters() if p.requires_grad}
+    return losses.values, trained, system
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_compiled_blocks_train_as_eager(stage, tmp_path, caption_manifest, instruction_manifest):
+    manifest = caption_manifest if stage == "stage1" else instruction_manifest
+    eager_losses, eager_weights, _ = train(stage, manifest, tmp_path, compile=False)
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled_losses, compiled_weights, system = train(stage, manifest, tmp_path, compile=True)
+
+    assert all(block._compiled_call_impl is not None for block in blocks(system.model))
+    assert counters["stats"]["unique_graphs"] > graphs_before  # the compiled code really ran
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    for name, weight in eager_weights.items():
+        torch.testing.assert_close(compiled_weights[name], weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_generation_with_compiled_blocks_stays_eager(tiny_model, tiny_tokenizer):
+    prompt = torch.tensor([[tiny_tokenizer.bos_token_id, *tiny_tokenizer.encode("a red", add_special_tokens=False)]])
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tiny_tokenizer.pad_token_id}
+    eager = tiny_model.eval().generate(prompt, torch.ones_like(prompt), **kwargs)
+    compile_blocks(tiny_model)
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled = tiny_model.generate(prompt, torch.ones_like(prompt), **kwargs)
+    assert counters["stats"]["unique_graphs"] == graphs_before
+    assert torch.equal(compiled, eager)
