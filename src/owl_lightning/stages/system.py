@@ -41,7 +41,7 @@ class OwlSystem(L.LightningModule):
         activation_checkpointing: keep only each block's input in forward and recompute the block
             in backward (vision blocks, abstractor layers, LLM decoder blocks): less memory, ~1/3 more compute.
         compile: ``torch.compile`` each of those blocks (fuses the elementwise work between the matrix
-            products; the first steps take minutes longer while it compiles). For GPUs; generation
+            products; the first steps take a minute or more longer while it compiles). For GPUs; generation
             (validation captions, chat) always runs eagerly.
         peak_flops: the device's peak FLOP/s for ``perf/mfu`` (per process; e.g. 989e12 for an H100's
             dense bf16). None: measured at the start with a large matrix product in the training dtype
