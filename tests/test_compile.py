@@ -2,7 +2,9 @@
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch._dynamo.utils import counters
+from torch.distributed.tensor import DTensor
 
 from owl_lightning.data.modules import CaptionDataModule, InstructionDataModule
 from owl_lightning.parallel import blocks, compile_blocks
@@ -21,7 +23,7 @@ class Losses(Callback):
         self.values.append(float(outputs["loss"]))
 
 
-def train(stage: str, manifest, tmp_path, compile: bool) -> tuple[list[float], dict[str, torch.Tensor], object]:
+def train(stage: str, manifest, tmp_path, compile: bool, strategy: str) -> tuple[list[float], dict[str, torch.Tensor], object]:
     torch.manual_seed(0)
     if stage == "stage1":
         system = Stage1Module(model_name="owl-tiny", model_overrides=NO_DROPOUT, lr=1e-2, warmup_steps=1,
@@ -31,17 +33,20 @@ def train(stage: str, manifest, tmp_path, compile: bool) -> tuple[list[float], d
         system = Stage2Module(model_name="owl-tiny", model_overrides=NO_DROPOUT, lr=1e-2, warmup_steps=1, compile=compile)
         data = InstructionDataModule(manifest=str(manifest), model_name="owl-tiny", batch_size=4, num_workers=0, max_length=256)
     losses = Losses()
-    fit(system, data, tmp_path / str(compile), steps=3, callbacks=[losses])
-    trained = {n: p.detach().clone() for n, p in system.model.named_parameters() if p.requires_grad}
+    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1) if strategy == "fsdp2" else "auto"
+    fit(system, data, tmp_path / str(compile), steps=3, callbacks=[losses], strategy=strategy)
+    # Sharded (DTensor) parameters compare as their local shard: the whole tensor on one process.
+    trained = {n: (p.to_local() if isinstance(p, DTensor) else p).detach().clone()
+               for n, p in system.model.named_parameters() if p.requires_grad}
     return losses.values, trained, system
 
 
-@pytest.mark.parametrize("stage", ["stage1", "stage2"])
-def test_compiled_blocks_train_as_eager(stage, tmp_path, caption_manifest, instruction_manifest):
+@pytest.mark.parametrize("stage, strategy", [("stage1", "single"), ("stage2", "single"), ("stage1", "fsdp2")])
+def test_compiled_blocks_train_as_eager(stage, strategy, tmp_path, caption_manifest, instruction_manifest):
     manifest = caption_manifest if stage == "stage1" else instruction_manifest
-    eager_losses, eager_weights, eager_system = train(stage, manifest, tmp_path, compile=False)
+    eager_losses, eager_weights, eager_system = train(stage, manifest, tmp_path, compile=False, strategy=strategy)
     graphs_before = counters["stats"]["unique_graphs"]
-    compiled_losses, compiled_weights, system = train(stage, manifest, tmp_path, compile=True)
+    compiled_losses, compiled_weights, system = train(stage, manifest, tmp_path, compile=True, strategy=strategy)
 
     assert all(block._compiled_call_impl is not None for block in blocks(system.model))
     assert list(system.state_dict()) == list(eager_system.state_dict())  # checkpoints load either way
