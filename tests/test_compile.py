@@ -1,4 +1,6 @@
 """``compile``: each block runs through torch.compile and trains exactly as eager; generation stays eager."""
+import os
+
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -13,6 +15,18 @@ from owl_lightning.stages.stage2 import Stage2Module
 from tests.test_stages import fit
 
 NO_DROPOUT = {"abstractor.attention_dropout": 0.0, "lora.dropout": 0.0}  # compiled dropout draws other masks
+
+
+@pytest.fixture
+def own_process_group():
+    """Lightning's ModelParallelStrategy leaves its process group and MASTER_* variables behind in this
+    process; later tests start their own (and launch processes that would inherit the port)."""
+    environment = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environment)
 
 
 class Losses(Callback):
@@ -42,7 +56,7 @@ def train(stage: str, manifest, tmp_path, compile: bool, strategy: str) -> tuple
 
 
 @pytest.mark.parametrize("stage, strategy", [("stage1", "single"), ("stage2", "single"), ("stage1", "fsdp2")])
-def test_compiled_blocks_train_as_eager(stage, strategy, tmp_path, caption_manifest, instruction_manifest):
+def test_compiled_blocks_train_as_eager(stage, strategy, tmp_path, caption_manifest, instruction_manifest, own_process_group):
     manifest = caption_manifest if stage == "stage1" else instruction_manifest
     eager_losses, eager_weights, eager_system = train(stage, manifest, tmp_path, compile=False, strategy=strategy)
     graphs_before = counters["stats"]["unique_graphs"]
