@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from common import record
 from owl_lightning.config import get_config
 from owl_lightning.data.collate import IGNORE_INDEX
+from owl_lightning.flops import sequence_lengths
 from owl_lightning.models.llm import IMAGE_TOKEN, load_tokenizer
 from owl_lightning.models.vision import vision_data_config
 from owl_lightning.stages.stage1 import Stage1Module
@@ -97,7 +98,8 @@ class TimedWindow(L.Callback):
             return
         supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         self.flops += pl_module.flops.step(batch, supervised)
-        self.tokens += float(batch["attention_mask"].sum() + batch["image_counts"].sum() * (pl_module.flops.visual_tokens_per_image - 1))
+        flops = pl_module.flops
+        self.tokens += float(sequence_lengths(batch, flops.visual_tokens_per_image, flops.image_token_id).sum())
         self.samples += batch["input_ids"].shape[0]
         _synchronize(pl_module.device)
         self.end = time.perf_counter()

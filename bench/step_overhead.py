@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader
 from common import record
 from owl_lightning.data.collate import IGNORE_INDEX
 from owl_lightning.data.modules import CaptionDataModule, InstructionDataModule
-from owl_lightning.flops import measure_matmul_flops
-from owl_lightning.models.owl import OwlModel
+from owl_lightning.flops import measure_matmul_flops, sequence_lengths
+from owl_lightning.models.owl import OwlModel, llm_positions
 from owl_lightning.stages.stage1 import Stage1Module
 from owl_lightning.stages.stage2 import Stage2Module
 from owl_lightning.stages.system import OwlSystem
@@ -108,7 +108,8 @@ def floor_inputs(model: OwlModel, batch: dict) -> dict:
     targets = labels[:, 1:]
     supervised = targets != IGNORE_INDEX
     keep = supervised.any(0).nonzero().flatten()  # as OwlModel.forward: logits only where some sample is supervised
-    return {"embeds": embeds, "mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0), "keep": keep,
+    position_ids, llm_mask = llm_positions(mask)
+    return {"embeds": embeds, "mask": llm_mask, "position_ids": position_ids, "keep": keep,
             "targets": targets[:, keep], "num_supervised": int(supervised.sum())}
 
 
@@ -160,8 +161,8 @@ def compare(system: OwlSystem, batches: list[dict], warmup: int, with_vision: bo
     supervised = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in timed]
     flops = [system.flops.step(b, s) for b, s in zip(timed, supervised)]
     llm_flops = [f - int(b["image_counts"].sum()) * system.flops.per_image for f, b in zip(flops, timed)]
-    tokens = sum(float(b["attention_mask"].sum() + b["image_counts"].sum() * (system.flops.visual_tokens_per_image - 1))
-                 for b in timed) / len(timed)
+    f = system.flops
+    tokens = sum(float(sequence_lengths(b, f.visual_tokens_per_image, f.image_token_id).sum()) for b in timed) / len(timed)
     return {"ours": ours, "floor": floor, "vision": vision, "flops": flops, "llm_flops": llm_flops, "tokens_per_batch": tokens,
             "batch_size": batches[0]["input_ids"].shape[0]}
 

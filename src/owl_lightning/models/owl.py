@@ -97,6 +97,16 @@ def packed_positions(mask: torch.Tensor) -> torch.Tensor:
     return index - torch.where(starts, index, 0).cummax(1).values
 
 
+def llm_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The spliced ``[B, L]`` mask (1 on real tokens, or packed rows' sample numbers; 0: padding) →
+    the LLM's ``position_ids`` ``[B, L]`` and ``attention_mask`` (``None`` for packed rows)."""
+    if mask.max() > 1:
+        # Packed rows: positions restart with every sample (padding at the end too), and without a 2D
+        # mask transformers reads the restarts as sample boundaries: block-diagonal causal attention.
+        return packed_positions(mask), None
+    return (mask.cumsum(1) - 1).clamp(min=0), mask
+
+
 class OwlModel(nn.Module):
     """vision ``[M, 3, H, W] → [M, N, Dv]`` → abstractor ``→ [M, V, Dllm]`` → spliced into the LLM."""
 
@@ -149,12 +159,7 @@ class OwlModel(nn.Module):
         supervised = targets != IGNORE_INDEX
         num_supervised = int(supervised.sum())
         num_tokens = int((mask > 0).sum())
-        if mask.max() > 1:
-            # Packed rows: positions restart with every sample (padding at the end too), and without a 2D
-            # mask transformers reads the restarts as sample boundaries: block-diagonal causal attention.
-            position_ids, llm_mask = packed_positions(mask), None
-        else:
-            position_ids, llm_mask = (mask.cumsum(1) - 1).clamp(min=0), mask
+        position_ids, llm_mask = llm_positions(mask)
         # Logits only where some sample is supervised: the vocabulary projection of every visual
         # and prompt token would otherwise cost as much as a few decoder layers. With nothing
         # supervised the forward still runs (keep is empty) and the loss is a zero with a graph:
