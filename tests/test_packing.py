@@ -1,9 +1,12 @@
 """Packing several samples into a row: the same loss and gradients as one sample a row, far less padding."""
 import torch
 
+import pytest
+
+from owl_lightning.config import get_config
 from owl_lightning.data.collate import IGNORE_INDEX, EncodedSample, collate
 from owl_lightning.flops import StepFlops, sequence_lengths
-from owl_lightning.models.owl import packed_positions
+from owl_lightning.models.owl import build_owl, packed_positions
 
 V = 5  # visual tokens per image in these collate-only tests
 
@@ -97,6 +100,23 @@ def test_packed_batch_has_the_loss_and_gradients_of_the_padded_one(tiny_model, t
     assert grads_packed.keys() == grads_padded.keys() and grads_padded
     for name in grads_padded:
         torch.testing.assert_close(grads_packed[name], grads_padded[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_eager_attention_computes_what_sdpa_does(tiny_model, tiny_tokenizer, packed):
+    """owl-smol trains with eager attention (faster on CPU): the mask each kernel builds — padding,
+    causal, block-diagonal for packed rows — must be the same."""
+    eager = build_owl(get_config("owl-tiny", {"llm.attn_implementation": "eager"}), tokenizer=tiny_tokenizer)
+    eager.load_state_dict(tiny_model.state_dict())
+    assert (eager.llm.config._attn_implementation, tiny_model.llm.config._attn_implementation) == ("eager", "sdpa")
+    tiny_model.eval(), eager.eval()
+    batch = batches(tiny_tokenizer, tiny_model)[packed]
+    out_sdpa, grads_sdpa = loss_and_grads(tiny_model, batch)
+    out_eager, grads_eager = loss_and_grads(eager, batch)
+    torch.testing.assert_close(out_eager.loss, out_sdpa.loss, rtol=1e-5, atol=1e-6)
+    assert grads_eager.keys() == grads_sdpa.keys() and grads_sdpa
+    for name in grads_sdpa:
+        torch.testing.assert_close(grads_eager[name], grads_sdpa[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_packing_removes_most_padding_and_counts_the_same_flops(tiny_model, tiny_tokenizer):

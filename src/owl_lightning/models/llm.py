@@ -122,15 +122,16 @@ def load_tokenizer(cfg: LLMConfig) -> PreTrainedTokenizerBase:
 def build_llm(cfg: LLMConfig, load_weights: bool = True) -> PreTrainedModel:
     """The causal LM. ``load_weights=False`` builds ``cfg.architecture`` with random init
     (under a ``torch.device('meta')`` context it allocates nothing)."""
-    dtype = getattr(torch, cfg.dtype)
+    kwargs = {"dtype": getattr(torch, cfg.dtype), "attn_implementation": cfg.attn_implementation,
+              "trust_remote_code": cfg.trust_remote_code}
     if load_weights and cfg.source != "random":
         path = _resolve(cfg.source)
         if Path(path).exists() and not (Path(path) / "config.json").exists():
             raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if cfg.architecture is None:
         config = AutoConfig.from_pretrained(_resolve(cfg.source), trust_remote_code=cfg.trust_remote_code)
     else:
         arch = dict(cfg.architecture)
         config = AutoConfig.for_model(arch.pop("model_type"), **arch)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    return AutoModelForCausalLM.from_config(config, **kwargs)
