@@ -88,13 +88,15 @@ def _stack_channels_last(images: list[torch.Tensor]) -> torch.Tensor:
 
 
 # Packed rows may hold up to this many times the longest sample: longer rows leave less room
-# unfilled but attend over more (masked) positions.
-MAX_ROW_FACTOR = 4
+# unfilled but attend over more (masked) positions, a cost that grows with the row's square. On
+# the embedded stage-2 data (owl-smol, eager attention, CPU): rows up to 4x gave 0.959 real tokens
+# and a 15% slower step than one sample a row; up to 2x, 0.920 and 3% slower (docs/benchmarks.md).
+MAX_ROW_FACTOR = 2
 
 
 def _pack(samples: list[EncodedSample], image_length: int) -> list[list[EncodedSample]]:
-    """Samples in rows, first-fit longest first. Row lengths tried: 1 to 4 times the longest sample's,
-    and the total split evenly over n rows (with and without some slack), up to 4 times the longest;
+    """Samples in rows, first-fit longest first. Row lengths tried: 1 to ``MAX_ROW_FACTOR`` times the
+    longest sample's, and the total split evenly over n rows (with and without some slack), up to that;
     kept: the packing that leaves the fewest positions to compute (rows × the fullest row)."""
     def length(sample: EncodedSample) -> int:
         return len(sample.input_ids) + len(sample.images) * (image_length - 1)
