@@ -23,7 +23,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 
 from common import record
@@ -32,6 +31,7 @@ from owl_lightning.data.collate import IGNORE_INDEX
 from owl_lightning.flops import sequence_lengths
 from owl_lightning.models.llm import IMAGE_TOKEN, load_tokenizer
 from owl_lightning.models.vision import vision_data_config
+from owl_lightning.parallel import AtomicModelParallelStrategy
 from owl_lightning.stages.stage1 import Stage1Module
 
 TINYLLAMA_1B = {
@@ -55,7 +55,7 @@ MODELS = {
     "tiny": ("owl-tiny", {}),
 }
 H100_BF16_DENSE = 989e12
-STRATEGIES = {"fsdp2": lambda: ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1), "single": lambda: "auto"}
+STRATEGIES = {"fsdp2": lambda: AtomicModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1), "single": lambda: "auto"}
 
 
 def synthetic_batches(model: str, overrides: dict, batch_size: int, caption_tokens: int, count: int) -> list[dict]:

@@ -1,4 +1,5 @@
 import logging
+import os
 
 import pytest
 import torch
@@ -11,6 +12,18 @@ from owl_lightning.models.owl import build_owl
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def own_process_group():
+    """Lightning's ModelParallelStrategy leaves its process group and MASTER_* variables behind in this
+    process; later tests start their own (and launch processes that would inherit the port)."""
+    environment = dict(os.environ)
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environment)
 
 
 @pytest.fixture

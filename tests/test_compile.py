@@ -1,32 +1,17 @@
 """``compile``: each block runs through torch.compile and trains exactly as eager; generation stays eager."""
-import os
-
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import ModelParallelStrategy
 from torch._dynamo.utils import counters
 from torch.distributed.tensor import DTensor
 
 from owl_lightning.data.modules import CaptionDataModule, InstructionDataModule
-from owl_lightning.parallel import blocks, compile_blocks
+from owl_lightning.parallel import AtomicModelParallelStrategy, blocks, compile_blocks
 from owl_lightning.stages.stage1 import Stage1Module
 from owl_lightning.stages.stage2 import Stage2Module
 from tests.test_stages import fit
 
 NO_DROPOUT = {"abstractor.attention_dropout": 0.0, "lora.dropout": 0.0}  # compiled dropout draws other masks
-
-
-@pytest.fixture
-def own_process_group():
-    """Lightning's ModelParallelStrategy leaves its process group and MASTER_* variables behind in this
-    process; later tests start their own (and launch processes that would inherit the port)."""
-    environment = dict(os.environ)
-    yield
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(environment)
 
 
 class Losses(Callback):
@@ -47,7 +32,7 @@ def train(stage: str, manifest, tmp_path, compile: bool, strategy: str) -> tuple
         system = Stage2Module(model_name="owl-tiny", model_overrides=NO_DROPOUT, lr=1e-2, warmup_steps=1, compile=compile)
         data = InstructionDataModule(manifest=str(manifest), model_name="owl-tiny", batch_size=4, num_workers=0, max_length=256)
     losses = Losses()
-    strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1) if strategy == "fsdp2" else "auto"
+    strategy = AtomicModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1) if strategy == "fsdp2" else "auto"
     fit(system, data, tmp_path / str(compile), steps=3, callbacks=[losses], strategy=strategy)
     # Sharded (DTensor) parameters compare as their local shard: the whole tensor on one process.
     trained = {n: (p.to_local() if isinstance(p, DTensor) else p).detach().clone()

@@ -26,8 +26,10 @@ from owl_lightning.checkpoints import is_base_llm_weight, load_owl, read_checkpo
 from owl_lightning.cli import main
 from owl_lightning.data.modules import CaptionDataModule
 from owl_lightning.models.owl import build_owl
-from owl_lightning.parallel import assert_sharded, checkpoint_activations, is_sharded_checkpoint, llm_blocks, shard_owl
+from owl_lightning.parallel import (AtomicModelParallelStrategy, assert_sharded, checkpoint_activations, is_sharded_checkpoint,
+                                    llm_blocks, read_sharded_checkpoint, shard_owl)
 from owl_lightning.stages.stage1 import Stage1Module
+from tests.test_stages import fit
 
 TESTS = Path(__file__).parent
 
@@ -85,7 +87,7 @@ def run(stage: str, tmp_path: Path, manifest: Path, devices: int, max_steps: int
         "trainer": {
             "accelerator": "cpu", "devices": devices, "max_steps": max_steps, "limit_val_batches": 0, "logger": False,
             "enable_progress_bar": False, "enable_model_summary": False, "gradient_clip_val": 1.0, "default_root_dir": str(root),
-            "strategy": {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+            "strategy": {"class_path": "owl_lightning.parallel.AtomicModelParallelStrategy",
                          "init_args": {"data_parallel_size": devices, "tensor_parallel_size": 1}},
             "callbacks": [
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -187,6 +189,44 @@ def test_stage2_lora_units_bf16_activation_checkpointing_and_resume(tmp_path, in
 
     one = run("stage2", tmp_path, instruction_manifest, 1, 4, "one", *extra)
     assert_resumed_from(one[0], two[0], steps=2)
+
+
+def test_a_sharded_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path, caption_manifest, own_process_group, monkeypatch):
+    system = Stage1Module(model_name="owl-tiny", lr=1e-2, warmup_steps=1, num_caption_samples=0)
+    data = CaptionDataModule(manifest=str(caption_manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
+    trainer = fit(system, data, tmp_path, steps=2, strategy=AtomicModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
+    last = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(last)
+    saved = read_sharded_checkpoint(last)
+    with torch.no_grad():
+        for p in system.model.abstractor.parameters():
+            p.add_(1.0)
+
+    # Killed after every shard is written, before rank 0's meta.pt: Lightning's own strategy would
+    # leave the new shards under the old meta.pt.
+    save = torch.save
+
+    def killed_before_meta(obj, f, *args, **kwargs):
+        if str(f).endswith("meta.pt"):
+            raise KeyboardInterrupt("killed while saving")
+        return save(obj, f, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", killed_before_meta)
+        with pytest.raises(KeyboardInterrupt):
+            trainer.save_checkpoint(last)
+    after_kill = read_sharded_checkpoint(last)
+    assert after_kill["global_step"] == saved["global_step"] == 2
+    assert after_kill["state_dict"].keys() == saved["state_dict"].keys()
+    for name, tensor in saved["state_dict"].items():
+        assert torch.equal(after_kill["state_dict"][name], tensor), name
+    assert (tmp_path / "last.ckpt.partial").is_dir()
+
+    trainer.save_checkpoint(last)  # the next save completes and clears the leftovers
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("last")) == ["last.ckpt"]
+    resaved = read_sharded_checkpoint(last)["state_dict"]
+    moved = [n for n in saved["state_dict"] if n.startswith("model.abstractor.") and not torch.equal(resaved[n], saved["state_dict"][n])]
+    assert moved
 
 
 @pytest.fixture

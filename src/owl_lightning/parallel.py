@@ -1,6 +1,7 @@
 """FSDP2 (``fully_shard``) for the Owl model, applied in ``configure_model`` when Lightning's
 ``ModelParallelStrategy`` hands the system a device mesh; activation checkpointing and
-``torch.compile`` per block; and reading the sharded checkpoints that strategy saves.
+``torch.compile`` per block; saving sharded checkpoints so that a kill cannot corrupt them
+(:class:`AtomicModelParallelStrategy`), and reading them.
 
 The FSDP units, built bottom-up (each is all-gathered before its forward and freed after):
 
@@ -17,9 +18,13 @@ BatchNorm running statistics (EfficientNet) stay per rank and rank 0's are saved
 """
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.device_mesh import DeviceMesh
@@ -163,6 +168,46 @@ def assert_sharded(model: nn.Module) -> None:
 
 
 # -- sharded checkpoints ---------------------------------------------------------------------------
+
+
+class AtomicModelParallelStrategy(ModelParallelStrategy):
+    """Lightning's ``ModelParallelStrategy`` (FSDP2), whose sharded saves a kill cannot corrupt.
+
+    Lightning writes a save's shards straight into the checkpoint folder, over the previous save's.
+    A run killed mid-save then leaves some new shards beside old ones under the old ``meta.pt``: a
+    checkpoint that loads without an error into weights no step ever produced. Here every rank
+    writes into ``<name>.partial`` first; once all have finished, rank 0 swaps it for the previous
+    folder (two renames) and deletes that. A kill while writing leaves the previous checkpoint whole
+    and a ``.partial`` folder that the next save clears.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None) -> None:
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        partial = path.with_name(path.name + ".partial")
+        if self.is_global_zero and partial.exists():
+            shutil.rmtree(partial)
+        self.barrier("clear partial checkpoint")
+        super().save_checkpoint(checkpoint, partial, storage_options)
+        self.barrier("sharded checkpoint written")
+        if self.is_global_zero:
+            _replace_folder(partial, path)
+        self.barrier("sharded checkpoint in place")
+
+
+def _replace_folder(new: Path, path: Path) -> None:
+    """Put the folder ``new`` at ``path``, deleting what was there (a folder, or a file of an unsharded save)."""
+    if path.is_dir():
+        replaced = path.with_name(path.name + ".replaced")
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(path, replaced)
+        os.rename(new, path)
+        shutil.rmtree(replaced)
+    else:
+        path.unlink(missing_ok=True)
+        os.rename(new, path)
+
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:

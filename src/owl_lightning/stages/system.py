@@ -23,7 +23,7 @@ from owl_lightning.config import OwlConfig, get_config
 from owl_lightning.flops import StepFlops, measure_matmul_flops
 from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.owl import OwlModel, build_owl
-from owl_lightning.parallel import checkpoint_activations, compile_blocks, is_sharded, shard_owl
+from owl_lightning.parallel import AtomicModelParallelStrategy, checkpoint_activations, compile_blocks, is_sharded, shard_owl
 from owl_lightning.preflight import check_outputs
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,8 @@ class OwlSystem(L.LightningModule):
             dense bf16). None: measured at the start with a large matrix product in the training dtype
             (the figure for a CPU).
 
-    Under Lightning's ``ModelParallelStrategy`` the model is sharded with FSDP2 (``owl_lightning.parallel``).
+    Under Lightning's ``ModelParallelStrategy`` the model is sharded with FSDP2 (``owl_lightning.parallel``);
+    use its subclass ``owl_lightning.parallel.AtomicModelParallelStrategy``, whose saves a kill cannot corrupt.
     """
 
     def __init__(
@@ -97,6 +98,10 @@ class OwlSystem(L.LightningModule):
             # ModelParallelStrategy: FSDP2. shard_owl asserts every parameter ended up sharded.
             param_dtype = torch.bfloat16 if str(self.trainer.precision).startswith("bf16") else None
             shard_owl(self.model, self.device_mesh, param_dtype)
+            if not isinstance(self.trainer.strategy, AtomicModelParallelStrategy):
+                log.warning("%s writes each sharded checkpoint over the previous one: a run killed while saving leaves "
+                            "a mix of two saves. Use strategy class_path owl_lightning.parallel.AtomicModelParallelStrategy "
+                            "(same arguments)", type(self.trainer.strategy).__name__)
 
     def _build_model(self) -> OwlModel:
         self.tokenizer = load_tokenizer(self.owl_config.llm)
