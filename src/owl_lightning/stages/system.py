@@ -194,18 +194,6 @@ class OwlSystem(L.LightningModule):
         self._last_batch_end = now
         self._unlogged_work = (samples, tokens, flops)
 
-    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
-                                    gradient_clip_algorithm: str | None = None) -> None:
-        """Clip as Lightning does, also for the fused AdamW. Lightning refuses a fused optimizer under
-        any mixed precision, as if a GradScaler had scaled its gradients; there is none here (bf16)."""
-        if not optimizer.defaults.get("fused") or not gradient_clip_val:
-            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-        else:
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-
     # -- validation --------------------------------------------------------------------------------
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -237,11 +225,7 @@ class OwlSystem(L.LightningModule):
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.hparams.weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
-        # Fused AdamW: one kernel per parameter group instead of a loop over the tensors (owl-smol on the
-        # CPU: 6 against 14 ms a step). Not under fp16's GradScaler, whose scaled gradients only an
-        # unfused optimizer lets Lightning clip.
-        fused = getattr(self.trainer.precision_plugin, "scaler", None) is None
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps, fused=fused)
+        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = min(self.hparams.warmup_steps, total)
         floor = self.hparams.min_lr_ratio
