@@ -197,8 +197,9 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
 
 
 def _replace_folder(new: Path, path: Path) -> None:
-    """Put the folder ``new`` at ``path``, deleting what was there (a folder, or a file of an unsharded save)."""
-    if path.is_dir():
+    """Put the folder ``new`` at ``path``, deleting what was there: a folder, or a file (an unsharded
+    save) or link (ModelCheckpoint's ``save_last="link"``)."""
+    if path.is_dir() and not path.is_symlink():
         replaced = path.with_name(path.name + ".replaced")
         shutil.rmtree(replaced, ignore_errors=True)
         os.rename(path, replaced)
@@ -207,7 +208,6 @@ def _replace_folder(new: Path, path: Path) -> None:
     else:
         path.unlink(missing_ok=True)
         os.rename(new, path)
-
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
