@@ -97,8 +97,8 @@ class TimedWindow(L.Callback):
         if batch_idx < self.warmup:
             return
         supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        self.flops += pl_module.flops.step(batch, supervised)
         flops = pl_module.flops
+        self.flops += flops.step(batch, supervised)
         self.tokens += float(sequence_lengths(batch, flops.visual_tokens_per_image, flops.image_token_id).sum())
         self.samples += batch["input_ids"].shape[0]
         _synchronize(pl_module.device)

@@ -35,7 +35,7 @@ def collate(
 
     Packing (``pack_with_image_length`` = the visual tokens per image, V) puts samples end to end
     in rows — first-fit, longest first, lengths counted as the LLM sees them (each ``<image>`` as V
-    tokens), rows up to a few times the longest sample — so samples fill the room others leave.
+    tokens), rows up to ``MAX_ROW_FACTOR`` times the longest sample — so samples fill the room others leave.
     The rows' ``attention_mask`` then numbers each row's samples 1, 2, … (0: padding) and the
     model keeps them apart (block-diagonal causal attention, positions restarting per sample):
     the same loss as padding, with far less padding when lengths vary.
