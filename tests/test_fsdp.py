@@ -18,6 +18,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
@@ -191,10 +192,11 @@ def test_stage2_lora_units_bf16_activation_checkpointing_and_resume(tmp_path, in
     assert_resumed_from(one[0], two[0], steps=2)
 
 
-def test_a_sharded_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path, caption_manifest, own_process_group, monkeypatch):
+def test_a_sharded_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path, caption_manifest, own_process_group, monkeypatch, caplog):
     system = Stage1Module(model_name="owl-tiny", lr=1e-2, warmup_steps=1, num_caption_samples=0)
     data = CaptionDataModule(manifest=str(caption_manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
     trainer = fit(system, data, tmp_path, steps=2, strategy=AtomicModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
+    assert "writes each sharded checkpoint over the previous one" not in caplog.text
     last = tmp_path / "last.ckpt"
     trainer.save_checkpoint(last)
     saved = read_sharded_checkpoint(last)
@@ -227,6 +229,89 @@ def test_a_sharded_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_p
     resaved = read_sharded_checkpoint(last)["state_dict"]
     moved = [n for n in saved["state_dict"] if n.startswith("model.abstractor.") and not torch.equal(resaved[n], saved["state_dict"][n])]
     assert moved
+
+
+def test_lightnings_own_model_parallel_strategy_is_warned_about(tmp_path, caption_manifest, own_process_group, caplog):
+    system = Stage1Module(model_name="owl-tiny", num_caption_samples=0)
+    data = CaptionDataModule(manifest=str(caption_manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
+    fit(system, data, tmp_path, steps=1, strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
+    assert "ModelParallelStrategy writes each sharded checkpoint over the previous one" in caplog.text
+    assert "owl_lightning.parallel.AtomicModelParallelStrategy" in caplog.text
+
+
+def _checkpoint_folder(path: Path, content: str) -> Path:
+    """A stand-in for a sharded save: ``meta.pt`` and one shard, both holding ``content``."""
+    path.mkdir()
+    (path / "meta.pt").write_text(content)
+    (path / "__0_0.distcp").write_text(content)
+    return path
+
+
+def _saved_content(path: Path) -> str | None:
+    """What a whole save at ``path`` holds (None if there is none)."""
+    if not is_sharded_checkpoint(path):
+        return None
+    contents = {(path / "meta.pt").read_text(), (path / "__0_0.distcp").read_text()}
+    assert len(contents) == 1, f"{path} mixes two saves"
+    return contents.pop()
+
+
+@pytest.mark.parametrize("previous", ["folder", "link", "file", "none"])
+@pytest.mark.parametrize("can_exchange", [True, False], ids=["exchange", "two-renames"])
+def test_swapping_in_a_save_killed_at_any_step_keeps_a_whole_checkpoint(tmp_path, monkeypatch, previous, can_exchange):
+    """Kill ``_replace_folder`` before each of its file-system steps in turn. The new save is never
+    lost; with the atomic exchange ``last.ckpt`` also holds a whole save at every step, while two
+    renames leave a moment without one. Once it finishes, only the new save is left."""
+    from owl_lightning import parallel
+
+    if can_exchange and not parallel._exchange(_checkpoint_folder(tmp_path / "a", "a"), _checkpoint_folder(tmp_path / "b", "b")):
+        pytest.skip("this file system cannot exchange two paths atomically")
+    steps = {"_exchange": parallel._exchange if can_exchange else (lambda a, b: False), "_remove": parallel._remove}
+    last_missing_at = []
+    for kill_at in range(10):
+        run = tmp_path / f"killed_before_step_{kill_at}"
+        run.mkdir()
+        last, new = run / "last.ckpt", _checkpoint_folder(run / "last.ckpt.partial", "new")
+        if previous == "folder":
+            _checkpoint_folder(last, "old")
+        elif previous == "link":  # ModelCheckpoint(save_last="link")
+            last.symlink_to(_checkpoint_folder(run / "epoch=0-step=2.ckpt", "old").name)
+        elif previous == "file":  # an unsharded save
+            last.write_text("old")
+        done = []
+
+        def killable(name, step):
+            def run_step(*args):
+                if len(done) == kill_at:
+                    raise KeyboardInterrupt(f"killed before {name}")
+                done.append(name)
+                return step(*args)
+            return run_step
+
+        with monkeypatch.context() as patch:
+            for name, step in steps.items():
+                patch.setattr(parallel, name, killable(name, step))
+            patch.setattr(os, "rename", killable("rename", os.rename))
+            try:
+                parallel._replace_folder(new, last)
+            except KeyboardInterrupt:
+                pass
+            else:
+                assert _saved_content(last) == "new", done
+                assert sorted(p.name for p in run.iterdir() if p.name.startswith("last")) == ["last.ckpt"], done
+                break
+        assert "new" in {_saved_content(p) for p in run.iterdir()}, f"the new save is lost after {done}"
+        last_is_whole = _saved_content(last) is not None or last.is_file()
+        if not last_is_whole:
+            last_missing_at.append(done)
+    else:
+        pytest.fail("_replace_folder never finished")
+    if previous == "none":
+        assert not last_missing_at[1:]  # missing only before the one rename
+    elif can_exchange:
+        assert not last_missing_at, f"last.ckpt held no whole save after {last_missing_at}"
+    else:
+        assert last_missing_at == [["_exchange", "_remove", "rename"]]  # the old save moved aside, the new not yet in
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ BatchNorm running statistics (EfficientNet) stay per rank and rank 0's are saved
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -38,6 +40,8 @@ from owl_lightning.models.owl import OwlModel
 _VISION_BLOCK_CONTAINERS = ("blocks", "stages", "layers")
 # Lightning's sharded checkpoints are folders holding this file next to the .distcp shards.
 _METADATA_FILE = "meta.pt"
+# renameat2(2): paths relative to the working directory; swap the two names.
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
 # -- which modules are blocks ----------------------------------------------------------------------
@@ -176,9 +180,9 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
     Lightning writes a save's shards straight into the checkpoint folder, over the previous save's.
     A run killed mid-save then leaves some new shards beside old ones under the old ``meta.pt``: a
     checkpoint that loads without an error into weights no step ever produced. Here every rank
-    writes into ``<name>.partial`` first; once all have finished, rank 0 swaps it for the previous
-    folder (two renames) and deletes that. A kill while writing leaves the previous checkpoint whole
-    and a ``.partial`` folder that the next save clears.
+    writes into ``<name>.partial`` first; once all have finished, rank 0 swaps it with the previous
+    save in one step (:func:`_replace_folder`) and deletes that. A kill at any point leaves a whole
+    checkpoint at ``<name>``, and at most a ``.partial`` folder that the next save clears.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None) -> None:
@@ -186,8 +190,8 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(str(filepath)))
         partial = path.with_name(path.name + ".partial")
-        if self.is_global_zero and partial.exists():
-            shutil.rmtree(partial)
+        if self.is_global_zero:
+            _remove(partial)  # a save killed midway, or the previous save if killed right after the swap
         self.barrier("clear partial checkpoint")
         super().save_checkpoint(checkpoint, partial, storage_options)
         self.barrier("sharded checkpoint written")
@@ -198,16 +202,47 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
 
 def _replace_folder(new: Path, path: Path) -> None:
     """Put the folder ``new`` at ``path``, deleting what was there: a folder, or a file (an unsharded
-    save) or link (ModelCheckpoint's ``save_last="link"``)."""
-    if path.is_dir() and not path.is_symlink():
+    save) or link (ModelCheckpoint's ``save_last="link"``).
+
+    Where the OS can (Linux 3.15+ on ext4, xfs, btrfs, tmpfs, …), the two are exchanged in one
+    atomic step, so ``path`` names a whole checkpoint at every instant. Elsewhere it takes two
+    renames, and a kill between them leaves ``path`` missing (``--ckpt_path last`` would start the
+    run over) with the new save whole at ``<name>.partial`` and the old at ``<name>.replaced``:
+    rename either to ``<name>`` to resume.
+    """
+    if not (path.exists() or path.is_symlink()):
+        os.rename(new, path)
+    elif _exchange(new, path):
+        _remove(new)  # now the previous save
+    else:
         replaced = path.with_name(path.name + ".replaced")
-        shutil.rmtree(replaced, ignore_errors=True)
+        _remove(replaced)
         os.rename(path, replaced)
         os.rename(new, path)
-        shutil.rmtree(replaced)
+        _remove(replaced)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the OS or the
+    file system cannot, with nothing changed."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:  # not glibc/Linux
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a kernel or file system without exchange
+        return False
+    raise OSError(error, f"cannot swap {a} and {b}: {os.strerror(error)}")
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder, file or link if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
-        os.rename(new, path)
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
