@@ -1,7 +1,6 @@
 """Packing several samples into a row: the same loss and gradients as one sample a row, far less padding."""
-import torch
-
 import pytest
+import torch
 
 from owl_lightning.config import get_config
 from owl_lightning.data.collate import IGNORE_INDEX, EncodedSample, collate
