@@ -84,6 +84,13 @@ def test_llm_terms_follow_the_config(tiny_config, tiny_tokenizer):
     assert lora.per_token == 2 * matrices * 2 + 2 * adapters * 3
 
 
+def test_a_model_built_on_meta_counts_the_same(tiny_config, tiny_tokenizer):
+    """FSDP's ranks other than 0 build the model on the meta device and count its FLOPs there."""
+    with torch.device("meta"):
+        on_meta = StepFlops.of(build_owl(tiny_config, pretrained=False, tokenizer=tiny_tokenizer))
+    assert on_meta == StepFlops.of(build_owl(tiny_config, tokenizer=tiny_tokenizer))
+
+
 def test_frozen_llm_backward_counts_no_weight_gradients(tiny_config, tiny_tokenizer):
     """Training the LLM's weights adds exactly their weight gradients, as torch counts them."""
     batch = caption_batch(tiny_tokenizer)

@@ -6,6 +6,7 @@ from this file, writes what every rank holds at the start and the end of trainin
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -25,7 +26,9 @@ from torch.distributed.tensor import DTensor
 
 from owl_lightning.checkpoints import is_base_llm_weight, load_owl, read_checkpoint
 from owl_lightning.cli import main
+from owl_lightning.config import get_config
 from owl_lightning.data.modules import CaptionDataModule
+from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.owl import build_owl
 from owl_lightning.parallel import (AtomicModelParallelStrategy, assert_sharded, checkpoint_activations, is_sharded_checkpoint,
                                     llm_blocks, read_sharded_checkpoint, shard_owl)
@@ -345,6 +348,49 @@ def test_sharded_model_computes_the_same_with_lora_in_units_of_its_own(one_proce
     for block in llm_blocks(naive):
         fully_shard(block, mesh=one_process_mesh)
     assert len(mixed_units(naive)) == len(llm_blocks(naive))
+
+
+# owl-tiny with a CNN encoder: BatchNorm statistics are buffers the state dict holds.
+CNN_TINY = {"vision.timm_name": "test_efficientnet", "vision.timm_kwargs": {}}
+
+
+def _build_for_rank(rank: int, rank1_builds: str, lora: bool) -> torch.nn.Module:
+    """Rank 0: seed 0, real weights. Rank 1: nothing (``meta``) or real weights from another seed."""
+    config = get_config("owl-tiny", CNN_TINY)
+    torch.manual_seed(0 if rank == 0 else 1)
+    with torch.device("meta") if rank and rank1_builds == "meta" else contextlib.nullcontext():
+        model = build_owl(config, pretrained=not rank or rank1_builds != "meta", tokenizer=load_tokenizer(config.llm))
+        if lora:
+            model.add_lora(config.lora)
+    return model
+
+
+def _shard_and_compare(rank: int, store: str, rank1_builds: str, lora: bool) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        model = _build_for_rank(rank, rank1_builds, lora)
+        shard_owl(model, init_device_mesh("cpu", (2,)))
+        reference = _build_for_rank(0, rank1_builds, lora)  # rank 0's model, unsharded, on every rank
+        for name, param in model.named_parameters():
+            assert param.to_local().numel() < param.numel() or param.shape[0] < 2, f"{name} is not split"
+            assert torch.equal(param.full_tensor(), reference.get_parameter(name)), f"rank {rank}: {name}"
+        buffers = dict(reference.named_buffers())
+        for name, buffer in model.named_buffers():  # BatchNorm statistics; rotary frequencies, pixel mean/std (not saved)
+            assert torch.equal(buffer, buffers[name]), f"rank {rank}: {name}"
+        ids = torch.tensor([[257, model.image_token_id, 97, 98, 99]])
+        images = torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        model.eval(), reference.eval()
+        losses = [m(ids, torch.ones_like(ids), ids, images, torch.tensor([1])).loss for m in (model, reference)]
+        torch.testing.assert_close(losses[0], losses[1])
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize(("rank1_builds", "lora"), [("meta", False), ("meta", True), ("other-seed", True)])
+def test_every_rank_starts_from_rank0s_weights(tmp_path, rank1_builds, lora):
+    """Only rank 0 reads weights: rank 1 builds on meta (or from another seed) and ends up with its
+    shards of rank 0's parameters and rank 0's buffers, and computes rank 0's loss."""
+    torch.multiprocessing.spawn(_shard_and_compare, args=(str(tmp_path / "store"), rank1_builds, lora), nprocs=2)
 
 
 def test_forgotten_sharding_is_an_error(tiny_model):

@@ -107,7 +107,7 @@ def forward_flops_per_image(model: OwlModel) -> tuple[float, float]:
     # FlopCounterMode knows the GPU attention kernels but not the CPU one that fake CPU tensors pick.
     cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops}
     with FakeTensorMode(allow_non_fake_inputs=True):
-        image = torch.zeros(1, *size, dtype=torch.uint8)
+        image = torch.zeros(1, *size, dtype=torch.uint8, device=model.vision.mean.device)  # cpu, or meta
         with FlopCounterMode(display=False, custom_mapping=cpu_attention) as vision:
             features = model.vision(image)
         with FlopCounterMode(display=False, custom_mapping=cpu_attention) as abstractor:

@@ -13,7 +13,8 @@ The FSDP units, built bottom-up (each is all-gathered before its forward and fre
     the whole model, as the root (no parameters of its own)
 
 Trainable and frozen parameters never share a unit: a frozen unit then has no gradient to
-reduce-scatter, and the optimizer's shards are exactly the trainable units. Buffers are not sharded:
+reduce-scatter, and the optimizer's shards are exactly the trainable units. Every rank's shards are
+cut from rank 0's weights, which is the only rank that needs to read them. Buffers are not sharded:
 BatchNorm running statistics (EfficientNet) stay per rank and rank 0's are saved, as DDP keeps rank 0's.
 """
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed._composable import checkpoint
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -111,12 +113,20 @@ def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
 
 
 def shard_owl(model: OwlModel, mesh: DeviceMesh, param_dtype: torch.dtype | None = None) -> None:
-    """Apply FSDP2 to ``model`` in place over ``mesh`` (see the module docstring for the units).
+    """Apply FSDP2 to ``model`` in place over ``mesh`` (see the module docstring for the units), every
+    rank keeping its part of global rank 0's weights and buffers.
+
+    Only rank 0 needs real weights: the other ranks may build the model on the ``meta`` device
+    (same config, nothing read or allocated), so a node of 8 processes holds one copy of a 7B LLM in
+    memory while it starts, not eight. Ranks that did build real weights are overwritten by rank 0's
+    as well, so every rank starts from the same model whatever its seed.
 
     ``param_dtype`` (e.g. ``torch.bfloat16``): parameters are all-gathered and computed in it while
     the shards (and the optimizer) keep their own dtype; gradients are reduced in float32.
     """
     mesh = data_parallel_mesh(mesh)
+    # References, not copies: fully_shard gives the model new (sharded) tensors and leaves these whole.
+    whole = model.state_dict() if torch.distributed.get_rank() == 0 else {}
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
 
     def shard(modules: list[nn.Module]) -> None:
@@ -133,6 +143,7 @@ def shard_owl(model: OwlModel, mesh: DeviceMesh, param_dtype: torch.dtype | None
     shard([model.llm])
     shard([model])
     assert_sharded(model)
+    _fill_from_rank0(model, whole, mesh)
     # Hugging Face generation then keeps the ranks in step (synced_gpus): a rank whose captions end
     # early keeps joining the all-gathers of the others' forwards instead of leaving them waiting.
     for module in model.llm.modules():
@@ -152,6 +163,22 @@ def _shard_unit(modules: list[nn.Module], mesh: DeviceMesh, policy: MixedPrecisi
                              "so freeze or train such a module whole")
         fully_shard([m for m, flags in owners.items() if flags == {True}], mesh=mesh, mp_policy=policy)
     fully_shard(modules if len(modules) > 1 else modules[0], mesh=mesh, mp_policy=policy)
+
+
+def _fill_from_rank0(model: nn.Module, whole: dict[str, torch.Tensor], mesh: DeviceMesh) -> None:
+    """Give every rank its shards of rank 0's parameters and copies of its buffers; ``whole``: rank 0's
+    state dict from before sharding (empty elsewhere). Ranks built on ``meta`` get memory first."""
+    device = torch.device("cpu") if mesh.device_type == "cpu" else \
+        torch.device(mesh.device_type, torch.get_device_module(mesh.device_type).current_device())
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        model.to_empty(device=device)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, whole, options=options)  # each rank receives only its shards
+    # Buffers the state dict leaves out (rotary frequencies, pixel mean/std) come from rank 0 too.
+    saved = model.state_dict().keys()
+    for name, buffer in model.named_buffers():
+        if name not in saved:
+            torch.distributed.broadcast(buffer, src=0, group=mesh.get_group())
 
 
 def _unsharded_parameters(modules: list[nn.Module], recurse: bool = True) -> list[nn.Parameter]:

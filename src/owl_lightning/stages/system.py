@@ -9,6 +9,7 @@ import logging
 import math
 import time
 from collections import Counter
+from contextlib import nullcontext
 from typing import Any
 
 import lightning as L
@@ -93,20 +94,27 @@ class OwlSystem(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.model is None:
-            self.model = self._build_model()
+            # Under FSDP only global rank 0 reads weights; the others build on the meta device and
+            # receive their shards from it in shard_owl.
+            reads_weights = self.device_mesh is None or self.global_rank == 0
+            with nullcontext() if reads_weights else torch.device("meta"):
+                self.model = self._build_model(pretrained=reads_weights)
         if self.device_mesh is not None and not is_sharded(self.model):
             # ModelParallelStrategy: FSDP2. shard_owl asserts every parameter ended up sharded.
             param_dtype = torch.bfloat16 if str(self.trainer.precision).startswith("bf16") else None
+            if self.global_rank == 0:
+                log.info("FSDP2 over %d processes: rank 0 read the weights and sends every rank its shards "
+                         "(the others built the model on the meta device)", self.device_mesh.size())
             shard_owl(self.model, self.device_mesh, param_dtype)
             if not isinstance(self.trainer.strategy, AtomicModelParallelStrategy):
                 log.warning("%s writes each sharded checkpoint over the previous one: a run killed while saving leaves "
                             "a mix of two saves. Use strategy class_path owl_lightning.parallel.AtomicModelParallelStrategy "
                             "(same arguments)", type(self.trainer.strategy).__name__)
 
-    def _build_model(self) -> OwlModel:
+    def _build_model(self, pretrained: bool) -> OwlModel:
         self.tokenizer = load_tokenizer(self.owl_config.llm)
-        model = build_owl(self.owl_config, tokenizer=self.tokenizer)
-        if self.hparams.init_from:
+        model = build_owl(self.owl_config, pretrained=pretrained, tokenizer=self.tokenizer)
+        if self.hparams.init_from and pretrained:
             checkpoint = read_checkpoint(self.hparams.init_from)
             load_model_weights(model, checkpoint["state_dict"], self.hparams.init_from)
             log.info("initialised from %s", self.hparams.init_from)
