@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -28,7 +29,7 @@ from owl_lightning.checkpoints import is_base_llm_weight, load_owl, read_checkpo
 from owl_lightning.cli import main
 from owl_lightning.config import get_config
 from owl_lightning.data.modules import CaptionDataModule
-from owl_lightning.models.llm import load_tokenizer
+from owl_lightning.models.llm import build_llm, load_tokenizer
 from owl_lightning.models.owl import build_owl
 from owl_lightning.parallel import (AtomicModelParallelStrategy, assert_sharded, checkpoint_activations, is_sharded_checkpoint,
                                     llm_blocks, read_sharded_checkpoint, shard_owl)
@@ -67,7 +68,9 @@ class ShardReport(L.Callback):
             }
         adam_steps = {int(s["step"]) for s in trainer.optimizers[0].state.values()}
         report = {"global_step": trainer.global_step, "world_size": trainer.world_size, "params": params,
-                  "mixed_units": mixed_units(pl_module.model), "adam_steps": sorted(adam_steps)}
+                  "mixed_units": mixed_units(pl_module.model), "adam_steps": sorted(adam_steps),
+                  "rms_norm_eps": pl_module.model.llm.config.rms_norm_eps,
+                  "eos_token_id": pl_module.model.llm.generation_config.eos_token_id}
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"{moment}_rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
@@ -182,10 +185,28 @@ def test_stage1_shards_resumes_on_one_process_and_consolidates(tmp_path, caption
     assert {int(s["step"]) for s in trainer.optimizers[0].state.values()} == {5}
 
 
+def saved_llm(folder: Path) -> dict[str, str]:
+    """owl-tiny's LLM saved as a Hugging Face folder whose config differs from owl-tiny's ``architecture``
+    (RMSNorm epsilon, generation's EOS); returns its weights' digests."""
+    config = get_config("owl-tiny")
+    llm = build_llm(replace(config.llm, architecture={**config.llm.architecture, "rms_norm_eps": 0.25}), load_weights=False)
+    llm.generation_config.eos_token_id = 7
+    llm.save_pretrained(folder)
+    return {name: digest(p) for name, p in llm.named_parameters()}
+
+
 def test_stage2_lora_units_bf16_activation_checkpointing_and_resume(tmp_path, instruction_manifest):
-    extra = ["--data.max_length", "256", "--model.activation_checkpointing", "true", "--trainer.precision", "bf16-mixed"]
+    # The LLM comes from a folder: only rank 0 reads it; rank 1 builds from the config rank 0 read.
+    pretrained = saved_llm(tmp_path / "llm")
+    extra = ["--data.max_length", "256", "--model.activation_checkpointing", "true", "--trainer.precision", "bf16-mixed",
+             "--model.model_overrides", json.dumps({"llm.source": str(tmp_path / "llm")})]
     two = run("stage2", tmp_path, instruction_manifest, 2, 2, "two", *extra)
     assert_sharded_and_in_agreement(two)
+    assert all(r["start"]["rms_norm_eps"] == 0.25 and r["start"]["eos_token_id"] == 7 for r in two)
+    for rank in two:  # the folder's weights, on every rank
+        started = {n.removeprefix("llm.base_model.model.").replace(".base_layer", ""): info["hash"]  # LoRA's names
+                   for n, info in rank["start"]["params"].items()}
+        assert {n: started[n] for n in pretrained} == pretrained
     changed = moved(two[0])
     llm_changed = {n for n in changed if n.startswith("llm.")}
     assert llm_changed and all("lora_" in n for n in llm_changed)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 if TYPE_CHECKING:
     from owl_lightning.config import LLMConfig
@@ -129,13 +129,9 @@ def build_llm(cfg: LLMConfig, load_weights: bool = True) -> PreTrainedModel:
         if Path(path).exists() and not (Path(path) / "config.json").exists():
             raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if cfg.architecture is not None:
+    if cfg.architecture is None:
+        config = AutoConfig.from_pretrained(_resolve(cfg.source), trust_remote_code=cfg.trust_remote_code)
+    else:
         arch = dict(cfg.architecture)
-        return AutoModelForCausalLM.from_config(AutoConfig.for_model(arch.pop("model_type"), **arch), **kwargs)
-    path = _resolve(cfg.source)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code), **kwargs)
-    # What from_pretrained would read besides the weights: generation stops at the model's own EOS
-    # on ranks that build without weights too (FSDP's other ranks).
-    if (Path(path) / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(path)
-    return model
+        config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+    return AutoModelForCausalLM.from_config(config, **kwargs)

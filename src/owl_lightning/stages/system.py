@@ -9,7 +9,7 @@ import logging
 import math
 import time
 from collections import Counter
-from contextlib import nullcontext
+from dataclasses import replace
 from typing import Any
 
 import lightning as L
@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
+from transformers import GenerationConfig
 
 from owl_lightning.checkpoint_io import SafeCheckpointIO
 from owl_lightning.checkpoints import is_base_llm_weight, load_model_weights, read_checkpoint
@@ -94,11 +95,7 @@ class OwlSystem(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.model is None:
-            # Under FSDP only global rank 0 reads weights; the others build on the meta device and
-            # receive their shards from it in shard_owl.
-            reads_weights = self.device_mesh is None or self.global_rank == 0
-            with nullcontext() if reads_weights else torch.device("meta"):
-                self.model = self._build_model(pretrained=reads_weights)
+            self.model = self._build_model() if self.device_mesh is None else self._build_model_on_every_rank()
         if self.device_mesh is not None and not is_sharded(self.model):
             # ModelParallelStrategy: FSDP2. shard_owl asserts every parameter ended up sharded.
             param_dtype = torch.bfloat16 if str(self.trainer.precision).startswith("bf16") else None
@@ -111,9 +108,28 @@ class OwlSystem(L.LightningModule):
                             "a mix of two saves. Use strategy class_path owl_lightning.parallel.AtomicModelParallelStrategy "
                             "(same arguments)", type(self.trainer.strategy).__name__)
 
-    def _build_model(self, pretrained: bool) -> OwlModel:
+    def _build_model_on_every_rank(self) -> OwlModel:
+        """Under FSDP only global rank 0 reads weights. The others build the model on the meta device
+        from the LLM config rank 0 read (a folder's own, as ``from_pretrained`` reads it, whatever
+        ``llm.architecture`` says) and receive their shards from rank 0 in ``shard_owl``."""
+        model = self._build_model() if self.global_rank == 0 else None
+        llm = [(model.llm.config.to_dict(), model.llm.generation_config.to_dict()) if model else None]
+        torch.distributed.broadcast_object_list(llm, src=0)
+        if model is None:
+            llm_config, generation_config = llm[0]
+            with torch.device("meta"):
+                model = self._build_model(llm_architecture=llm_config)
+            model.llm.generation_config = GenerationConfig.from_dict(generation_config)
+        return model
+
+    def _build_model(self, llm_architecture: dict | None = None) -> OwlModel:
+        """The model with its weights; given ``llm_architecture`` (an HF config dict), random weights
+        and that LLM (under a meta device context: nothing allocated)."""
         self.tokenizer = load_tokenizer(self.owl_config.llm)
-        model = build_owl(self.owl_config, pretrained=pretrained, tokenizer=self.tokenizer)
+        pretrained = llm_architecture is None
+        config = self.owl_config if pretrained else \
+            replace(self.owl_config, llm=replace(self.owl_config.llm, architecture=llm_architecture))
+        model = build_owl(config, pretrained=pretrained, tokenizer=self.tokenizer)
         if self.hparams.init_from and pretrained:
             checkpoint = read_checkpoint(self.hparams.init_from)
             load_model_weights(model, checkpoint["state_dict"], self.hparams.init_from)
