@@ -79,6 +79,7 @@ bench: data
 	$(PY) bench/stage1_data.py
 	$(PY) bench/step_overhead.py
 	$(PY) bench/stage2_padding.py
+	$(PY) bench/fsdp_startup.py
 
 # The paper's five ablation settings on the embedded task → docs/ablation.md (about an hour on 2 cores).
 ablation: data
