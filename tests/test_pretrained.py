@@ -32,6 +32,14 @@ def test_missing_vision_weights_name_the_path(tmp_path):
         load_vision_weights(model, str(tmp_path / "nope.pth"))
 
 
+@pytest.mark.parametrize("source", ["/nowhere/no-such-llm", "./no-such-llm", "~/no-such-llm"])
+def test_a_missing_llm_folder_is_named(source):
+    config = get_config("owl-tiny", {"llm.source": source, "llm.tokenizer": None}).llm
+    for build in (build_llm, load_tokenizer):
+        with pytest.raises(FileNotFoundError, match="LLM folder .*no-such-llm does not exist: set llm.source"):
+            build(config)
+
+
 def test_converted_smollm2_knows_the_capital_of_france():
     llm_config = get_config("owl-smol").llm
     tokenizer = load_tokenizer(llm_config)

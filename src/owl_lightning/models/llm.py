@@ -84,7 +84,16 @@ def packaged_smollm2_dir() -> Path:
 
 
 def _resolve(source: str) -> str:
-    return str(packaged_smollm2_dir()) if source == PACKAGED_SMOLLM2 else source
+    """A local folder, or a hub id passed on (``owner/name``)."""
+    if source == PACKAGED_SMOLLM2:
+        return str(packaged_smollm2_dir())
+    if source.startswith(("/", "./", "../", "~")):  # a path, never a hub id
+        folder = Path(source).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"LLM folder {folder} does not exist: set llm.source to a Hugging Face model folder, "
+                                    f"a hub id (owner/name) or {PACKAGED_SMOLLM2}")
+        return str(folder)
+    return source
 
 
 def byte_tokenizer() -> PreTrainedTokenizerBase:
