@@ -437,3 +437,25 @@ def test_activation_checkpointing_keeps_loss_and_gradients(tiny_config, tiny_tok
     torch.testing.assert_close(loss_ckpt, loss)
     for name, grad in grads.items():
         torch.testing.assert_close(grads_ckpt[name], grad, msg=name)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_ddp_keeps_ranks_in_agreement(tmp_path, caption_manifest, instruction_manifest, stage):
+    """Models that fit one device may use DDP instead (``--trainer.strategy ddp``)."""
+    manifest = caption_manifest if stage == "stage1" else instruction_manifest
+    two = run(stage, tmp_path, manifest, 2, 3, "two", "--trainer.strategy", "ddp")
+    for name, info in two[0]["end"]["params"].items():
+        assert not info["sharded"] and two[1]["end"]["params"][name]["hash"] == info["hash"], f"ranks disagree on {name}"
+    assert moved(two[0]) and all(r["end"]["global_step"] == 3 for r in two)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_ranks_with_and_without_images_in_one_step(tmp_path, instruction_manifest, strategy):
+    """Text 7 : VQA 1 in batches of 4: each batch holds 0 or 1 image, so in one step a rank with an
+    image and a rank without run together; both must run the same collectives."""
+    manifest = yaml.safe_load(instruction_manifest.read_text())
+    manifest["train"][1]["weight"] = 7
+    instruction_manifest.write_text(yaml.safe_dump(manifest))
+    extra = ["--trainer.strategy", "ddp"] if strategy == "ddp" else []
+    two = run("stage2", tmp_path, instruction_manifest, 2, 4, "two", *extra)
+    assert all(r["end"]["global_step"] == 4 for r in two)

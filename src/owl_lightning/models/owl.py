@@ -137,10 +137,16 @@ class OwlModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Token ids ``[B, T]`` (+ images) → LLM input embeddings ``[B, L, D]``, mask and labels ``[B, L]``."""
         text_embeds = self.llm.get_input_embeddings()(input_ids)
-        visual = self.encode_images(images) if images is not None and images.shape[0] else None
-        return splice_visual_tokens(
+        if images is None:
+            images = torch.zeros(0, *self.vision.input_size, dtype=torch.uint8, device=input_ids.device)
+        # A batch without images still runs the encoder and abstractor (on zero images) and ties their
+        # output to the loss: under FSDP/DDP every rank must run the same collectives (all-gathers,
+        # gradient reductions) whether or not its batch holds images.
+        visual = self.encode_images(images)
+        embeds, mask, labels = splice_visual_tokens(
             input_ids, attention_mask, text_embeds, visual, self.image_token_id, labels, image_counts, padding_side
         )
+        return (embeds if visual.shape[0] else embeds + visual.sum()), mask, labels
 
     def forward(
         self,

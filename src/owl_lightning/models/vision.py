@@ -46,6 +46,7 @@ class VisionEncoder(nn.Module):
         if pretrained and cfg.weights not in (None, "timm"):
             load_vision_weights(self.model, cfg.weights)
         data = vision_data_config(cfg)
+        self.input_size: tuple[int, int, int] = tuple(data["input_size"])  # (3, H, W) the transform gives
         # Not saved in checkpoints: they follow from the config.
         self.register_buffer("mean", torch.tensor(data["mean"]).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(data["std"]).view(1, 3, 1, 1) * 255, persistent=False)
