@@ -46,9 +46,13 @@ class ShardReport(L.Callback):
 
     def __init__(self, out: str) -> None:
         self.out = Path(out)
+        self.val_batches = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write(trainer, pl_module, "start")
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args) -> None:
+        self.val_batches += not trainer.sanity_checking
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write(trainer, pl_module, "end")
@@ -68,7 +72,7 @@ class ShardReport(L.Callback):
             }
         adam_steps = {int(s["step"]) for s in trainer.optimizers[0].state.values()}
         report = {"global_step": trainer.global_step, "world_size": trainer.world_size, "params": params,
-                  "mixed_units": mixed_units(pl_module.model), "adam_steps": sorted(adam_steps),
+                  "mixed_units": mixed_units(pl_module.model), "adam_steps": sorted(adam_steps), "val_batches": self.val_batches,
                   "rms_norm_eps": pl_module.model.llm.config.rms_norm_eps,
                   "eos_token_id": pl_module.model.llm.generation_config.eos_token_id}
         self.out.mkdir(parents=True, exist_ok=True)
@@ -144,13 +148,11 @@ def assert_resumed_from(resumed: dict, saved: dict, steps: int) -> None:
 
 def test_stage1_shards_resumes_on_one_process_and_consolidates(tmp_path, caption_manifest):
     # Validation at step 2 generates captions: ranks must stay in step through generation too.
-    # Each rank reads whole validation shards: give it two (training shards will do).
-    manifest = yaml.safe_load(caption_manifest.read_text())
-    manifest["val"][0]["shards"] = "shards/train-{000000..000001}.tar"
-    caption_manifest.write_text(yaml.safe_dump(manifest))
+    # One validation shard for two ranks: each reads it and keeps every other sample.
     validation = ["--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2", "--model.num_caption_samples", "2"]
     two = run("stage1", tmp_path, caption_manifest, 2, 2, "two", *validation)
     assert_sharded_and_in_agreement(two)
+    assert [r["end"]["val_batches"] for r in two] == [1, 1]
     assert all(r["end"]["world_size"] == 2 and r["end"]["global_step"] == 2 for r in two)
     changed = moved(two[0])
     assert any(n.startswith("vision.") for n in changed) and any(n.startswith("abstractor.") for n in changed)
@@ -459,3 +461,14 @@ def test_ranks_with_and_without_images_in_one_step(tmp_path, instruction_manifes
     extra = ["--trainer.strategy", "ddp"] if strategy == "ddp" else []
     two = run("stage2", tmp_path, instruction_manifest, 2, 4, "two", *extra)
     assert all(r["end"]["global_step"] == 4 for r in two)
+
+
+def test_validation_ends_together_on_uneven_shards(tmp_path, caption_manifest):
+    """3 validation shards of 12 for 2 ranks in batches of 4: rank 0 holds 6 batches, rank 1 3. Under
+    FSDP a rank validating alone would wait forever on the other's all-gathers; both stop after 3."""
+    manifest = yaml.safe_load(caption_manifest.read_text())
+    manifest["val"][0]["shards"] = "shards/train-{000000..000002}.tar"
+    caption_manifest.write_text(yaml.safe_dump(manifest))
+    two = run("stage1", tmp_path, caption_manifest, 2, 2, "two", "--trainer.limit_val_batches", "1.0",
+              "--trainer.val_check_interval", "2", "--model.num_caption_samples", "0")
+    assert [r["end"]["val_batches"] for r in two] == [3, 3]

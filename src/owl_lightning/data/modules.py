@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import Strategy
 from torch.utils.data import DataLoader
 
 from owl_lightning.config import OwlConfig, get_config
@@ -36,6 +38,26 @@ def _loader_settings(num_workers: int) -> dict:
     value (:mod:`~owl_lightning.data.transfer`)."""
     return {"batch_size": None, "num_workers": num_workers, "generator": torch.Generator(),
             "worker_init_fn": send_batches_by_value}
+
+
+class EndTogether:
+    """A validation loader's batches until any rank runs out of them (one all-reduced flag a batch).
+
+    Ranks may hold different numbers of validation batches (shards of unequal sizes). Under FSDP
+    every forward gathers weights from all ranks, so a rank going on alone would wait forever;
+    the batches the other ranks still held are left out.
+    """
+
+    def __init__(self, loader: DataLoader, strategy: Strategy) -> None:
+        self.loader, self.strategy = loader, strategy
+
+    def __iter__(self) -> Iterator[dict]:
+        batches = iter(self.loader)
+        while True:
+            batch = next(batches, None)
+            if not self.strategy.reduce_boolean_decision(batch is not None, all=True):
+                return
+            yield batch
 
 
 class ResumableLoader(DataLoader):
@@ -89,6 +111,10 @@ class _OwlDataModule(L.LightningDataModule):
         if train and self.trainer is not None:
             return ResumableLoader(dataset, workers, self.trainer)
         return DataLoader(dataset, **_loader_settings(workers))
+
+    def _val_loader(self, dataset) -> Iterable[dict] | DataLoader:
+        loader = self._loader(dataset, workers=min(self.hparams.num_workers, 1))
+        return loader if self.trainer is None else EndTogether(loader, self.trainer.strategy)
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         if self.trainer is not None and self.trainer.training:
@@ -153,7 +179,7 @@ class CaptionDataModule(_OwlDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.manifest.val:
             return []
-        return self._loader(self._pipeline(self.manifest.val, train=False), workers=min(self.hparams.num_workers, 1))
+        return self._val_loader(self._pipeline(self.manifest.val, train=False))
 
 
 class InstructionDataModule(_OwlDataModule):
@@ -208,4 +234,4 @@ class InstructionDataModule(_OwlDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.manifest.val:
             return []
-        return self._loader(self._mixture(self.manifest.val), workers=min(self.hparams.num_workers, 1))
+        return self._val_loader(self._mixture(self.manifest.val))

@@ -15,6 +15,7 @@ then the sources are mixed sample by sample by their weights (seeded), batched w
 
 Validation (``train=False``): every shard of every source once, split by rank then by DataLoader
 worker, in order, no shuffling; the same encode and batch stages; the last partial batch is kept.
+With fewer shards than ranks, every rank reads them all and keeps every ``world_size``-th sample.
 
 Shards in img2dataset's layout (``000000000.jpg`` + ``.txt`` + ``.json``) are read as they are;
 URLs and ``pipe:`` commands go to webdataset untouched. Every skipped sample is recorded in the
@@ -209,14 +210,13 @@ def build_shard_pipeline(
         return ShardPipeline(mix, batch, share, position=position)
 
     shards = [{"url": url, "source": source} for source in sources for url in shard_lists[source.name]]
-    if len(shards) < world_size:
-        raise ValueError(
-            f"{len(shards)} validation shard(s) for {world_size} ranks: webdataset gives each rank whole shards, so every "
-            f"rank needs at least one. Write the validation set as at least {world_size} shards."
-        )
+    if len(shards) >= world_size:
+        split_shards, split_samples = [partial(_split_by_rank_and_worker, rank=rank, world_size=world_size)], []
+    else:  # too few shards to give every rank one: every rank reads them all and keeps its share of samples
+        split_shards = [partial(_split_by_rank_and_worker, rank=0, world_size=1)]
+        split_samples = [partial(_every_nth, start=rank, step=world_size)]
     # A callable source, not the list itself: DataPipeline splices a list argument in as stages.
-    split = partial(_split_by_rank_and_worker, rank=rank, world_size=world_size)
-    return ShardPipeline(partial(iter, shards), split, read, encode, batch, share, position=position)
+    return ShardPipeline(partial(iter, shards), *split_shards, read, *split_samples, encode, batch, share, position=position)
 
 
 def _is_local(url: str) -> bool:
@@ -253,6 +253,11 @@ def _split_by_rank_and_worker(shards: Iterable[dict], rank: int, world_size: int
     The rank comes from build time: a spawned worker cannot see the process group."""
     worker_id, num_workers = worker_info()
     yield from islice(islice(shards, rank, None, world_size), worker_id, None, num_workers)
+
+
+def _every_nth(samples: Iterable[dict], start: int, step: int) -> Iterator[dict]:
+    """Raw samples ``start, start + step, …``: rank ``start`` of ``step``'s share, before any decoding."""
+    yield from islice(samples, start, None, step)
 
 
 def _read_shards(shards: Iterable[dict], skips: SkipLog, stall_limit: int) -> Iterator[dict]:
