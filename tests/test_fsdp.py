@@ -74,9 +74,14 @@ class ShardReport(L.Callback):
         report = {"global_step": trainer.global_step, "world_size": trainer.world_size, "params": params,
                   "mixed_units": mixed_units(pl_module.model), "adam_steps": sorted(adam_steps), "val_batches": self.val_batches,
                   "rms_norm_eps": pl_module.model.llm.config.rms_norm_eps,
-                  "eos_token_id": pl_module.model.llm.generation_config.eos_token_id}
+                  "eos_token_id": llm_generating(pl_module.model.llm).generation_config.eos_token_id}
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"{moment}_rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+def llm_generating(llm: torch.nn.Module) -> torch.nn.Module:
+    """The model whose generation config generation reads (under LoRA, the base model)."""
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
 
 
 def digest(tensor: torch.Tensor) -> str:

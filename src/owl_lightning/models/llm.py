@@ -84,7 +84,8 @@ def packaged_smollm2_dir() -> Path:
 
 
 def _resolve(source: str) -> str:
-    """A local folder, or a hub id passed on (``owner/name``)."""
+    """What ``from_pretrained`` loads ``source`` from: a local folder (the packaged model's, once
+    converted), or a hub id (``owner/name``) as it is."""
     if source == PACKAGED_SMOLLM2:
         return str(packaged_smollm2_dir())
     if source.startswith(("/", "./", "../", "~")):  # a path, never a hub id

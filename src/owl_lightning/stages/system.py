@@ -113,23 +113,23 @@ class OwlSystem(L.LightningModule):
         from the LLM config rank 0 read (a folder's own, as ``from_pretrained`` reads it, whatever
         ``llm.architecture`` says) and receive their shards from rank 0 in ``shard_owl``."""
         model = self._build_model() if self.global_rank == 0 else None
-        llm = [(model.llm.config.to_dict(), model.llm.generation_config.to_dict()) if model else None]
+        llm = [(model.llm.config.to_dict(), model.llm.generation_config.to_dict()) if model is not None else None]
         torch.distributed.broadcast_object_list(llm, src=0)
         if model is None:
-            llm_config, generation_config = llm[0]
             with torch.device("meta"):
-                model = self._build_model(llm_architecture=llm_config)
-            model.llm.generation_config = GenerationConfig.from_dict(generation_config)
+                model = self._build_model(rank0_llm=llm[0])
         return model
 
-    def _build_model(self, llm_architecture: dict | None = None) -> OwlModel:
-        """The model with its weights; given ``llm_architecture`` (an HF config dict), random weights
-        and that LLM (under a meta device context: nothing allocated)."""
+    def _build_model(self, rank0_llm: tuple[dict, dict] | None = None) -> OwlModel:
+        """The model with its weights; given rank 0's LLM config and generation config (HF dicts),
+        random weights and that LLM (under a meta device context: nothing allocated)."""
         self.tokenizer = load_tokenizer(self.owl_config.llm)
-        pretrained = llm_architecture is None
+        pretrained = rank0_llm is None
         config = self.owl_config if pretrained else \
-            replace(self.owl_config, llm=replace(self.owl_config.llm, architecture=llm_architecture))
+            replace(self.owl_config, llm=replace(self.owl_config.llm, architecture=rank0_llm[0]))
         model = build_owl(config, pretrained=pretrained, tokenizer=self.tokenizer)
+        if not pretrained:  # before LoRA wraps the LLM: generation reads the base model's
+            model.llm.generation_config = GenerationConfig.from_dict(rank0_llm[1])
         if self.hparams.init_from and pretrained:
             checkpoint = read_checkpoint(self.hparams.init_from)
             load_model_weights(model, checkpoint["state_dict"], self.hparams.init_from)
