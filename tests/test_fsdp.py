@@ -407,7 +407,8 @@ def _shard_and_compare(rank: int, store: str, rank1_builds: str, lora: bool) -> 
             assert torch.equal(buffer, buffers[name]), f"rank {rank}: {name}"
         ids = torch.tensor([[257, model.image_token_id, 97, 98, 99]])
         images = torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-        model.eval(), reference.eval()
+        for m in (model, reference):
+            m.eval()
         losses = [m(ids, torch.ones_like(ids), ids, images, torch.tensor([1])).loss for m in (model, reference)]
         torch.testing.assert_close(losses[0], losses[1])
     finally:
