@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -22,3 +23,8 @@ def record(name: str, entry: dict) -> None:
     results[name] = {**entry, "machine": machine()}
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({name: results[name]}, indent=2))
+
+
+def rss_kib(field: str) -> int:
+    """This process's ``/proc/self/status`` memory figure ``field`` (``VmRSS``, ``VmHWM``: the peak) in KiB."""
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))

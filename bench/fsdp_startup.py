@@ -16,7 +16,7 @@ from pathlib import Path
 
 import lightning as L
 
-from common import record
+from common import record, rss_kib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,9 +28,8 @@ class StartReport(L.Callback):
         self.out = Path(out)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        status = Path("/proc/self/status").read_text().splitlines()
-        peak_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
-        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"peak_rss_mib": round(peak_kib / 1024)}))
+        peak_mib = round(rss_kib("VmHWM") / 1024)
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps({"peak_rss_mib": peak_mib}))
         raise SystemExit(0)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
-import re
 import statistics
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from common import record
+from common import record, rss_kib
 from owl_lightning.data.collate import IGNORE_INDEX
 from owl_lightning.data.modules import CaptionDataModule, InstructionDataModule
 from owl_lightning.flops import measure_matmul_flops, sequence_lengths
@@ -209,16 +208,12 @@ class EverythingTrainable(Stage1Module):
         model.set_trainable(vision=True, abstractor=True, llm=True)
 
 
-def _rss_kb(field: str) -> int:
-    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
 def memory_probe(everything_trainable: bool, batch_size: int, steps: int, results: multiprocessing.Queue) -> None:
     """In a fresh process: peak RSS over ``steps`` training steps, and which parameters AdamW keeps state for."""
     system = (EverythingTrainable if everything_trainable else Stage1Module)(model_name="owl-smol", peak_flops=1.0)
     system.configure_model()
     batches = stage1_batches(batch_size, steps)
-    before = _rss_kb("VmRSS")
+    before = rss_kib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # restart the peak (VmHWM) from here: model loading is not a step
     trainer = fit(system, batches)
     optimizer = trainer.optimizers[0]
@@ -226,7 +221,7 @@ def memory_probe(everything_trainable: bool, batch_size: int, steps: int, result
     with_state = {p for p in system.model.parameters() if optimizer.state.get(p)}
     state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
     results.put({
-        "rss_before_steps_mb": round(before / 1024), "peak_rss_mb": round(_rss_kb("VmHWM") / 1024),
+        "rss_before_steps_mb": round(before / 1024), "peak_rss_mb": round(rss_kib("VmHWM") / 1024),
         "trainable_params": sum(p.numel() for p in trainable), "params": sum(p.numel() for p in system.model.parameters()),
         "optimizer_state_mb": round(state_bytes / 2**20, 1), "optimizer_state_only_for_trainable": with_state == trainable,
     })

@@ -32,7 +32,7 @@ def splice_visual_tokens(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     text_embeds: torch.Tensor,
-    visual_tokens: torch.Tensor | None,
+    visual_tokens: torch.Tensor,
     image_token_id: int,
     labels: torch.Tensor | None = None,
     image_counts: torch.Tensor | None = None,
@@ -44,7 +44,7 @@ def splice_visual_tokens(
         input_ids, attention_mask: ``[B, T]``; padding (mask 0) may be on either side. Non-zero mask
             values are carried over to the expanded positions (a packed row numbers its samples 1, 2, …).
         text_embeds: ``[B, T, D]``, the LLM's embeddings of ``input_ids``.
-        visual_tokens: ``[M, V, D]`` for the M images of the batch, sample-major in placeholder order.
+        visual_tokens: ``[M, V, D]`` for the M images of the batch (M may be 0), sample-major in placeholder order.
         labels: optional ``[B, T]``; image positions get ``IGNORE_INDEX``.
         image_counts: optional ``[B]`` images per sample, to name the sample when counts disagree.
         padding_side: where the expanded batch is padded (``left`` for generation).
@@ -56,7 +56,7 @@ def splice_visual_tokens(
     batch, _ = input_ids.shape
     is_image = (input_ids == image_token_id) & attention_mask.bool()
     placeholders = is_image.sum(1)
-    num_images = 0 if visual_tokens is None else visual_tokens.shape[0]
+    num_images, width = visual_tokens.shape[:2]
     if image_counts is not None:
         for row in (placeholders != image_counts.to(placeholders.device)).nonzero().flatten().tolist():
             raise ValueError(
@@ -65,7 +65,6 @@ def splice_visual_tokens(
             )
     if int(placeholders.sum()) != num_images:
         raise ValueError(f"the batch has {int(placeholders.sum())} {IMAGE_TOKEN} placeholders but {num_images} images")
-    width = 1 if visual_tokens is None else visual_tokens.shape[1]
     # Each real token occupies 1 position, each image V; padding is dropped and re-added at one side.
     spans = torch.where(attention_mask.bool(), 1 + is_image.long() * (width - 1), 0)
     lengths = spans.sum(1)
