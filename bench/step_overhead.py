@@ -34,7 +34,7 @@ from common import record, rss_kib
 from owl_lightning.data.collate import IGNORE_INDEX
 from owl_lightning.data.modules import CaptionDataModule, InstructionDataModule
 from owl_lightning.flops import measure_matmul_flops, sequence_lengths
-from owl_lightning.models.owl import OwlModel, llm_positions
+from owl_lightning.models.owl import OwlModel
 from owl_lightning.stages.stage1 import Stage1Module
 from owl_lightning.stages.stage2 import Stage2Module
 from owl_lightning.stages.system import OwlSystem
@@ -100,16 +100,13 @@ def our_steps(system: OwlSystem, batches: list[dict], warmup: int) -> list[float
 
 
 def floor_inputs(model: OwlModel, batch: dict) -> dict:
-    """What the LLM receives in our step: spliced embeddings ``[B, L, D]``, mask, positions, targets, kept logits."""
+    """What the LLM receives in our step: spliced embeddings ``[B, L, D]`` and the batch's layout (mask,
+    positions, the kept logits' positions and targets)."""
+    layout = model.layout(batch["input_ids"], batch["attention_mask"], batch["images"], batch["labels"], batch["image_counts"])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        embeds, mask, labels = model.embed(batch["input_ids"], batch["attention_mask"], batch["images"], batch["labels"],
-                                           batch["image_counts"])
-    targets = labels[:, 1:]
-    supervised = targets != IGNORE_INDEX
-    keep = supervised.any(0).nonzero().flatten()  # as OwlModel.forward: logits only where some sample is supervised
-    position_ids, llm_mask = llm_positions(mask)
-    return {"embeds": embeds, "mask": llm_mask, "position_ids": position_ids, "keep": keep,
-            "targets": targets[:, keep], "num_supervised": int(supervised.sum())}
+        embeds = model.input_embeddings(batch["input_ids"], batch["images"], layout)
+    return {"embeds": embeds, "mask": layout.llm_mask, "position_ids": layout.position_ids, "keep": layout.keep,
+            "targets": layout.targets, "num_supervised": layout.num_supervised}
 
 
 def floor_step(llm: torch.nn.Module, inputs: dict) -> None:

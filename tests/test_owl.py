@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from owl_lightning.data.collate import IGNORE_INDEX
-from owl_lightning.models.owl import splice_visual_tokens
+from owl_lightning.models.owl import TokenLayout
 
 IMG = 99
 
@@ -13,6 +13,11 @@ def embed(ids):
 
 def visual(m, v=2):
     return -(torch.arange(m * v, dtype=torch.float) + 1).reshape(m, v, 1).expand(m, v, 3).clone()
+
+
+def splice_visual_tokens(ids, mask, text_embeds, vis, image_token_id, labels=None, image_counts=None, padding_side="right"):
+    layout = TokenLayout.of(ids, mask, vis.shape[0], vis.shape[1], image_token_id, labels, image_counts, padding_side)
+    return layout.splice(text_embeds, vis), layout.mask, layout.labels
 
 
 def test_placeholders_become_visual_tokens_in_order_and_text_stays():

@@ -45,10 +45,12 @@ def _stage_cli(stage: str, args: list[str]) -> None:
             if logger is not None and getattr(logger, "save_dir", None):
                 print(f"TensorBoard: tensorboard --logdir {logger.save_dir}", flush=True)
 
-    # Both are by design: frozen modules stay in eval mode, and our iterable datasets split their
-    # batches over workers themselves, so their __len__ is exact.
+    # All by design: frozen modules stay in eval mode; our iterable datasets split their batches over
+    # workers themselves, so their __len__ is exact; and the system's own batch transfer (it makes each
+    # batch's token layout on the host first) is the one meant to run beside the data module.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device` in `LightningModule` but")
     model_class, data_class = {"stage1": (Stage1Module, CaptionDataModule), "stage2": (Stage2Module, InstructionDataModule)}[stage]
     OwlCLI(model_class, data_class, args=args, save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": f"owl-lightning {stage}"})
 

@@ -7,7 +7,7 @@ A batch may mix text-only and multimodal samples.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -28,64 +28,114 @@ class OwlOutput:
     num_tokens: int  # real (non-padding) tokens the LLM processed, visual tokens included
 
 
-def splice_visual_tokens(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    text_embeds: torch.Tensor,
-    visual_tokens: torch.Tensor,
-    image_token_id: int,
-    labels: torch.Tensor | None = None,
-    image_counts: torch.Tensor | None = None,
-    padding_side: str = "right",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Expand every ``<image>`` token into its image's visual tokens.
+@dataclass
+class TokenLayout:
+    """Where a batch's tokens go in the LLM's input once every ``<image>`` is its image's V visual tokens.
 
-    Args:
-        input_ids, attention_mask: ``[B, T]``; padding (mask 0) may be on either side. Non-zero mask
-            values are carried over to the expanded positions (a packed row numbers its samples 1, 2, …).
-        text_embeds: ``[B, T, D]``, the LLM's embeddings of ``input_ids``.
-        visual_tokens: ``[M, V, D]`` for the M images of the batch (M may be 0), sample-major in placeholder order.
-        labels: optional ``[B, T]``; image positions get ``IGNORE_INDEX``.
-        image_counts: optional ``[B]`` images per sample, to name the sample when counts disagree.
-        padding_side: where the expanded batch is padded (``left`` for generation).
+    Index arithmetic only, done on the device the token ids are on. The trainer makes it on the host,
+    before a batch moves to the accelerator (``OwlSystem.transfer_batch_to_device``): made there,
+    the step reads nothing back from the accelerator, where each ``nonzero`` or ``.item()`` would
+    stall the host until the accelerator had finished all the work queued before it.
 
-    Returns:
-        embeds ``[B, L, D]``, attention mask ``[B, L]`` (the input's values) and labels ``[B, L]`` (or None), with
-        ``L = max_b (real tokens_b + images_b × (V − 1))``. Padding positions have zero embeddings.
+    ``L = max_b (real tokens_b + images_b × (V − 1))``: padding is dropped and re-added at one side.
     """
-    batch, _ = input_ids.shape
-    is_image = (input_ids == image_token_id) & attention_mask.bool()
-    placeholders = is_image.sum(1)
-    num_images, width = visual_tokens.shape[:2]
-    if image_counts is not None:
-        for row in (placeholders != image_counts.to(placeholders.device)).nonzero().flatten().tolist():
-            raise ValueError(
-                f"sample {row} of the batch has {int(placeholders[row])} {IMAGE_TOKEN} placeholders but "
-                f"{int(image_counts[row])} images; every image needs exactly one placeholder in its text"
-            )
-    if int(placeholders.sum()) != num_images:
-        raise ValueError(f"the batch has {int(placeholders.sum())} {IMAGE_TOKEN} placeholders but {num_images} images")
-    # Each real token occupies 1 position, each image V; padding is dropped and re-added at one side.
-    spans = torch.where(attention_mask.bool(), 1 + is_image.long() * (width - 1), 0)
-    lengths = spans.sum(1)
-    total = int(lengths.max())
-    offset = (total - lengths) if padding_side == "left" else torch.zeros_like(lengths)
-    start = spans.cumsum(1) - spans + offset[:, None]  # first expanded position of each token
 
-    embeds = text_embeds.new_zeros(batch, total, text_embeds.shape[-1])
-    mask = attention_mask.new_zeros(batch, total)
-    out_labels = None if labels is None else labels.new_full((batch, total), IGNORE_INDEX)
-    rows, cols = (attention_mask.bool() & ~is_image).nonzero(as_tuple=True)
-    embeds[rows, start[rows, cols]] = text_embeds[rows, cols]
-    mask[rows, start[rows, cols]] = attention_mask[rows, cols]
-    if out_labels is not None:
-        out_labels[rows, start[rows, cols]] = labels[rows, cols]
-    if num_images:
-        img_rows, img_cols = is_image.nonzero(as_tuple=True)  # row-major = sample-major, placeholder order
-        positions = start[img_rows, img_cols][:, None] + torch.arange(width, device=input_ids.device)
-        embeds[img_rows[:, None].expand_as(positions), positions] = visual_tokens.to(embeds.dtype)
-        mask[img_rows[:, None].expand_as(positions), positions] = attention_mask[img_rows, img_cols][:, None]
-    return embeds, mask, out_labels
+    text_rows: torch.Tensor  # [K] batch row of each real text token
+    text_cols: torch.Tensor  # [K] its column in ``input_ids``
+    text_positions: torch.Tensor  # [K] its position in the expanded sequence
+    image_rows: torch.Tensor  # [M] batch row of each image, sample-major in placeholder order
+    image_positions: torch.Tensor  # [M, V] positions of its visual tokens
+    mask: torch.Tensor  # [B, L] the input's mask values (1, or a packed row's sample numbers 1, 2, …; 0: padding)
+    labels: torch.Tensor | None  # [B, L] with IGNORE_INDEX at image and padding positions
+    position_ids: torch.Tensor  # [B, L] the LLM's positions (restarting with every packed sample)
+    llm_mask: torch.Tensor | None  # [B, L] the LLM's attention mask; None for packed rows
+    keep: torch.Tensor | None  # [K'] positions whose logits some sample's loss reads (with labels)
+    targets: torch.Tensor | None  # [B, K'] the next token at those positions
+    num_supervised: int
+    num_tokens: int  # real tokens, visual tokens included
+
+    @classmethod
+    def of(
+        cls,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        num_images: int,
+        visual_tokens_per_image: int,
+        image_token_id: int,
+        labels: torch.Tensor | None = None,
+        image_counts: torch.Tensor | None = None,
+        padding_side: str = "right",
+    ) -> "TokenLayout":
+        """The layout of ``input_ids``/``attention_mask``/``labels`` ``[B, T]`` with ``num_images`` images
+        (``image_counts`` ``[B]``, optional, names the sample whose placeholders and images disagree).
+        ``padding_side``: where the expanded batch is padded (``left`` for generation)."""
+        width = visual_tokens_per_image
+        real = attention_mask.bool()
+        is_image = (input_ids == image_token_id) & real
+        placeholders = is_image.sum(1)
+        if image_counts is not None:
+            for row in (placeholders != image_counts.to(placeholders.device)).nonzero().flatten().tolist():
+                raise ValueError(
+                    f"sample {row} of the batch has {int(placeholders[row])} {IMAGE_TOKEN} placeholders but "
+                    f"{int(image_counts[row])} images; every image needs exactly one placeholder in its text"
+                )
+        if int(placeholders.sum()) != num_images:
+            raise ValueError(f"the batch has {int(placeholders.sum())} {IMAGE_TOKEN} placeholders but {num_images} images")
+        # Each real token occupies 1 position, each image V.
+        spans = torch.where(real, 1 + is_image.long() * (width - 1), 0)
+        lengths = spans.sum(1)
+        total = int(lengths.max())
+        offset = (total - lengths) if padding_side == "left" else torch.zeros_like(lengths)
+        start = spans.cumsum(1) - spans + offset[:, None]  # first expanded position of each token
+
+        text_rows, text_cols = (real & ~is_image).nonzero(as_tuple=True)
+        image_rows, image_cols = is_image.nonzero(as_tuple=True)  # row-major = sample-major, placeholder order
+        text_positions = start[text_rows, text_cols]
+        image_positions = start[image_rows, image_cols][:, None] + torch.arange(width, device=input_ids.device)
+        image_rows_per_token = image_rows[:, None].expand_as(image_positions)
+        mask = attention_mask.new_zeros(len(input_ids), total)
+        mask[text_rows, text_positions] = attention_mask[text_rows, text_cols]
+        mask[image_rows_per_token, image_positions] = attention_mask[image_rows, image_cols][:, None]
+
+        packed = bool(mask.max() > 1)
+        if packed:
+            # Positions restart with every sample (padding at the end too), and without a 2D mask
+            # transformers reads the restarts as sample boundaries: block-diagonal causal attention.
+            position_ids, llm_mask = packed_positions(mask), None
+        else:
+            position_ids, llm_mask = (mask.cumsum(1) - 1).clamp(min=0), mask
+
+        out_labels = keep = targets = None
+        num_supervised = 0
+        if labels is not None:
+            out_labels = labels.new_full((len(input_ids), total), IGNORE_INDEX)
+            out_labels[text_rows, text_positions] = labels[text_rows, text_cols]
+            shifted = out_labels[:, 1:]  # position t predicts token t + 1
+            supervised = shifted != IGNORE_INDEX
+            num_supervised = int(supervised.sum())
+            # Logits only where some sample is supervised: the vocabulary projection of every visual
+            # and prompt token would otherwise cost as much as a few decoder layers.
+            keep = supervised.any(0).nonzero().flatten()
+            targets = shifted[:, keep]
+        return cls(text_rows, text_cols, text_positions, image_rows, image_positions, mask, out_labels, position_ids,
+                   llm_mask, keep, targets, num_supervised, int((mask > 0).sum()))
+
+    def splice(self, text_embeds: torch.Tensor, visual_tokens: torch.Tensor) -> torch.Tensor:
+        """``text_embeds`` ``[B, T, D]`` (the LLM's embeddings of ``input_ids``) and ``visual_tokens``
+        ``[M, V, D]`` → the LLM's input embeddings ``[B, L, D]``; padding positions are zero."""
+        embeds = text_embeds.new_zeros(*self.mask.shape, text_embeds.shape[-1])
+        embeds[self.text_rows, self.text_positions] = text_embeds[self.text_rows, self.text_cols]
+        rows = self.image_rows[:, None].expand_as(self.image_positions)
+        embeds[rows, self.image_positions] = visual_tokens.to(embeds.dtype)
+        return embeds
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "TokenLayout":
+        """A copy on ``device`` (Lightning's batch transfer calls this). To a GPU without blocking, the
+        tensors are pinned first: a copy from pageable memory may wait for the work queued on the GPU."""
+        pin = non_blocking and torch.device(device).type == "cuda"
+        moved = {f.name: (value.pin_memory() if pin and value.device.type == "cpu" else value).to(device, non_blocking=non_blocking)
+                 for f in fields(self) if isinstance(value := getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
 
 
 def packed_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -94,16 +144,6 @@ def packed_positions(mask: torch.Tensor) -> torch.Tensor:
     starts = torch.ones_like(mask, dtype=torch.bool)
     starts[:, 1:] = mask[:, 1:] != mask[:, :-1]
     return index - torch.where(starts, index, 0).cummax(1).values
-
-
-def llm_positions(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The spliced ``[B, L]`` mask (1 on real tokens, or packed rows' sample numbers; 0: padding) →
-    the LLM's ``position_ids`` ``[B, L]`` and ``attention_mask`` (``None`` for packed rows)."""
-    if mask.max() > 1:
-        # Packed rows: positions restart with every sample (padding at the end too), and without a 2D
-        # mask transformers reads the restarts as sample boundaries: block-diagonal causal attention.
-        return packed_positions(mask), None
-    return (mask.cumsum(1) - 1).clamp(min=0), mask
 
 
 class OwlModel(nn.Module):
@@ -125,6 +165,20 @@ class OwlModel(nn.Module):
         """``[M, 3, H, W]`` → visual tokens ``[M, V, Dllm]``."""
         return self.abstractor(self.vision(images))
 
+    def layout(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        images: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_counts: torch.Tensor | None = None,
+        padding_side: str = "right",
+    ) -> TokenLayout:
+        """The :class:`TokenLayout` of a batch (``[B, T]`` tensors, ``images`` ``[M, 3, H, W]``), on their device."""
+        num_images = 0 if images is None else images.shape[0]
+        return TokenLayout.of(input_ids, attention_mask, num_images, self.visual_tokens_per_image, self.image_token_id,
+                              labels, image_counts, padding_side)
+
     def embed(
         self,
         input_ids: torch.Tensor,
@@ -135,6 +189,11 @@ class OwlModel(nn.Module):
         padding_side: str = "right",
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Token ids ``[B, T]`` (+ images) → LLM input embeddings ``[B, L, D]``, mask and labels ``[B, L]``."""
+        layout = self.layout(input_ids, attention_mask, images, labels, image_counts, padding_side)
+        return self.input_embeddings(input_ids, images, layout), layout.mask, layout.labels
+
+    def input_embeddings(self, input_ids: torch.Tensor, images: torch.Tensor | None, layout: TokenLayout) -> torch.Tensor:
+        """``input_ids`` ``[B, T]`` and ``images`` ``[M, 3, H, W]`` (or None) → the LLM's input embeddings ``[B, L, D]``."""
         text_embeds = self.llm.get_input_embeddings()(input_ids)
         if images is None:
             images = torch.zeros(0, *self.vision.input_size, dtype=torch.uint8, device=input_ids.device)
@@ -142,10 +201,8 @@ class OwlModel(nn.Module):
         # output to the loss: under FSDP/DDP every rank must run the same collectives (all-gathers,
         # gradient reductions) whether or not its batch holds images.
         visual = self.encode_images(images)
-        embeds, mask, labels = splice_visual_tokens(
-            input_ids, attention_mask, text_embeds, visual, self.image_token_id, labels, image_counts, padding_side
-        )
-        return (embeds if visual.shape[0] else embeds + visual.sum()), mask, labels
+        embeds = layout.splice(text_embeds, visual)
+        return embeds if visual.shape[0] else embeds + visual.sum()
 
     def forward(
         self,
@@ -154,27 +211,23 @@ class OwlModel(nn.Module):
         labels: torch.Tensor,
         images: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
+        layout: TokenLayout | None = None,
     ) -> OwlOutput:
         """Next-token loss over the supervised positions of ``labels`` (``[B, T]``, aligned with ``input_ids``).
 
         ``attention_mask`` is 1 on real tokens, or numbers the samples packed in a row 1, 2, … (see
-        :func:`~owl_lightning.data.collate.collate`); 0 on padding."""
-        embeds, mask, labels = self.embed(input_ids, attention_mask, images, labels, image_counts)
-        targets = labels[:, 1:]  # position t predicts token t + 1
-        supervised = targets != IGNORE_INDEX
-        num_supervised = int(supervised.sum())
-        num_tokens = int((mask > 0).sum())
-        position_ids, llm_mask = llm_positions(mask)
-        # Logits only where some sample is supervised: the vocabulary projection of every visual
-        # and prompt token would otherwise cost as much as a few decoder layers. With nothing
-        # supervised the forward still runs (keep is empty) and the loss is a zero with a graph:
-        # under DDP/FSDP every rank must run the same forward and backward collectives.
-        keep = supervised.any(0).nonzero().flatten()
+        :func:`~owl_lightning.data.collate.collate`); 0 on padding. ``layout``: the batch's
+        :meth:`layout`, if already made (on the host, so that this step needs no host sync)."""
+        layout = layout or self.layout(input_ids, attention_mask, images, labels, image_counts)
+        embeds = self.input_embeddings(input_ids, images, layout)
+        # With nothing supervised the forward still runs (keep is empty) and the loss is a zero with a
+        # graph: under DDP/FSDP every rank must run the same forward and backward collectives.
         logits = self.llm(
-            inputs_embeds=embeds, attention_mask=llm_mask, position_ids=position_ids, logits_to_keep=keep, use_cache=False
+            inputs_embeds=embeds, attention_mask=layout.llm_mask, position_ids=layout.position_ids,
+            logits_to_keep=layout.keep, use_cache=False,
         ).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        return OwlOutput(loss=loss / max(num_supervised, 1), num_supervised=num_supervised, num_tokens=num_tokens)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), layout.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return OwlOutput(loss=loss / max(layout.num_supervised, 1), num_supervised=layout.num_supervised, num_tokens=layout.num_tokens)
 
     @torch.no_grad()
     def generate(

@@ -86,7 +86,8 @@ class OwlSystem(L.LightningModule):
         self.empty_batches = 0
         self.nonfinite_steps = 0  # skipped for a non-finite loss or gradient, in all
         self._nonfinite_in_a_row = 0
-        self._step_losses_finite = True  # over the micro-batches of the coming optimizer step
+        self._step_losses: list[torch.Tensor] = []  # of the micro-batches of the coming optimizer step
+        self._step_samples = 0
         self._step_supervised = 0
         self._step_sources: list[str] = []
         self._rng_to_restore: dict | None = None
@@ -149,7 +150,21 @@ class OwlSystem(L.LightningModule):
     # -- training ----------------------------------------------------------------------------------
 
     def forward(self, batch: dict):
-        return self.model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"], batch["image_counts"])
+        return self.model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"], batch["image_counts"],
+                          layout=batch["layout"])
+
+    def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
+        """A batch's token layout (``OwlModel.layout``) and FLOPs are worked out on the host before it
+        moves: the step on an accelerator then reads nothing back from it (each ``nonzero`` or
+        ``.item()`` would stall the host until the accelerator had done all the work queued so far)."""
+        layout = self.model.layout(batch["input_ids"], batch["attention_mask"], batch["images"], batch["labels"], batch["image_counts"])
+        batch = {**batch, "layout": layout, "flops": self.flops.step(batch, layout.num_supervised)}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def log_number(self, name: str, value: float, **kwargs) -> None:
+        """``self.log`` of a number the host already has, as a CPU tensor: Lightning would copy a plain
+        number to the accelerator, and that copy waits for all the work queued there."""
+        self.log(name, torch.tensor(float(value)), **kwargs)
 
     def on_train_epoch_start(self) -> None:
         # Streams reshuffle per epoch; the DataLoader hands this object to fresh workers each epoch.
@@ -160,31 +175,41 @@ class OwlSystem(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self(batch)
         batch_size = len(batch["source"])  # samples; a packed batch has fewer rows
-        self._log_throughput(batch_size, out.num_tokens, self.flops.step(batch, out.num_supervised))
+        self._log_throughput(batch_size, out.num_tokens, batch["flops"])
         health = getattr(self.trainer.datamodule, "health", None)
         if health is not None:
-            self.log_dict(health.metrics(), on_step=True, on_epoch=False, batch_size=batch_size)
+            for name, value in health.metrics().items():
+                self.log_number(name, value, on_step=True, on_epoch=False, batch_size=batch_size)
         self._step_sources = list(batch["source"])
+        self._step_samples += batch_size
         self._step_supervised += out.num_supervised
         if out.num_supervised == 0:
             # Every answer truncated away: the loss is a zero with a graph, so DDP/FSDP ranks stay in
             # step; if no rank had anything supervised, on_before_optimizer_step makes no update.
             self.empty_batches += 1
-            self.log("train/empty_batches", float(self.empty_batches), batch_size=batch_size)
-        elif torch.isfinite(out.loss):
-            self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
-            self.log("train/supervised_tokens", float(out.num_supervised), batch_size=batch_size)
+            self.log_number("train/empty_batches", self.empty_batches, batch_size=batch_size)
         else:
-            self._step_losses_finite = False  # backward still runs on every rank; the update is dropped
+            self._step_losses.append(out.loss.detach())  # checked with the gradients, before the update
+            self.log_number("train/supervised_tokens", out.num_supervised, batch_size=batch_size)
         return out.loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Drop the update of a step whose loss or gradients are not finite on any rank, or that
         had nothing supervised on every rank: AdamW leaves parameters without a gradient alone."""
         strategy = self.trainer.strategy
-        finite = strategy.reduce_boolean_decision(self._step_losses_finite and gradients_finite(self.model), all=True)
-        supervised = strategy.reduce_boolean_decision(self._step_supervised > 0, all=False)
-        self._step_losses_finite, self._step_supervised = True, 0
+        finite = gradients_finite(self.model).to(self.device)
+        loss = torch.zeros((), device=self.device)
+        if self._step_losses:
+            losses = torch.stack(self._step_losses)
+            finite, loss = finite & torch.isfinite(losses).all(), losses.mean()
+        # Ranks whose losses and gradients are finite, ranks with something supervised: one all-reduce,
+        # and the step's one read back from the accelerator (with this rank's loss for the log).
+        flags = strategy.reduce(torch.stack([finite, torch.full_like(finite, self._step_supervised > 0)]).int(), reduce_op="sum")
+        finite_ranks, supervised_ranks, loss = torch.cat([flags.float(), loss.float()[None]]).tolist()
+        finite, supervised = finite_ranks == strategy.world_size, supervised_ranks > 0
+        if self._step_losses and math.isfinite(loss):
+            self.log_number("train/loss", loss, prog_bar=True, batch_size=self._step_samples)
+        self._step_losses, self._step_samples, self._step_supervised = [], 0, 0
         if not (finite and supervised):
             optimizer.zero_grad(set_to_none=True)
         if finite:
@@ -192,7 +217,7 @@ class OwlSystem(L.LightningModule):
             return
         self.nonfinite_steps += 1
         self._nonfinite_in_a_row += 1
-        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+        self.log_number("train/nonfinite_steps", self.nonfinite_steps)
         sources = ", ".join(f"{name} x{count}" for name, count in Counter(self._step_sources).most_common())
         log.warning("step %d: non-finite loss or gradient, update skipped (batch sources: %s)", self.global_step, sources)
         if self._nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
@@ -211,10 +236,10 @@ class OwlSystem(L.LightningModule):
         if self._last_batch_end is not None and self._unlogged_work is not None:
             seconds = now - self._last_batch_end
             done_samples, done_tokens, done_flops = self._unlogged_work
-            self.log("perf/samples_per_s", done_samples / seconds, batch_size=done_samples)
-            self.log("perf/tokens_per_s", done_tokens / seconds, prog_bar=True, batch_size=done_samples)
-            self.log("perf/tflops_per_s", done_flops / seconds / 1e12, batch_size=done_samples)
-            self.log("perf/mfu", done_flops / seconds / self.peak_flops, prog_bar=True, batch_size=done_samples)
+            self.log_number("perf/samples_per_s", done_samples / seconds, batch_size=done_samples)
+            self.log_number("perf/tokens_per_s", done_tokens / seconds, prog_bar=True, batch_size=done_samples)
+            self.log_number("perf/tflops_per_s", done_flops / seconds / 1e12, batch_size=done_samples)
+            self.log_number("perf/mfu", done_flops / seconds / self.peak_flops, prog_bar=True, batch_size=done_samples)
         self._last_batch_end = now
         self._unlogged_work = (samples, tokens, flops)
 
@@ -312,12 +337,13 @@ def _without_base_llm(module: torch.nn.Module, state_dict: dict, prefix: str, lo
         del state_dict[key]
 
 
-def gradients_finite(model: torch.nn.Module) -> bool:
-    """Whether every gradient this process holds is finite (its local shard, for sharded ones).
+def gradients_finite(model: torch.nn.Module) -> torch.Tensor:
+    """Whether every gradient this process holds is finite (its local shard, for sharded ones): a
+    0-dim bool tensor on the gradients' device (the host reads it when it needs it).
 
-    One host sync for all of them: the total norm, computed with the fused per-dtype kernels
-    clipping uses, is finite exactly when every element is (and its float32 sum of squares does
-    not overflow, which takes elements near 1e19: such a step is dropped as well).
+    The total norm, computed with the fused per-dtype kernels clipping uses, is finite exactly
+    when every element is (and its float32 sum of squares does not overflow, which takes elements
+    near 1e19: such a step is dropped as well).
     """
     local = [g.to_local() if isinstance(g, DTensor) else g for g in (p.grad for p in model.parameters()) if g is not None]
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(local)))
+    return torch.isfinite(torch.nn.utils.get_total_norm(local))
