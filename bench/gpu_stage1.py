@@ -12,7 +12,7 @@ Timing: from the first timed step's start to the last one's end (CUDA synchronis
 MFU: model FLOPs of those steps (owl_lightning.flops) over that time and ``--peak-flops``.
 
     python bench/gpu_stage1.py [--steps 30] [--batch-size 128] [--no-compile] [--activation-checkpointing] [--record-as NAME]
-    python bench/gpu_stage1.py --steps 3 --profile kernels.txt    # where the time goes (timings then not recorded)
+    python bench/gpu_stage1.py --profile kernels.txt    # then 3 steps more under torch.profiler: where the time goes
     python bench/gpu_stage1.py --model tiny --accelerator cpu --steps 2    # a smoke test of the script
 """
 from __future__ import annotations
@@ -28,7 +28,6 @@ from torch.utils.data import DataLoader
 from common import record
 from owl_lightning.config import get_config
 from owl_lightning.data.collate import IGNORE_INDEX
-from owl_lightning.flops import sequence_lengths
 from owl_lightning.models.llm import IMAGE_TOKEN, load_tokenizer
 from owl_lightning.models.vision import vision_data_config
 from owl_lightning.parallel import AtomicModelParallelStrategy
@@ -81,50 +80,61 @@ def synthetic_batches(model: str, overrides: dict, batch_size: int, caption_toke
 
 
 class TimedWindow(L.Callback):
-    """Wall time and model FLOPs / real tokens / samples of the steps after ``warmup``."""
+    """Wall time and model FLOPs / real tokens / samples of steps ``first`` to ``first + count - 1``.
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
+    The figures come from what the host worked out before each batch moved (its ``layout`` and
+    ``flops``): reading them from the device would stall every step, as a training step must not."""
+
+    def __init__(self, first: int, count: int) -> None:
+        self.first, self.last = first, first + count - 1
         self.flops = self.tokens = self.samples = 0.0
         self.start = self.end = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == self.warmup:
+        if batch_idx == self.first:
             _synchronize(pl_module.device)
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if batch_idx < self.warmup:
+        if not self.first <= batch_idx <= self.last:
             return
-        supervised = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        flops = pl_module.flops
-        self.flops += flops.step(batch, supervised)
-        self.tokens += float(sequence_lengths(batch, flops.visual_tokens_per_image, flops.image_token_id).sum())
+        self.flops += batch["flops"]
+        self.tokens += batch["layout"].num_tokens
         self.samples += batch["input_ids"].shape[0]
-        _synchronize(pl_module.device)
-        self.end = time.perf_counter()
+        if batch_idx == self.last:
+            _synchronize(pl_module.device)
+            self.end = time.perf_counter()
 
 
 class ProfiledWindow(L.Callback):
-    """torch.profiler over the steps after ``warmup``; writes the operators by device and by host time to ``path``."""
+    """torch.profiler over steps ``first`` to the end; writes the operators by device and by host time
+    to ``path`` and keeps the device's busy time a step (kernels and copies, summed)."""
 
-    def __init__(self, warmup: int, path: Path) -> None:
-        self.warmup, self.path = warmup, path
+    def __init__(self, first: int, path: Path) -> None:
+        self.first, self.path = first, path
+        self.steps = 0
+        self.device_busy_s_per_step: float | None = None
         self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == self.warmup:
+        if batch_idx == self.first:
             self.profiler.start()
+        self.steps += batch_idx >= self.first
 
     def on_train_end(self, trainer, pl_module) -> None:
         _synchronize(pl_module.device)
         self.profiler.stop()
         table = self.profiler.key_averages()
+        # As the table's "Self CUDA time total": the device's own events (kernels, copies), each once.
+        busy_us = sum(event.self_device_time_total for event in table
+                      if event.device_type == torch.autograd.DeviceType.CUDA and not event.is_user_annotation)
+        self.device_busy_s_per_step = busy_us / 1e6 / max(self.steps, 1)
         self.path.write_text("\n\n".join([
+            f"{self.steps} steps; device busy {self.device_busy_s_per_step * 1e3:.1f} ms a step (kernels and copies, summed)",
             "by device time:\n" + table.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90),
             "by host time:\n" + table.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=90),
         ]))
-        print(f"profile written to {self.path}", flush=True)
+        print(f"profile written to {self.path}: device busy {self.device_busy_s_per_step * 1e3:.1f} ms a step", flush=True)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -148,19 +158,22 @@ def main() -> None:
                         help="fsdp2: ModelParallelStrategy, as the multi-GPU configs; single: Lightning's plain one-device strategy")
     parser.add_argument("--no-record", action="store_true", help="print only; do not write bench/results.json")
     parser.add_argument("--record-as", default="gpu_stage1", help="the entry's name in bench/results.json")
-    parser.add_argument("--profile", type=Path, help="profile the timed steps and write the operator tables here (not recorded)")
+    parser.add_argument("--profile", type=Path, help="after the timed steps, profile --profile-steps more and write the operator tables here")
+    parser.add_argument("--profile-steps", type=int, default=3)
     args = parser.parse_args()
 
     name, overrides = MODELS[args.model]
     torch.manual_seed(0)
     system = Stage1Module(model_name=name, model_overrides=overrides, peak_flops=args.peak_flops,
                           activation_checkpointing=args.activation_checkpointing, compile=args.compile, num_caption_samples=0)
-    batches = synthetic_batches(name, overrides, args.batch_size, args.caption_tokens, args.warmup + args.steps)
-    window = TimedWindow(args.warmup)
+    profiled = args.profile_steps if args.profile else 0
+    batches = synthetic_batches(name, overrides, args.batch_size, args.caption_tokens, args.warmup + args.steps + profiled)
+    window = TimedWindow(args.warmup, args.steps)
+    profiler = ProfiledWindow(args.warmup + args.steps, args.profile) if args.profile else None
     trainer = L.Trainer(accelerator=args.accelerator, devices=1, precision="bf16-mixed", max_steps=len(batches),
                         strategy=STRATEGIES[args.strategy](), gradient_clip_val=1.0,
                         limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[window, *([ProfiledWindow(args.warmup, args.profile)] if args.profile else [])])
+                        enable_model_summary=False, callbacks=[window, *([profiler] if profiler else [])])
     trainer.fit(system, DataLoader(batches, batch_size=None, pin_memory=args.accelerator == "gpu"))
 
     seconds = window.end - window.start
@@ -173,6 +186,7 @@ def main() -> None:
         "achieved_tflops_per_s": round(window.flops / seconds / 1e12, 1), "peak_tflops_per_s": args.peak_flops / 1e12,
         "mfu": round(window.flops / seconds / args.peak_flops, 4), "target_mfu": 0.40,
         "activation_checkpointing": args.activation_checkpointing, "compile": args.compile, "strategy": args.strategy,
+        "device_busy_s_per_step": round(profiler.device_busy_s_per_step, 4) if profiler else None,
         "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if args.accelerator == "gpu" else None,
         "how": "Stage1Module through the Lightning Trainer, " + ("ModelParallelStrategy (FSDP2, 1 process), bf16-mixed with bf16 "
                "FSDP all-gathers" if args.strategy == "fsdp2" else "one device unsharded, bf16-mixed") +
@@ -180,7 +194,7 @@ def main() -> None:
     }
     print(f"{entry['device']}: {entry['tokens_per_s']:,} tokens/s, {entry['samples_per_s']} images/s, "
           f"{entry['achieved_tflops_per_s']} TFLOP/s, MFU {entry['mfu']:.1%} (target 40%)", flush=True)
-    if not (args.no_record or args.profile):
+    if not args.no_record:
         record(args.record_as, entry)
 
 
