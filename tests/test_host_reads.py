@@ -32,17 +32,17 @@ class HostReads(TorchDispatchMode):
 
 def test_a_step_with_its_layout_made_beforehand_reads_back_only_what_the_llm_reads(tiny_model, tiny_tokenizer):
     batch = caption_batch(tiny_tokenizer, (20, 5), padded_to=30)
-    args = (batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"], batch["image_counts"])
-    layout = tiny_model.layout(*args[:2], batch["images"], batch["labels"], batch["image_counts"])
+    tensors = {key: batch[key] for key in ("input_ids", "attention_mask", "labels", "images", "image_counts")}
+    layout = tiny_model.layout(**tensors)
     embeds = tiny_model.input_embeddings(batch["input_ids"], batch["images"], layout)
 
     with HostReads() as llm_reads:
         tiny_model.llm(inputs_embeds=embeds, attention_mask=layout.llm_mask, position_ids=layout.position_ids,
                        logits_to_keep=layout.keep, use_cache=False)
     with HostReads() as step_reads:
-        tiny_model(*args, layout=layout).loss.backward()
+        tiny_model(**tensors, layout=layout).loss.backward()
     with HostReads() as without_layout:
-        tiny_model(*args)
+        tiny_model(**tensors)
 
     assert step_reads.count == llm_reads.count <= 2
     assert without_layout.count > step_reads.count  # making the layout on the device reads, as this test would see
