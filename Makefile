@@ -83,4 +83,4 @@ bench: data
 
 # The paper's five ablation settings on the embedded task → docs/ablation.md (about an hour on 2 cores).
 ablation: data
-	$(PY) -m owl_lightning.eval.ablation $(ARGS)
+	$(PY) -m owl_lightning.apps.eval.ablation $(ARGS)

@@ -1,4 +1,5 @@
 """Shared by the benchmarks: results go into one JSON file, one entry per benchmark."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,12 @@ RESULTS = Path(__file__).with_name("results.json")
 
 
 def machine() -> dict:
-    return {"cpu_threads": torch.get_num_threads(), "platform": platform.platform(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d")}
+    return {
+        "cpu_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def record(name: str, entry: dict) -> None:

@@ -2,9 +2,10 @@
 2 CPU processes (gloo), stopped when training starts.
 
 Only rank 0 reads the weights; the other ranks build on the meta device and receive their shards
-(``owl_lightning.parallel.shard_owl``). Figure per rank: peak resident memory (VmHWM) up to the start
+(``owl_lightning.train.parallel.shard_owl``). Figure per rank: peak resident memory (VmHWM) up to the start
 of training.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,13 +37,36 @@ class StartReport(L.Callback):
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         command = [
-            sys.executable, "-m", "owl_lightning", "stage1", "fit", "--config", str(ROOT / "experiments/stage1_smol.yaml"),
-            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.num_sanity_val_steps", "0",
-            "--trainer.strategy", "owl_lightning.parallel.AtomicModelParallelStrategy",
-            "--trainer.strategy.data_parallel_size", "2", "--trainer.strategy.tensor_parallel_size", "1",
-            "--trainer.default_root_dir", tmp, "--trainer.logger.init_args.save_dir", tmp,
-            "--trainer.callbacks+=fsdp_startup.StartReport", "--trainer.callbacks.out", tmp,
-            "--data.num_workers", "0", "--data.batch_size", "2",
+            sys.executable,
+            "-m",
+            "owl_lightning",
+            "stage1",
+            "fit",
+            "--config",
+            str(ROOT / "experiments/stage1_smol.yaml"),
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.devices",
+            "2",
+            "--trainer.num_sanity_val_steps",
+            "0",
+            "--trainer.strategy",
+            "owl_lightning.train.parallel.AtomicModelParallelStrategy",
+            "--trainer.strategy.data_parallel_size",
+            "2",
+            "--trainer.strategy.tensor_parallel_size",
+            "1",
+            "--trainer.default_root_dir",
+            tmp,
+            "--trainer.logger.init_args.save_dir",
+            tmp,
+            "--trainer.callbacks+=fsdp_startup.StartReport",
+            "--trainer.callbacks.out",
+            tmp,
+            "--data.num_workers",
+            "0",
+            "--data.batch_size",
+            "2",
         ]
         # One thread per process: the two ranks share the machine's cores.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
@@ -50,8 +74,14 @@ def main() -> None:
         if done.returncode:
             raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-4000:]}")
         ranks = {f"rank{r}": json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(2)}
-    record("fsdp_startup", {**ranks, "how": "owl-lightning stage1 fit, owl-smol, FSDP2 over 2 CPU processes (gloo), "
-                                             "peak RSS (VmHWM) up to the start of training; rank 0 reads the weights"})
+    record(
+        "fsdp_startup",
+        {
+            **ranks,
+            "how": "owl-lightning stage1 fit, owl-smol, FSDP2 over 2 CPU processes (gloo), "
+            "peak RSS (VmHWM) up to the start of training; rank 0 reads the weights",
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -4,17 +4,18 @@ The model: the paper's vision side (CLIP ViT-L/14 at 224 px, 6-layer abstractor,
 per image) on a 1.1B LLaMA (TinyLlama's shape: 22 layers, width 2048, GQA 32/4 heads), all with
 random weights and the built-in byte tokenizer, so nothing is downloaded. Stage 1 as the paper
 trains it: LLM frozen, vision encoder and abstractor trained. Lightning's ModelParallelStrategy
-shards it with FSDP2 (owl_lightning.parallel) even on one GPU, the path the 8-GPU configs take;
+shards it with FSDP2 (owl_lightning.train.parallel) even on one GPU, the path the 8-GPU configs take;
 ``--strategy single`` runs the same model unsharded, to see what FSDP2 costs on one device.
 
 Batches are synthetic and all alike (``BOS <image> caption EOS``, no padding), made once on the host.
 Timing: from the first timed step's start to the last one's end (CUDA synchronised at both ends).
-MFU: model FLOPs of those steps (owl_lightning.flops) over that time and ``--peak-flops``.
+MFU: model FLOPs of those steps (owl_lightning.train.flops) over that time and ``--peak-flops``.
 
     python bench/gpu_stage1.py [--steps 30] [--batch-size 128] [--no-compile] [--activation-checkpointing] [--record-as NAME]
     python bench/gpu_stage1.py --profile kernels.txt    # then 3 steps more under torch.profiler: where the time goes
     python bench/gpu_stage1.py --model tiny --accelerator cpu --steps 2    # a smoke test of the script
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,31 +27,61 @@ import torch
 from torch.utils.data import DataLoader
 
 from common import record
-from owl_lightning.config import get_config
-from owl_lightning.data.collate import IGNORE_INDEX
-from owl_lightning.models.llm import IMAGE_TOKEN, load_tokenizer
+from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, get_config
+from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.vision import vision_data_config
-from owl_lightning.parallel import AtomicModelParallelStrategy
-from owl_lightning.stages.stage1 import Stage1Module
+from owl_lightning.train.parallel import AtomicModelParallelStrategy
+from owl_lightning.train.stage1 import Stage1Module
 
 TINYLLAMA_1B = {
-    "model_type": "llama", "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
-    "num_attention_heads": 32, "num_key_value_heads": 4, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+    "model_type": "llama",
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
     "tie_word_embeddings": False,
 }
 MODELS = {
     # owl-llama7b's vision encoder and abstractor, random; the LLM swapped for a random 1.1B LLaMA.
-    "1b": ("owl-llama7b", {"vision.weights": None, "llm.source": "random", "llm.tokenizer": "bytes",
-                           "llm.architecture": TINYLLAMA_1B, "abstractor.attention_dropout": 0.0}),
+    "1b": (
+        "owl-llama7b",
+        {
+            "vision.weights": None,
+            "llm.source": "random",
+            "llm.tokenizer": "bytes",
+            "llm.architecture": TINYLLAMA_1B,
+            "abstractor.attention_dropout": 0.0,
+        },
+    ),
     # The same layers and tensors at tiny widths (28-px images: 5 visual tokens per image before the
     # abstractor): the device's work all but vanishes, so its step time is the host's share (Python,
     # hooks, kernel launches) that the 1b model's step cannot go below.
-    "1b-narrow": ("owl-llama7b", {"vision.weights": None, "vision.image_size": 28,
-                                  "vision.timm_kwargs": {"img_size": 28, "embed_dim": 32, "num_heads": 2},
-                                  "abstractor.hidden_size": 32, "abstractor.num_heads": 2, "abstractor.intermediate_size": 64,
-                                  "abstractor.attention_dropout": 0.0, "llm.source": "random", "llm.tokenizer": "bytes",
-                                  "llm.architecture": {**TINYLLAMA_1B, "vocab_size": 512, "hidden_size": 64,
-                                                       "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}}),
+    "1b-narrow": (
+        "owl-llama7b",
+        {
+            "vision.weights": None,
+            "vision.image_size": 28,
+            "vision.timm_kwargs": {"img_size": 28, "embed_dim": 32, "num_heads": 2},
+            "abstractor.hidden_size": 32,
+            "abstractor.num_heads": 2,
+            "abstractor.intermediate_size": 64,
+            "abstractor.attention_dropout": 0.0,
+            "llm.source": "random",
+            "llm.tokenizer": "bytes",
+            "llm.architecture": {
+                **TINYLLAMA_1B,
+                "vocab_size": 512,
+                "hidden_size": 64,
+                "intermediate_size": 128,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+            },
+        },
+    ),
     "tiny": ("owl-tiny", {}),
 }
 H100_BF16_DENSE = 989e12
@@ -71,11 +102,17 @@ def synthetic_batches(model: str, overrides: dict, batch_size: int, caption_toke
         eos = torch.full((batch_size, 1), tokenizer.eos_token_id)
         input_ids = torch.cat([bos, image, caption, eos], dim=1)
         labels = torch.cat([torch.full((batch_size, 2), IGNORE_INDEX), caption, eos], dim=1)
-        batches.append({
-            "input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels,
-            "images": torch.randint(0, 256, (batch_size, *size), dtype=torch.uint8, generator=generator),
-            "image_counts": torch.ones(batch_size, dtype=torch.long), "source": ["synthetic"] * batch_size, "skipped": [],
-        })
+        batches.append(
+            {
+                "input_ids": input_ids,
+                "attention_mask": torch.ones_like(input_ids),
+                "labels": labels,
+                "images": torch.randint(0, 256, (batch_size, *size), dtype=torch.uint8, generator=generator),
+                "image_counts": torch.ones(batch_size, dtype=torch.long),
+                "source": ["synthetic"] * batch_size,
+                "skipped": [],
+            }
+        )
     return batches
 
 
@@ -126,14 +163,21 @@ class ProfiledWindow(L.Callback):
         self.profiler.stop()
         table = self.profiler.key_averages()
         # As the table's "Self CUDA time total": the device's own events (kernels, copies), each once.
-        busy_us = sum(event.self_device_time_total for event in table
-                      if event.device_type == torch.autograd.DeviceType.CUDA and not event.is_user_annotation)
+        busy_us = sum(
+            event.self_device_time_total
+            for event in table
+            if event.device_type == torch.autograd.DeviceType.CUDA and not event.is_user_annotation
+        )
         self.device_busy_s_per_step = busy_us / 1e6 / max(self.steps, 1)
-        self.path.write_text("\n\n".join([
-            f"{self.steps} steps; device busy {self.device_busy_s_per_step * 1e3:.1f} ms a step (kernels and copies, summed)",
-            "by device time:\n" + table.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90),
-            "by host time:\n" + table.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=90),
-        ]))
+        self.path.write_text(
+            "\n\n".join(
+                [
+                    f"{self.steps} steps; device busy {self.device_busy_s_per_step * 1e3:.1f} ms a step (kernels and copies, summed)",
+                    "by device time:\n" + table.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90),
+                    "by host time:\n" + table.table(sort_by="cpu_time_total", row_limit=40, max_name_column_width=90),
+                ]
+            )
+        )
         print(f"profile written to {self.path}: device busy {self.device_busy_s_per_step * 1e3:.1f} ms a step", flush=True)
 
 
@@ -152,48 +196,90 @@ def main() -> None:
     parser.add_argument("--caption-tokens", type=int, default=32)
     parser.add_argument("--peak-flops", type=float, default=H100_BF16_DENSE, help="the device's dense bf16 FLOP/s (H100/H200 SXM: 989e12)")
     parser.add_argument("--activation-checkpointing", action="store_true")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                        help="torch.compile each block (the warm-up steps include compiling)")
-    parser.add_argument("--strategy", choices=("fsdp2", "single"), default="fsdp2",
-                        help="fsdp2: ModelParallelStrategy, as the multi-GPU configs; single: Lightning's plain one-device strategy")
+    parser.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="torch.compile each block (the warm-up steps include compiling)",
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=("fsdp2", "single"),
+        default="fsdp2",
+        help="fsdp2: ModelParallelStrategy, as the multi-GPU configs; single: Lightning's plain one-device strategy",
+    )
     parser.add_argument("--no-record", action="store_true", help="print only; do not write bench/results.json")
     parser.add_argument("--record-as", default="gpu_stage1", help="the entry's name in bench/results.json")
-    parser.add_argument("--profile", type=Path, help="after the timed steps, profile --profile-steps more and write the operator tables here")
+    parser.add_argument(
+        "--profile", type=Path, help="after the timed steps, profile --profile-steps more and write the operator tables here"
+    )
     parser.add_argument("--profile-steps", type=int, default=3)
     args = parser.parse_args()
 
     name, overrides = MODELS[args.model]
     torch.manual_seed(0)
-    system = Stage1Module(model_name=name, model_overrides=overrides, peak_flops=args.peak_flops,
-                          activation_checkpointing=args.activation_checkpointing, compile=args.compile, num_caption_samples=0)
+    system = Stage1Module(
+        model_name=name,
+        model_overrides=overrides,
+        peak_flops=args.peak_flops,
+        activation_checkpointing=args.activation_checkpointing,
+        compile=args.compile,
+        num_caption_samples=0,
+    )
     profiled = args.profile_steps if args.profile else 0
     batches = synthetic_batches(name, overrides, args.batch_size, args.caption_tokens, args.warmup + args.steps + profiled)
     window = TimedWindow(args.warmup, args.steps)
     profiler = ProfiledWindow(args.warmup + args.steps, args.profile) if args.profile else None
-    trainer = L.Trainer(accelerator=args.accelerator, devices=1, precision="bf16-mixed", max_steps=len(batches),
-                        strategy=STRATEGIES[args.strategy](), gradient_clip_val=1.0,
-                        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[window, *([profiler] if profiler else [])])
+    trainer = L.Trainer(
+        accelerator=args.accelerator,
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=len(batches),
+        strategy=STRATEGIES[args.strategy](),
+        gradient_clip_val=1.0,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[window, *([profiler] if profiler else [])],
+    )
     trainer.fit(system, DataLoader(batches, batch_size=None, pin_memory=args.accelerator == "gpu"))
 
     seconds = window.end - window.start
     params = {part: sum(p.numel() for p in getattr(system.model, part).parameters()) for part in ("vision", "abstractor", "llm")}
     entry = {
         "device": torch.cuda.get_device_name() if args.accelerator == "gpu" else args.accelerator,
-        "model": args.model, "params": params, "batch_size": args.batch_size, "caption_tokens": args.caption_tokens,
-        "timed_steps": args.steps, "step_s": round(seconds / args.steps, 4),
-        "tokens_per_s": round(window.tokens / seconds), "samples_per_s": round(window.samples / seconds, 1),
-        "achieved_tflops_per_s": round(window.flops / seconds / 1e12, 1), "peak_tflops_per_s": args.peak_flops / 1e12,
-        "mfu": round(window.flops / seconds / args.peak_flops, 4), "target_mfu": 0.40,
-        "activation_checkpointing": args.activation_checkpointing, "compile": args.compile, "strategy": args.strategy,
+        "model": args.model,
+        "params": params,
+        "batch_size": args.batch_size,
+        "caption_tokens": args.caption_tokens,
+        "timed_steps": args.steps,
+        "step_s": round(seconds / args.steps, 4),
+        "tokens_per_s": round(window.tokens / seconds),
+        "samples_per_s": round(window.samples / seconds, 1),
+        "achieved_tflops_per_s": round(window.flops / seconds / 1e12, 1),
+        "peak_tflops_per_s": args.peak_flops / 1e12,
+        "mfu": round(window.flops / seconds / args.peak_flops, 4),
+        "target_mfu": 0.40,
+        "activation_checkpointing": args.activation_checkpointing,
+        "compile": args.compile,
+        "strategy": args.strategy,
         "device_busy_s_per_step": round(profiler.device_busy_s_per_step, 4) if profiler else None,
         "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if args.accelerator == "gpu" else None,
-        "how": "Stage1Module through the Lightning Trainer, " + ("ModelParallelStrategy (FSDP2, 1 process), bf16-mixed with bf16 "
-               "FSDP all-gathers" if args.strategy == "fsdp2" else "one device unsharded, bf16-mixed") +
-               ", AdamW, clip 1.0; synthetic uniform batches; model FLOPs from owl_lightning.flops",
+        "how": "Stage1Module through the Lightning Trainer, "
+        + (
+            "ModelParallelStrategy (FSDP2, 1 process), bf16-mixed with bf16 FSDP all-gathers"
+            if args.strategy == "fsdp2"
+            else "one device unsharded, bf16-mixed"
+        )
+        + ", AdamW, clip 1.0; synthetic uniform batches; model FLOPs from owl_lightning.train.flops",
     }
-    print(f"{entry['device']}: {entry['tokens_per_s']:,} tokens/s, {entry['samples_per_s']} images/s, "
-          f"{entry['achieved_tflops_per_s']} TFLOP/s, MFU {entry['mfu']:.1%} (target 40%)", flush=True)
+    print(
+        f"{entry['device']}: {entry['tokens_per_s']:,} tokens/s, {entry['samples_per_s']} images/s, "
+        f"{entry['achieved_tflops_per_s']} TFLOP/s, MFU {entry['mfu']:.1%} (target 40%)",
+        flush=True,
+    )
     if not args.no_record:
         record(args.record_as, entry)
 

@@ -8,6 +8,7 @@ and the shuffle buffer's first fill). Target: ours ≥ 0.9 × floor.
 
     python bench/stage1_data.py [--batches 60] [--workers 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from common import record
-from owl_lightning.data.modules import CaptionDataModule
 from owl_lightning.data.shards import expand_shards
 from owl_lightning.models.vision import vision_data_config
+from owl_lightning.train.datamodules import CaptionDataModule
 
 
 class PilFloor(IterableDataset):
@@ -66,8 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # the data path, not the model, is measured: keep the main process light
 
-    data = CaptionDataModule(manifest=args.manifest, batch_size=args.batch_size, num_workers=args.workers,
-                             batches_per_epoch=10**6)
+    data = CaptionDataModule(manifest=args.manifest, batch_size=args.batch_size, num_workers=args.workers, batches_per_epoch=10**6)
     data.setup("fit")
     warmup = 1 + data.hparams.shuffle_buffer // args.batch_size
     ours = samples_per_second(data.train_dataloader(), args.batches, lambda b: b["input_ids"].shape[0], warmup)
@@ -75,11 +75,22 @@ def main() -> None:
     size = vision_data_config(data.owl_config.vision)["input_size"][-1]
     floor_loader = DataLoader(PilFloor(shards, size, args.batch_size), batch_size=None, num_workers=args.workers)
     floor = samples_per_second(floor_loader, args.batches, len, warmup)
-    record("stage1_data", {
-        "ours_samples_per_s": round(ours, 1), "floor_samples_per_s": round(floor, 1), "ratio": round(ours / floor, 3),
-        "target_ratio": 0.9, "workers": args.workers, "batch_size": args.batch_size, "batches": args.batches, "warmup_batches": warmup,
-        "image_size": size, "how": "CaptionDataModule.train_dataloader() (uint8 batches, sent by value) vs tarfile + PIL decode/RGB/resize, PIL images sent to the main process; same workers",
-    })
+    record(
+        "stage1_data",
+        {
+            "ours_samples_per_s": round(ours, 1),
+            "floor_samples_per_s": round(floor, 1),
+            "ratio": round(ours / floor, 3),
+            "target_ratio": 0.9,
+            "workers": args.workers,
+            "batch_size": args.batch_size,
+            "batches": args.batches,
+            "warmup_batches": warmup,
+            "image_size": size,
+            "how": "CaptionDataModule.train_dataloader() (uint8 batches, sent by value) vs tarfile + PIL "
+            "decode/RGB/resize, PIL images sent to the main process; same workers",
+        },
+    )
 
 
 if __name__ == "__main__":

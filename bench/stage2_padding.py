@@ -9,6 +9,7 @@ gives batch ``i`` the same samples whether packed or not.
 
     python bench/stage2_padding.py [--batches 100]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,11 +19,10 @@ import time
 import torch
 
 from common import record
-from owl_lightning.config import get_config
-from owl_lightning.data.modules import InstructionDataModule
-from owl_lightning.flops import sequence_lengths
-from owl_lightning.models.llm import IMAGE_TOKEN
+from owl_lightning.config import IMAGE_TOKEN, get_config
 from owl_lightning.models.owl import build_owl
+from owl_lightning.train.datamodules import InstructionDataModule
+from owl_lightning.train.flops import sequence_lengths
 
 
 def loaders(pack: bool, batch_size: int):
@@ -71,13 +71,21 @@ def main() -> None:
                 step_seconds(model, batch)  # warm-up
     fraction = {name: real / computed for name, (real, computed) in counts.items()}
     median = {name: statistics.median(values) for name, values in seconds.items()}
-    record("stage2_padding", {
-        "real_fraction_padded": round(fraction["padded"], 3), "real_fraction_packed": round(fraction["packed"], 3),
-        "target": 0.9, "step_s_padded": round(median["padded"], 3), "step_s_packed": round(median["packed"], 3),
-        "batches": args.batches, "timed_batches": args.timed_batches, "batch_size": args.batch_size,
-        "how": "InstructionDataModule on data_manifests/embedded_stage2.yaml: real tokens (visual included) over rows x longest "
-               "row, one sample a row vs packed; owl-smol forward+backward (LoRA q/v, bf16 autocast), median, same batches",
-    })
+    record(
+        "stage2_padding",
+        {
+            "real_fraction_padded": round(fraction["padded"], 3),
+            "real_fraction_packed": round(fraction["packed"], 3),
+            "target": 0.9,
+            "step_s_padded": round(median["padded"], 3),
+            "step_s_packed": round(median["packed"], 3),
+            "batches": args.batches,
+            "timed_batches": args.timed_batches,
+            "batch_size": args.batch_size,
+            "how": "InstructionDataModule on data_manifests/embedded_stage2.yaml: real tokens (visual included) over rows x longest "
+            "row, one sample a row vs packed; owl-smol forward+backward (LoRA q/v, bf16 autocast), median, same batches",
+        },
+    )
 
 
 if __name__ == "__main__":

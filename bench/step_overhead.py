@@ -7,7 +7,7 @@
    loss, weights frozen, the gradient going to the input embeddings only. Target: ≤ 1.15 × floor.
 2. ``stage2_step``: the same for stage 2 (LoRA on q/v + abstractor trained, vision frozen); the floor
    runs the same LoRA-wrapped LLM (gradients to LoRA and to the input embeddings).
-3. ``stage1_mfu_cpu``: the stage-1 step's model FLOPs (``owl_lightning.flops``) per second, over the
+3. ``stage1_mfu_cpu``: the stage-1 step's model FLOPs (``owl_lightning.train.flops``) per second, over the
    CPU's bf16 matrix-product rate measured here with a large product.
 4. ``stage1_memory``: peak memory (RSS) of stage-1 steps against the same model with everything
    trainable, each in a fresh process; the optimizer holds state for trainable parameters only.
@@ -17,6 +17,7 @@ Both sides run in bf16 autocast, as the embedded configs train, on real batches 
 
     python bench/step_overhead.py [--steps 10] [--warmup 3]     (from the repository root)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,13 +32,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from common import record, rss_kib
-from owl_lightning.data.collate import IGNORE_INDEX
-from owl_lightning.data.modules import CaptionDataModule, InstructionDataModule
-from owl_lightning.flops import measure_matmul_flops, sequence_lengths
+from owl_lightning.config import IGNORE_INDEX
 from owl_lightning.models.owl import OwlModel
-from owl_lightning.stages.stage1 import Stage1Module
-from owl_lightning.stages.stage2 import Stage2Module
-from owl_lightning.stages.system import OwlSystem
+from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
+from owl_lightning.train.flops import measure_matmul_flops, sequence_lengths
+from owl_lightning.train.stage1 import Stage1Module
+from owl_lightning.train.stage2 import Stage2Module
+from owl_lightning.train.system import OwlSystem
 
 TARGET_RATIO = 1.15
 
@@ -47,15 +48,15 @@ TARGET_RATIO = 1.15
 
 def stage1_batches(batch_size: int, count: int) -> list[dict]:
     """Caption batches as ``make stage1`` trains on (experiments/stage1_smol.yaml: max_length 64)."""
-    data = CaptionDataModule(manifest="data_manifests/embedded_stage1.yaml", batch_size=batch_size,
-                             num_workers=0, max_length=64)
+    data = CaptionDataModule(manifest="data_manifests/embedded_stage1.yaml", batch_size=batch_size, num_workers=0, max_length=64)
     return _first_batches(data, count)
 
 
 def stage2_batches(batch_size: int, count: int) -> list[dict]:
     """Instruction batches as ``make stage2`` trains on (experiments/stage2_smol.yaml: max_length 512, owl template)."""
-    data = InstructionDataModule(manifest="data_manifests/embedded_stage2.yaml", batch_size=batch_size,
-                                 num_workers=0, max_length=512, template="owl")
+    data = InstructionDataModule(
+        manifest="data_manifests/embedded_stage2.yaml", batch_size=batch_size, num_workers=0, max_length=512, template="owl"
+    )
     return _first_batches(data, count)
 
 
@@ -83,9 +84,19 @@ class StepTimer(L.Callback):
 
 def fit(system: OwlSystem, batches: list[dict], callbacks: list[L.Callback] = ()) -> L.Trainer:
     """Train one step per batch, in order, as the embedded configs do (bf16 autocast, clipping at 1.0)."""
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", max_steps=len(batches), gradient_clip_val=1.0,
-                        limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=list(callbacks))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision="bf16-mixed",
+        max_steps=len(batches),
+        gradient_clip_val=1.0,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+    )
     trainer.fit(system, DataLoader(batches, batch_size=None))
     return trainer
 
@@ -105,16 +116,27 @@ def floor_inputs(model: OwlModel, batch: dict) -> dict:
     layout = model.layout(batch["input_ids"], batch["attention_mask"], batch["images"], batch["labels"], batch["image_counts"])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         embeds = model.input_embeddings(batch["input_ids"], batch["images"], layout)
-    return {"embeds": embeds, "mask": layout.llm_mask, "position_ids": layout.position_ids, "keep": layout.keep,
-            "targets": layout.targets, "num_supervised": layout.num_supervised}
+    return {
+        "embeds": embeds,
+        "mask": layout.llm_mask,
+        "position_ids": layout.position_ids,
+        "keep": layout.keep,
+        "targets": layout.targets,
+        "num_supervised": layout.num_supervised,
+    }
 
 
 def floor_step(llm: torch.nn.Module, inputs: dict) -> None:
     """The bare LLM forward + backward of one batch; the gradient reaches the input embeddings (and LoRA)."""
     embeds = inputs["embeds"].detach().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = llm(inputs_embeds=embeds, attention_mask=inputs["mask"], position_ids=inputs["position_ids"],
-                     logits_to_keep=inputs["keep"], use_cache=False).logits
+        logits = llm(
+            inputs_embeds=embeds,
+            attention_mask=inputs["mask"],
+            position_ids=inputs["position_ids"],
+            logits_to_keep=inputs["keep"],
+            use_cache=False,
+        ).logits
     loss = F.cross_entropy(logits.float().flatten(0, 1), inputs["targets"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
     (loss / inputs["num_supervised"]).backward()
 
@@ -159,17 +181,30 @@ def compare(system: OwlSystem, batches: list[dict], warmup: int, with_vision: bo
     llm_flops = [f - int(b["image_counts"].sum()) * system.flops.per_image for f, b in zip(flops, timed)]
     f = system.flops
     tokens = sum(float(sequence_lengths(b, f.visual_tokens_per_image, f.image_token_id).sum()) for b in timed) / len(timed)
-    return {"ours": ours, "floor": floor, "vision": vision, "flops": flops, "llm_flops": llm_flops, "tokens_per_batch": tokens,
-            "batch_size": batches[0]["input_ids"].shape[0]}
+    return {
+        "ours": ours,
+        "floor": floor,
+        "vision": vision,
+        "flops": flops,
+        "llm_flops": llm_flops,
+        "tokens_per_batch": tokens,
+        "batch_size": batches[0]["input_ids"].shape[0],
+    }
 
 
 def step_entry(result: dict, how: str) -> dict:
     ours, floor = statistics.median(result["ours"]), statistics.median(result["floor"])
     return {
-        "ours_step_s": round(ours, 4), "floor_step_s": round(floor, 4), "ratio": round(ours / floor, 3),
-        "target_ratio": TARGET_RATIO, "batch_size": result["batch_size"], "real_tokens_per_batch": round(result["tokens_per_batch"], 1),
-        "timed_steps": len(result["ours"]), "ours_steps_s": [round(s, 4) for s in result["ours"]],
-        "floor_steps_s": [round(s, 4) for s in result["floor"]], "how": how,
+        "ours_step_s": round(ours, 4),
+        "floor_step_s": round(floor, 4),
+        "ratio": round(ours / floor, 3),
+        "target_ratio": TARGET_RATIO,
+        "batch_size": result["batch_size"],
+        "real_tokens_per_batch": round(result["tokens_per_batch"], 1),
+        "timed_steps": len(result["ours"]),
+        "ours_steps_s": [round(s, 4) for s in result["ours"]],
+        "floor_steps_s": [round(s, 4) for s in result["floor"]],
+        "how": how,
         **(vision_split(ours, floor, result["vision"]) if result["vision"] else {}),
     }
 
@@ -177,21 +212,26 @@ def step_entry(result: dict, how: str) -> dict:
 def vision_split(ours: float, floor: float, vision_seconds: list[float]) -> dict:
     """How much of the step is the vision encoder's own training, and what is left for our overhead."""
     vision = statistics.median(vision_seconds)
-    return {"vision_step_s": round(vision, 4), "ratio_to_floor_plus_vision": round(ours / (floor + vision), 3),
-            "vision_how": "vision encoder + abstractor forward + backward alone (train mode, bf16 autocast, weight "
-                          "gradients) on the same images, same process; median"}
+    return {
+        "vision_step_s": round(vision, 4),
+        "ratio_to_floor_plus_vision": round(ours / (floor + vision), 3),
+        "vision_how": "vision encoder + abstractor forward + backward alone (train mode, bf16 autocast, weight "
+        "gradients) on the same images, same process; median",
+    }
 
 
 def mfu_entry(result: dict, peak: float) -> dict:
     ours_rate = sum(result["flops"]) / sum(result["ours"])
     floor_rate = sum(result["llm_flops"]) / sum(result["floor"])
     return {
-        "mfu": round(ours_rate / peak, 4), "achieved_gflops_per_s": round(ours_rate / 1e9, 1),
-        "matmul_peak_gflops_per_s": round(peak / 1e9, 1), "floor_mfu": round(floor_rate / peak, 4),
+        "mfu": round(ours_rate / peak, 4),
+        "achieved_gflops_per_s": round(ours_rate / 1e9, 1),
+        "matmul_peak_gflops_per_s": round(peak / 1e9, 1),
+        "floor_mfu": round(floor_rate / peak, 4),
         "step_gflops": round(statistics.mean(result["flops"]) / 1e9, 2),
-        "how": "model FLOPs of the stage-1 step (owl_lightning.flops: real tokens, frozen LLM backward without weight "
-               "gradients) per second of step, over the best 2048x2048 bf16 matmul rate measured in the same process; "
-               "floor_mfu: the floor's LLM FLOPs over the floor's time",
+        "how": "model FLOPs of the stage-1 step (owl_lightning.train.flops: real tokens, frozen LLM backward without weight "
+        "gradients) per second of step, over the best 2048x2048 bf16 matmul rate measured in the same process; "
+        "floor_mfu: the floor's LLM FLOPs over the floor's time",
     }
 
 
@@ -217,11 +257,16 @@ def memory_probe(everything_trainable: bool, batch_size: int, steps: int, result
     trainable = {p for p in system.model.parameters() if p.requires_grad}
     with_state = {p for p in system.model.parameters() if optimizer.state.get(p)}
     state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if torch.is_tensor(t))
-    results.put({
-        "rss_before_steps_mb": round(before / 1024), "peak_rss_mb": round(rss_kib("VmHWM") / 1024),
-        "trainable_params": sum(p.numel() for p in trainable), "params": sum(p.numel() for p in system.model.parameters()),
-        "optimizer_state_mb": round(state_bytes / 2**20, 1), "optimizer_state_only_for_trainable": with_state == trainable,
-    })
+    results.put(
+        {
+            "rss_before_steps_mb": round(before / 1024),
+            "peak_rss_mb": round(rss_kib("VmHWM") / 1024),
+            "trainable_params": sum(p.numel() for p in trainable),
+            "params": sum(p.numel() for p in system.model.parameters()),
+            "optimizer_state_mb": round(state_bytes / 2**20, 1),
+            "optimizer_state_only_for_trainable": with_state == trainable,
+        }
+    )
 
 
 def memory_entry(batch_size: int, steps: int) -> dict:
@@ -236,11 +281,13 @@ def memory_entry(batch_size: int, steps: int) -> dict:
     stage1, everything = runs["stage1"], runs["everything_trainable"]
     return {
         **{f"{name}_{key}": value for name, run in runs.items() for key, value in run.items()},
-        "step_memory_ratio": round((stage1["peak_rss_mb"] - stage1["rss_before_steps_mb"])
-                                   / (everything["peak_rss_mb"] - everything["rss_before_steps_mb"]), 3),
-        "batch_size": batch_size, "steps": steps,
+        "step_memory_ratio": round(
+            (stage1["peak_rss_mb"] - stage1["rss_before_steps_mb"]) / (everything["peak_rss_mb"] - everything["rss_before_steps_mb"]), 3
+        ),
+        "batch_size": batch_size,
+        "steps": steps,
         "how": "each variant in a fresh process: model built, batches loaded, then the peak RSS (VmHWM, reset before the "
-               "first step) over the steps; step memory = peak - RSS before the steps",
+        "first step) over the steps; step memory = peak - RSS before the steps",
     }
 
 
@@ -256,18 +303,31 @@ def main() -> None:
     peak = measure_matmul_flops("cpu", torch.bfloat16)
 
     torch.manual_seed(0)
-    stage1 = compare(Stage1Module(model_name="owl-smol", peak_flops=peak), stage1_batches(args.stage1_batch_size, count),
-                     args.warmup, with_vision=True)
-    record("stage1_step", step_entry(stage1, "Stage1Module step through the Lightning Trainer (bf16 autocast, clip 1.0, AdamW) "
-                                             "vs the frozen LLM's forward + backward to its input embeddings on the same spliced "
-                                             "embeddings, mask and kept logits; medians"))
+    stage1 = compare(
+        Stage1Module(model_name="owl-smol", peak_flops=peak), stage1_batches(args.stage1_batch_size, count), args.warmup, with_vision=True
+    )
+    record(
+        "stage1_step",
+        step_entry(
+            stage1,
+            "Stage1Module step through the Lightning Trainer (bf16 autocast, clip 1.0, AdamW) "
+            "vs the frozen LLM's forward + backward to its input embeddings on the same spliced "
+            "embeddings, mask and kept logits; medians",
+        ),
+    )
     record("stage1_mfu_cpu", mfu_entry(stage1, peak))
 
     torch.manual_seed(0)
     stage2 = compare(Stage2Module(model_name="owl-smol", peak_flops=peak), stage2_batches(args.stage2_batch_size, count), args.warmup)
-    record("stage2_step", step_entry(stage2, "Stage2Module step (LoRA q/v r=8 + abstractor) through the Lightning Trainer vs the "
-                                             "same LoRA-wrapped LLM's forward + backward (LoRA and input-embedding gradients) on "
-                                             "the same spliced embeddings; medians"))
+    record(
+        "stage2_step",
+        step_entry(
+            stage2,
+            "Stage2Module step (LoRA q/v r=8 + abstractor) through the Lightning Trainer vs the "
+            "same LoRA-wrapped LLM's forward + backward (LoRA and input-embedding gradients) on "
+            "the same spliced embeddings; medians",
+        ),
+    )
 
     record("stage1_memory", memory_entry(args.stage1_batch_size, args.memory_steps))
 

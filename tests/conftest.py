@@ -76,14 +76,24 @@ def caption_manifest(tmp_path):
         with wds.TarWriter(str(root / f"{split}-{shard:06d}.tar")) as sink:
             for _ in range(12):
                 colour = names[key % 3]
-                sink.write({"__key__": f"{key:09d}", "png": png_bytes(colour), "txt": f"a {colour} square",
-                            "json": json.dumps({"key": f"{key:09d}", "caption": f"a {colour} square"})})
+                sink.write(
+                    {
+                        "__key__": f"{key:09d}",
+                        "png": png_bytes(colour),
+                        "txt": f"a {colour} square",
+                        "json": json.dumps({"key": f"{key:09d}", "caption": f"a {colour} square"}),
+                    }
+                )
                 key += 1
     manifest = tmp_path / "captions.yaml"
-    manifest.write_text(yaml.safe_dump({
-        "train": [{"name": "squares", "shards": "shards/train-{000000..000003}.tar", "num_samples": 48, "image_key": "png"}],
-        "val": [{"name": "squares_val", "shards": "shards/val-000000.tar", "image_key": "png"}],
-    }))
+    manifest.write_text(
+        yaml.safe_dump(
+            {
+                "train": [{"name": "squares", "shards": "shards/train-{000000..000003}.tar", "num_samples": 48, "image_key": "png"}],
+                "val": [{"name": "squares_val", "shards": "shards/val-000000.tar", "image_key": "png"}],
+            }
+        )
+    )
     return manifest
 
 
@@ -99,16 +109,31 @@ def instruction_manifest(tmp_path):
     llava = []
     for i, colour in enumerate(list(COLOURS) * 4):
         (images / f"{i}.png").write_bytes(png_bytes(colour))
-        llava.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is the square?"}, {"from": "gpt", "value": colour},
-            {"from": "human", "value": "Is it a square?"}, {"from": "gpt", "value": "yes"}]})
+        llava.append(
+            {
+                "id": str(i),
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": "<image>\nWhat colour is the square?"},
+                    {"from": "gpt", "value": colour},
+                    {"from": "human", "value": "Is it a square?"},
+                    {"from": "gpt", "value": "yes"},
+                ],
+            }
+        )
     alpaca = [{"instruction": f"Say the number {i}.", "input": "", "output": str(i)} for i in range(12)]
     (tmp_path / "llava.json").write_text(json.dumps(llava))
     (tmp_path / "alpaca.json").write_text(json.dumps(alpaca))
     manifest = tmp_path / "instructions.yaml"
-    manifest.write_text(yaml.safe_dump({
-        "train": [{"name": "vqa", "format": "llava", "path": "llava.json", "image_root": "images", "weight": 1},
-                  {"name": "text", "format": "alpaca", "path": "alpaca.json", "weight": 1}],
-        "val": [{"name": "vqa_val", "format": "llava", "path": "llava.json", "image_root": "images"}],
-    }))
+    manifest.write_text(
+        yaml.safe_dump(
+            {
+                "train": [
+                    {"name": "vqa", "format": "llava", "path": "llava.json", "image_root": "images", "weight": 1},
+                    {"name": "text", "format": "alpaca", "path": "alpaca.json", "weight": 1},
+                ],
+                "val": [{"name": "vqa_val", "format": "llava", "path": "llava.json", "image_root": "images"}],
+            }
+        )
+    )
     return manifest

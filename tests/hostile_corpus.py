@@ -8,6 +8,7 @@ a 0-byte file. ``outside/secret.png`` is a valid image that no reader may ever o
 Each writer returns the manifest path and ``expected``: the skip reason of every bad record,
 keyed by where the pipeline reports it (``shard.tar:key`` or ``file#index`` / ``file:line``).
 """
+
 from __future__ import annotations
 
 import io
@@ -105,8 +106,11 @@ def write_hostile_shards(root: Path) -> tuple[Path, dict[str, str]]:
     with wds.TarWriter(str(json_path)) as sink:
         for index in range(4):
             sink.write({"__key__": f"ok{index:07d}", "png": png(300 + index), "json": json.dumps({"caption": f"json caption {index}"})})
-        for key, record, reason in [("wrongtype", {"caption": 42}, BAD_TEXT), ("notjson00", b"{broken", MALFORMED_RECORD),
-                                    ("nofield00", {"url": "x"}, MISSING_TEXT)]:
+        for key, record, reason in [
+            ("wrongtype", {"caption": 42}, BAD_TEXT),
+            ("notjson00", b"{broken", MALFORMED_RECORD),
+            ("nofield00", {"url": "x"}, MISSING_TEXT),
+        ]:
             sink.write({"__key__": key, "png": png(400), "json": record if isinstance(record, bytes) else json.dumps(record)})
             expected[f"{json_path}:{key}"] = reason
     with wds.TarWriter(str(folder / "val-000000.tar")) as sink:
@@ -114,14 +118,23 @@ def write_hostile_shards(root: Path) -> tuple[Path, dict[str, str]]:
             sink.write({"__key__": f"val{index:06d}", "png": png(500 + index), "txt": f"val sample {index}".encode()})
 
     manifest = root / "hostile_stage1.yaml"
-    manifest.write_text(yaml.safe_dump({
-        "train": [
-            {"name": "mixed", "shards": "shards/{mixed-000000,mixed-000001,empty-000000,cut-000000}.tar", "image_key": "png",
-             "num_samples": 40, "weight": 3},
-            {"name": "json", "shards": "shards/json-000000.tar", "image_key": "png", "caption_key": "json:caption", "weight": 1},
-        ],
-        "val": [{"name": "val", "shards": "shards/val-000000.tar", "image_key": "png"}],
-    }))
+    manifest.write_text(
+        yaml.safe_dump(
+            {
+                "train": [
+                    {
+                        "name": "mixed",
+                        "shards": "shards/{mixed-000000,mixed-000001,empty-000000,cut-000000}.tar",
+                        "image_key": "png",
+                        "num_samples": 40,
+                        "weight": 3,
+                    },
+                    {"name": "json", "shards": "shards/json-000000.tar", "image_key": "png", "caption_key": "json:caption", "weight": 1},
+                ],
+                "val": [{"name": "val", "shards": "shards/val-000000.tar", "image_key": "png"}],
+            }
+        )
+    )
     return manifest, expected
 
 
@@ -172,8 +185,11 @@ def write_hostile_instructions(root: Path) -> tuple[Path, dict[str, str]]:
     expected |= {f"{owl}:4": MALFORMED_RECORD, f"{owl}:5": BAD_TEXT, f"{owl}:6": MALFORMED_RECORD}
 
     alpaca = folder / "alpaca.json"
-    alpaca.write_text(json.dumps([{"instruction": "Say hi.", "output": "hi"}, {"instruction": "Say 5.", "output": 5},
-                                  {"instruction": ["list"], "output": "x"}]))
+    alpaca.write_text(
+        json.dumps(
+            [{"instruction": "Say hi.", "output": "hi"}, {"instruction": "Say 5.", "output": 5}, {"instruction": ["list"], "output": "x"}]
+        )
+    )
     expected |= {f"{alpaca}#1": MALFORMED_RECORD, f"{alpaca}#2": MALFORMED_RECORD}
 
     empty = folder / "empty.jsonl"
@@ -181,12 +197,22 @@ def write_hostile_instructions(root: Path) -> tuple[Path, dict[str, str]]:
     expected[str(empty)] = EMPTY_SOURCE
 
     manifest = root / "hostile_stage2.yaml"
-    manifest.write_text(yaml.safe_dump({
-        "train": [
-            {"name": "llava", "format": "llava", "path": "instructions/llava.json", "image_root": "instructions/images", "weight": 2},
-            {"name": "owl", "format": "owl_jsonl", "path": "instructions/owl.jsonl", "weight": 1},
-            {"name": "alpaca", "format": "alpaca", "path": "instructions/alpaca.json", "weight": 1},
-            {"name": "empty", "format": "owl_jsonl", "path": "instructions/empty.jsonl", "weight": 1},
-        ],
-    }))
+    manifest.write_text(
+        yaml.safe_dump(
+            {
+                "train": [
+                    {
+                        "name": "llava",
+                        "format": "llava",
+                        "path": "instructions/llava.json",
+                        "image_root": "instructions/images",
+                        "weight": 2,
+                    },
+                    {"name": "owl", "format": "owl_jsonl", "path": "instructions/owl.jsonl", "weight": 1},
+                    {"name": "alpaca", "format": "alpaca", "path": "instructions/alpaca.json", "weight": 1},
+                    {"name": "empty", "format": "owl_jsonl", "path": "instructions/empty.jsonl", "weight": 1},
+                ],
+            }
+        )
+    )
     return manifest, expected

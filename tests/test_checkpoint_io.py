@@ -1,5 +1,6 @@
 """Checkpoints survive a kill in the middle of a save, load without running code, and a run that
 cannot write its outputs says so before its first step."""
+
 import pickle
 import signal
 import subprocess
@@ -12,12 +13,12 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-
-import owl_lightning.preflight as preflight
-from owl_lightning.checkpoint_io import SafeCheckpointIO
-from owl_lightning.data.modules import CaptionDataModule
-from owl_lightning.stages.stage1 import Stage1Module
 from tests.test_stages import fit
+
+import owl_lightning.train.preflight as preflight
+from owl_lightning.train.checkpoint_io import SafeCheckpointIO
+from owl_lightning.train.datamodules import CaptionDataModule
+from owl_lightning.train.stage1 import Stage1Module
 
 # Saves {"step": 1}, then starts saving {"step": 2, ...} and stalls inside that write; the test
 # kills it there with SIGKILL, as `kill -9` would.
@@ -25,7 +26,7 @@ SAVE_THEN_STALL = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import torch
-    from owl_lightning.checkpoint_io import SafeCheckpointIO
+    from owl_lightning.train.checkpoint_io import SafeCheckpointIO
 
     class Stall:
         def __reduce__(self):
@@ -69,7 +70,7 @@ def test_the_kill_lands_inside_the_write(tmp_path):
     """Writing straight to the target, the same kill destroys the previous checkpoint — so the test above
     really kills mid-write."""
     path = kill_inside_second_save(tmp_path, "direct")
-    with pytest.raises(Exception):
+    with pytest.raises((RuntimeError, EOFError, pickle.UnpicklingError)):  # a truncated zip archive
         torch.load(path, weights_only=True)
 
 
@@ -100,8 +101,15 @@ def test_runs_save_through_the_safe_checkpoint_io(tmp_path, caption_manifest):
 
 
 def fit_saving_to(system, data, tmp_path, folder):
-    trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_progress_bar=False, accelerator="cpu",
-                        default_root_dir=tmp_path, callbacks=[ModelCheckpoint(dirpath=folder)])
+    trainer = L.Trainer(
+        max_steps=1,
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        callbacks=[ModelCheckpoint(dirpath=folder)],
+    )
     trainer.fit(system, data)
 
 

@@ -1,15 +1,16 @@
 """``compile``: each block runs through torch.compile and trains exactly as eager; generation stays eager."""
+
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from tests.test_stages import fit
 from torch._dynamo.utils import counters
 from torch.distributed.tensor import DTensor
 
-from owl_lightning.data.modules import CaptionDataModule, InstructionDataModule
-from owl_lightning.parallel import AtomicModelParallelStrategy, blocks, compile_blocks
-from owl_lightning.stages.stage1 import Stage1Module
-from owl_lightning.stages.stage2 import Stage2Module
-from tests.test_stages import fit
+from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
+from owl_lightning.train.parallel import AtomicModelParallelStrategy, blocks, compile_blocks
+from owl_lightning.train.stage1 import Stage1Module
+from owl_lightning.train.stage2 import Stage2Module
 
 NO_DROPOUT = {"abstractor.attention_dropout": 0.0, "lora.dropout": 0.0}  # compiled dropout draws other masks
 
@@ -25,8 +26,9 @@ class Losses(Callback):
 def train(stage: str, manifest, tmp_path, compile: bool, strategy: str) -> tuple[list[float], dict[str, torch.Tensor], object]:
     torch.manual_seed(0)
     if stage == "stage1":
-        system = Stage1Module(model_name="owl-tiny", model_overrides=NO_DROPOUT, lr=1e-2, warmup_steps=1,
-                              num_caption_samples=0, compile=compile)
+        system = Stage1Module(
+            model_name="owl-tiny", model_overrides=NO_DROPOUT, lr=1e-2, warmup_steps=1, num_caption_samples=0, compile=compile
+        )
         data = CaptionDataModule(manifest=str(manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
     else:
         system = Stage2Module(model_name="owl-tiny", model_overrides=NO_DROPOUT, lr=1e-2, warmup_steps=1, compile=compile)
@@ -35,8 +37,9 @@ def train(stage: str, manifest, tmp_path, compile: bool, strategy: str) -> tuple
     strategy = AtomicModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1) if strategy == "fsdp2" else "auto"
     fit(system, data, tmp_path / str(compile), steps=3, callbacks=[losses], strategy=strategy)
     # Sharded (DTensor) parameters compare as their local shard: the whole tensor on one process.
-    trained = {n: (p.to_local() if isinstance(p, DTensor) else p).detach().clone()
-               for n, p in system.model.named_parameters() if p.requires_grad}
+    trained = {
+        n: (p.to_local() if isinstance(p, DTensor) else p).detach().clone() for n, p in system.model.named_parameters() if p.requires_grad
+    }
     return losses.values, trained, system
 
 

@@ -2,6 +2,7 @@
 
 The whole build (~5 s, 43 MB) is not run here; its marker/resume logic is, with a stub build.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,8 @@ import easy_vqa
 import pytest
 from PIL import Image, ImageDraw
 
-from owl_lightning.data import embedded
-from owl_lightning.data.embedded import caption_for_image, question_type, shape_in_pixels, stdlib_text_pairs
+from owl_lightning.apps import embedded
+from owl_lightning.apps.embedded import caption_for_image, question_type, shape_in_pixels, stdlib_text_pairs
 
 
 @pytest.fixture(scope="module")

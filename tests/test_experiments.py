@@ -1,4 +1,5 @@
 """Every shipped experiment config parses against the code's signatures (litgpt's check)."""
+
 from pathlib import Path
 
 import pytest

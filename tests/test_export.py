@@ -4,32 +4,31 @@ with the same greedy answers as the checkpoint they came from.
 owl-tiny's base LLM is random and, like every base LLM, left out of checkpoints: the same seed
 before two loads of one checkpoint rebuilds the same model.
 """
+
 import json
 
 import pytest
 import timm
 import torch
-from PIL import Image
 from peft import PeftModel
+from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from owl_lightning.checkpoints import PREFIX, is_base_llm_weight, load_owl
+from conftest import COLOURS
+from owl_lightning.checkpoints import export_checkpoint, is_base_llm_weight, load_owl
 from owl_lightning.cli import main
-from owl_lightning.config import AbstractorConfig, get_config
-from owl_lightning.data.modules import CaptionDataModule, InstructionDataModule
+from owl_lightning.config import CHECKPOINT_PREFIX as PREFIX
+from owl_lightning.config import IMAGE_TOKEN, AbstractorConfig, get_config
 from owl_lightning.data.template import Turn
-from owl_lightning.export import export_checkpoint
 from owl_lightning.inference import ChatSession, OwlAssistant, Request
 from owl_lightning.models.abstractor import VisualAbstractor
-from owl_lightning.models.llm import IMAGE_TOKEN, load_tokenizer
+from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.owl import build_owl
-from owl_lightning.stages.stage1 import Stage1Module
-from owl_lightning.stages.stage2 import Stage2Module
-
-from conftest import COLOURS
+from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
+from owl_lightning.train.stage1 import Stage1Module
+from owl_lightning.train.stage2 import Stage2Module
 from test_stages import fit
-
 
 # owl-tiny with 10x the LLM's random-init scale: its greedy answers then differ with the prompt and the
 # image (at the default scale every answer is blanks), so equal answers mean something.
@@ -50,8 +49,14 @@ def stage2_checkpoint(path, system_prompt):
             if "lora_B" in name:  # zero at init: the adapter would change nothing
                 param.normal_(std=0.05)
     state = {PREFIX + k: v for k, v in model.state_dict().items() if not is_base_llm_weight(PREFIX + k)}
-    torch.save({"state_dict": state, "owl_config": config.to_dict(),
-                "datamodule_hyper_parameters": {"template": "owl", "system_prompt": system_prompt}}, path)
+    torch.save(
+        {
+            "state_dict": state,
+            "owl_config": config.to_dict(),
+            "datamodule_hyper_parameters": {"template": "owl", "system_prompt": system_prompt},
+        },
+        path,
+    )
     return path
 
 
@@ -86,8 +91,7 @@ def test_exported_parts_load_in_transformers_peft_and_timm(tmp_path):
     images = torch.randn(2, 3, 32, 32)
     features = encoder.eval().forward_features(images)
     torch.testing.assert_close(features, original.vision.model.forward_features(images))
-    abstractor = VisualAbstractor(AbstractorConfig(**manifest["owl_config"]["abstractor"]), encoder.num_features,
-                                  merged.config.hidden_size)
+    abstractor = VisualAbstractor(AbstractorConfig(**manifest["owl_config"]["abstractor"]), encoder.num_features, merged.config.hidden_size)
     abstractor.load_state_dict(load_file(out / "abstractor.safetensors"))
     torch.testing.assert_close(abstractor.eval()(features), original.abstractor(features))
 
@@ -109,12 +113,14 @@ def test_export_replaces_an_export_but_no_other_folder(tmp_path):
 def test_stage1_stage2_export_reload_chat(tmp_path, caption_manifest, instruction_manifest):
     model = {"model_name": "owl-tiny", "model_overrides": VARIED}
     stage1 = Stage1Module(**model, lr=1e-2, warmup_steps=1)
-    trainer = fit(stage1, CaptionDataModule(manifest=str(caption_manifest), **model, batch_size=4, num_workers=0),
-                  tmp_path / "stage1", steps=1)
+    trainer = fit(
+        stage1, CaptionDataModule(manifest=str(caption_manifest), **model, batch_size=4, num_workers=0), tmp_path / "stage1", steps=1
+    )
     trainer.save_checkpoint(tmp_path / "stage1.ckpt")
     stage2 = Stage2Module(**model, lr=1e-2, warmup_steps=1, init_from=str(tmp_path / "stage1.ckpt"))
-    data = InstructionDataModule(manifest=str(instruction_manifest), **model, batch_size=4, num_workers=0,
-                                 max_length=256, system_prompt="You are a terse owl.")
+    data = InstructionDataModule(
+        manifest=str(instruction_manifest), **model, batch_size=4, num_workers=0, max_length=256, system_prompt="You are a terse owl."
+    )
     trainer = fit(stage2, data, tmp_path / "stage2", steps=1)
     ckpt = tmp_path / "stage2.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -141,11 +147,12 @@ def test_stage1_stage2_export_reload_chat(tmp_path, caption_manifest, instructio
 
 
 def test_eval_reads_an_export_as_its_own_run(tmp_path):
-    from owl_lightning.eval.run import run_folder
+    from owl_lightning.checkpoints import resolve_checkpoint, run_folder
 
     out = export_checkpoint(stage2_checkpoint(tmp_path / "stage2.ckpt", system_prompt=None), tmp_path / "export")
-    assert run_folder(out) == (out, out)
+    assert (run_folder(out), resolve_checkpoint(out)) == (out, out)
     run = tmp_path / "run"
-    run.mkdir()
-    assert run_folder(run) == (run, run / "checkpoints" / "last.ckpt")
-    assert run_folder(run / "checkpoints" / "last.ckpt") == (run, run / "checkpoints" / "last.ckpt")
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert (run_folder(run), resolve_checkpoint(run)) == (run, run / "checkpoints" / "last.ckpt")
+    assert run_folder(run / "checkpoints" / "last.ckpt") == run

@@ -1,13 +1,14 @@
-"""FLOP counting (owl_lightning.flops) against the config's shapes and against torch's FlopCounterMode."""
+"""FLOP counting (owl_lightning.train.flops) against the config's shapes and against torch's FlopCounterMode."""
+
 import lightning as L
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from owl_lightning.data.collate import IGNORE_INDEX
-from owl_lightning.data.modules import CaptionDataModule
-from owl_lightning.flops import StepFlops, measure_matmul_flops, sequence_lengths
+from owl_lightning.config import IGNORE_INDEX
 from owl_lightning.models.owl import build_owl
-from owl_lightning.stages.stage1 import Stage1Module
+from owl_lightning.train.datamodules import CaptionDataModule
+from owl_lightning.train.flops import StepFlops, measure_matmul_flops, sequence_lengths
+from owl_lightning.train.stage1 import Stage1Module
 
 
 def caption_batch(tokenizer, text_lengths=(20,), padded_to=None, images=True):
@@ -53,8 +54,10 @@ def _cpu_attention_backward(grad_shape, query_shape, key_shape, value_shape, *ar
     return 2 * sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
-                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward}
+CPU_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward,
+}
 
 
 def measured(model, batch) -> int:
@@ -66,8 +69,9 @@ def measured(model, batch) -> int:
 
 def test_llm_terms_follow_the_config(tiny_config, tiny_tokenizer):
     arch = tiny_config.llm.architecture
-    d, inner, layers, heads, kv_heads = (arch[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers",
-                                                            "num_attention_heads", "num_key_value_heads"))
+    d, inner, layers, heads, kv_heads = (
+        arch[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+    )
     kv = kv_heads * d // heads
     matrices = layers * (2 * d * d + 2 * d * kv + 3 * d * inner)  # q, o; k, v; gate, up, down
     model = tiny(tiny_config, tiny_tokenizer)
@@ -135,8 +139,15 @@ def test_matmul_rate_is_measured():
 def test_training_logs_throughput_and_mfu(tmp_path, caption_manifest):
     system = Stage1Module(model_name="owl-tiny", warmup_steps=1, peak_flops=1e11)
     data = CaptionDataModule(manifest=str(caption_manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
-    trainer = L.Trainer(max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        default_root_dir=tmp_path, accelerator="cpu")
+    trainer = L.Trainer(
+        max_steps=3,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+    )
     trainer.fit(system, data)
     metrics = trainer.callback_metrics
     assert 0 < float(metrics["perf/mfu"]) < 1

@@ -1,6 +1,7 @@
 """Exactly the right parameters train in each stage."""
-from owl_lightning.stages.stage1 import Stage1Module
-from owl_lightning.stages.stage2 import Stage2Module
+
+from owl_lightning.train.stage1 import Stage1Module
+from owl_lightning.train.stage2 import Stage2Module
 
 
 def trainable(system):

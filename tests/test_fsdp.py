@@ -4,6 +4,7 @@ Each run is the real ``owl-lightning stageN fit`` command in a subprocess (Light
 second rank by re-running it); the :class:`ShardReport` callback below, loaded by that command
 from this file, writes what every rank holds at the start and the end of training.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,20 +22,19 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.strategies import ModelParallelStrategy
+from tests.test_stages import fit
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-from owl_lightning.checkpoints import is_base_llm_weight, load_owl, read_checkpoint
+from owl_lightning.checkpoints import is_base_llm_weight, is_sharded_checkpoint, load_owl, read_checkpoint, read_sharded_checkpoint
 from owl_lightning.cli import main
 from owl_lightning.config import get_config
-from owl_lightning.data.modules import CaptionDataModule
 from owl_lightning.models.llm import build_llm, load_tokenizer
 from owl_lightning.models.owl import build_owl
-from owl_lightning.parallel import (AtomicModelParallelStrategy, assert_sharded, checkpoint_activations, is_sharded_checkpoint,
-                                    llm_blocks, read_sharded_checkpoint, shard_owl)
-from owl_lightning.stages.stage1 import Stage1Module
-from tests.test_stages import fit
+from owl_lightning.train.datamodules import CaptionDataModule
+from owl_lightning.train.parallel import AtomicModelParallelStrategy, assert_sharded, checkpoint_activations, llm_blocks, shard_owl
+from owl_lightning.train.stage1 import Stage1Module
 
 TESTS = Path(__file__).parent
 
@@ -71,10 +71,16 @@ class ShardReport(L.Callback):
                 "hash": digest(full),
             }
         adam_steps = {int(s["step"]) for s in trainer.optimizers[0].state.values()}
-        report = {"global_step": trainer.global_step, "world_size": trainer.world_size, "params": params,
-                  "mixed_units": mixed_units(pl_module.model), "adam_steps": sorted(adam_steps), "val_batches": self.val_batches,
-                  "rms_norm_eps": pl_module.model.llm.config.rms_norm_eps,
-                  "eos_token_id": llm_generating(pl_module.model.llm).generation_config.eos_token_id}
+        report = {
+            "global_step": trainer.global_step,
+            "world_size": trainer.world_size,
+            "params": params,
+            "mixed_units": mixed_units(pl_module.model),
+            "adam_steps": sorted(adam_steps),
+            "val_batches": self.val_batches,
+            "rms_norm_eps": pl_module.model.llm.config.rms_norm_eps,
+            "eos_token_id": llm_generating(pl_module.model.llm).generation_config.eos_token_id,
+        }
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"{moment}_rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
@@ -91,8 +97,9 @@ def digest(tensor: torch.Tensor) -> str:
 def mixed_units(model: torch.nn.Module) -> list[list[str]]:
     """FSDP units holding both trainable and frozen parameters (there should be none)."""
     groups = {id(g): g for m in model.modules() if isinstance(m, FSDPModule) for g in m._get_fsdp_state()._fsdp_param_groups}
-    return [[p._param_fqn for p in g.fsdp_params] for g in groups.values()
-            if len({p.sharded_param.requires_grad for p in g.fsdp_params}) > 1]
+    return [
+        [p._param_fqn for p in g.fsdp_params] for g in groups.values() if len({p.sharded_param.requires_grad for p in g.fsdp_params}) > 1
+    ]
 
 
 def run(stage: str, tmp_path: Path, manifest: Path, devices: int, max_steps: int, report: str, *extra: str) -> list[dict]:
@@ -101,13 +108,24 @@ def run(stage: str, tmp_path: Path, manifest: Path, devices: int, max_steps: int
     config = {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": devices, "max_steps": max_steps, "limit_val_batches": 0, "logger": False,
-            "enable_progress_bar": False, "enable_model_summary": False, "gradient_clip_val": 1.0, "default_root_dir": str(root),
-            "strategy": {"class_path": "owl_lightning.parallel.AtomicModelParallelStrategy",
-                         "init_args": {"data_parallel_size": devices, "tensor_parallel_size": 1}},
+            "accelerator": "cpu",
+            "devices": devices,
+            "max_steps": max_steps,
+            "limit_val_batches": 0,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "gradient_clip_val": 1.0,
+            "default_root_dir": str(root),
+            "strategy": {
+                "class_path": "owl_lightning.train.parallel.AtomicModelParallelStrategy",
+                "init_args": {"data_parallel_size": devices, "tensor_parallel_size": 1},
+            },
             "callbacks": [
-                {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 0, "every_n_train_steps": 2}},
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 0, "every_n_train_steps": 2},
+                },
                 {"class_path": "test_fsdp.ShardReport", "init_args": {"out": str(tmp_path / report)}},
             ],
         },
@@ -122,8 +140,10 @@ def run(stage: str, tmp_path: Path, manifest: Path, devices: int, max_steps: int
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     if done.returncode:
         raise AssertionError(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}")
-    return [{moment: json.loads((tmp_path / report / f"{moment}_rank{rank}.json").read_text()) for moment in ("start", "end")}
-            for rank in range(devices)]
+    return [
+        {moment: json.loads((tmp_path / report / f"{moment}_rank{rank}.json").read_text()) for moment in ("start", "end")}
+        for rank in range(devices)
+    ]
 
 
 def assert_sharded_and_in_agreement(ranks: list[dict]) -> None:
@@ -185,8 +205,15 @@ def test_stage1_shards_resumes_on_one_process_and_consolidates(tmp_path, caption
     # A plain single-process Trainer (no FSDP) resumes from it, optimizer state included.
     system = Stage1Module(model_name="owl-tiny", lr=1e-2, warmup_steps=1)
     data = CaptionDataModule(manifest=str(caption_manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
-    trainer = L.Trainer(max_steps=5, limit_val_batches=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        default_root_dir=tmp_path / "plain", accelerator="cpu")
+    trainer = L.Trainer(
+        max_steps=5,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path / "plain",
+        accelerator="cpu",
+    )
     trainer.fit(system, data, ckpt_path=tmp_path / "stage1.ckpt")
     assert trainer.global_step == 5
     assert {int(s["step"]) for s in trainer.optimizers[0].state.values()} == {5}
@@ -205,14 +232,24 @@ def saved_llm(folder: Path) -> dict[str, str]:
 def test_stage2_lora_units_bf16_activation_checkpointing_and_resume(tmp_path, instruction_manifest):
     # The LLM comes from a folder: only rank 0 reads it; rank 1 builds from the config rank 0 read.
     pretrained = saved_llm(tmp_path / "llm")
-    extra = ["--data.max_length", "256", "--model.activation_checkpointing", "true", "--trainer.precision", "bf16-mixed",
-             "--model.model_overrides", json.dumps({"llm.source": str(tmp_path / "llm")})]
+    extra = [
+        "--data.max_length",
+        "256",
+        "--model.activation_checkpointing",
+        "true",
+        "--trainer.precision",
+        "bf16-mixed",
+        "--model.model_overrides",
+        json.dumps({"llm.source": str(tmp_path / "llm")}),
+    ]
     two = run("stage2", tmp_path, instruction_manifest, 2, 2, "two", *extra)
     assert_sharded_and_in_agreement(two)
     assert all(r["start"]["rms_norm_eps"] == 0.25 and r["start"]["eos_token_id"] == 7 for r in two)
     for rank in two:  # the folder's weights, on every rank
-        started = {n.removeprefix("llm.base_model.model.").replace(".base_layer", ""): info["hash"]  # LoRA's names
-                   for n, info in rank["start"]["params"].items()}
+        started = {
+            n.removeprefix("llm.base_model.model.").replace(".base_layer", ""): info["hash"]  # LoRA's names
+            for n, info in rank["start"]["params"].items()
+        }
         assert {n: started[n] for n in pretrained} == pretrained
     changed = moved(two[0])
     llm_changed = {n for n in changed if n.startswith("llm.")}
@@ -223,7 +260,9 @@ def test_stage2_lora_units_bf16_activation_checkpointing_and_resume(tmp_path, in
     assert_resumed_from(one[0], two[0], steps=2)
 
 
-def test_a_sharded_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_path, caption_manifest, own_process_group, monkeypatch, caplog):
+def test_a_sharded_save_killed_midway_leaves_the_previous_checkpoint_whole(
+    tmp_path, caption_manifest, own_process_group, monkeypatch, caplog
+):
     system = Stage1Module(model_name="owl-tiny", lr=1e-2, warmup_steps=1, num_caption_samples=0)
     data = CaptionDataModule(manifest=str(caption_manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
     trainer = fit(system, data, tmp_path, steps=2, strategy=AtomicModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
@@ -253,10 +292,10 @@ def test_a_sharded_save_killed_midway_leaves_the_previous_checkpoint_whole(tmp_p
     assert after_kill["state_dict"].keys() == saved["state_dict"].keys()
     for name, tensor in saved["state_dict"].items():
         assert torch.equal(after_kill["state_dict"][name], tensor), name
-    assert (tmp_path / "last.ckpt.partial").is_dir()
+    assert len(list(tmp_path.glob(".last.ckpt-*"))) == 2  # the published save and the killed one's staging folder
 
     trainer.save_checkpoint(last)  # the next save completes and clears the leftovers
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("last")) == ["last.ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if "last" in p.name) == sorted(["last.ckpt", os.readlink(last)])
     resaved = read_sharded_checkpoint(last)["state_dict"]
     moved = [n for n in saved["state_dict"] if n.startswith("model.abstractor.") and not torch.equal(resaved[n], saved["state_dict"][n])]
     assert moved
@@ -267,82 +306,7 @@ def test_lightnings_own_model_parallel_strategy_is_warned_about(tmp_path, captio
     data = CaptionDataModule(manifest=str(caption_manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
     fit(system, data, tmp_path, steps=1, strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
     assert "ModelParallelStrategy writes each sharded checkpoint over the previous one" in caplog.text
-    assert "owl_lightning.parallel.AtomicModelParallelStrategy" in caplog.text
-
-
-def _checkpoint_folder(path: Path, content: str) -> Path:
-    """A stand-in for a sharded save: ``meta.pt`` and one shard, both holding ``content``."""
-    path.mkdir()
-    (path / "meta.pt").write_text(content)
-    (path / "__0_0.distcp").write_text(content)
-    return path
-
-
-def _saved_content(path: Path) -> str | None:
-    """What a whole save at ``path`` holds (None if there is none)."""
-    if not is_sharded_checkpoint(path):
-        return None
-    contents = {(path / "meta.pt").read_text(), (path / "__0_0.distcp").read_text()}
-    assert len(contents) == 1, f"{path} mixes two saves"
-    return contents.pop()
-
-
-@pytest.mark.parametrize("previous", ["folder", "link", "file", "none"])
-@pytest.mark.parametrize("can_exchange", [True, False], ids=["exchange", "two-renames"])
-def test_swapping_in_a_save_killed_at_any_step_keeps_a_whole_checkpoint(tmp_path, monkeypatch, previous, can_exchange):
-    """Kill ``_replace_folder`` before each of its file-system steps in turn. The new save is never
-    lost; with the atomic exchange ``last.ckpt`` also holds a whole save at every step, while two
-    renames leave a moment without one. Once it finishes, only the new save is left."""
-    from owl_lightning import parallel
-
-    if can_exchange and not parallel._exchange(_checkpoint_folder(tmp_path / "a", "a"), _checkpoint_folder(tmp_path / "b", "b")):
-        pytest.skip("this file system cannot exchange two paths atomically")
-    steps = {"_exchange": parallel._exchange if can_exchange else (lambda a, b: False), "_remove": parallel._remove}
-    last_missing_at = []
-    for kill_at in range(10):
-        run = tmp_path / f"killed_before_step_{kill_at}"
-        run.mkdir()
-        last, new = run / "last.ckpt", _checkpoint_folder(run / "last.ckpt.partial", "new")
-        if previous == "folder":
-            _checkpoint_folder(last, "old")
-        elif previous == "link":  # ModelCheckpoint(save_last="link")
-            last.symlink_to(_checkpoint_folder(run / "epoch=0-step=2.ckpt", "old").name)
-        elif previous == "file":  # an unsharded save
-            last.write_text("old")
-        done = []
-
-        def killable(name, step):
-            def run_step(*args):
-                if len(done) == kill_at:
-                    raise KeyboardInterrupt(f"killed before {name}")
-                done.append(name)
-                return step(*args)
-            return run_step
-
-        with monkeypatch.context() as patch:
-            for name, step in steps.items():
-                patch.setattr(parallel, name, killable(name, step))
-            patch.setattr(os, "rename", killable("rename", os.rename))
-            try:
-                parallel._replace_folder(new, last)
-            except KeyboardInterrupt:
-                pass
-            else:
-                assert _saved_content(last) == "new", done
-                assert sorted(p.name for p in run.iterdir() if p.name.startswith("last")) == ["last.ckpt"], done
-                break
-        assert "new" in {_saved_content(p) for p in run.iterdir()}, f"the new save is lost after {done}"
-        last_is_whole = _saved_content(last) is not None or last.is_file()
-        if not last_is_whole:
-            last_missing_at.append(done)
-    else:
-        pytest.fail("_replace_folder never finished")
-    if previous == "none":
-        assert not last_missing_at[1:]  # missing only before the one rename
-    elif can_exchange:
-        assert not last_missing_at, f"last.ckpt held no whole save after {last_missing_at}"
-    else:
-        assert last_missing_at == [["_exchange", "_remove", "rename"]]  # the old save moved aside, the new not yet in
+    assert "owl_lightning.train.parallel.AtomicModelParallelStrategy" in caplog.text
 
 
 @pytest.fixture
@@ -475,6 +439,18 @@ def test_validation_ends_together_on_uneven_shards(tmp_path, caption_manifest):
     manifest = yaml.safe_load(caption_manifest.read_text())
     manifest["val"][0]["shards"] = "shards/train-{000000..000002}.tar"
     caption_manifest.write_text(yaml.safe_dump(manifest))
-    two = run("stage1", tmp_path, caption_manifest, 2, 2, "two", "--trainer.limit_val_batches", "1.0",
-              "--trainer.val_check_interval", "2", "--model.num_caption_samples", "0")
+    two = run(
+        "stage1",
+        tmp_path,
+        caption_manifest,
+        2,
+        2,
+        "two",
+        "--trainer.limit_val_batches",
+        "1.0",
+        "--trainer.val_check_interval",
+        "2",
+        "--model.num_caption_samples",
+        "0",
+    )
     assert [r["end"]["val_batches"] for r in two] == [3, 3]

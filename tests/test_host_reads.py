@@ -5,14 +5,15 @@ The token layout is made on the host before a batch moves (``OwlSystem.transfer_
 so from a batch's start to the optimizer-step hook the step reads back only what the HF LLM reads
 itself (its attention-mask check). These tests count the reads on the CPU, where they are the same
 operators (``_local_scalar_dense`` under ``item``/``int``/``bool``, and ``nonzero``)."""
+
 import torch
 from lightning.pytorch.callbacks import Callback
-from torch.utils._python_dispatch import TorchDispatchMode
-
-from owl_lightning.data.modules import CaptionDataModule
-from owl_lightning.stages.stage1 import Stage1Module
 from tests.test_flops import caption_batch
 from tests.test_stages import fit
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from owl_lightning.train.datamodules import CaptionDataModule
+from owl_lightning.train.stage1 import Stage1Module
 
 aten = torch.ops.aten
 READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.equal.default}
@@ -37,8 +38,13 @@ def test_a_step_with_its_layout_made_beforehand_reads_back_only_what_the_llm_rea
     embeds = tiny_model.input_embeddings(batch["input_ids"], batch["images"], layout)
 
     with HostReads() as llm_reads:
-        tiny_model.llm(inputs_embeds=embeds, attention_mask=layout.llm_mask, position_ids=layout.position_ids,
-                       logits_to_keep=layout.keep, use_cache=False)
+        tiny_model.llm(
+            inputs_embeds=embeds,
+            attention_mask=layout.llm_mask,
+            position_ids=layout.position_ids,
+            logits_to_keep=layout.keep,
+            use_cache=False,
+        )
     with HostReads() as step_reads:
         tiny_model(**tensors, layout=layout).loss.backward()
     with HostReads() as without_layout:

@@ -1,5 +1,6 @@
 """Both stages train through a corpus of broken and hostile data (tests/hostile_corpus.py): every bad
 record is skipped with its reason, the run completes, and no file outside the data roots is opened."""
+
 import os
 import sys
 from pathlib import Path
@@ -7,12 +8,12 @@ from pathlib import Path
 import lightning as L
 import PIL.Image
 import pytest
+from tests.hostile_corpus import SIDE, write_hostile_instructions, write_hostile_shards, write_outside
 
 from owl_lightning.data.health import EMPTY_SOURCE, PATH_OUTSIDE_ROOT, TOO_LONG, TRUNCATED_TAR
-from owl_lightning.data.modules import CaptionDataModule, InstructionDataModule
-from owl_lightning.stages.stage1 import Stage1Module
-from owl_lightning.stages.stage2 import Stage2Module
-from tests.hostile_corpus import SIDE, write_hostile_instructions, write_hostile_shards, write_outside
+from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
+from owl_lightning.train.stage1 import Stage1Module
+from owl_lightning.train.stage2 import Stage2Module
 
 _opened: list[str] = []
 _recording = [False]
@@ -48,9 +49,18 @@ def recorded_skips(data, monkeypatch) -> list[tuple[str, str]]:
 
 
 def train(system, data, tmp_path, steps: int) -> L.Trainer:
-    trainer = L.Trainer(max_steps=steps, limit_val_batches=1, num_sanity_val_steps=0, val_check_interval=steps,
-                        check_val_every_n_epoch=None, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        accelerator="cpu", default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        max_steps=steps,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        val_check_interval=steps,
+        check_val_every_n_epoch=None,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+    )
     trainer.fit(system, data)
     return trainer
 
@@ -65,8 +75,9 @@ def test_stage1_trains_through_hostile_shards(tmp_path, monkeypatch, opened_file
     outside = write_outside(tmp_path).parent
     manifest, expected = write_hostile_shards(tmp_path)
     opened_files.clear()  # from here on only the run's reads count
-    data = CaptionDataModule(manifest=str(manifest), model_name="owl-tiny", batch_size=4, num_workers=0, shuffle_buffer=4,
-                             max_skip_fraction=1.0)
+    data = CaptionDataModule(
+        manifest=str(manifest), model_name="owl-tiny", batch_size=4, num_workers=0, shuffle_buffer=4, max_skip_fraction=1.0
+    )
     skips = recorded_skips(data, monkeypatch)
     trainer = train(Stage1Module(model_name="owl-tiny", warmup_steps=1, num_caption_samples=1), data, tmp_path, steps=12)
 
@@ -84,8 +95,9 @@ def test_stage2_trains_through_hostile_instruction_files(tmp_path, monkeypatch, 
     outside = write_outside(tmp_path).parent
     manifest, expected = write_hostile_instructions(tmp_path)
     opened_files.clear()  # from here on only the run's reads count
-    data = InstructionDataModule(manifest=str(manifest), model_name="owl-tiny", batch_size=4, num_workers=0, max_length=256,
-                                 max_skip_fraction=1.0)
+    data = InstructionDataModule(
+        manifest=str(manifest), model_name="owl-tiny", batch_size=4, num_workers=0, max_length=256, max_skip_fraction=1.0
+    )
     skips = recorded_skips(data, monkeypatch)
     # One epoch: llava, the source with most batches to get through, is read whole.
     trainer = train(Stage2Module(model_name="owl-tiny", warmup_steps=1), data, tmp_path, steps=6)

@@ -1,15 +1,15 @@
 """Generation, chat and evaluation on owl-tiny (random weights: only the mechanics are checked)."""
+
 import json
 
 import pytest
 import torch
 from PIL import Image
 
-from owl_lightning.data.template import Turn
-from owl_lightning.eval.vqa import easy_vqa_accuracy, normalise
-from owl_lightning.inference import ChatSession, OwlAssistant, Request
-
 from conftest import COLOURS
+from owl_lightning.apps.eval.vqa import easy_vqa_accuracy, normalise
+from owl_lightning.data.template import Turn
+from owl_lightning.inference import ChatSession, OwlAssistant, Request
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_easy_vqa_accuracy_by_type(tmp_path):
 
 
 def test_stage1_caption_logging_and_the_assistant_caption_alike(tiny_config, tiny_tokenizer):
-    from owl_lightning.stages.stage1 import Stage1Module
+    from owl_lightning.train.stage1 import Stage1Module
 
     system = Stage1Module(model_name="owl-tiny", max_caption_tokens=6)
     system.configure_model()

@@ -1,15 +1,17 @@
 """Instruction readers on small files in the real schemas, good and bad records mixed."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 
+from owl_lightning.config import IMAGE_TOKEN
 from owl_lightning.data.health import IMAGE_COUNT_MISMATCH, MALFORMED_RECORD, MISSING_TEXT, SkipLog
 from owl_lightning.data.instruct import read_conversations
 from owl_lightning.data.manifest import InstructionSource
 from owl_lightning.data.template import OWL_SYSTEM_PROMPT, ConversationTemplate, Turn
-from owl_lightning.models.llm import IMAGE_TOKEN, byte_tokenizer
+from owl_lightning.models.llm import byte_tokenizer
 
 
 def write_json(tmp_path, name: str, records) -> str:
@@ -47,7 +49,8 @@ LLAVA = [
     {  # 6: two images
         "id": "pair",
         "image": ["a.jpg", "b.jpg"],
-        "conversations": [{"from": "human", "value": "<image>\n<image>\nSame animal?"}, {"from": "gpt", "value": "Yes."}]},
+        "conversations": [{"from": "human", "value": "<image>\n<image>\nSame animal?"}, {"from": "gpt", "value": "Yes."}],
+    },
     {  # 7: leading answer, split question, trailing question with its own image
         "id": "messy",
         "image": ["x.jpg", "y.jpg"],
@@ -93,14 +96,18 @@ def test_llava_num_samples_caps_records_read(tmp_path):
 
 
 def test_alpaca(tmp_path):
-    path = write_json(tmp_path, "alpaca.json", [
-        {"instruction": "Give three tips for staying healthy.", "input": "", "output": "1. Eat well.\n2. Sleep.\n3. Move."},
-        {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
-        {"instruction": "Missing output.", "input": ""},
-        {"instruction": "Numeric output.", "input": "", "output": 42},
-        {"instruction": "Empty output.", "input": "", "output": "  "},
-        ["not", "an", "object"],
-    ])
+    path = write_json(
+        tmp_path,
+        "alpaca.json",
+        [
+            {"instruction": "Give three tips for staying healthy.", "input": "", "output": "1. Eat well.\n2. Sleep.\n3. Move."},
+            {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
+            {"instruction": "Missing output.", "input": ""},
+            {"instruction": "Numeric output.", "input": "", "output": 42},
+            {"instruction": "Empty output.", "input": "", "output": "  "},
+            ["not", "an", "object"],
+        ],
+    )
     conversations, skipped = read("alpaca", path)
     assert [roles_and_texts(c) for c in conversations] == [
         [("user", "Give three tips for staying healthy."), ("assistant", "1. Eat well.\n2. Sleep.\n3. Move.")],
@@ -116,19 +123,26 @@ def test_alpaca(tmp_path):
 
 
 def test_sharegpt(tmp_path):
-    path = write_json(tmp_path, "sharegpt.json", [
-        {"id": "a1", "conversations": [
-            {"from": "system", "value": "You are terse."},
-            {"from": "human", "value": "What is 2+2?"},
-            {"from": "chatgpt", "value": "4"},
-            {"from": "user", "value": "And 3+3?"},
-            {"from": "bard", "value": "6"},
-        ]},
-        {"id": "a2", "conversations": [{"from": "narrator", "value": "Once upon a time"}, {"from": "gpt", "value": "..."}]},
-        {"id": "a3", "conversations": [{"from": "human", "value": 7}, {"from": "gpt", "value": "seven"}]},
-        {"id": "a4", "conversations": [{"from": "gpt", "value": "Unprompted."}]},
-        {"id": "a5", "conversations": [{"from": "human", "value": "Hi"}, {"from": "bing", "value": "Hello"}]},
-    ])
+    path = write_json(
+        tmp_path,
+        "sharegpt.json",
+        [
+            {
+                "id": "a1",
+                "conversations": [
+                    {"from": "system", "value": "You are terse."},
+                    {"from": "human", "value": "What is 2+2?"},
+                    {"from": "chatgpt", "value": "4"},
+                    {"from": "user", "value": "And 3+3?"},
+                    {"from": "bard", "value": "6"},
+                ],
+            },
+            {"id": "a2", "conversations": [{"from": "narrator", "value": "Once upon a time"}, {"from": "gpt", "value": "..."}]},
+            {"id": "a3", "conversations": [{"from": "human", "value": 7}, {"from": "gpt", "value": "seven"}]},
+            {"id": "a4", "conversations": [{"from": "gpt", "value": "Unprompted."}]},
+            {"id": "a5", "conversations": [{"from": "human", "value": "Hi"}, {"from": "bing", "value": "Hello"}]},
+        ],
+    )
     conversations, skipped = read("sharegpt", path)
     first, last = conversations
     assert first.system == "You are terse."
@@ -145,7 +159,13 @@ OWL_TEXT_MULTI = (
 
 def test_owl_jsonl(tmp_path):
     lines = [
-        json.dumps({"text": f"{OWL_SYSTEM_PROMPT}\nHuman: <image>\nHuman: What is this?\nAI: A cat.", "image": ["cat.jpg"], "task_type": "llava_sft"}),
+        json.dumps(
+            {
+                "text": f"{OWL_SYSTEM_PROMPT}\nHuman: <image>\nHuman: What is this?\nAI: A cat.",
+                "image": ["cat.jpg"],
+                "task_type": "llava_sft",
+            }
+        ),
         json.dumps({"text": OWL_TEXT_MULTI, "image": ["a.png", "b.png"], "task_type": "gpt4instruct_sft"}),
         '{"text": "broken',
         "",

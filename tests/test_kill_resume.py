@@ -1,5 +1,6 @@
 """`kill -9` a training command at some moment; the same command again resumes from the last
 checkpoint and finishes the run (stage 1, then stage 2 from it), as `make stage1` / `make stage2` do."""
+
 import random
 import signal
 import subprocess
@@ -15,13 +16,42 @@ EVERY = 4  # checkpoint interval: a kill loses at most this many steps
 
 
 def command(stage: str, folder, manifest, *extra) -> list[str]:
-    return [sys.executable, "-m", "owl_lightning", stage, "fit", "--model.model_name", "owl-tiny",
-            "--data.manifest", str(manifest), "--data.num_workers", "1", "--data.batch_size", "4",
-            "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(folder), "--trainer.logger", "false",
-            "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0", "--model.warmup_steps", "1",
-            f"--trainer.max_steps={MAX_STEPS}", "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-            f"--trainer.callbacks.dirpath={folder / 'checkpoints'}", "--trainer.callbacks.save_last=true",
-            "--trainer.callbacks.save_top_k=0", f"--trainer.callbacks.every_n_train_steps={EVERY}", "--ckpt_path", "last", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "owl_lightning",
+        stage,
+        "fit",
+        "--model.model_name",
+        "owl-tiny",
+        "--data.manifest",
+        str(manifest),
+        "--data.num_workers",
+        "1",
+        "--data.batch_size",
+        "4",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.default_root_dir",
+        str(folder),
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.limit_val_batches",
+        "0",
+        "--model.warmup_steps",
+        "1",
+        f"--trainer.max_steps={MAX_STEPS}",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={folder / 'checkpoints'}",
+        "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks.save_top_k=0",
+        f"--trainer.callbacks.every_n_train_steps={EVERY}",
+        "--ckpt_path",
+        "last",
+        *extra,
+    ]
 
 
 def kill_after_first_checkpoint(args: list[str], last) -> None:

@@ -1,4 +1,5 @@
 """Instruction mixture: per-batch source quotas, determinism, bad-sample replacement, rank/worker split."""
+
 from __future__ import annotations
 
 import random
@@ -10,11 +11,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from owl_lightning.config import IMAGE_TOKEN
 from owl_lightning.data.health import CORRUPT_IMAGE, MISSING_IMAGE, PATH_OUTSIDE_ROOT, TOO_LONG
 from owl_lightning.data.manifest import InstructionSource
 from owl_lightning.data.mixture import InstructionMixture, batch_quotas
 from owl_lightning.data.template import Conversation, ConversationTemplate, Turn
-from owl_lightning.models.llm import IMAGE_TOKEN, byte_tokenizer
+from owl_lightning.models.llm import byte_tokenizer
 
 IMAGE_SIZE = 8
 
@@ -55,8 +57,12 @@ def text_source(n: int = 20, weight: float = 1.0) -> tuple[InstructionSource, li
 def vision_source(image_root, image_names: list[str], weight: float = 3.0) -> tuple[InstructionSource, list[Conversation]]:
     source = InstructionSource(name="vision", format="llava", path="vision.json", weight=weight, image_root=str(image_root))
     conversations = [
-        Conversation([Turn("user", "<image>\nWhat colour?"), Turn("assistant", f"Vision answer {i}.")], images=[name],
-                     source="vision", origin=f"vision.json#{i}")
+        Conversation(
+            [Turn("user", "<image>\nWhat colour?"), Turn("assistant", f"Vision answer {i}.")],
+            images=[name],
+            source="vision",
+            origin=f"vision.json#{i}",
+        )
         for i, name in enumerate(image_names)
     ]
     return source, conversations
@@ -64,8 +70,7 @@ def vision_source(image_root, image_names: list[str], weight: float = 3.0) -> tu
 
 def mixture(tok, sources, **kwargs) -> InstructionMixture:
     template = ConversationTemplate(tok, image_token_length=4, max_length=kwargs.pop("max_length", 512))
-    return InstructionMixture(sources, template, to_tensor, batch_size=kwargs.pop("batch_size", 8),
-                              pad_token_id=tok.pad_token_id, **kwargs)
+    return InstructionMixture(sources, template, to_tensor, batch_size=kwargs.pop("batch_size", 8), pad_token_id=tok.pad_token_id, **kwargs)
 
 
 def answers(tok, batch) -> list[str]:
@@ -123,8 +128,12 @@ def test_same_seed_and_epoch_same_batches_new_epoch_new_order(tok, image_root):
 def test_bad_samples_are_skipped_counted_and_replaced(tok, image_root):
     names = ["good0.png", "good1.png", "missing.png", "corrupt.png", "../outside.png", "good2.png"]
     vision = vision_source(image_root, names)
-    long_question = Conversation([Turn("user", "<image>" + "why? " * 200), Turn("assistant", "Because.")],
-                                 images=["good3.png"], source="vision", origin="vision.json#6")
+    long_question = Conversation(
+        [Turn("user", "<image>" + "why? " * 200), Turn("assistant", "Because.")],
+        images=["good3.png"],
+        source="vision",
+        origin="vision.json#6",
+    )
     vision[1].append(long_question)
     data = mixture(tok, [text_source(), vision], max_length=256)
     batches = list(data)

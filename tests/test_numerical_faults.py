@@ -1,13 +1,14 @@
 """A step whose loss or gradient is not finite makes no update and is counted; K in a row stop the
 run with a message naming the step and where its batch came from."""
+
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-
-from owl_lightning.data.modules import CaptionDataModule
-from owl_lightning.stages.stage1 import Stage1Module
-from owl_lightning.stages.system import gradients_finite
 from tests.test_stages import fit
+
+from owl_lightning.train.datamodules import CaptionDataModule
+from owl_lightning.train.stage1 import Stage1Module
+from owl_lightning.train.system import gradients_finite
 
 
 class Snapshots(Callback):

@@ -5,6 +5,7 @@ compared with a reference forward written here from the paper's equations (DESIG
 same tensors, read by their names. The reference uses their LayerNorm eps (1e-5 in the abstractor's
 norms, 1e-6 in the SwiGLU's and the vision tower's), as our abstractor does; timm's CLIP uses 1e-5.
 """
+
 import json
 import math
 
@@ -15,26 +16,42 @@ from PIL import Image
 from timm.data import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from owl_lightning.apps.official import convert_official
 from owl_lightning.checkpoints import load_owl
 from owl_lightning.cli import main
 from owl_lightning.config import get_config
 from owl_lightning.inference import OwlAssistant, Request
 from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.owl import build_owl
-from owl_lightning.official import convert_official
-from owl_lightning.stages.stage2 import Stage2Module
+from owl_lightning.train.stage2 import Stage2Module
 
 # Their layout at tiny sizes: a 32 px image in 8 px patches → 16 patches + CLS.
 IMAGE, PATCH, VISION_WIDTH, VISION_HEADS, VISION_LAYERS = 32, 8, 32, 2, 2
 QUERIES, ABSTRACTOR_HEADS, ABSTRACTOR_LAYERS, ABSTRACTOR_FFN = 4, 4, 2, 48
-LLM = {"vocab_size": 259, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-       "num_key_value_heads": 4, "max_position_embeddings": 512, "bos_token_id": 257, "eos_token_id": 258,
-       "pad_token_id": 256, "tie_word_embeddings": False}  # the byte tokenizer's 259 tokens; LLaMA-7B is untied too
+LLM = {
+    "vocab_size": 259,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+    "bos_token_id": 257,
+    "eos_token_id": 258,
+    "pad_token_id": 256,
+    "tie_word_embeddings": False,
+}  # the byte tokenizer's 259 tokens; LLaMA-7B is untied too
 TINY = {
     "vision.weights": None,
     "vision.image_size": IMAGE,
-    "vision.timm_kwargs": {"img_size": IMAGE, "patch_size": PATCH, "embed_dim": VISION_WIDTH, "depth": VISION_LAYERS,
-                           "num_heads": VISION_HEADS, "mlp_ratio": 2.0},
+    "vision.timm_kwargs": {
+        "img_size": IMAGE,
+        "patch_size": PATCH,
+        "embed_dim": VISION_WIDTH,
+        "depth": VISION_LAYERS,
+        "num_heads": VISION_HEADS,
+        "mlp_ratio": 2.0,
+    },
     "abstractor.num_queries": QUERIES,
     "abstractor.num_layers": ABSTRACTOR_LAYERS,
     "abstractor.hidden_size": VISION_WIDTH,
@@ -61,7 +78,7 @@ def official_state_dict() -> dict[str, torch.Tensor]:
         return torch.randn(*shape, generator=gen) * scale
 
     def linear(name, out_features, in_features, bias=True):
-        tensors = {f"{name}.weight": rand(out_features, in_features, scale=in_features ** -0.5)}
+        tensors = {f"{name}.weight": rand(out_features, in_features, scale=in_features**-0.5)}
         return tensors | ({f"{name}.bias": rand(out_features, scale=0.05)} if bias else {})
 
     def norm(name, width):
@@ -100,12 +117,14 @@ def official_state_dict() -> dict[str, torch.Tensor]:
 def official_llm(state=None) -> LlamaForCausalLM:
     llm = LlamaForCausalLM(LlamaConfig(**LLM)).eval()
     if state is not None:
-        llm.load_state_dict({k[len("language_model."):]: v for k, v in state.items()
-                             if k.startswith("language_model.") and not k.endswith("inv_freq")})
+        llm.load_state_dict(
+            {k[len("language_model.") :]: v for k, v in state.items() if k.startswith("language_model.") and not k.endswith("inv_freq")}
+        )
     return llm
 
 
 # -- the reference forward, from the paper's equations, on their tensors ------------------------------------
+
 
 def layer_norm(x, state, name, eps):
     return F.layer_norm(x, x.shape[-1:], state[f"{name}.weight"], state[f"{name}.bias"], eps)
@@ -117,6 +136,7 @@ def dense(x, state, name):
 
 def attention(q, k, v, heads):
     """Softmax(q kᵀ / √d) v per head: ``[B, Lq, D]``, ``[B, Lk, D]`` → ``[B, Lq, D]``."""
+
     def split(x):  # [B, L, D] → [B, heads, L, D / heads]
         return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
@@ -151,8 +171,12 @@ def reference_abstractor(state, features):
         layer = f"abstractor.encoder.layers.{i}.crossattention"
         q = layer_norm(x, state, f"{layer}.norm1", 1e-5)
         kv = torch.cat([q, layer_norm(features, state, f"{layer}.normk", 1e-5)], 1)
-        attended = attention(dense(q, state, f"{layer}.attention.query"), dense(kv, state, f"{layer}.attention.key"),
-                             dense(kv, state, f"{layer}.attention.value"), ABSTRACTOR_HEADS)
+        attended = attention(
+            dense(q, state, f"{layer}.attention.query"),
+            dense(kv, state, f"{layer}.attention.key"),
+            dense(kv, state, f"{layer}.attention.value"),
+            ABSTRACTOR_HEADS,
+        )
         x = q + dense(attended, state, f"{layer}.output.out_proj")
         h = layer_norm(x, state, f"{layer}.output.norm2", 1e-5)
         h = F.silu(dense(h, state, f"{layer}.output.mlp.w1")) * dense(h, state, f"{layer}.output.mlp.w3")
@@ -173,6 +197,7 @@ def converted_model(config, state):
 
 
 # -- tests -------------------------------------------------------------------------------------------------
+
 
 @torch.no_grad()
 def test_converted_model_computes_the_papers_equations(config):
@@ -238,8 +263,10 @@ def test_unplaced_missing_and_misfit_tensors_are_named(config):
     misfit = official_state_dict() | {"query_tokens": torch.zeros(1, QUERIES + 1, VISION_WIDTH)}
     with pytest.raises(ValueError, match=r"official query_tokens \(1, 5, 32\) does not fit abstractor\.queries \(1, 4, 32\)"):
         convert_official(misfit, config, tokenizer)
-    adapter_only = {"base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(8, 64),
-                    "base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 8)}
+    adapter_only = {
+        "base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(8, 64),
+        "base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 8),
+    }
     with pytest.raises(ValueError, match=r"pass the full model together with the adapter"):
         convert_official(adapter_only, config, tokenizer)
 
@@ -261,8 +288,9 @@ def test_convert_official_cli_writes_an_export_for_chat_and_stage2(tmp_path):
     assert isinstance(assistant.answer([Request.single("What is it?", [Image.new("RGB", (IMAGE, IMAGE))])], 4)[0], str)
 
     # Stage 2 starts from it: the export's llm/ as the base LLM, vision and abstractor through init_from.
-    system = Stage2Module(model_name="owl-llama7b", init_from=str(out),
-                          model_overrides=TINY | {"llm.source": str(out / "llm"), "llm.tokenizer": None})
+    system = Stage2Module(
+        model_name="owl-llama7b", init_from=str(out), model_overrides=TINY | {"llm.source": str(out / "llm"), "llm.tokenizer": None}
+    )
     system.configure_model()
     torch.testing.assert_close(system.model.vision.model.pos_embed, state["vision_model.embeddings.position_embedding"])
     torch.testing.assert_close(system.model.abstractor.end_token, state["abstractor.vit_eos"])

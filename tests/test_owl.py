@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from owl_lightning.data.collate import IGNORE_INDEX
+from owl_lightning.config import IGNORE_INDEX
 from owl_lightning.models.owl import TokenLayout
 
 IMG = 99

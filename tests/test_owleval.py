@@ -1,16 +1,26 @@
 """OwlEval: the runner on owl-tiny (random weights: the mechanics), answer files, the published data."""
+
 import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from conftest import png_bytes
+from owl_lightning.apps.owleval import (
+    ANSWER_KEYS,
+    CATEGORIES,
+    OwlEvalError,
+    answer_owleval,
+    conversations,
+    fit_request,
+    read_answer_files,
+    read_answers,
+    read_questions,
+    write_answers,
+)
 from owl_lightning.data.template import Conversation, Turn
 from owl_lightning.inference import OwlAssistant
-from owl_lightning.owleval import (ANSWER_KEYS, CATEGORIES, OwlEvalError, answer_owleval, conversations, fit_request,
-                                   read_answer_files, read_answers, read_questions, write_answers)
-
-from conftest import png_bytes
 
 PUBLISHED = Path(__file__).resolve().parents[1] / ".." / "shared" / "owleval"
 
@@ -60,14 +70,16 @@ def test_runner_writes_the_official_format_and_asks_multi_turn_with_history(owle
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert [tuple(line) for line in lines] == [ANSWER_KEYS] * 3  # the published files' keys, in their order
     assert [(line["question_id"], line["image"], line["model_id"]) for line in lines] == [
-        (1, "red.png", "owl-tiny"), (2, "blue.png", "owl-tiny"), (3, "blue.png", "owl-tiny")]
+        (1, "red.png", "owl-tiny"),
+        (2, "blue.png", "owl-tiny"),
+        (3, "blue.png", "owl-tiny"),
+    ]
     assert read_answers(path, questions).answers == answers
     assert answers[2].endswith("[reply 1.1]") and answers[3].endswith("[reply 2.0]")
     # Turn 1 of both conversations in one batch, then the second turn.
     assert batches == [2, 1]
     second_turn = [conv for conv in prompts if len(conv.turns) > 1][-1]
-    assert second_turn.turns == [Turn("user", "<image>\nDescribe the image."), Turn("assistant", answers[2]),
-                                 Turn("user", "Are you sure?")]
+    assert second_turn.turns == [Turn("user", "<image>\nDescribe the image."), Turn("assistant", answers[2]), Turn("user", "Are you sure?")]
     single = [conv for conv in prompts if "What colour" in conv.turns[0].content]
     assert single and all(len(conv.turns) == 1 for conv in single)
 
@@ -97,14 +109,20 @@ def test_history_is_cut_from_the_oldest_turn_to_leave_room_for_the_answer(assist
         fit_request(template, history, "third question", image, max_new_tokens=10)
 
 
-@pytest.mark.parametrize("line, message", [
-    ('{"image": "red.png", "question_id": 1', r"answers\.jsonl:2: not JSON"),
-    ('{"image": "red.png", "question_id": 1, "question": "q", "model_id": "m"}', r"answers\.jsonl:2: missing answer; the official"),
-    ('{"image": "red.png", "question_id": "1", "question": "q", "answer": "a", "model_id": "m"}', r":2: 'question_id' must be int"),
-    ('{"image": "x.png", "question_id": 99, "question": "q", "answer": "a", "model_id": "m"}', r":2: question_id 99 is not an OwlEval question \(1-3\)"),
-    ('{"image": "red.png", "question_id": 1, "question": "q", "answer": "a", "model_id": "m"}', r":2: question_id 1 is answered twice"),
-    ('{"image": "blue.png", "question_id": 2, "question": "q", "answer": "a", "model_id": "other"}', r":2: model_id 'other' differs"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"image": "red.png", "question_id": 1', r"answers\.jsonl:2: not JSON"),
+        ('{"image": "red.png", "question_id": 1, "question": "q", "model_id": "m"}', r"answers\.jsonl:2: missing answer; the official"),
+        ('{"image": "red.png", "question_id": "1", "question": "q", "answer": "a", "model_id": "m"}', r":2: 'question_id' must be int"),
+        (
+            '{"image": "x.png", "question_id": 99, "question": "q", "answer": "a", "model_id": "m"}',
+            r":2: question_id 99 is not an OwlEval question \(1-3\)",
+        ),
+        ('{"image": "red.png", "question_id": 1, "question": "q", "answer": "a", "model_id": "m"}', r":2: question_id 1 is answered twice"),
+        ('{"image": "blue.png", "question_id": 2, "question": "q", "answer": "a", "model_id": "other"}', r":2: model_id 'other' differs"),
+    ],
+)
 def test_malformed_answer_files_are_refused_naming_file_and_line(owleval_folder, tmp_path, line, message):
     first = {"image": "red.png", "question_id": 1, "question": "What colour is this?", "answer": "red", "model_id": "m"}
     path = tmp_path / "answers.jsonl"

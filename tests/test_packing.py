@@ -1,11 +1,12 @@
 """Packing several samples into a row: the same loss and gradients as one sample a row, far less padding."""
+
 import pytest
 import torch
 
-from owl_lightning.config import get_config
-from owl_lightning.data.collate import IGNORE_INDEX, EncodedSample, collate
-from owl_lightning.flops import StepFlops, sequence_lengths
+from owl_lightning.config import IGNORE_INDEX, get_config
+from owl_lightning.data.collate import EncodedSample, collate
 from owl_lightning.models.owl import build_owl, packed_positions
+from owl_lightning.train.flops import StepFlops, sequence_lengths
 
 V = 5  # visual tokens per image in these collate-only tests
 
@@ -38,8 +39,14 @@ def test_padding_right_and_left_keeps_tokens_labels_and_mask_together():
 
 
 def test_packed_rows_hold_every_sample_once():
-    samples = [sample(40, first=100), sample(8, 1, first=200), sample(12, first=300), sample(6, 1, first=400),
-               sample(30, first=500), sample(9, first=600)]
+    samples = [
+        sample(40, first=100),
+        sample(8, 1, first=200),
+        sample(12, first=300),
+        sample(6, 1, first=400),
+        sample(30, first=500),
+        sample(9, first=600),
+    ]
     batch = collate(samples, pad_token_id=0, pack_with_image_length=V)
     assert batch["input_ids"].shape[0] < len(samples)
     longest = max(expanded(s) for s in samples)
@@ -73,7 +80,9 @@ def batches(tiny_tokenizer, tiny_model):
     generator = torch.Generator().manual_seed(0)
     samples = []
     for index, (length, images) in enumerate([(40, 0), (9, 1), (14, 1), (7, 0), (25, 1), (11, 0)]):
-        ids = [tiny_tokenizer.bos_token_id] + [image] * images + torch.randint(60, 120, (length - 1 - images,), generator=generator).tolist()
+        ids = (
+            [tiny_tokenizer.bos_token_id] + [image] * images + torch.randint(60, 120, (length - 1 - images,), generator=generator).tolist()
+        )
         labels = [IGNORE_INDEX] * (length // 2) + ids[length // 2 :]
         pixels = [torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=generator) for _ in range(images)]
         samples.append(EncodedSample(ids, labels, pixels, f"source{index % 2}"))

@@ -1,4 +1,5 @@
 """The data workers' image preprocessing equals timm's eval transform for the model (up to rounding)."""
+
 import pytest
 import torch
 from PIL import Image, ImageDraw

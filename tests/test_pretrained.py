@@ -1,4 +1,5 @@
 """The embedded default's parts are real pretrained models (loads the packaged weights)."""
+
 import pytest
 import torch
 from PIL import Image
@@ -48,6 +49,6 @@ def test_converted_smollm2_knows_the_capital_of_france():
         [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True, tokenize=False
     )
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    answer = tokenizer.decode(llm.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1]:])
+    answer = tokenizer.decode(llm.generate(ids, max_new_tokens=20, do_sample=False)[0, ids.shape[1] :])
     assert "Paris" in answer
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token == "<|endoftext|>"

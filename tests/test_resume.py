@@ -1,14 +1,15 @@
 """Exact resume: a run interrupted mid-epoch and resumed from its checkpoint ends with the same
 weights as one that never stopped — the streamed shards (stage 1) and the instruction mixture
 (stage 2) continue where they stopped, with 0 and 2 DataLoader workers."""
+
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from owl_lightning.data.modules import CaptionDataModule, InstructionDataModule
-from owl_lightning.stages.stage1 import Stage1Module
-from owl_lightning.stages.stage2 import Stage2Module
+from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
+from owl_lightning.train.stage1 import Stage1Module
+from owl_lightning.train.stage2 import Stage2Module
 
 STEPS = 8
 
@@ -45,9 +46,18 @@ def train(stage, manifest, workers, folder, interrupt_at=None, ckpt_path=None):
     if interrupt_at is not None:
         callbacks.append(InterruptAt(interrupt_at))
     # Validation in the middle too: it must not disturb the training stream or the RNG.
-    trainer = L.Trainer(max_steps=STEPS, val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=1,
-                        num_sanity_val_steps=1, logger=False, enable_progress_bar=False, accelerator="cpu",
-                        default_root_dir=folder, callbacks=callbacks)
+    trainer = L.Trainer(
+        max_steps=STEPS,
+        val_check_interval=2,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=1,
+        logger=False,
+        enable_progress_bar=False,
+        accelerator="cpu",
+        default_root_dir=folder,
+        callbacks=callbacks,
+    )
     trainer.fit(system, data, ckpt_path=ckpt_path)
     return system, trainer
 
@@ -58,8 +68,9 @@ def trained_weights(system) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("stage, interrupt_at", [("stage1", 3), ("stage2", 3), ("stage2", 7)])
-def test_interrupted_and_resumed_run_ends_with_the_same_weights(tmp_path, caption_manifest, instruction_manifest,
-                                                                stage, interrupt_at, workers):
+def test_interrupted_and_resumed_run_ends_with_the_same_weights(
+    tmp_path, caption_manifest, instruction_manifest, stage, interrupt_at, workers
+):
     """Stage 1: 12 batches per epoch, so step 3 is mid-epoch. Stage 2: 6 per epoch, so step 7 is
     mid-way through the second epoch (the mixture reshuffles per epoch)."""
     manifest = caption_manifest if stage == "stage1" else instruction_manifest

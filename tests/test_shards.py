@@ -1,4 +1,5 @@
 """Stage-1 shard pipeline: tiny img2dataset-layout shards written by the tests themselves."""
+
 from __future__ import annotations
 
 import io
@@ -83,9 +84,7 @@ def write_good_shards(folder: Path, prefix: str, shards: int, per_shard: int) ->
 
 def build(sources: list[ShardSource], **kw):
     kw.setdefault("batch_size", 4)
-    return build_shard_pipeline(
-        sources, image_transform=resize_to_tensor, encode_caption=caption_bytes, pad_token_id=PAD, **kw
-    )
+    return build_shard_pipeline(sources, image_transform=resize_to_tensor, encode_caption=caption_bytes, pad_token_id=PAD, **kw)
 
 
 def captions_of(batch: dict) -> list[str]:

@@ -1,18 +1,26 @@
 """Both training stages end to end on owl-tiny (and one owl-smol checkpoint), on data the tests write."""
+
 import lightning as L
-import pytest
 import torch
 
 from owl_lightning.checkpoints import load_owl, read_checkpoint
 from owl_lightning.cli import main
-from owl_lightning.data.modules import CaptionDataModule, InstructionDataModule
-from owl_lightning.stages.stage1 import Stage1Module
-from owl_lightning.stages.stage2 import Stage2Module
+from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
+from owl_lightning.train.stage1 import Stage1Module
+from owl_lightning.train.stage2 import Stage2Module
 
 
 def fit(system, datamodule, tmp_path, steps=2, **trainer_kwargs):
-    trainer = L.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, default_root_dir=tmp_path, accelerator="cpu", **trainer_kwargs)
+    trainer = L.Trainer(
+        max_steps=steps,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        **trainer_kwargs,
+    )
     trainer.fit(system, datamodule)
     return trainer
 
@@ -53,12 +61,37 @@ def test_stage2_step_changes_only_lora_and_abstractor(tmp_path, instruction_mani
 
 
 def run_cli(stage, tmp_path, manifest, *extra):
-    main([stage, "fit", "--model.model_name", "owl-tiny", "--data.manifest", str(manifest), "--data.num_workers", "0",
-          "--data.batch_size", "4", "--trainer.accelerator", "cpu", "--trainer.default_root_dir", str(tmp_path / stage),
-          "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "1", "--model.warmup_steps", "1",
-          "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-          f"--trainer.callbacks.dirpath={tmp_path / stage / 'checkpoints'}", "--trainer.callbacks.save_last=true",
-          "--trainer.callbacks.every_n_train_steps=2", "--ckpt_path", "last", *extra])
+    main(
+        [
+            stage,
+            "fit",
+            "--model.model_name",
+            "owl-tiny",
+            "--data.manifest",
+            str(manifest),
+            "--data.num_workers",
+            "0",
+            "--data.batch_size",
+            "4",
+            "--trainer.accelerator",
+            "cpu",
+            "--trainer.default_root_dir",
+            str(tmp_path / stage),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--trainer.limit_val_batches",
+            "1",
+            "--model.warmup_steps",
+            "1",
+            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            f"--trainer.callbacks.dirpath={tmp_path / stage / 'checkpoints'}",
+            "--trainer.callbacks.save_last=true",
+            "--trainer.callbacks.every_n_train_steps=2",
+            "--ckpt_path",
+            "last",
+            *extra,
+        ]
+    )
 
 
 def test_stage1_then_stage2_through_the_cli_with_resume(tmp_path, caption_manifest, instruction_manifest, monkeypatch):
@@ -74,8 +107,7 @@ def test_stage1_then_stage2_through_the_cli_with_resume(tmp_path, caption_manife
     resumed = read_checkpoint(last)
     assert resumed["global_step"] == 4
 
-    run_cli("stage2", tmp_path, instruction_manifest, "--trainer.max_steps=2", "--model.init_from", str(last),
-            "--data.max_length", "256")
+    run_cli("stage2", tmp_path, instruction_manifest, "--trainer.max_steps=2", "--model.init_from", str(last), "--data.max_length", "256")
     stage2 = read_checkpoint(tmp_path / "stage2" / "checkpoints" / "last.ckpt")
     assert any("lora_" in k for k in stage2["state_dict"])
     # Stage 2 started from stage 1's vision encoder (frozen since): identical tensors.

@@ -1,12 +1,13 @@
 """Conversation template: exact token layout and label masking for both styles, truncation, captions."""
+
 from __future__ import annotations
 
 import pytest
 
-from owl_lightning.data.collate import IGNORE_INDEX
+from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN
 from owl_lightning.data.health import IMAGE_COUNT_MISMATCH, MISSING_TEXT, TOO_LONG, SkipSample
 from owl_lightning.data.template import OWL_SYSTEM_PROMPT, Conversation, ConversationTemplate, Turn
-from owl_lightning.models.llm import IMAGE_TOKEN, byte_tokenizer
+from owl_lightning.models.llm import byte_tokenizer
 
 BOS, EOS = "<|im_start|>", "<|im_end|>"
 
@@ -70,7 +71,8 @@ CHAT_EXPECTED = {
     ),
     "multi_turn": (
         MULTI_TURN,
-        f"{BOS}user\n<image>\nWhat shape?{EOS}\n{BOS}assistant\nA circle.{EOS}\n{BOS}user\nAnd its colour?{EOS}\n{BOS}assistant\nBlue.{EOS}\n",
+        f"{BOS}user\n<image>\nWhat shape?{EOS}\n{BOS}assistant\nA circle.{EOS}\n"
+        f"{BOS}user\nAnd its colour?{EOS}\n{BOS}assistant\nBlue.{EOS}\n",
         ["A circle." + EOS, "Blue." + EOS],
     ),
     "two_images": (
@@ -221,7 +223,14 @@ def test_backend_tokenising_equals_the_tokenizer_call(tok, which):
         tok = load_tokenizer(get_config("owl-smol").llm)
     template = ConversationTemplate(tok)
     assert template._backend is not None  # the fast path is the one under test
-    texts = ["a blue rectangle", "  leading and trailing  ", "<image>\nWhat is this?<|im_end|>", "naïve café 東京 🦉",
-             "tabs\tand\nnewlines\r\n", "x" * 500, "<image><image> two"]
+    texts = [
+        "a blue rectangle",
+        "  leading and trailing  ",
+        "<image>\nWhat is this?<|im_end|>",
+        "naïve café 東京 🦉",
+        "tabs\tand\nnewlines\r\n",
+        "x" * 500,
+        "<image><image> two",
+    ]
     for text in texts:
         assert template._tokens(text) == tok(text, add_special_tokens=False)["input_ids"], text

@@ -1,4 +1,5 @@
 """Batches leave DataLoader workers by value, with the layout they had (data/transfer.py)."""
+
 import pickle
 
 import pytest
@@ -14,14 +15,17 @@ def through_pickle(tensor: torch.Tensor) -> torch.Tensor:
     return rebuild(*pickle.loads(pickle.dumps(args, protocol=5)))
 
 
-@pytest.mark.parametrize("make", [
-    lambda: torch.randint(0, 255, (4, 3, 8, 8), dtype=torch.uint8).contiguous(memory_format=torch.channels_last),
-    lambda: torch.arange(24).view(2, 12),
-    lambda: torch.randn(5, 3).to(torch.bfloat16),
-    lambda: torch.tensor([True, False, True]),
-    lambda: torch.empty(0, 7),
-    lambda: torch.arange(30.0).view(5, 6)[1:4, ::2],  # a strided view with an offset
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randint(0, 255, (4, 3, 8, 8), dtype=torch.uint8).contiguous(memory_format=torch.channels_last),
+        lambda: torch.arange(24).view(2, 12),
+        lambda: torch.randn(5, 3).to(torch.bfloat16),
+        lambda: torch.tensor([True, False, True]),
+        lambda: torch.empty(0, 7),
+        lambda: torch.arange(30.0).view(5, 6)[1:4, ::2],  # a strided view with an offset
+    ],
+)
 def test_tensor_round_trip_keeps_values_and_layout(make):
     tensor = make()
     original = tensor.clone()
@@ -45,8 +49,7 @@ class OneBatch(IterableDataset):
 
 @pytest.mark.parametrize("by_value", [True, False])
 def test_worker_batches_arrive_whole_and_by_value(by_value):
-    loader = DataLoader(OneBatch(), batch_size=None, num_workers=1,
-                        worker_init_fn=send_batches_by_value if by_value else None)
+    loader = DataLoader(OneBatch(), batch_size=None, num_workers=1, worker_init_fn=send_batches_by_value if by_value else None)
     (batch,) = list(loader)
     expected = next(iter(OneBatch()))
     assert torch.equal(batch["input_ids"], expected["input_ids"]) and torch.equal(batch["images"], expected["images"])

@@ -1,5 +1,6 @@
 """The vision encoder's CPU speed-up keeps the model as it was: 5×5 depthwise convolutions compute in
 float32 under CPU autocast, with the same weights, names and results outside it."""
+
 import copy
 
 import timm
@@ -9,7 +10,9 @@ from owl_lightning.models.vision import float32_large_depthwise_on_cpu
 
 
 def depthwise(model: torch.nn.Module, kernel: int) -> list[torch.nn.Conv2d]:
-    return [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1 and m.kernel_size == (kernel, kernel)]
+    return [
+        m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1 and m.kernel_size == (kernel, kernel)
+    ]
 
 
 def test_large_depthwise_convolutions_compute_in_float32_under_cpu_autocast():

@@ -3,6 +3,7 @@
 The browser tests skip (with the reason) where Debian's chromium, chromium-driver or selenium is
 missing, except under CI=true, where they fail instead: .ci/run installs them.
 """
+
 import json
 import logging
 import os
@@ -14,14 +15,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from conftest import png_bytes
+from owl_lightning.apps.owleval import read_questions, write_answers
+from owl_lightning.apps.web import running
+from owl_lightning.apps.web.demo import ChatApp, read_conversation
+from owl_lightning.apps.web.rate import RatingsFile, open_rating
 from owl_lightning.cli import main
 from owl_lightning.inference import OwlAssistant
-from owl_lightning.owleval import read_questions, write_answers
-from owl_lightning.web import running
-from owl_lightning.web.demo import ChatApp, read_conversation
-from owl_lightning.web.rate import RatingsFile, open_rating
-
-from conftest import png_bytes
 from test_owleval import SUBSET, write_owleval
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
@@ -31,13 +31,19 @@ WAIT_S = 15
 
 # -- fixtures --------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def owleval_folder(tmp_path):
     """The 3-question subset of test_owleval, and an answer file per system: "<system> answers <id>"."""
     folder = write_owleval(tmp_path / "owleval", SUBSET)
     questions = read_questions(folder)
     for system in SYSTEMS:
-        write_answers(folder / "answer" / f"{system}.jsonl", questions, {q.question_id: f"{system} answers {q.question_id}" for q in questions}, system)
+        write_answers(
+            folder / "answer" / f"{system}.jsonl",
+            questions,
+            {q.question_id: f"{system} answers {q.question_id}" for q in questions},
+            system,
+        )
     return folder
 
 
@@ -75,6 +81,7 @@ def http(url: str, body: object = None) -> tuple[int, dict]:
 
 # -- rating: the server ----------------------------------------------------------------------------
 
+
 def test_answers_are_shuffled_per_question_stably_and_never_named(rating, owleval_folder, tmp_path):
     orders = {q: rating.slots(q) for q in rating.questions}
     assert all(sorted(order) == list(SYSTEMS) for order in orders.values())
@@ -107,8 +114,10 @@ def test_every_rating_is_on_disk_before_the_page_hears_back_and_the_last_one_win
 
 def test_a_torn_or_foreign_line_in_the_ratings_file_costs_only_itself(tmp_path, caplog):
     path = tmp_path / "ratings.jsonl"
-    path.write_text('{"question_id": 1, "model_id": "alpha", "rating": "A"}\nnot json\n'
-                    '{"question_id": 1, "model_id": "beta", "rating": "E"}\n{"question_id": 2, "model_id": "al')
+    path.write_text(
+        '{"question_id": 1, "model_id": "alpha", "rating": "A"}\nnot json\n'
+        '{"question_id": 1, "model_id": "beta", "rating": "E"}\n{"question_id": 2, "model_id": "al'
+    )
     with caplog.at_level(logging.WARNING, logger="owl_lightning"):
         ratings = RatingsFile(path)
     assert ratings.ratings == {(1, "alpha"): "A"}
@@ -117,13 +126,16 @@ def test_a_torn_or_foreign_line_in_the_ratings_file_costs_only_itself(tmp_path, 
     assert RatingsFile(path).ratings == {(1, "alpha"): "A", (3, "gamma"): "C"}
 
 
-@pytest.mark.parametrize("body, status, message", [
-    ({"question_id": 99, "slot": 1, "rating": "A"}, 404, "there is no OwlEval question 99 (ids 1-3); nothing was saved"),
-    ({"question_id": "two", "slot": 1, "rating": "A"}, 400, "a question id is a number, not 'two'"),
-    ({"question_id": 2, "slot": 4, "rating": "A"}, 400, "question 2 has answers 1-3, not 4: reload the page"),
-    ({"question_id": 2, "slot": 1, "rating": "E"}, 400, "a rating is one of A, B, C, D, not 'E'"),
-    (b"{not json", 400, "the request body is not JSON"),
-])
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"question_id": 99, "slot": 1, "rating": "A"}, 404, "there is no OwlEval question 99 (ids 1-3); nothing was saved"),
+        ({"question_id": "two", "slot": 1, "rating": "A"}, 400, "a question id is a number, not 'two'"),
+        ({"question_id": 2, "slot": 4, "rating": "A"}, 400, "question 2 has answers 1-3, not 4: reload the page"),
+        ({"question_id": 2, "slot": 1, "rating": "E"}, 400, "a rating is one of A, B, C, D, not 'E'"),
+        (b"{not json", 400, "the request body is not JSON"),
+    ],
+)
 def test_bad_ratings_are_refused_with_a_message_and_nothing_saved(rating, body, status, message):
     with running(rating) as server:
         code, answer = http(server.url + "api/rate", body)
@@ -152,8 +164,18 @@ def test_rate_refuses_a_malformed_answers_file_with_its_line(owleval_folder, tmp
     with open(owleval_folder / "answer" / "beta.jsonl", "a") as file:
         file.write('{"image": "red.png", "question_id": 1, "answer": "again"}\n')
     with pytest.raises(SystemExit) as exit:
-        main(["rate", "--data", str(owleval_folder), "--answers", str(owleval_folder / "answer"),
-              "--ratings", str(tmp_path / "ratings.jsonl"), "--summary"])
+        main(
+            [
+                "rate",
+                "--data",
+                str(owleval_folder),
+                "--answers",
+                str(owleval_folder / "answer"),
+                "--ratings",
+                str(tmp_path / "ratings.jsonl"),
+                "--summary",
+            ]
+        )
     assert exit.value.code == 2
     assert "beta.jsonl:4: missing question, model_id; the official answer format has" in capsys.readouterr().err
 
@@ -170,6 +192,7 @@ def test_a_missing_image_is_named_on_the_page_not_served(rating, owleval_folder,
 
 # -- chat: the server ------------------------------------------------------------------------------
 
+
 def data_url(colour: str) -> dict:
     import base64
 
@@ -177,11 +200,13 @@ def data_url(colour: str) -> dict:
 
 
 def test_each_message_opens_with_its_own_images():
-    request = read_conversation([
-        {"role": "user", "text": "What is this?", "images": [data_url("red")]},
-        {"role": "assistant", "text": "red"},
-        {"role": "user", "text": "And these?", "images": [data_url("blue"), data_url("green")]},
-    ])
+    request = read_conversation(
+        [
+            {"role": "user", "text": "What is this?", "images": [data_url("red")]},
+            {"role": "assistant", "text": "red"},
+            {"role": "user", "text": "And these?", "images": [data_url("blue"), data_url("green")]},
+        ]
+    )
     assert [t.content for t in request.turns] == ["<image>\nWhat is this?", "red", "<image><image>\nAnd these?"]
     assert [image.getpixel((0, 0)) for image in request.images] == [(220, 30, 30), (30, 30, 220), (30, 200, 30)]
 
@@ -197,22 +222,28 @@ def test_uploads_convert_to_rgb_as_training_does():
     assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)  # on white, as data.images composites it
 
 
-@pytest.mark.parametrize("messages, message", [
-    ([], "'messages' must be a non-empty list"),
-    ([{"role": "user", "text": "look", "images": [{"name": "notes.png", "data": "data:image/png;base64,bm90IGFuIGltYWdl"}]}],
-     "notes.png is not an image the server can read"),
-    ([{"role": "user", "text": "a <image> here"}], "message 1 contains <image>, which stands for an image"),
-    ([{"role": "user", "text": " "}], "message 1 is empty: type a question or add an image"),
-    ([{"role": "user", "text": "hi"}, {"role": "assistant", "text": "hello"}], "the last message must be the user's"),
-    ([{"role": "system", "text": "hi"}], "message 1 needs a role (user or assistant)"),
-])
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ([], "'messages' must be a non-empty list"),
+        (
+            [{"role": "user", "text": "look", "images": [{"name": "notes.png", "data": "data:image/png;base64,bm90IGFuIGltYWdl"}]}],
+            "notes.png is not an image the server can read",
+        ),
+        ([{"role": "user", "text": "a <image> here"}], "message 1 contains <image>, which stands for an image"),
+        ([{"role": "user", "text": " "}], "message 1 is empty: type a question or add an image"),
+        ([{"role": "user", "text": "hi"}, {"role": "assistant", "text": "hello"}], "the last message must be the user's"),
+        ([{"role": "system", "text": "hi"}], "message 1 needs a role (user or assistant)"),
+    ],
+)
 def test_bad_chat_requests_get_a_message(chat_calls, messages, message):
     assistant, calls = chat_calls
     with running(ChatApp(assistant)) as server:
         status, answer = http(server.url + "api/chat", {"messages": messages})
         assert status == 400 and answer["error"].startswith(message)
         assert http(server.url + "api/chat", {"messages": [{"role": "user", "text": "hi"}], "max_new_tokens": 0})[1] == {
-            "error": "max_new_tokens must be between 1 and 1024, got 0"}
+            "error": "max_new_tokens must be between 1 and 1024, got 0"
+        }
         assert http(server.url + "api/chat", {"messages": [{"role": "user", "text": "hi"}], "max_new_tokens": 2})[0] == 200
     assert len(calls) == 1
 
@@ -222,10 +253,13 @@ def test_a_conversation_too_long_for_the_model_asks_for_a_new_chat(chat_calls):
     assistant.template.max_length = 50
     with running(ChatApp(assistant)) as server:
         status, answer = http(server.url + "api/chat", {"messages": [{"role": "user", "text": "hi " * 40}]})
-    assert status == 400 and "exceeds max_length=50" in answer["error"] and answer["error"].endswith("start a new chat (or use fewer images)")
+    assert (
+        status == 400 and "exceeds max_length=50" in answer["error"] and answer["error"].endswith("start a new chat (or use fewer images)")
+    )
 
 
 # -- the pages in headless Chromium ----------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def browser():
@@ -242,8 +276,17 @@ def browser():
         pytest.skip(reason)
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--window-size=1280,900"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,900",
+    ):
         options.add_argument(flag)
     with tempfile.TemporaryDirectory(prefix="owl-chromium-") as profile:
         options.add_argument(f"--user-data-dir={profile}")
@@ -270,18 +313,25 @@ def css(driver, selector: str):
 
 def open_question(driver, url: str, question_id: int) -> None:
     driver.get(f"{url}#q={question_id}")
-    wait_for(driver, lambda d: f"Question {question_id} ·" in d.find_element("id", "meta").text and css(d, ".answer .rating button"),
-             f"question {question_id}")
+    wait_for(
+        driver,
+        lambda d: f"Question {question_id} ·" in d.find_element("id", "meta").text and css(d, ".answer .rating button"),
+        f"question {question_id}",
+    )
 
 
 def click_rating(driver, slot: int, letter: str) -> None:
     css(driver, f'.answer[data-slot="{slot}"] button[data-rating="{letter}"]')[0].click()
-    wait_for(driver, lambda d: css(d, f'.answer[data-slot="{slot}"] .saved')[0].text == f"saved {letter}", f"answer {slot} saved as {letter}")
+    wait_for(
+        driver, lambda d: css(d, f'.answer[data-slot="{slot}"] .saved')[0].text == f"saved {letter}", f"answer {slot} saved as {letter}"
+    )
 
 
 def shown_ratings(driver) -> dict[int, str]:
-    return {int(button.find_element("xpath", "ancestor::article").get_attribute("data-slot")): button.text
-            for button in css(driver, ".rating button.selected")}
+    return {
+        int(button.find_element("xpath", "ancestor::article").get_attribute("data-slot")): button.text
+        for button in css(driver, ".rating button.selected")
+    }
 
 
 def test_browser_ratings_survive_reload_and_restart_and_the_summary_counts_them(browser, rating, owleval_folder, tmp_path):
@@ -289,7 +339,8 @@ def test_browser_ratings_survive_reload_and_restart_and_the_summary_counts_them(
         open_question(browser, server.url, 1)
         assert browser.find_element("id", "question-text").text == "What colour is this?"
         assert [card.find_element("class name", "text").text for card in css(browser, ".answer")] == [
-            f"{system} answers 1" for system in rating.slots(1)]
+            f"{system} answers 1" for system in rating.slots(1)
+        ]
         click_rating(browser, 1, "A")
         click_rating(browser, 2, "C")
         click_rating(browser, 2, "D")  # changed its mind: the last click counts
@@ -318,7 +369,9 @@ def test_browser_ratings_survive_reload_and_restart_and_the_summary_counts_them(
 
         first, second = rating.slots(1)[:2]
         third_of_q2 = rating.slots(2)[2]
-        assert cell(first, "single_turn", "A") == "1" and cell(second, "single_turn", "D") == "1" and cell(second, "single_turn", "C") == "0"
+        assert (
+            cell(first, "single_turn", "A") == "1" and cell(second, "single_turn", "D") == "1" and cell(second, "single_turn", "C") == "0"
+        )
         assert cell(third_of_q2, "single_turn", "B") == cell(third_of_q2, "multi_turn", "B") == "1"
         assert cell(third_of_q2, "multi_turn", "unrated") == "1"
         assert browser.find_element("id", "summary-markdown").text == restarted.summary()["markdown"]
@@ -336,8 +389,9 @@ def test_browser_rating_names_a_missing_image(browser, rating, owleval_folder):
 
 def chat_reply(driver, count: int) -> str:
     """The text of the ``count``-th assistant message, once it is there."""
-    wait_for(driver, lambda d: len(css(d, ".message.assistant:not(.pending)")) >= count and not css(d, ".message.pending"),
-             f"answer {count}")
+    wait_for(
+        driver, lambda d: len(css(d, ".message.assistant:not(.pending)")) >= count and not css(d, ".message.pending"), f"answer {count}"
+    )
     return css(driver, ".message.assistant:not(.pending) .text")[count - 1].text
 
 

@@ -1,18 +1,19 @@
 """``owl-lightning``: the two training stages (LightningCLI) and the tools around them.
 
-    owl-lightning stage1 fit --config experiments/stage1_smol.yaml [--ckpt_path last]
-    owl-lightning stage2 fit --config experiments/stage2_smol.yaml [--ckpt_path last]
-    owl-lightning describe owl-llama7b [--json]
-    owl-lightning data [--out data/embedded]
-    owl-lightning eval --ckpt RUN_OR_CKPT [--vqa-limit N]
-    owl-lightning chat --ckpt RUN_OR_CKPT --image a.jpg [--image b.jpg] [--prompt "..."]
-    owl-lightning owleval --ckpt RUN_OR_CKPT --out answers.jsonl [--data ../shared/owleval]
-    owl-lightning rate --answers DIR_OR_FILE [--answers ...] [--ratings owleval_ratings.jsonl] [--summary]
-    owl-lightning serve --ckpt RUN_OR_CKPT [--port 7860]
-    owl-lightning export --ckpt RUN_OR_CKPT --out DIR
-    owl-lightning convert-official --src OFFICIAL_DIR [--src ADAPTER_DIR] --out DIR [--config owl-llama7b] [--overrides JSON]
-    owl-lightning consolidate SHARDED_CKPT_OR_RUN OUT.ckpt
+owl-lightning stage1 fit --config experiments/stage1_smol.yaml [--ckpt_path last]
+owl-lightning stage2 fit --config experiments/stage2_smol.yaml [--ckpt_path last]
+owl-lightning describe owl-llama7b [--json]
+owl-lightning data [--out data/embedded]
+owl-lightning eval --ckpt RUN_OR_CKPT [--vqa-limit N]
+owl-lightning chat --ckpt RUN_OR_CKPT --image a.jpg [--image b.jpg] [--prompt "..."]
+owl-lightning owleval --ckpt RUN_OR_CKPT --out answers.jsonl [--data ../shared/owleval]
+owl-lightning rate --answers DIR_OR_FILE [--answers ...] [--ratings owleval_ratings.jsonl] [--summary]
+owl-lightning serve --ckpt RUN_OR_CKPT [--port 7860]
+owl-lightning export --ckpt RUN_OR_CKPT --out DIR
+owl-lightning convert-official --src OFFICIAL_DIR [--src ADAPTER_DIR] --out DIR [--config owl-llama7b] [--overrides JSON]
+owl-lightning consolidate SHARDED_CKPT_OR_RUN OUT.ckpt
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,9 @@ USAGE = __doc__
 def _stage_cli(stage: str, args: list[str]) -> None:
     from lightning.pytorch.cli import LightningCLI
 
-    from owl_lightning.data.modules import CaptionDataModule, InstructionDataModule
-    from owl_lightning.stages.stage1 import Stage1Module
-    from owl_lightning.stages.stage2 import Stage2Module
+    from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
+    from owl_lightning.train.stage1 import Stage1Module
+    from owl_lightning.train.stage2 import Stage2Module
 
     class OwlCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -102,16 +103,19 @@ def _describe_main(args: list[str]) -> None:
 
 
 def _data_main(args: list[str]) -> None:
-    from owl_lightning.data.embedded import main as build_embedded
+    from owl_lightning.apps.embedded import main as build_embedded
 
     build_embedded(args)
 
 
 def _eval_main(args: list[str]) -> None:
-    from owl_lightning.eval.run import evaluate, summary_table
+    from owl_lightning.apps.eval.run import evaluate, summary_table
 
-    parser = argparse.ArgumentParser(prog="owl-lightning eval", description="Evaluate a checkpoint: easy-VQA accuracy, "
-                                     "caption BLEU, text-only retention, qualitative sheet. Writes <run>/eval.json.")
+    parser = argparse.ArgumentParser(
+        prog="owl-lightning eval",
+        description="Evaluate a checkpoint: easy-VQA accuracy, "
+        "caption BLEU, text-only retention, qualitative sheet. Writes <run>/eval.json.",
+    )
     parser.add_argument("--ckpt", required=True, help="a .ckpt file or a run folder (uses checkpoints/last.ckpt)")
     parser.add_argument("--data", default="data/embedded", help="the embedded data folder (make data)")
     parser.add_argument("--vqa-limit", type=int, default=None, help="first N easy-VQA test questions (default: all 9,673)")
@@ -131,8 +135,10 @@ def _chat_main(args: list[str]) -> None:
     from owl_lightning.data.images import decode_image
     from owl_lightning.inference import ChatSession, OwlAssistant
 
-    parser = argparse.ArgumentParser(prog="owl-lightning chat", description="Chat about images with a trained model. "
-                                     "Type /reset to start over, /quit (or Ctrl-D) to leave.")
+    parser = argparse.ArgumentParser(
+        prog="owl-lightning chat",
+        description="Chat about images with a trained model. Type /reset to start over, /quit (or Ctrl-D) to leave.",
+    )
     parser.add_argument("--ckpt", required=True, help="a .ckpt file or a run folder")
     parser.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     parser.add_argument("--prompt", help="answer this once and exit")
@@ -165,11 +171,14 @@ def _chat_main(args: list[str]) -> None:
 
 
 def _owleval_main(args: list[str]) -> None:
-    from owl_lightning.owleval import DEFAULT_DATA, OwlEvalError, run_owleval
+    from owl_lightning.apps.owleval import DEFAULT_DATA, OwlEvalError, run_owleval
 
-    parser = argparse.ArgumentParser(prog="owl-lightning owleval", description="Answer the 82 OwlEval questions (the mPLUG-Owl "
-                                     "paper's benchmark) with a checkpoint, into an answer file in the official format. "
-                                     "Multi-turn questions about one image are asked in one conversation, in question_id order.")
+    parser = argparse.ArgumentParser(
+        prog="owl-lightning owleval",
+        description="Answer the 82 OwlEval questions (the mPLUG-Owl "
+        "paper's benchmark) with a checkpoint, into an answer file in the official format. "
+        "Multi-turn questions about one image are asked in one conversation, in question_id order.",
+    )
     parser.add_argument("--ckpt", required=True, help="a .ckpt file or a run folder")
     parser.add_argument("--data", default=DEFAULT_DATA, help="the OwlEval folder: questions.jsonl, cases/ (default: %(default)s)")
     parser.add_argument("--out", required=True, help="the answer file to write (JSONL)")
@@ -182,21 +191,24 @@ def _owleval_main(args: list[str]) -> None:
         path = run_owleval(ns.ckpt, ns.data, ns.out, ns.model_id, ns.batch_size, ns.max_new_tokens, ns.temperature)
     except (OwlEvalError, FileNotFoundError) as err:
         parser.error(str(err))
-    print(f"answers: {path}\nrate them blind beside the published ones: "
-          f"owl-lightning rate --answers {ns.data}/answer --answers {path}")
+    print(f"answers: {path}\nrate them blind beside the published ones: owl-lightning rate --answers {ns.data}/answer --answers {path}")
 
 
 def _rate_main(args: list[str]) -> None:
-    from owl_lightning.owleval import DEFAULT_DATA, OwlEvalError
-    from owl_lightning.web import serve
-    from owl_lightning.web.rate import open_rating
+    from owl_lightning.apps.owleval import DEFAULT_DATA, OwlEvalError
+    from owl_lightning.apps.web import serve
+    from owl_lightning.apps.web.rate import open_rating
 
-    parser = argparse.ArgumentParser(prog="owl-lightning rate", description="Rate OwlEval answers blind in a browser "
-                                     "(A/B/C/D, the paper's scale): every system's answer to a question, anonymised and "
-                                     "shuffled. Each click is saved at once to the ratings file; the summary view (or "
-                                     "--summary) gives the paper's table.")
-    parser.add_argument("--answers", action="append", required=True,
-                        help="an answer file, or a folder of *.jsonl answer files (repeat for several)")
+    parser = argparse.ArgumentParser(
+        prog="owl-lightning rate",
+        description="Rate OwlEval answers blind in a browser "
+        "(A/B/C/D, the paper's scale): every system's answer to a question, anonymised and "
+        "shuffled. Each click is saved at once to the ratings file; the summary view (or "
+        "--summary) gives the paper's table.",
+    )
+    parser.add_argument(
+        "--answers", action="append", required=True, help="an answer file, or a folder of *.jsonl answer files (repeat for several)"
+    )
     parser.add_argument("--data", default=DEFAULT_DATA, help="the OwlEval folder: questions.jsonl, cases/ (default: %(default)s)")
     parser.add_argument("--ratings", default="runs/owleval_ratings.jsonl", help="where ratings are kept (default: %(default)s)")
     parser.add_argument("--port", type=int, default=7861, help="port on 127.0.0.1 (0: any free port; default: %(default)s)")
@@ -214,12 +226,14 @@ def _rate_main(args: list[str]) -> None:
 
 
 def _serve_main(args: list[str]) -> None:
+    from owl_lightning.apps.web import serve
+    from owl_lightning.apps.web.demo import ChatApp
     from owl_lightning.inference import OwlAssistant
-    from owl_lightning.web import serve
-    from owl_lightning.web.demo import ChatApp
 
-    parser = argparse.ArgumentParser(prog="owl-lightning serve", description="Chat with a trained model in a browser: "
-                                     "upload images, ask over several turns, adjust max tokens and temperature.")
+    parser = argparse.ArgumentParser(
+        prog="owl-lightning serve",
+        description="Chat with a trained model in a browser: upload images, ask over several turns, adjust max tokens and temperature.",
+    )
     parser.add_argument("--ckpt", required=True, help="a .ckpt file or a run folder")
     parser.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (0: any free port; default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="the page's starting value")
@@ -233,11 +247,14 @@ def _serve_main(args: list[str]) -> None:
 
 
 def _export_main(args: list[str]) -> None:
-    from owl_lightning.export import export_checkpoint
+    from owl_lightning.checkpoints import export_checkpoint
 
-    parser = argparse.ArgumentParser(prog="owl-lightning export", description="Export a checkpoint for tools outside "
-                                     "owl_lightning: DIR/llm (LoRA merged, tokenizer with <image>), DIR/vision.safetensors, "
-                                     "DIR/abstractor.safetensors, DIR/lora (the adapter, stage 2), DIR/owl.json.")
+    parser = argparse.ArgumentParser(
+        prog="owl-lightning export",
+        description="Export a checkpoint for tools outside "
+        "owl_lightning: DIR/llm (LoRA merged, tokenizer with <image>), DIR/vision.safetensors, "
+        "DIR/abstractor.safetensors, DIR/lora (the adapter, stage 2), DIR/owl.json.",
+    )
     parser.add_argument("--ckpt", required=True, help="a .ckpt file or a run folder (uses checkpoints/last.ckpt)")
     parser.add_argument("--out", required=True, help="the folder to write (replaces an earlier export there)")
     ns = parser.parse_args(args)
@@ -248,44 +265,61 @@ def _export_main(args: list[str]) -> None:
 
 
 def _convert_official_main(args: list[str]) -> None:
-    from owl_lightning.official import write_official_export
+    from owl_lightning.apps.official import write_official_export
 
-    parser = argparse.ArgumentParser(prog="owl-lightning convert-official", description="Convert the official mPLUG-Owl "
-                                     "v1 weights (Hugging Face folder) into an exported folder to chat with or start stage 2 from.")
-    parser.add_argument("--src", action="append", required=True, help="an official model folder or file; repeat to add "
-                        "a LoRA adapter saved by peft after the full model")
+    parser = argparse.ArgumentParser(
+        prog="owl-lightning convert-official",
+        description="Convert the official mPLUG-Owl "
+        "v1 weights (Hugging Face folder) into an exported folder to chat with or start stage 2 from.",
+    )
+    parser.add_argument(
+        "--src",
+        action="append",
+        required=True,
+        help="an official model folder or file; repeat to add a LoRA adapter saved by peft after the full model",
+    )
     parser.add_argument("--out", required=True, help="the folder to write")
     parser.add_argument("--config", default="owl-llama7b", help=f"our config of the same sizes: {', '.join(list_configs())}")
-    parser.add_argument("--overrides", type=json.loads, default=None, help='dotted-key changes to it as JSON, e.g. '
-                        '\'{"llm.tokenizer": "path/to/llama-tokenizer"}\'')
+    parser.add_argument(
+        "--overrides",
+        type=json.loads,
+        default=None,
+        help='dotted-key changes to it as JSON, e.g. \'{"llm.tokenizer": "path/to/llama-tokenizer"}\'',
+    )
     ns = parser.parse_args(args)
     try:
         out = write_official_export(ns.src, ns.out, get_config(ns.config, ns.overrides))
     except (KeyError, ValueError, FileNotFoundError, FileExistsError) as err:
         parser.error(str(err.args[0]) if isinstance(err, KeyError) else str(err))
     overrides = json.dumps({**(ns.overrides or {}), "llm.source": str(out / "llm")})
-    print(f"{out}\nchat:    owl-lightning chat --ckpt {out} --image a.jpg\n"
-          f"stage 2: owl-lightning stage2 fit --config experiments/stage2_llama7b.yaml --model.init_from {out} "
-          f"--model.model_overrides '{overrides}'")
+    print(
+        f"{out}\nchat:    owl-lightning chat --ckpt {out} --image a.jpg\n"
+        f"stage 2: owl-lightning stage2 fit --config experiments/stage2_llama7b.yaml --model.init_from {out} "
+        f"--model.model_overrides '{overrides}'"
+    )
 
 
 def _consolidate_main(args: list[str]) -> None:
-    from pathlib import Path
+    from owl_lightning.checkpoints import consolidate, is_sharded_checkpoint, resolve_checkpoint
 
-    from owl_lightning.parallel import consolidate, is_sharded_checkpoint
-
-    parser = argparse.ArgumentParser(prog="owl-lightning consolidate", description="Join the shards of an FSDP checkpoint "
-                                     "(ModelParallelStrategy saves a folder, one file per process) into one .ckpt file: "
-                                     "weights, optimizer state, loop state and config. It resumes on any number of "
-                                     "processes and loads anywhere a checkpoint is taken (eval, chat, export, init_from).")
+    parser = argparse.ArgumentParser(
+        prog="owl-lightning consolidate",
+        description="Join the shards of an FSDP checkpoint "
+        "(ModelParallelStrategy saves a folder, one file per process) into one .ckpt file: "
+        "weights, optimizer state, loop state and config. It resumes on any number of "
+        "processes and loads anywhere a checkpoint is taken (eval, chat, export, init_from).",
+    )
     parser.add_argument("checkpoint", help="a sharded checkpoint folder (e.g. runs/x/checkpoints/last.ckpt) or its run folder")
     parser.add_argument("out", help="the .ckpt file to write")
     ns = parser.parse_args(args)
-    path = Path(ns.checkpoint)
-    if not is_sharded_checkpoint(path) and is_sharded_checkpoint(path / "checkpoints" / "last.ckpt"):
-        path = path / "checkpoints" / "last.ckpt"
+    try:
+        path = resolve_checkpoint(ns.checkpoint)
+    except FileNotFoundError as err:
+        parser.error(str(err))
     if not is_sharded_checkpoint(path):
-        parser.error(f"{ns.checkpoint} is not a sharded checkpoint folder (one holding meta.pt and .distcp files) nor a run folder with one")
+        parser.error(
+            f"{ns.checkpoint} is not a sharded checkpoint folder (one holding meta.pt and .distcp files) nor a run folder with one"
+        )
     print(consolidate(path, ns.out))
 
 

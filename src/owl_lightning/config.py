@@ -4,16 +4,24 @@ Every named config builds without a download. ``owl-tiny`` is random and builds 
 second (unit tests), ``owl-smol`` is the embedded default (real pretrained parts from PyPI),
 ``owl-llama7b`` is the paper's model (DESIGN §2) — buildable on the ``meta`` device.
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from owl_lightning.models.llm import BYTE_TOKENIZER, PACKAGED_SMOLLM2
-
+# Constants the models and the data pipeline both read.
+IMAGE_TOKEN = "<image>"  # one placeholder per image in the text; the model puts the image's visual tokens there
+IGNORE_INDEX = -100  # label of every position that is not supervised (PyTorch's cross-entropy default)
+PACKAGED_SMOLLM2 = "packaged:smollm2-135m-instruct"
 PACKAGED_EFFICIENTNET_LITE0 = "packaged:efficientnet-lite0"
+BYTE_TOKENIZER = "bytes"
+RANDOM_LLM = "random"  # llm.source of an LLM built from llm.architecture with random weights
+CHECKPOINT_PREFIX = "model."  # the training system holds the OwlModel as ``self.model``
 
 
 @dataclass
@@ -89,9 +97,58 @@ class OwlConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "OwlConfig":
-        parts = {"vision": VisionConfig, "abstractor": AbstractorConfig, "llm": LLMConfig, "lora": LoRAConfig}
-        return cls(name=raw["name"], **{k: t(**raw[k]) for k, t in parts.items() if k in raw})
+    def from_dict(cls, raw: object) -> OwlConfig:
+        """The config a dict describes (as :meth:`to_dict` writes it, e.g. read from a checkpoint), every
+        field checked against its type; raises ``ValueError`` naming the first field that does not fit."""
+        return _from_dict(cls, raw, "owl_config")
+
+
+def _from_dict(kind: type, raw: object, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(kind)
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ValueError(f"{where} has unknown fields {unknown}; known: {sorted(names)}")
+    return kind(**{name: _checked(value, hints[name], f"{where}.{name}") for name, value in raw.items()})
+
+
+def _checked(value: object, hint: Any, where: str) -> Any:
+    """``value`` if it is of type ``hint`` (dataclasses built from dicts, lists and tuples converted), else ``ValueError``."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _from_dict(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in args:
+            try:
+                return _checked(value, option, where)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(f"{where}: {value!r:.80} fits none of {hint}")
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise ValueError(f"{where} must be one of {list(args)}, got {value!r:.80}")
+    if hint is Any:
+        return value
+    if hint is type(None):
+        if value is None:
+            return None
+    elif origin in (list, tuple):
+        if isinstance(value, (list, tuple)):
+            items = [_checked(item, args[0] if args else Any, f"{where}[{i}]") for i, item in enumerate(value)]
+            return origin(items)
+    elif origin is dict:
+        if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+            return {key: _checked(item, args[1] if args else Any, f"{where}.{key}") for key, item in value.items()}
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise ValueError(f"{where} must be {getattr(hint, '__name__', hint)}, got {value!r:.80}")
 
 
 LLAMA_7B = {
@@ -112,7 +169,12 @@ LLAMA_7B = {
 _REGISTRY: dict[str, OwlConfig] = {
     "owl-tiny": OwlConfig(
         name="owl-tiny",
-        vision=VisionConfig(timm_name="vit_tiny_patch16_224", weights=None, image_size=32, timm_kwargs={"depth": 2, "img_size": 32, "patch_size": 8, "embed_dim": 48, "num_heads": 2}),
+        vision=VisionConfig(
+            timm_name="vit_tiny_patch16_224",
+            weights=None,
+            image_size=32,
+            timm_kwargs={"depth": 2, "img_size": 32, "patch_size": 8, "embed_dim": 48, "num_heads": 2},
+        ),
         abstractor=AbstractorConfig(num_queries=4, num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64),
         llm=LLMConfig(
             source="random",
@@ -149,7 +211,9 @@ _REGISTRY: dict[str, OwlConfig] = {
     "owl-llama7b": OwlConfig(
         name="owl-llama7b",
         vision=VisionConfig(timm_name="vit_large_patch14_clip_quickgelu_224.openai", weights="timm"),
-        abstractor=AbstractorConfig(num_queries=64, num_layers=6, hidden_size=1024, num_heads=16, intermediate_size=2816, attention_dropout=0.1),
+        abstractor=AbstractorConfig(
+            num_queries=64, num_layers=6, hidden_size=1024, num_heads=16, intermediate_size=2816, attention_dropout=0.1
+        ),
         llm=LLMConfig(source="huggyllama/llama-7b", architecture=LLAMA_7B, dtype="bfloat16"),
     ),
 }

@@ -15,21 +15,17 @@ Layout of ``owl-lightning export --ckpt RUN_OR_CKPT --out DIR``::
 Read back (:func:`read_export`), an exported folder is a checkpoint whose base LLM is its own
 ``llm/``: ``load_owl``, ``OwlAssistant.from_checkpoint`` and stage 2's ``init_from`` take it like a run.
 """
+
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerBase
 
-from owl_lightning.checkpoints import PREFIX, model_from_checkpoint, read_checkpoint, template_settings
-from owl_lightning.config import OwlConfig
-from owl_lightning.models.llm import IMAGE_TOKEN, load_tokenizer
+from owl_lightning.config import CHECKPOINT_PREFIX, IMAGE_TOKEN
+from owl_lightning.files import writing_folder
 from owl_lightning.models.owl import OwlModel
 
 MANIFEST = "owl.json"
@@ -42,28 +38,20 @@ def is_export(path: str | Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
 
-def export_checkpoint(ckpt: str | Path, out: str | Path) -> Path:
-    """Export a stage-1/2 checkpoint (or run folder, or export) to ``out``, keeping its template settings."""
-    checkpoint = read_checkpoint(ckpt)
-    model = model_from_checkpoint(checkpoint, str(ckpt))
-    return write_export(model, load_tokenizer(model.config.llm), template_settings(checkpoint), out)
-
-
 def write_export(model: OwlModel, tokenizer: PreTrainedTokenizerBase, settings: dict, out: str | Path) -> Path:
     """Write ``model`` as an exported folder; ``settings``: its template settings (``checkpoints.template_settings``).
 
     A LoRA-wrapped LLM is saved twice: its adapter alone (``lora/``) and merged into the base weights
-    (``llm/``); ``model.llm`` is the merged LLM afterwards. ``out`` is written whole or not at all, and
-    replaces an earlier export there, never a folder holding anything else.
+    (``llm/``); ``model.llm`` is the merged LLM afterwards. ``out`` is replaced in one atomic step
+    (:func:`owl_lightning.files.publish_folder`): a kill leaves the previous export or the new one, whole.
+    It replaces an earlier export there, never a folder holding anything else.
     """
     from peft import PeftModel
 
     out = Path(out)
     if out.exists() and not is_export(out) and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not an owl_lightning export; pass a new or empty folder as --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with writing_folder(out) as staging:
         if isinstance(model.llm, PeftModel):
             # Adapters only: the embeddings were never trained (the <image> row is rebuilt from the base).
             model.llm.save_pretrained(staging / "lora", save_embedding_layers=False)
@@ -72,7 +60,7 @@ def write_export(model: OwlModel, tokenizer: PreTrainedTokenizerBase, settings: 
         tokenizer.save_pretrained(staging / "llm")
         state = model.state_dict()
         for filename, prefix in _PARTS.items():
-            save_file({k[len(prefix):]: v.contiguous() for k, v in state.items() if k.startswith(prefix)}, staging / filename)
+            save_file({k[len(prefix) :]: v.contiguous() for k, v in state.items() if k.startswith(prefix)}, staging / filename)
         manifest = {
             "owl_config": model.config.to_dict(),
             "template": settings,
@@ -81,28 +69,39 @@ def write_export(model: OwlModel, tokenizer: PreTrainedTokenizerBase, settings: 
             "visual_tokens_per_image": model.visual_tokens_per_image,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)  # an earlier export, or an empty folder
-    os.replace(staging, out)
     return out
 
 
 def read_export(folder: str | Path) -> dict:
-    """An exported folder as a checkpoint dict: ``owl_config`` (whose LLM and tokenizer are ``llm/``),
-    ``state_dict`` (vision encoder and abstractor, ``model.``-prefixed) and the template settings."""
+    """An exported folder as a checkpoint dict: ``owl_config`` as stored, ``export_llm_folder`` (its ``llm/``,
+    the base LLM now: LoRA merged, ``<image>`` row included, with its tokenizer), ``state_dict`` (vision
+    encoder and abstractor, ``model.``-prefixed) and the template settings.
+
+    Everything read lies inside ``folder``; ``checkpoints.trusted_config`` decides what the stored config may set."""
     folder = Path(folder)
-    manifest = json.loads((folder / MANIFEST).read_text())
-    config = OwlConfig.from_dict(manifest["owl_config"])
-    llm_dir = str(folder / "llm")
-    # llm/ holds the trained LLM (LoRA merged, <image> row included) and its tokenizer: it is the base now.
-    config.llm = dataclasses.replace(config.llm, source=llm_dir, tokenizer=llm_dir, architecture=None)
-    config.vision.weights = None  # the encoder's weights come with the state dict below
+    root = folder.resolve()
+
+    def inside(name: str) -> Path:
+        path = (folder / name).resolve()
+        if not path.is_relative_to(root):
+            raise ValueError(f"{folder / name} leads outside the exported folder {root}; export the checkpoint again")
+        if not path.exists():
+            raise FileNotFoundError(f"{folder / name} not found: {folder} is an incomplete export; export the checkpoint again")
+        return path
+
+    try:
+        manifest = json.loads(inside(MANIFEST).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{folder / MANIFEST}: not a readable export manifest ({type(err).__name__}: {err})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("owl_config"), dict):
+        raise ValueError(f"{folder / MANIFEST}: expected an object with 'owl_config'; export the checkpoint again")
+    llm_folder = inside("llm")
     state = {}
     for filename, prefix in _PARTS.items():
-        path = folder / filename
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: {folder} is an incomplete export; export the checkpoint again")
-        state.update({PREFIX + prefix + k: v for k, v in load_file(path).items()})
-    return {"owl_config": config.to_dict(), "state_dict": state, "datamodule_hyper_parameters": manifest["template"]}
+        state.update({CHECKPOINT_PREFIX + prefix + k: v for k, v in load_file(inside(filename)).items()})
+    return {
+        "owl_config": manifest["owl_config"],
+        "export_llm_folder": str(llm_folder),
+        "state_dict": state,
+        "datamodule_hyper_parameters": manifest.get("template") or {},
+    }

@@ -3,6 +3,7 @@
 Used by ``owl-lightning chat`` and ``eval``; keeps prompts exactly as the model was trained on
 (template style and system prompt are read from the checkpoint's data settings).
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -13,10 +14,11 @@ import torch
 from PIL import Image
 
 from owl_lightning.checkpoints import model_from_checkpoint, read_checkpoint, template_settings
-from owl_lightning.data.collate import IGNORE_INDEX, EncodedSample, collate
+from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN
+from owl_lightning.data.collate import EncodedSample, collate
 from owl_lightning.data.images import to_rgb
 from owl_lightning.data.template import OWL_SYSTEM_PROMPT, Conversation, ConversationTemplate, Turn, resolve_system_prompt
-from owl_lightning.models.llm import IMAGE_TOKEN, load_tokenizer
+from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.owl import OwlModel
 from owl_lightning.models.vision import image_transform
 
@@ -30,7 +32,7 @@ class Request:
     images: list[Image.Image] = field(default_factory=list)
 
     @classmethod
-    def single(cls, question: str, images: list[Image.Image] = ()) -> "Request":
+    def single(cls, question: str, images: list[Image.Image] = ()) -> Request:
         """A one-turn question about ``images`` (their placeholders go first, one per image)."""
         return cls([Turn("user", IMAGE_TOKEN * len(images) + ("\n" if images else "") + question)], list(images))
 
@@ -45,25 +47,36 @@ class OwlAssistant:
         bf16: run under bfloat16 autocast (about 1.7x faster on CPU, the default on GPU).
     """
 
-    def __init__(self, model: OwlModel, tokenizer, template: str = "owl", system_prompt: str | None = OWL_SYSTEM_PROMPT,
-                 max_length: int = 2048, bf16: bool = True) -> None:
+    def __init__(
+        self,
+        model: OwlModel,
+        tokenizer,
+        template: str = "owl",
+        system_prompt: str | None = OWL_SYSTEM_PROMPT,
+        max_length: int = 2048,
+        bf16: bool = True,
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.template = ConversationTemplate(tokenizer, style=template, system_prompt=system_prompt, max_length=max_length,
-                                             image_token_length=model.visual_tokens_per_image)
+        self.template = ConversationTemplate(
+            tokenizer, style=template, system_prompt=system_prompt, max_length=max_length, image_token_length=model.visual_tokens_per_image
+        )
         self.transform = image_transform(model.config.vision)
         self.device = next(model.parameters()).device
         self.bf16 = bf16
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", **kwargs) -> "OwlAssistant":
+    def from_checkpoint(cls, path: str | Path, device: str = "cpu", **kwargs) -> OwlAssistant:
         """From a stage-1/2 checkpoint, a run folder or an exported folder; template settings follow the
         run's data settings (an export keeps them)."""
         checkpoint = read_checkpoint(path)
         template = template_settings(checkpoint)
         model = model_from_checkpoint(checkpoint, str(path)).to(device)
-        settings = {"template": template["template"],
-                    "system_prompt": resolve_system_prompt(template["template"], template["system_prompt"]), **kwargs}
+        settings = {
+            "template": template["template"],
+            "system_prompt": resolve_system_prompt(template["template"], template["system_prompt"]),
+            **kwargs,
+        }
         return cls(model, load_tokenizer(model.config.llm), **settings)
 
     @torch.no_grad()
@@ -82,8 +95,9 @@ class OwlAssistant:
         return generate_captions(self.model, self.tokenizer, self.template, pixels, max_new_tokens, self.bf16)
 
 
-def generate_captions(model: OwlModel, tokenizer, template: ConversationTemplate, pixels: list[torch.Tensor],
-                      max_new_tokens: int, bf16: bool = False) -> list[str]:
+def generate_captions(
+    model: OwlModel, tokenizer, template: ConversationTemplate, pixels: list[torch.Tensor], max_new_tokens: int, bf16: bool = False
+) -> list[str]:
     """Greedy captions of preprocessed images (uint8 ``[3, H, W]`` each), from the stage-1 prompt ``BOS <image>``."""
     prompt = template.caption_prompt()
     samples = [EncodedSample(prompt, [IGNORE_INDEX] * len(prompt), [image]) for image in pixels]
@@ -91,8 +105,15 @@ def generate_captions(model: OwlModel, tokenizer, template: ConversationTemplate
 
 
 @torch.no_grad()
-def generate(model: OwlModel, tokenizer, samples: list[EncodedSample], max_new_tokens: int, temperature: float = 0.0,
-             top_p: float = 1.0, bf16: bool = False) -> list[str]:
+def generate(
+    model: OwlModel,
+    tokenizer,
+    samples: list[EncodedSample],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    bf16: bool = False,
+) -> list[str]:
     """Prompts (token ids with ``<image>`` tokens, and their image tensors) → decoded continuations.
 
     One left-padded batch; greedy when ``temperature`` is 0; each answer stops at EOS."""
@@ -102,8 +123,14 @@ def generate(model: OwlModel, tokenizer, samples: list[EncodedSample], max_new_t
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
         generated = model.generate(
-            batch["input_ids"].to(device), batch["attention_mask"].to(device), images, batch["image_counts"].to(device),
-            max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling,
+            batch["input_ids"].to(device),
+            batch["attention_mask"].to(device),
+            images,
+            batch["image_counts"].to(device),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **sampling,
         )
     return [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
 
@@ -111,8 +138,9 @@ def generate(model: OwlModel, tokenizer, samples: list[EncodedSample], max_new_t
 class ChatSession:
     """A multi-turn conversation about a fixed set of images; their placeholders open the first turn."""
 
-    def __init__(self, assistant: OwlAssistant, images: list[Image.Image] = (), max_new_tokens: int = 128,
-                 temperature: float = 0.0) -> None:
+    def __init__(
+        self, assistant: OwlAssistant, images: list[Image.Image] = (), max_new_tokens: int = 128, temperature: float = 0.0
+    ) -> None:
         self.assistant, self.images = assistant, list(images)
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
         self.turns: list[Turn] = []

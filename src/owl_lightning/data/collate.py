@@ -1,4 +1,5 @@
 """Encoded samples → one padded (or packed) batch. Shared by the stage-1 shard pipeline and the stage-2 mixture."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -6,7 +7,7 @@ from itertools import chain
 
 import torch
 
-IGNORE_INDEX = -100  # label of every position that is not supervised (PyTorch's cross-entropy default)
+from owl_lightning.config import IGNORE_INDEX
 
 
 @dataclass
@@ -98,6 +99,7 @@ def _pack(samples: list[EncodedSample], image_length: int) -> list[list[EncodedS
     """Samples in rows, first-fit longest first. Row lengths tried: 1 to ``MAX_ROW_FACTOR`` times the
     longest sample's, and the total split evenly over n rows (with and without some slack), up to that;
     kept: the packing that leaves the fewest positions to compute (rows × the fullest row)."""
+
     def length(sample: EncodedSample) -> int:
         return len(sample.input_ids) + len(sample.images) * (image_length - 1)
 

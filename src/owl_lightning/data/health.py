@@ -7,6 +7,7 @@ data itself — no shared memory, no extra channel, and they survive any number 
 In the main process :class:`DataHealth` adds them up, logs them, and stops the run with a
 message naming the worst shard/file once the skip fraction passes the configured limit.
 """
+
 from __future__ import annotations
 
 import logging

@@ -4,6 +4,7 @@ One function for every reader (tar members in stage 1, files in stage 2), so "wh
 a bad image" has one answer. Modes PIL can convert faithfully are converted (L, LA, P, RGBA,
 CMYK, 16-bit greyscale); what cannot be read is skipped with a reason.
 """
+
 from __future__ import annotations
 
 import io

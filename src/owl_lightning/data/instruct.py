@@ -18,6 +18,7 @@ Normalisation, the same for every format: empty messages are dropped; leading as
 (nothing to answer) are dropped; trailing user turns (no answer to learn) are dropped with their
 images; consecutive turns of one role are merged with ``"\\n"``.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -26,10 +27,10 @@ import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from owl_lightning.config import IMAGE_TOKEN
 from owl_lightning.data.health import BAD_TEXT, MALFORMED_RECORD, MISSING_TEXT, SkipLog, SkipSample
 from owl_lightning.data.manifest import INSTRUCTION_FORMATS, InstructionSource
 from owl_lightning.data.template import Conversation, Turn
-from owl_lightning.models.llm import IMAGE_TOKEN
 
 # Speaker names seen in LLaVA / ShareGPT / Vicuna / Baize exports → our roles.
 SPEAKER_ROLES = {
@@ -84,8 +85,10 @@ def _json_records(path: Path, format: str) -> Iterator[tuple[str, object]]:
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a readable JSON file ({err}); format {format!r} expects a JSON list of records") from None
     if not isinstance(records, list):
-        raise ValueError(f"{path}: format {format!r} expects a JSON list of records, found a {type(records).__name__}; "
-                         "for one JSON object per line use format 'owl_jsonl'")
+        raise ValueError(
+            f"{path}: format {format!r} expects a JSON list of records, found a {type(records).__name__}; "
+            "for one JSON object per line use format 'owl_jsonl'"
+        )
     for index, record in enumerate(records):
         yield f"{path}#{index}", record
 
@@ -107,12 +110,12 @@ def _parse_conversations(record: object) -> _Parsed:
     messages = []
     for number, message in enumerate(conversations):
         if not (isinstance(message, dict) and isinstance(message.get("from"), str) and isinstance(message.get("value"), str)):
-            raise SkipSample(MALFORMED_RECORD,
-                             f"conversations[{number}] must be {{'from': str, 'value': str}}, got {message!r:.80}")
+            raise SkipSample(MALFORMED_RECORD, f"conversations[{number}] must be {{'from': str, 'value': str}}, got {message!r:.80}")
         role = SPEAKER_ROLES.get(message["from"].lower())
         if role is None:
-            raise SkipSample(MALFORMED_RECORD,
-                             f"conversations[{number}] has unknown speaker {message['from']!r}; known: {sorted(SPEAKER_ROLES)}")
+            raise SkipSample(
+                MALFORMED_RECORD, f"conversations[{number}] has unknown speaker {message['from']!r}; known: {sorted(SPEAKER_ROLES)}"
+            )
         messages.append((role, message["value"]))
     return messages, _image_list(record.get("image"))
 

@@ -16,6 +16,7 @@ against the folder holding the manifest, so a manifest works from any working di
         image_root: /data/coco/train2017
         weight: 0.5
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields

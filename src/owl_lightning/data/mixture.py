@@ -21,6 +21,7 @@ How batch ``b`` is built:
    A run resumed mid-epoch (:meth:`InstructionMixture.resume_at`) starts at the rank's next batch,
    its workers rotated so batches still arrive in order (:mod:`~owl_lightning.data.resume`).
 """
+
 from __future__ import annotations
 
 import math
@@ -116,14 +117,19 @@ class InstructionMixture(IterableDataset):
             raise ValueError(f"need batch_size >= 1 and 0 <= rank < world_size, got {batch_size}, {rank}, {world_size}")
         for source, conversations in sources:
             if source.weight <= 0:
-                raise ValueError(f"instruction source {source.name!r} needs a positive weight, got {source.weight}; "
-                                 "drop it from the manifest instead")
+                raise ValueError(
+                    f"instruction source {source.name!r} needs a positive weight, got {source.weight}; drop it from the manifest instead"
+                )
             if not conversations:
-                raise ValueError(f"instruction source {source.name!r} ({source.path}) has no usable conversation; "
-                                 "see the skip warnings above, fix the file or drop it from the manifest")
+                raise ValueError(
+                    f"instruction source {source.name!r} ({source.path}) has no usable conversation; "
+                    "see the skip warnings above, fix the file or drop it from the manifest"
+                )
             if source.image_root is None and any(conv.images for conv in conversations):
-                raise ValueError(f"instruction source {source.name!r} ({source.path}) refers to images but has no "
-                                 "image_root; set image_root in the data manifest")
+                raise ValueError(
+                    f"instruction source {source.name!r} ({source.path}) refers to images but has no "
+                    "image_root; set image_root in the data manifest"
+                )
         weights = [source.weight for source, _ in sources]
         if batches_per_epoch is None:
             # Each source's size over its average samples per batch; the slowest sets the epoch.
@@ -177,8 +183,12 @@ class InstructionMixture(IterableDataset):
                 slot = int(self._first_slots[batch_index, source_index]) + offset
                 index = self._permuted(source_index, epoch, slot, permutations)
                 samples.append(self._sample(source_index, epoch, batch_index, len(samples), index))
-        batch = collate(samples, self.pad_token_id, skipped=self.skips.drain(),
-                        pack_with_image_length=self.template.image_token_length if self.pack else None)
+        batch = collate(
+            samples,
+            self.pad_token_id,
+            skipped=self.skips.drain(),
+            pack_with_image_length=self.template.image_token_length if self.pack else None,
+        )
         batch["batch_index"] = batch_index
         return batch
 
@@ -212,7 +222,6 @@ class InstructionMixture(IterableDataset):
     def _encode(self, source: InstructionSource, conv: Conversation) -> EncodedSample:
         input_ids, labels, num_images = self.template.encode(conv)
         images = [
-            self.image_transform(decode_image(resolve_under_root(path, Path(source.image_root))))
-            for path in conv.images[:num_images]
+            self.image_transform(decode_image(resolve_under_root(path, Path(source.image_root)))) for path in conv.images[:num_images]
         ]
         return EncodedSample(input_ids, labels, images, source=source.name)

@@ -11,6 +11,7 @@ and yields that worker's remaining positions. Positions keep their order, and ev
 exactly what it held in the uninterrupted run, provided ``W`` is unchanged (a different worker
 count changes the streams of a streamed dataset; the stage-2 mixture does not care).
 """
+
 from __future__ import annotations
 
 from torch.utils.data import get_worker_info

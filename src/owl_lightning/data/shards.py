@@ -33,6 +33,7 @@ interrupted run stopped (:mod:`~owl_lightning.data.resume`), so it continues wit
 pipeline is built, from ``RANK``/``WORLD_SIZE`` or the initialised process group: build it in the
 DataModule's ``setup``, not in ``__init__``.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -196,9 +197,7 @@ def build_shard_pipeline(
     if train:
         streams = [
             wds.DataPipeline(
-                wds.ResampledShards(
-                    shard_lists[source.name], worker_seed=partial(seeds, _SHARD_SALT, index), deterministic=True
-                ),
+                wds.ResampledShards(shard_lists[source.name], worker_seed=partial(seeds, _SHARD_SALT, index), deterministic=True),
                 partial(_tag_source, source=source),
                 read,
                 _SeededShuffle(shuffle_buffer, partial(seeds, _SHUFFLE_SALT, index)),
@@ -234,11 +233,14 @@ def _existing_shards(source: ShardSource) -> list[str]:
             raise FileNotFoundError(
                 f"source {source.name!r}: none of the {len(urls)} shard(s) of {source.shards!r} exist "
                 f"(first: {first_missing}). Fix 'shards' in the data manifest, or create the data "
-                "(the embedded data: python -m owl_lightning.data.embedded)."
+                "(the embedded data: python -m owl_lightning.apps.embedded)."
             )
         log.warning(
             "source %r: %d of %d shards missing, reading the rest (first missing: %s)",
-            source.name, len(urls) - len(present), len(urls), first_missing,
+            source.name,
+            len(urls) - len(present),
+            len(urls),
+            first_missing,
         )
     return present
 
@@ -303,9 +305,7 @@ class _SeededShuffle(wds.PipelineStage):
         return wds.shuffle(self.buffer_size, rng=random.Random(self.seed()))(samples)
 
 
-def _map_or_skip(
-    samples: Iterable[dict], fn: Callable[[dict], EncodedSample], skips: SkipLog
-) -> Iterator[EncodedSample]:
+def _map_or_skip(samples: Iterable[dict], fn: Callable[[dict], EncodedSample], skips: SkipLog) -> Iterator[EncodedSample]:
     for sample in samples:
         try:
             yield fn(sample)
@@ -377,9 +377,7 @@ class _WeightedMix(torch.utils.data.IterableDataset):
             yield next(chosen)
 
 
-def _batched(
-    samples: Iterable[EncodedSample], batch_size: int, pad_token_id: int, skips: SkipLog, keep_partial: bool
-) -> Iterator[dict]:
+def _batched(samples: Iterable[EncodedSample], batch_size: int, pad_token_id: int, skips: SkipLog, keep_partial: bool) -> Iterator[dict]:
     """Samples → :func:`collate` batches. A full batch is handed on only when the next sample
     arrives (or the stream ends), so the skips met while reading ahead — and the last ones of a
     finite stream — travel with a batch instead of being left behind."""

@@ -8,15 +8,15 @@ than guessed from offsets.
 Lengths count the *expanded* sequence: each ``<image>`` token stands for ``image_token_length``
 visual tokens in the model, so a sample that fits here fits the LLM's context.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from owl_lightning.data.collate import IGNORE_INDEX
+from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN
 from owl_lightning.data.health import IMAGE_COUNT_MISMATCH, MALFORMED_RECORD, MISSING_TEXT, TOO_LONG, SkipSample
-from owl_lightning.models.llm import IMAGE_TOKEN
 
 # Text longer than this many characters per token of max_length is refused untokenised: no
 # tokenizer's tokens run that long on average, so such a record is garbage, not a long sample.
@@ -159,8 +159,11 @@ class ConversationTemplate:
             raise ValueError(f"{conv.origin or 'conversation'}: encode_prompt needs a conversation that ends with a user turn")
         input_ids, _ = self._join(self._segments(conv, add_generation_prompt=True))
         if self.expanded_length(input_ids) > self.max_length:
-            raise SkipSample(TOO_LONG, f"prompt of {self.expanded_length(input_ids)} tokens (images expanded) "
-                                       f"exceeds max_length={self.max_length}; shorten the history or raise max_length")
+            raise SkipSample(
+                TOO_LONG,
+                f"prompt of {self.expanded_length(input_ids)} tokens (images expanded) "
+                f"exceeds max_length={self.max_length}; shorten the history or raise max_length",
+            )
         return input_ids
 
     def encode_caption(self, caption: str) -> tuple[list[int], list[int]]:
@@ -222,13 +225,13 @@ class ConversationTemplate:
                 continue
             prompt = self._render(messages[:k], add_generation_prompt=True, after=rendered)
             full = self._render(messages[: k + 1], add_generation_prompt=False, after=prompt)
-            answer = self._tokens(full[len(prompt):])
+            answer = self._tokens(full[len(prompt) :])
             # Whatever the template puts after the EOS (e.g. a newline) is never generated: not supervised.
             eos_at = answer.index(self.tokenizer.eos_token_id) + 1 if self.tokenizer.eos_token_id in answer else len(answer)
-            segments += [(self._tokens(prompt[len(rendered):]), False), (answer[:eos_at], True), (answer[eos_at:], False)]
+            segments += [(self._tokens(prompt[len(rendered) :]), False), (answer[:eos_at], True), (answer[eos_at:], False)]
             rendered = full
         tail = self._render(messages, add_generation_prompt=add_generation_prompt, after=rendered)
-        segments.append((self._tokens(tail[len(rendered):]), False))
+        segments.append((self._tokens(tail[len(rendered) :]), False))
         return segments
 
     def _render(self, messages: list[dict], add_generation_prompt: bool, after: str) -> str:
@@ -247,8 +250,11 @@ class ConversationTemplate:
         multi-megabyte record would cost seconds of tokenizer time for a sample cut to a few hundred tokens."""
         limit = self.max_length * MAX_CHARACTERS_PER_TOKEN
         if characters > limit:
-            raise SkipSample(TOO_LONG, f"{characters:,} characters of text, more than {limit:,} "
-                                       f"({MAX_CHARACTERS_PER_TOKEN} per token of max_length={self.max_length})")
+            raise SkipSample(
+                TOO_LONG,
+                f"{characters:,} characters of text, more than {limit:,} "
+                f"({MAX_CHARACTERS_PER_TOKEN} per token of max_length={self.max_length})",
+            )
 
     def _tokens(self, text: str) -> list[int]:
         if not text:
@@ -278,6 +284,9 @@ class ConversationTemplate:
                     input_ids, labels = input_ids[:keep], labels[:keep]
                     break
         if all(label == IGNORE_INDEX for label in labels):
-            raise SkipSample(TOO_LONG, f"{expanded} tokens (images expanded to {self.image_token_length}) leave no answer "
-                                       f"token within max_length={self.max_length}; raise max_length or shorten the prompt")
+            raise SkipSample(
+                TOO_LONG,
+                f"{expanded} tokens (images expanded to {self.image_token_length}) leave no answer "
+                f"token within max_length={self.max_length}; raise max_length or shorten the prompt",
+            )
         return input_ids, labels

@@ -7,6 +7,7 @@ work. Written into the pipe instead, the same bytes cost the worker ~0.6 ms, the
 ~0.8 ms more, and nothing depends on the size of ``/dev/shm`` (64 MiB in a default Docker
 container, where large batches kill workers with a bus error).
 """
+
 from __future__ import annotations
 
 from multiprocessing.reduction import ForkingPickler

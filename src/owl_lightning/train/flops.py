@@ -23,6 +23,7 @@ trainable 3F; frozen, gradient passing through 2F (its attention 3F); frozen, no
 For the vision encoder and abstractor, whose per-image F mixes products and attention, frozen
 with a gradient passing through counts 2F.
 """
+
 from __future__ import annotations
 
 import time
@@ -52,7 +53,7 @@ class StepFlops:
     image_token_id: int
 
     @classmethod
-    def of(cls, model: OwlModel) -> "StepFlops":
+    def of(cls, model: OwlModel) -> StepFlops:
         vision_forward, abstractor_forward = forward_flops_per_image(model)
         vision_trains, abstractor_trains = _trains(model.vision), _trains(model.abstractor)
         vision = vision_forward * (3 if vision_trains else 1)

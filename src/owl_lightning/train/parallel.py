@@ -17,12 +17,9 @@ reduce-scatter, and the optimizer's shards are exactly the trainable units. Ever
 cut from rank 0's weights, which is the only rank that needs to read them. Buffers are not sharded:
 BatchNorm running statistics (EfficientNet) stay per rank and rank 0's are saved, as DDP keeps rank 0's.
 """
+
 from __future__ import annotations
 
-import ctypes
-import errno
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +33,12 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
+from owl_lightning.checkpoints import SHARDED_METADATA_FILE, SafeFileSystemReader, SafeLoadPlanner, is_sharded_checkpoint
+from owl_lightning.files import publish_folder, remove, staging_folder
 from owl_lightning.models.owl import OwlModel
 
 # timm models keep their repeated blocks under one of these names (ViT, EfficientNet: blocks; ConvNeXt: stages).
 _VISION_BLOCK_CONTAINERS = ("blocks", "stages", "layers")
-# Lightning's sharded checkpoints are folders holding this file next to the .distcp shards.
-_METADATA_FILE = "meta.pt"
-# renameat2(2): paths relative to the working directory; swap the two names.
-_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
 # -- which modules are blocks ----------------------------------------------------------------------
@@ -64,8 +59,10 @@ def llm_blocks(model: OwlModel) -> list[nn.Module]:
     # By the class's ancestry: fully_shard swaps a module's class for a subclass (FSDPLlamaDecoderLayer).
     blocks = [m for m in model.llm.modules() if any(c.__name__ in names for c in type(m).__mro__)]
     if not blocks:
-        raise ValueError(f"cannot find the decoder blocks of {type(model.llm).__name__}: its _no_split_modules "
-                         f"({sorted(names) or 'none'}) name no submodule")
+        raise ValueError(
+            f"cannot find the decoder blocks of {type(model.llm).__name__}: its _no_split_modules "
+            f"({sorted(names) or 'none'}) name no submodule"
+        )
     return blocks
 
 
@@ -156,11 +153,15 @@ def _shard_unit(modules: list[nn.Module], mesh: DeviceMesh, policy: MixedPrecisi
     trainable and frozen ones: first the modules owning the trainable ones (LoRA's A and B), then the rest."""
     if len({p.requires_grad for p in _unsharded_parameters(modules)}) > 1:
         owners = {m: {p.requires_grad for p in _unsharded_parameters([m], recurse=False)} for top in modules for m in top.modules()}
-        mixed = [f"{type(m).__name__}({', '.join(n for n, _ in m.named_parameters(recurse=False))})"
-                 for m, flags in owners.items() if len(flags) > 1]
+        mixed = [
+            f"{type(m).__name__}({', '.join(n for n, _ in m.named_parameters(recurse=False))})"
+            for m, flags in owners.items()
+            if len(flags) > 1
+        ]
         if mixed:
-            raise ValueError(f"{mixed[0]} holds trainable and frozen parameters; FSDP units keep them apart, "
-                             "so freeze or train such a module whole")
+            raise ValueError(
+                f"{mixed[0]} holds trainable and frozen parameters; FSDP units keep them apart, so freeze or train such a module whole"
+            )
         fully_shard([m for m, flags in owners.items() if flags == {True}], mesh=mesh, mp_policy=policy)
     fully_shard(modules if len(modules) > 1 else modules[0], mesh=mesh, mp_policy=policy)
 
@@ -168,8 +169,11 @@ def _shard_unit(modules: list[nn.Module], mesh: DeviceMesh, policy: MixedPrecisi
 def _fill_from_rank0(model: nn.Module, whole: dict[str, torch.Tensor], mesh: DeviceMesh) -> None:
     """Give every rank its shards of rank 0's parameters and copies of its buffers; ``whole``: rank 0's
     state dict from before sharding (empty elsewhere). Ranks built on ``meta`` get memory first."""
-    device = torch.device("cpu") if mesh.device_type == "cpu" else \
-        torch.device(mesh.device_type, torch.get_device_module(mesh.device_type).current_device())
+    device = (
+        torch.device("cpu")
+        if mesh.device_type == "cpu"
+        else torch.device(mesh.device_type, torch.get_device_module(mesh.device_type).current_device())
+    )
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
         model.to_empty(device=device)
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
@@ -202,117 +206,55 @@ def assert_sharded(model: nn.Module) -> None:
 
 
 class AtomicModelParallelStrategy(ModelParallelStrategy):
-    """Lightning's ``ModelParallelStrategy`` (FSDP2), whose sharded saves a kill cannot corrupt.
+    """Lightning's ``ModelParallelStrategy`` (FSDP2), whose sharded saves a kill cannot corrupt and whose
+    loads run no code from the checkpoint.
 
-    Lightning writes a save's shards straight into the checkpoint folder, over the previous save's.
-    A run killed mid-save then leaves some new shards beside old ones under the old ``meta.pt``: a
-    checkpoint that loads without an error into weights no step ever produced. Here every rank
-    writes into ``<name>.partial`` first; once all have finished, rank 0 swaps it with the previous
-    save in one step (:func:`_replace_folder`) and deletes that. A kill at any point leaves a whole
-    checkpoint at ``<name>``, and at most a ``.partial`` folder that the next save clears.
+    Saving: Lightning writes a save's shards straight into the checkpoint folder, over the previous
+    save's. A run killed mid-save then leaves some new shards beside old ones under the old ``meta.pt``:
+    a checkpoint that loads without an error into weights no step ever produced. Here every rank writes
+    into a hidden staging folder; once all have finished, rank 0 publishes it at ``<name>`` in one atomic
+    step (:func:`owl_lightning.files.publish_folder`) and deletes the previous save. A kill at any point
+    leaves a whole checkpoint at ``<name>``.
+
+    Loading: torch's reader unpickles DCP's ``.metadata`` with plain ``pickle`` and non-tensor items with
+    ``weights_only=False``; here both go through :mod:`owl_lightning.checkpoints`' safe reader.
     """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None) -> None:
         if not self._save_distributed_checkpoint:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         path = Path(self.broadcast(str(filepath)))
-        partial = path.with_name(path.name + ".partial")
-        if self.is_global_zero:
-            _remove(partial)  # a save killed midway, or the previous save if killed right after the swap
-        self.barrier("clear partial checkpoint")
-        super().save_checkpoint(checkpoint, partial, storage_options)
+        staging = self.broadcast(staging_folder(path) if self.is_global_zero else None)
+        self.barrier("staging folder made")
+        super().save_checkpoint(checkpoint, staging, storage_options)
         self.barrier("sharded checkpoint written")
         if self.is_global_zero:
-            _replace_folder(partial, path)
+            publish_folder(staging, path)
         self.barrier("sharded checkpoint in place")
 
+    def remove_checkpoint(self, filepath: str | Path) -> None:
+        if self.is_global_zero:
+            remove(Path(filepath))
 
-def _replace_folder(new: Path, path: Path) -> None:
-    """Put the folder ``new`` at ``path``, deleting what was there: a folder, or a file (an unsharded
-    save) or link (ModelCheckpoint's ``save_last="link"``).
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if not is_sharded_checkpoint(path):
+            return super().load_checkpoint(path, weights_only)
+        from torch.distributed.checkpoint import load
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
 
-    Where the OS can (Linux 3.15+ on ext4, xfs, btrfs, tmpfs, …), the two are exchanged in one
-    atomic step, so ``path`` names a whole checkpoint at every instant. Elsewhere it takes two
-    renames, and a kill between them leaves ``path`` missing (``--ckpt_path last`` would start the
-    run over) with the new save whole at ``<name>.partial`` and the old at ``<name>.replaced``:
-    rename either to ``<name>`` to resume.
-    """
-    if not (path.exists() or path.is_symlink()):
-        os.rename(new, path)
-    elif _exchange(new, path):
-        _remove(new)  # now the previous save
-    else:
-        replaced = path.with_name(path.name + ".replaced")
-        _remove(replaced)
-        os.rename(path, replaced)
-        os.rename(new, path)
-        _remove(replaced)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the OS or the
-    file system cannot, with nothing changed."""
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:  # not glibc/Linux
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    error = ctypes.get_errno()
-    if error in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a kernel or file system without exchange
-        return False
-    raise OSError(error, f"cannot swap {a} and {b}: {os.strerror(error)}")
-
-
-def _remove(path: Path) -> None:
-    """Delete a folder, file or link if there is one."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
-
-
-def is_sharded_checkpoint(path: str | Path) -> bool:
-    """A folder of ``.distcp`` shards plus Lightning's ``meta.pt`` (what ModelParallelStrategy saves)."""
-    return Path(path).is_dir() and (Path(path) / _METADATA_FILE).is_file()
-
-
-def read_sharded_checkpoint(path: str | Path) -> dict:
-    """A sharded checkpoint folder as one Lightning checkpoint dict of whole tensors, in memory.
-
-    Needs no process group and any number of processes may have written it. The optimizer states
-    come back keyed as ``Optimizer.state_dict()`` keys them (parameter indices in group order), so
-    a single-process Trainer can resume from :func:`consolidate`'s file.
-    """
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
-
-    path = Path(path)
-    if not is_sharded_checkpoint(path):
-        raise FileNotFoundError(f"{path} is not a sharded checkpoint (a folder with {_METADATA_FILE} and .distcp files)")
-    shards: dict = {}
-    _load_state_dict(shards, storage_reader=FileSystemReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
-    checkpoint = torch.load(path / _METADATA_FILE, map_location="cpu", weights_only=True)
-    checkpoint["state_dict"] = shards.pop("state_dict")
-    count = len([key for key in shards if key.startswith("optimizer_")])
-    checkpoint["optimizer_states"] = [_indexed_optimizer_state(shards.pop(f"optimizer_{i}")) for i in range(count)]
-    return checkpoint
-
-
-def _indexed_optimizer_state(state: dict) -> dict:
-    """Distributed optimizer state (keyed by parameter name) → ``Optimizer.state_dict()`` form (keyed by index)."""
-    index = {name: i for i, name in enumerate(name for group in state["param_groups"] for name in group["params"])}
-    return {
-        "state": {index[name]: values for name, values in state["state"].items()},
-        "param_groups": [{**group, "params": [index[name] for name in group["params"]]} for group in state["param_groups"]],
-    }
-
-
-def consolidate(path: str | Path, out: str | Path) -> Path:
-    """Write a sharded checkpoint folder as one ``.ckpt`` file (weights, optimizer, loop state, config)."""
-    checkpoint = read_sharded_checkpoint(path)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, out)
-    return out
+        module, optimizers = self.lightning_module, self.optimizers
+        state = {"state_dict": get_model_state_dict(module)}
+        load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+        module.load_state_dict(state["state_dict"], strict=self.lightning_module.strict_loading)
+        for index, optimizer in enumerate(optimizers):
+            key = f"optimizer_{index}"
+            optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
+            load(optimizer_state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+            set_optimizer_state_dict(module, optimizer, optim_state_dict=optimizer_state[key], options=StateDictOptions(cpu_offload=True))
+        return torch.load(path / SHARDED_METADATA_FILE, weights_only=True)

@@ -1,4 +1,5 @@
 """easy-VQA exact-match accuracy, overall and by answer type (shape, color, yes/no)."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ from PIL import Image
 from torchmetrics import MeanMetric
 from tqdm import tqdm
 
+from owl_lightning.config import IMAGE_TOKEN
 from owl_lightning.inference import OwlAssistant, Request
-from owl_lightning.models.llm import IMAGE_TOKEN
 
 
 def normalise(answer: str) -> str:
@@ -25,13 +26,18 @@ def read_vqa_records(path: Path, limit: int | None = None) -> list[dict]:
     out = []
     for record in records[:limit]:
         question, answer = record["conversations"][0]["value"], record["conversations"][1]["value"]
-        out.append({"image": record["image"], "question": question.replace(IMAGE_TOKEN, "").strip(),
-                    "answer": answer, "type": record.get("question_type", "all")})
+        out.append(
+            {
+                "image": record["image"],
+                "question": question.replace(IMAGE_TOKEN, "").strip(),
+                "answer": answer,
+                "type": record.get("question_type", "all"),
+            }
+        )
     return out
 
 
-def easy_vqa_accuracy(assistant: OwlAssistant, records: list[dict], image_root: Path, batch_size: int = 64,
-                      progress: bool = True) -> dict:
+def easy_vqa_accuracy(assistant: OwlAssistant, records: list[dict], image_root: Path, batch_size: int = 64, progress: bool = True) -> dict:
     """Greedy answers to every record; accuracy = exact match after :func:`normalise`."""
     overall, by_type = MeanMetric(), {}
     mistakes = []

@@ -4,6 +4,7 @@ The page keeps the conversation and sends all of it with every message (images a
 the server holds no sessions: a reload starts a new chat, and two tabs never mix their histories.
 A message may carry images; their placeholders open that message, as in training.
 """
+
 from __future__ import annotations
 
 import base64
@@ -13,12 +14,12 @@ import time
 
 from PIL import Image
 
+from owl_lightning.apps.web import HttpError, WebApp
+from owl_lightning.config import IMAGE_TOKEN
 from owl_lightning.data.health import SkipSample
 from owl_lightning.data.images import decode_image
 from owl_lightning.data.template import ROLES, Turn
 from owl_lightning.inference import OwlAssistant, Request
-from owl_lightning.models.llm import IMAGE_TOKEN
-from owl_lightning.web import HttpError, WebApp
 
 MAX_NEW_TOKENS_LIMIT = 1024
 MAX_TEMPERATURE = 2.0

@@ -1,41 +1,36 @@
 """``owl-lightning eval``: every metric of a checkpoint into ``<run>/eval.json``, a table, and TensorBoard."""
+
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
 
-from owl_lightning.checkpoints import read_checkpoint
-from owl_lightning.eval.captions import caption_bleu, read_captioned_images
-from owl_lightning.eval.qualitative import qualitative_sheet
-from owl_lightning.eval.text import text_retention
-from owl_lightning.eval.vqa import easy_vqa_accuracy, read_vqa_records
-from owl_lightning.export import is_export
+from owl_lightning.apps.eval.captions import caption_bleu, read_captioned_images
+from owl_lightning.apps.eval.qualitative import qualitative_sheet
+from owl_lightning.apps.eval.text import text_retention
+from owl_lightning.apps.eval.vqa import easy_vqa_accuracy, read_vqa_records
+from owl_lightning.checkpoints import holds_lora, read_checkpoint, resolve_checkpoint, run_folder
 from owl_lightning.inference import OwlAssistant
 
 
-def run_folder(ckpt: Path) -> tuple[Path, Path]:
-    """(run folder, checkpoint) for a run folder, a ``<run>/checkpoints/*.ckpt`` file or sharded folder,
-    or an exported folder (its own run folder)."""
-    if is_export(ckpt):
-        return ckpt, ckpt
-    if ckpt.parent.name == "checkpoints":
-        return ckpt.parent.parent, ckpt
-    if ckpt.is_dir():
-        return ckpt, ckpt / "checkpoints" / "last.ckpt"
-    return ckpt.parent, ckpt
-
-
-def evaluate(ckpt: str, data_dir: str = "data/embedded", vqa_limit: int | None = None, text_limit: int | None = None,
-             caption_limit: int = 200, batch_size: int = 64, progress: bool = True) -> tuple[dict, Path]:
-    run, ckpt_file = run_folder(Path(ckpt))
+def evaluate(
+    ckpt: str,
+    data_dir: str = "data/embedded",
+    vqa_limit: int | None = None,
+    text_limit: int | None = None,
+    caption_limit: int = 200,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> tuple[dict, Path]:
+    run, ckpt_file = run_folder(ckpt), resolve_checkpoint(ckpt)
     data = Path(data_dir)
     for needed in (data / "stage2" / "easyvqa_test.json", data / "stage2" / "text_heldout.json", data / "stage1"):
         if not needed.exists():
             raise FileNotFoundError(f"{needed} not found: build the embedded data with `make data` (or pass --data)")
     started = time.perf_counter()
     assistant = OwlAssistant.from_checkpoint(ckpt_file)
-    stage = "stage2" if any("lora_" in k for k in read_checkpoint(ckpt_file)["state_dict"]) else "stage1"
+    stage = "stage2" if holds_lora(read_checkpoint(ckpt_file)["state_dict"]) else "stage1"
     results: dict = {"checkpoint": str(ckpt_file), "stage": stage}
     records = read_vqa_records(data / "stage2" / "easyvqa_test.json", vqa_limit)
     results["easy_vqa"] = easy_vqa_accuracy(assistant, records, data / "images", batch_size, progress)
@@ -54,9 +49,11 @@ def summary_table(results: dict) -> str:
     vqa, captions, text = results["easy_vqa"], results["captions"], results["text_retention"]
     rows = [("easy-VQA accuracy", f"{vqa['accuracy']:.1%} of {vqa['count']}")]
     rows += [(f"  {kind}", f"{value:.1%}") for kind, value in vqa["by_type"].items()]
-    rows += [("caption BLEU-4", f"{captions['bleu4']:.3f} ({captions['exact_match']:.1%} exact, {captions['count']} images)"),
-             ("text perplexity, base LLM", f"{text['base_perplexity']:.3f}"),
-             ("text perplexity, tuned", f"{text['tuned_perplexity']:.3f} ({text['ratio'] - 1:+.1%})")]
+    rows += [
+        ("caption BLEU-4", f"{captions['bleu4']:.3f} ({captions['exact_match']:.1%} exact, {captions['count']} images)"),
+        ("text perplexity, base LLM", f"{text['base_perplexity']:.3f}"),
+        ("text perplexity, tuned", f"{text['tuned_perplexity']:.3f} ({text['ratio'] - 1:+.1%})"),
+    ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 

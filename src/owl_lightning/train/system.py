@@ -3,6 +3,7 @@ throughput and data-health logging, AdamW + warm-up/cosine, checkpoints without 
 
 Each stage is a small subclass that says which parameters train (its ``freeze_policy``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,14 +20,14 @@ from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 from transformers import GenerationConfig
 
-from owl_lightning.checkpoint_io import SafeCheckpointIO
 from owl_lightning.checkpoints import is_base_llm_weight, load_model_weights, read_checkpoint
 from owl_lightning.config import OwlConfig, get_config
-from owl_lightning.flops import StepFlops, measure_matmul_flops
 from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.owl import OwlModel, build_owl
-from owl_lightning.parallel import AtomicModelParallelStrategy, checkpoint_activations, compile_blocks, is_sharded, shard_owl
-from owl_lightning.preflight import check_outputs
+from owl_lightning.train.checkpoint_io import SafeCheckpointIO
+from owl_lightning.train.flops import StepFlops, measure_matmul_flops
+from owl_lightning.train.parallel import AtomicModelParallelStrategy, checkpoint_activations, compile_blocks, is_sharded, shard_owl
+from owl_lightning.train.preflight import check_outputs
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ class OwlSystem(L.LightningModule):
             dense bf16). None: measured at the start with a large matrix product in the training dtype
             (the figure for a CPU).
 
-    Under Lightning's ``ModelParallelStrategy`` the model is sharded with FSDP2 (``owl_lightning.parallel``);
-    use its subclass ``owl_lightning.parallel.AtomicModelParallelStrategy``, whose saves a kill cannot corrupt.
+    Under Lightning's ``ModelParallelStrategy`` the model is sharded with FSDP2 (``owl_lightning.train.parallel``);
+    use its subclass ``owl_lightning.train.parallel.AtomicModelParallelStrategy``, whose saves a kill cannot corrupt.
     """
 
     def __init__(
@@ -101,13 +102,19 @@ class OwlSystem(L.LightningModule):
             # ModelParallelStrategy: FSDP2. shard_owl asserts every parameter ended up sharded.
             param_dtype = torch.bfloat16 if str(self.trainer.precision).startswith("bf16") else None
             if self.global_rank == 0:
-                log.info("FSDP2 over %d processes: rank 0 read the weights and sends every rank its shards "
-                         "(the others built the model on the meta device)", self.device_mesh.size())
+                log.info(
+                    "FSDP2 over %d processes: rank 0 read the weights and sends every rank its shards "
+                    "(the others built the model on the meta device)",
+                    self.device_mesh.size(),
+                )
             shard_owl(self.model, self.device_mesh, param_dtype)
             if not isinstance(self.trainer.strategy, AtomicModelParallelStrategy):
-                log.warning("%s writes each sharded checkpoint over the previous one: a run killed while saving leaves "
-                            "a mix of two saves. Use strategy class_path owl_lightning.parallel.AtomicModelParallelStrategy "
-                            "(same arguments)", type(self.trainer.strategy).__name__)
+                log.warning(
+                    "%s writes each sharded checkpoint over the previous one: a run killed while saving leaves "
+                    "a mix of two saves. Use strategy class_path owl_lightning.train.parallel.AtomicModelParallelStrategy "
+                    "(same arguments)",
+                    type(self.trainer.strategy).__name__,
+                )
 
     def _build_model_on_every_rank(self) -> OwlModel:
         """Under FSDP only global rank 0 reads weights. The others build the model on the meta device
@@ -126,8 +133,7 @@ class OwlSystem(L.LightningModule):
         random weights and that LLM (under a meta device context: nothing allocated)."""
         self.tokenizer = load_tokenizer(self.owl_config.llm)
         pretrained = rank0_llm is None
-        config = self.owl_config if pretrained else \
-            replace(self.owl_config, llm=replace(self.owl_config.llm, architecture=rank0_llm[0]))
+        config = self.owl_config if pretrained else replace(self.owl_config, llm=replace(self.owl_config.llm, architecture=rank0_llm[0]))
         model = build_owl(config, pretrained=pretrained, tokenizer=self.tokenizer)
         if not pretrained:  # before LoRA wraps the LLM: generation reads the base model's
             model.llm.generation_config = GenerationConfig.from_dict(rank0_llm[1])
@@ -150,8 +156,9 @@ class OwlSystem(L.LightningModule):
     # -- training ----------------------------------------------------------------------------------
 
     def forward(self, batch: dict):
-        return self.model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"], batch["image_counts"],
-                          layout=batch["layout"])
+        return self.model(
+            batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"], batch["image_counts"], layout=batch["layout"]
+        )
 
     def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
         """A batch's token layout (``OwlModel.layout``) and FLOPs are worked out on the host before it
@@ -333,7 +340,7 @@ class OwlSystem(L.LightningModule):
 
 def _without_base_llm(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """State-dict post-hook: drop the frozen base LLM's tensors (restored from ``llm.source`` on load)."""
-    for key in [k for k in state_dict if k.startswith(prefix) and is_base_llm_weight(k[len(prefix):])]:
+    for key in [k for k in state_dict if k.startswith(prefix) and is_base_llm_weight(k[len(prefix) :])]:
         del state_dict[key]
 
 

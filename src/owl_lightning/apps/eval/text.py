@@ -3,6 +3,7 @@
 Both score the same token sequences (the training template); the base is the same model with its
 LoRA adapters switched off, so only the tuning differs.
 """
+
 from __future__ import annotations
 
 import math

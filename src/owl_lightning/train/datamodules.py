@@ -5,6 +5,7 @@ evaluates the vision encoder, tokenise with the LLM's tokenizer (``<image>`` add
 ready, padded batches from their workers. Skipped samples travel inside the batches and are
 added up here (:class:`DataHealth`): the run stops with a clear message past ``max_skip_fraction``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,7 @@ def _loader_settings(num_workers: int) -> dict:
     worker seeds from a generator of its own (our datasets seed themselves, so creating a loader
     leaves the global RNG — and with it dropout after a resume — untouched), and batches sent by
     value (:mod:`~owl_lightning.data.transfer`)."""
-    return {"batch_size": None, "num_workers": num_workers, "generator": torch.Generator(),
-            "worker_init_fn": send_batches_by_value}
+    return {"batch_size": None, "num_workers": num_workers, "generator": torch.Generator(), "worker_init_fn": send_batches_by_value}
 
 
 class EndTogether:
@@ -83,8 +83,17 @@ class ResumableLoader(DataLoader):
 class _OwlDataModule(L.LightningDataModule):
     """Shared set-up: the model config (linked from the model by the CLI), tokenizer, image transform."""
 
-    def __init__(self, manifest: str, model_name: str, model_overrides: dict[str, Any] | None, batch_size: int,
-                 num_workers: int, max_length: int, seed: int, max_skip_fraction: float) -> None:
+    def __init__(
+        self,
+        manifest: str,
+        model_name: str,
+        model_overrides: dict[str, Any] | None,
+        batch_size: int,
+        num_workers: int,
+        max_length: int,
+        seed: int,
+        max_skip_fraction: float,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.owl_config: OwlConfig = get_config(model_name, model_overrides)
@@ -142,15 +151,25 @@ class CaptionDataModule(_OwlDataModule):
         seed: shard and sample order. max_skip_fraction: stop when more of the data is bad.
     """
 
-    def __init__(self, manifest: str = "data_manifests/embedded_stage1.yaml", model_name: str = "owl-smol",
-                 model_overrides: dict[str, Any] | None = None, batch_size: int = 32, num_workers: int = 2,
-                 max_length: int = 128, shuffle_buffer: int = 1000, batches_per_epoch: int | None = None,
-                 seed: int = 0, max_skip_fraction: float = 0.1) -> None:
+    def __init__(
+        self,
+        manifest: str = "data_manifests/embedded_stage1.yaml",
+        model_name: str = "owl-smol",
+        model_overrides: dict[str, Any] | None = None,
+        batch_size: int = 32,
+        num_workers: int = 2,
+        max_length: int = 128,
+        shuffle_buffer: int = 1000,
+        batches_per_epoch: int | None = None,
+        seed: int = 0,
+        max_skip_fraction: float = 0.1,
+    ) -> None:
         super().__init__(manifest, model_name, model_overrides, batch_size, num_workers, max_length, seed, max_skip_fraction)
 
     def _pipeline(self, sources: list, train: bool):
-        template = ConversationTemplate(self.tokenizer, max_length=self.hparams.max_length,
-                                        image_token_length=self.owl_config.visual_tokens_per_image)
+        template = ConversationTemplate(
+            self.tokenizer, max_length=self.hparams.max_length, image_token_length=self.owl_config.visual_tokens_per_image
+        )
         return build_shard_pipeline(
             sources,
             image_transform=self.transform,
@@ -198,18 +217,33 @@ class InstructionDataModule(_OwlDataModule):
             loss as one sample a row, without most of the padding (short VQA turns beside long texts).
     """
 
-    def __init__(self, manifest: str = "data_manifests/embedded_stage2.yaml", model_name: str = "owl-smol",
-                 model_overrides: dict[str, Any] | None = None, batch_size: int = 16, num_workers: int = 2,
-                 max_length: int = 1024, template: str = "owl", system_prompt: str | None = None,
-                 batches_per_epoch: int | None = None, seed: int = 0, max_skip_fraction: float = 0.1, pack: bool = True) -> None:
+    def __init__(
+        self,
+        manifest: str = "data_manifests/embedded_stage2.yaml",
+        model_name: str = "owl-smol",
+        model_overrides: dict[str, Any] | None = None,
+        batch_size: int = 16,
+        num_workers: int = 2,
+        max_length: int = 1024,
+        template: str = "owl",
+        system_prompt: str | None = None,
+        batches_per_epoch: int | None = None,
+        seed: int = 0,
+        max_skip_fraction: float = 0.1,
+        pack: bool = True,
+    ) -> None:
         super().__init__(manifest, model_name, model_overrides, batch_size, num_workers, max_length, seed, max_skip_fraction)
 
     def _mixture(self, sources: list) -> InstructionMixture:
         rank, world = self._rank_and_world
         system_prompt = resolve_system_prompt(self.hparams.template, self.hparams.system_prompt)
-        template = ConversationTemplate(self.tokenizer, style=self.hparams.template, system_prompt=system_prompt,
-                                        max_length=self.hparams.max_length,
-                                        image_token_length=self.owl_config.visual_tokens_per_image)
+        template = ConversationTemplate(
+            self.tokenizer,
+            style=self.hparams.template,
+            system_prompt=system_prompt,
+            max_length=self.hparams.max_length,
+            image_token_length=self.owl_config.visual_tokens_per_image,
+        )
         skips = SkipLog()
         read = []
         for source in sources:
@@ -221,12 +255,22 @@ class InstructionDataModule(_OwlDataModule):
         # Records refused while reading are counted like any other skip.
         self.health.update([], skips.drain())
         if not read:
-            raise ValueError(f"{self.manifest.path}: none of the instruction sources {[s.name for s in sources]} has a usable "
-                             "conversation; see the skip warnings above")
-        return InstructionMixture(read, template, self.transform, batch_size=self.hparams.batch_size,
-                                  pad_token_id=self.tokenizer.pad_token_id, seed=self.hparams.seed,
-                                  batches_per_epoch=self.hparams.batches_per_epoch, rank=rank, world_size=world,
-                                  pack=self.hparams.pack)
+            raise ValueError(
+                f"{self.manifest.path}: none of the instruction sources {[s.name for s in sources]} has a usable "
+                "conversation; see the skip warnings above"
+            )
+        return InstructionMixture(
+            read,
+            template,
+            self.transform,
+            batch_size=self.hparams.batch_size,
+            pad_token_id=self.tokenizer.pad_token_id,
+            seed=self.hparams.seed,
+            batches_per_epoch=self.hparams.batches_per_epoch,
+            rank=rank,
+            world_size=world,
+            pack=self.hparams.pack,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._mixture(self.manifest.train), train=True)

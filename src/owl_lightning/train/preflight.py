@@ -3,6 +3,7 @@
 An output folder that cannot be created or written, or a disk without room for one checkpoint,
 would otherwise surface at the first save — after an hour of training that is then lost.
 """
+
 from __future__ import annotations
 
 import os

@@ -12,11 +12,11 @@ as history; every other question is asked alone. A question can be in both categ
 conversation, so it has no history either way); the paper's table therefore counts 50 single-turn
 and 52 multi-turn answers out of 82 questions.
 """
+
 from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,12 +24,13 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from owl_lightning.checkpoints import run_folder
+from owl_lightning.config import IMAGE_TOKEN
 from owl_lightning.data.health import TOO_LONG, SkipSample
 from owl_lightning.data.images import decode_image
 from owl_lightning.data.template import Conversation, ConversationTemplate, Turn
-from owl_lightning.eval.run import run_folder
+from owl_lightning.files import atomic_write
 from owl_lightning.inference import OwlAssistant, Request
-from owl_lightning.models.llm import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,10 @@ def read_questions(data: str | Path) -> list[Question]:
     """The questions of an OwlEval folder, in ``question_id`` order."""
     path = Path(data) / "questions.jsonl"
     if not path.is_file():
-        raise OwlEvalError(f"{path} not found: pass --data pointing at the OwlEval folder "
-                           "(questions.jsonl, cases/, answer/ from X-PLUG/mPLUG-Owl, mPLUG-Owl/OwlEval)")
+        raise OwlEvalError(
+            f"{path} not found: pass --data pointing at the OwlEval folder "
+            "(questions.jsonl, cases/, answer/ from X-PLUG/mPLUG-Owl, mPLUG-Owl/OwlEval)"
+        )
     questions: dict[int, Question] = {}
     for number, record in read_jsonl(path):
         where = f"{path}:{number}"
@@ -98,8 +101,13 @@ def read_questions(data: str | Path) -> list[Question]:
             raise OwlEvalError(f"{where}: 'category' must list some of {CATEGORIES}, got {category!r}")
         if question_id in questions:
             raise OwlEvalError(f"{where}: question_id {question_id} appears twice")
-        questions[question_id] = Question(question_id, _field(record, "image", str, where), _field(record, "question", str, where),
-                                          tuple(category), str(record.get("ability", "")))
+        questions[question_id] = Question(
+            question_id,
+            _field(record, "image", str, where),
+            _field(record, "question", str, where),
+            tuple(category),
+            str(record.get("ability", "")),
+        )
     if not questions:
         raise OwlEvalError(f"{path} holds no questions")
     return [questions[k] for k in sorted(questions)]
@@ -134,13 +142,15 @@ def load_images(questions: list[Question], cases: Path) -> dict[str, Image.Image
         except SkipSample as err:
             problems.append(f"{path}: not a readable image ({err})")
     if problems:
-        raise OwlEvalError(f"{len(problems)} OwlEval image(s) cannot be read (is --data the OwlEval folder, with cases/?):\n  "
-                           + "\n  ".join(problems))
+        raise OwlEvalError(
+            f"{len(problems)} OwlEval image(s) cannot be read (is --data the OwlEval folder, with cases/?):\n  " + "\n  ".join(problems)
+        )
     return images
 
 
-def fit_request(template: ConversationTemplate, history: list[tuple[str, str]], question: str, image: Image.Image,
-                max_new_tokens: int) -> tuple[Request, int]:
+def fit_request(
+    template: ConversationTemplate, history: list[tuple[str, str]], question: str, image: Image.Image, max_new_tokens: int
+) -> tuple[Request, int]:
     """The request for ``question`` after the ``(question, answer)`` pairs of ``history``, keeping the most
     recent pairs that leave room for ``max_new_tokens`` within the template's ``max_length``; the image
     opens the first kept turn. Returns the request and how many pairs were dropped."""
@@ -158,12 +168,21 @@ def fit_request(template: ConversationTemplate, history: list[tuple[str, str]], 
             continue
         if template.expanded_length(prompt) + max_new_tokens <= template.max_length:
             return Request(turns, [image]), dropped
-    raise OwlEvalError(f"the question {question[:60]!r} with its image does not fit max_length={template.max_length} "
-                       f"with max_new_tokens={max_new_tokens}; lower --max-new-tokens")
+    raise OwlEvalError(
+        f"the question {question[:60]!r} with its image does not fit max_length={template.max_length} "
+        f"with max_new_tokens={max_new_tokens}; lower --max-new-tokens"
+    )
 
 
-def answer_owleval(assistant: OwlAssistant, questions: list[Question], cases: Path, batch_size: int = 8,
-                   max_new_tokens: int = 256, temperature: float = 0.0, progress: bool = True) -> dict[int, str]:
+def answer_owleval(
+    assistant: OwlAssistant,
+    questions: list[Question],
+    cases: Path,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    progress: bool = True,
+) -> dict[int, str]:
     """Every question's answer, by question id. All conversations advance one turn at a time, each turn
     batched across conversations (a later turn needs the earlier answers of its own conversation)."""
     images = load_images(questions, Path(cases))
@@ -181,8 +200,12 @@ def answer_owleval(assistant: OwlAssistant, questions: list[Question], cases: Pa
                     history = [(q.question, answers[q.question_id]) for q in earlier]
                     request, dropped = fit_request(assistant.template, history, current.question, images[current.image], max_new_tokens)
                     if dropped:
-                        log.warning("question %d: history cut to its last %d exchange(s) to fit max_length=%d",
-                                    current.question_id, len(history) - dropped, assistant.template.max_length)
+                        log.warning(
+                            "question %d: history cut to its last %d exchange(s) to fit max_length=%d",
+                            current.question_id,
+                            len(history) - dropped,
+                            assistant.template.max_length,
+                        )
                     requests.append(request)
                 replies = assistant.answer(requests, max_new_tokens=max_new_tokens, temperature=temperature)
                 for conversation, reply in zip(chunk, replies):
@@ -193,15 +216,21 @@ def answer_owleval(assistant: OwlAssistant, questions: list[Question], cases: Pa
 
 def write_answers(path: str | Path, questions: list[Question], answers: dict[int, str], model_id: str) -> Path:
     """The official answer format, one line per answered question in id order; written whole or not at all."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({"image": q.image, "question_id": q.question_id, "question": q.question,
-                         "answer": answers[q.question_id], "model_id": model_id}, ensure_ascii=False)
-             for q in questions if q.question_id in answers]
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(partial, path)
-    return path
+    lines = [
+        json.dumps(
+            {
+                "image": q.image,
+                "question_id": q.question_id,
+                "question": q.question,
+                "answer": answers[q.question_id],
+                "model_id": model_id,
+            },
+            ensure_ascii=False,
+        )
+        for q in questions
+        if q.question_id in answers
+    ]
+    return atomic_write(path, "\n".join(lines) + "\n")
 
 
 def read_answers(path: str | Path, questions: list[Question]) -> AnswerFile:
@@ -223,7 +252,9 @@ def read_answers(path: str | Path, questions: list[Question]) -> AnswerFile:
         if question_id in answers:
             raise OwlEvalError(f"{where}: question_id {question_id} is answered twice; keep one line per question")
         if model_id is not None and record["model_id"] != model_id:
-            raise OwlEvalError(f"{where}: model_id {record['model_id']!r} differs from {model_id!r} on the lines above; one system per file")
+            raise OwlEvalError(
+                f"{where}: model_id {record['model_id']!r} differs from {model_id!r} on the lines above; one system per file"
+            )
         model_id = record["model_id"]
         answers[question_id] = record["answer"]
     if model_id is None:
@@ -250,17 +281,27 @@ def read_answer_files(sources: list[str | Path], questions: list[Question], excl
     for path in paths:
         answer_file = read_answers(path, questions)
         if answer_file.model_id in files:
-            raise OwlEvalError(f"{path} and {files[answer_file.model_id].path} both have model_id {answer_file.model_id!r}: "
-                               "systems are told apart by model_id, so give one of them another")
+            raise OwlEvalError(
+                f"{path} and {files[answer_file.model_id].path} both have model_id {answer_file.model_id!r}: "
+                "systems are told apart by model_id, so give one of them another"
+            )
         files[answer_file.model_id] = answer_file
     return list(files.values())
 
 
-def run_owleval(ckpt: str | Path, data: str | Path, out: str | Path, model_id: str | None = None, batch_size: int = 8,
-                max_new_tokens: int = 256, temperature: float = 0.0, progress: bool = True) -> Path:
+def run_owleval(
+    ckpt: str | Path,
+    data: str | Path,
+    out: str | Path,
+    model_id: str | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    progress: bool = True,
+) -> Path:
     """``owl-lightning owleval``: every OwlEval question answered by a checkpoint, into an answer file
     (``model_id`` by default ``owl-lightning:<run folder name>``)."""
     questions = read_questions(data)
     assistant = OwlAssistant.from_checkpoint(ckpt)
     answers = answer_owleval(assistant, questions, Path(data) / "cases", batch_size, max_new_tokens, temperature, progress)
-    return write_answers(out, questions, answers, model_id or f"owl-lightning:{run_folder(Path(ckpt))[0].name}")
+    return write_answers(out, questions, answers, model_id or f"owl-lightning:{run_folder(ckpt).name}")

@@ -1,4 +1,5 @@
 """A qualitative sheet: fixed prompts on real photos (scikit-image's sample images), as Markdown."""
+
 from __future__ import annotations
 
 from pathlib import Path

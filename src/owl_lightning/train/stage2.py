@@ -1,18 +1,19 @@
 """Stage 2, joint instruction tuning: vision encoder frozen, LoRA adapters on the LLM (peft)
 and, as in the paper, the abstractor trained (``train_abstractor=False`` is the official release)."""
+
 from __future__ import annotations
 
 from typing import Any
 
 from owl_lightning.models.owl import OwlModel
-from owl_lightning.stages.system import OwlSystem
+from owl_lightning.train.system import OwlSystem
 
 
 class Stage2Module(OwlSystem):
     """Args beyond :class:`OwlSystem`'s:
-        train_abstractor: train the abstractor too (the paper) or freeze it (the official release).
-        LoRA rank, alpha, dropout and target modules come from the model config's ``lora`` section
-        (``--model.model_overrides '{"lora.r": 16}'``).
+    train_abstractor: train the abstractor too (the paper) or freeze it (the official release).
+    LoRA rank, alpha, dropout and target modules come from the model config's ``lora`` section
+    (``--model.model_overrides '{"lora.r": 16}'``).
     """
 
     def __init__(
@@ -32,8 +33,21 @@ class Stage2Module(OwlSystem):
         compile: bool = False,
         train_abstractor: bool = True,
     ) -> None:
-        super().__init__(model_name, model_overrides, init_from, lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio,
-                         max_nonfinite_steps, activation_checkpointing, peak_flops, compile)
+        super().__init__(
+            model_name,
+            model_overrides,
+            init_from,
+            lr,
+            weight_decay,
+            betas,
+            eps,
+            warmup_steps,
+            min_lr_ratio,
+            max_nonfinite_steps,
+            activation_checkpointing,
+            peak_flops,
+            compile,
+        )
 
     def freeze_policy(self, model: OwlModel) -> None:
         model.add_lora(self.owl_config.lora)

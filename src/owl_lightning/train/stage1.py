@@ -1,5 +1,6 @@
 """Stage 1, visual knowledge learning: the LLM is frozen; vision encoder and abstractor learn
 to caption images (next-token loss on the caption)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -9,14 +10,14 @@ import torch
 from owl_lightning.data.template import ConversationTemplate
 from owl_lightning.inference import generate_captions
 from owl_lightning.models.owl import OwlModel
-from owl_lightning.stages.system import OwlSystem
+from owl_lightning.train.system import OwlSystem
 
 
 class Stage1Module(OwlSystem):
     """Args beyond :class:`OwlSystem`'s:
-        train_vision: train the vision encoder (the paper) or keep it frozen (cheaper).
-        num_caption_samples: validation images captioned and logged (with the images) at each validation.
-        max_caption_tokens: length limit of those generated captions.
+    train_vision: train the vision encoder (the paper) or keep it frozen (cheaper).
+    num_caption_samples: validation images captioned and logged (with the images) at each validation.
+    max_caption_tokens: length limit of those generated captions.
     """
 
     def __init__(
@@ -38,8 +39,21 @@ class Stage1Module(OwlSystem):
         num_caption_samples: int = 5,
         max_caption_tokens: int = 20,
     ) -> None:
-        super().__init__(model_name, model_overrides, init_from, lr, weight_decay, betas, eps, warmup_steps, min_lr_ratio,
-                         max_nonfinite_steps, activation_checkpointing, peak_flops, compile)
+        super().__init__(
+            model_name,
+            model_overrides,
+            init_from,
+            lr,
+            weight_decay,
+            betas,
+            eps,
+            warmup_steps,
+            min_lr_ratio,
+            max_nonfinite_steps,
+            activation_checkpointing,
+            peak_flops,
+            compile,
+        )
         self._caption_images: torch.Tensor | None = None
 
     def freeze_policy(self, model: OwlModel) -> None:

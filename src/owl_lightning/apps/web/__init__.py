@@ -8,6 +8,7 @@ in any browser, and the browser tests drive them with plain Selenium.
 
 Both servers listen on 127.0.0.1 only: they serve local files and run the model for whoever connects.
 """
+
 from __future__ import annotations
 
 import json

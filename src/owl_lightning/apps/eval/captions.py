@@ -1,4 +1,5 @@
 """Caption quality on held-out images: BLEU-4 (torchmetrics) of greedy captions against the references."""
+
 from __future__ import annotations
 
 import tarfile

@@ -19,6 +19,7 @@ timm's CLIP 1e-5: on the encoder's unit-scale activations that is ~1e-5.
 ``write_official_export`` writes the result as an exported folder (``owl_lightning.export``): chat
 with it, or start stage 2 from it (``--model.init_from DIR`` with ``llm.source`` set to ``DIR/llm``).
 """
+
 from __future__ import annotations
 
 import re
@@ -34,31 +35,34 @@ from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.owl import OwlModel, build_owl
 
 # (pattern at the start of their key, our replacement); the rest of the key (weight/bias) carries over.
-_RENAMES = [(re.compile(pattern), replacement) for pattern, replacement in [
-    (r"vision_model\.embeddings\.cls_token$", "vision.model.cls_token"),
-    (r"vision_model\.embeddings\.position_embedding$", "vision.model.pos_embed"),
-    (r"vision_model\.embeddings\.patch_embed\.", "vision.model.patch_embed.proj."),
-    (r"vision_model\.embeddings\.pre_layernorm\.", "vision.model.norm_pre."),
-    (r"vision_model\.encoder\.layers\.(\d+)\.input_layernorm\.", r"vision.model.blocks.\1.norm1."),
-    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.query_key_value\.", r"vision.model.blocks.\1.attn.qkv."),
-    (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.dense\.", r"vision.model.blocks.\1.attn.proj."),
-    (r"vision_model\.encoder\.layers\.(\d+)\.post_attention_layernorm\.", r"vision.model.blocks.\1.norm2."),
-    (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.", r"vision.model.blocks.\1.mlp.\2."),
-    (r"vision_model\.post_layernorm\.", "vision.model.norm."),
-    (r"query_tokens$", "abstractor.queries"),
-    (r"abstractor\.encoder\.layers\.(\d+)\.crossattention\.norm1\.", r"abstractor.layers.\1.query_norm."),
-    (r"abstractor\.encoder\.layers\.(\d+)\.crossattention\.normk\.", r"abstractor.layers.\1.context_norm."),
-    (r"abstractor\.encoder\.layers\.(\d+)\.crossattention\.attention\.query\.", r"abstractor.layers.\1.q_proj."),
-    (r"abstractor\.encoder\.layers\.(\d+)\.crossattention\.attention\.key\.", r"abstractor.layers.\1.k_proj."),
-    (r"abstractor\.encoder\.layers\.(\d+)\.crossattention\.attention\.value\.", r"abstractor.layers.\1.v_proj."),
-    (r"abstractor\.encoder\.layers\.(\d+)\.crossattention\.output\.out_proj\.", r"abstractor.layers.\1.out_proj."),
-    (r"abstractor\.encoder\.layers\.(\d+)\.crossattention\.output\.norm2\.", r"abstractor.layers.\1.ffn_norm."),
-    (r"abstractor\.encoder\.layers\.(\d+)\.crossattention\.output\.mlp\.(w1|w2|w3)\.", r"abstractor.layers.\1.ffn.\2."),
-    (r"abstractor\.encoder\.layers\.(\d+)\.crossattention\.output\.mlp\.ffn_ln\.", r"abstractor.layers.\1.ffn.inner_norm."),
-    (r"abstractor\.visual_fc\.", "abstractor.proj."),
-    (r"abstractor\.vit_eos$", "abstractor.end_token"),
-    (r"language_model\.", "llm."),
-]]
+_RENAMES = [
+    (re.compile(pattern), replacement)
+    for pattern, replacement in [
+        (r"vision_model\.embeddings\.cls_token$", "vision.model.cls_token"),
+        (r"vision_model\.embeddings\.position_embedding$", "vision.model.pos_embed"),
+        (r"vision_model\.embeddings\.patch_embed\.", "vision.model.patch_embed.proj."),
+        (r"vision_model\.embeddings\.pre_layernorm\.", "vision.model.norm_pre."),
+        (r"vision_model\.encoder\.layers\.(\d+)\.input_layernorm\.", r"vision.model.blocks.\1.norm1."),
+        (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.query_key_value\.", r"vision.model.blocks.\1.attn.qkv."),
+        (r"vision_model\.encoder\.layers\.(\d+)\.self_attn\.dense\.", r"vision.model.blocks.\1.attn.proj."),
+        (r"vision_model\.encoder\.layers\.(\d+)\.post_attention_layernorm\.", r"vision.model.blocks.\1.norm2."),
+        (r"vision_model\.encoder\.layers\.(\d+)\.mlp\.(fc1|fc2)\.", r"vision.model.blocks.\1.mlp.\2."),
+        (r"vision_model\.post_layernorm\.", "vision.model.norm."),
+        (r"query_tokens$", "abstractor.queries"),
+        (r"abstractor\.encoder\.layers\.(\d+)\.crossattention\.norm1\.", r"abstractor.layers.\1.query_norm."),
+        (r"abstractor\.encoder\.layers\.(\d+)\.crossattention\.normk\.", r"abstractor.layers.\1.context_norm."),
+        (r"abstractor\.encoder\.layers\.(\d+)\.crossattention\.attention\.query\.", r"abstractor.layers.\1.q_proj."),
+        (r"abstractor\.encoder\.layers\.(\d+)\.crossattention\.attention\.key\.", r"abstractor.layers.\1.k_proj."),
+        (r"abstractor\.encoder\.layers\.(\d+)\.crossattention\.attention\.value\.", r"abstractor.layers.\1.v_proj."),
+        (r"abstractor\.encoder\.layers\.(\d+)\.crossattention\.output\.out_proj\.", r"abstractor.layers.\1.out_proj."),
+        (r"abstractor\.encoder\.layers\.(\d+)\.crossattention\.output\.norm2\.", r"abstractor.layers.\1.ffn_norm."),
+        (r"abstractor\.encoder\.layers\.(\d+)\.crossattention\.output\.mlp\.(w1|w2|w3)\.", r"abstractor.layers.\1.ffn.\2."),
+        (r"abstractor\.encoder\.layers\.(\d+)\.crossattention\.output\.mlp\.ffn_ln\.", r"abstractor.layers.\1.ffn.inner_norm."),
+        (r"abstractor\.visual_fc\.", "abstractor.proj."),
+        (r"abstractor\.vit_eos$", "abstractor.end_token"),
+        (r"language_model\.", "llm."),
+    ]
+]
 _QKV = re.compile(r"vision\.model\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)")
 _PEFT_PREFIX = "base_model.model."
 _LORA = re.compile(r"(?P<module>.+)\.lora_(?P<side>[AB])(\.default)?\.weight")
@@ -113,21 +117,27 @@ def convert_official(
             mean = tensor.float().mean(0, keepdim=True).to(tensor.dtype)
             tensor = torch.cat([tensor, mean.expand(rows - tensor.shape[0], -1)])
         if tensor.shape != expected[ours].shape:
-            raise ValueError(f"official {key} {tuple(tensor.shape)} does not fit {ours} {tuple(expected[ours].shape)} of "
-                             f"{config.name}; pick the config (and overrides) with the checkpoint's sizes")
+            raise ValueError(
+                f"official {key} {tuple(tensor.shape)} does not fit {ours} {tuple(expected[ours].shape)} of "
+                f"{config.name}; pick the config (and overrides) with the checkpoint's sizes"
+            )
         qkv = _QKV.fullmatch(ours)
         if qkv:
             heads = target.vision.model.blocks[int(qkv[1])].attn.num_heads
             tensor = tensor.unflatten(0, (heads, 3, -1)).transpose(0, 1).flatten(0, 2)
         converted[ours] = tensor.to(expected[ours].dtype).contiguous()
     if unplaced:
-        raise ValueError(f"{len(unplaced)} official tensors have no place in {config.name}: {', '.join(unplaced[:8])}"
-                         f"{' ...' if len(unplaced) > 8 else ''}; is this an mPLUG-Owl v1 checkpoint of the config's sizes?")
+        raise ValueError(
+            f"{len(unplaced)} official tensors have no place in {config.name}: {', '.join(unplaced[:8])}"
+            f"{' ...' if len(unplaced) > 8 else ''}; is this an mPLUG-Owl v1 checkpoint of the config's sizes?"
+        )
     missing = [k for k in expected if k not in converted]
     if missing:
-        raise ValueError(f"{len(missing)} tensors of {config.name} have none in the official checkpoint: "
-                         f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; pass every shard (and the full "
-                         f"model next to a LoRA adapter)")
+        raise ValueError(
+            f"{len(missing)} tensors of {config.name} have none in the official checkpoint: "
+            f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}; pass every shard (and the full "
+            f"model next to a LoRA adapter)"
+        )
     return converted
 
 
@@ -151,7 +161,7 @@ def _our_name(key: str) -> str | None:
     for pattern, replacement in _RENAMES:
         match = pattern.match(key)
         if match:
-            return match.expand(replacement) + key[match.end():]
+            return match.expand(replacement) + key[match.end() :]
     return None
 
 
@@ -168,8 +178,10 @@ def _merge_lora(state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch
     for module, pair in pairs.items():
         base = f"{module}.weight"
         if set(pair) != {"A", "B"} or base not in plain:
-            raise ValueError(f"LoRA of {module} needs lora_A, lora_B and the base weight {base}; pass the full model "
-                             f"together with the adapter (--src MODEL_DIR --src ADAPTER_DIR)")
+            raise ValueError(
+                f"LoRA of {module} needs lora_A, lora_B and the base weight {base}; pass the full model "
+                f"together with the adapter (--src MODEL_DIR --src ADAPTER_DIR)"
+            )
         down, up = pair["A"].float(), pair["B"].float()  # [r, in], [out, r]
         plain[base] = (plain[base].float() + alpha / down.shape[0] * up @ down).to(plain[base].dtype)
     return plain

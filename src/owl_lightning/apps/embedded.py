@@ -1,6 +1,6 @@
 """Build the embedded dataset once, from packages already installed (no downloads).
 
-``python -m owl_lightning.data.embedded [--out DIR]`` (default ``data/embedded`` under the current
+``python -m owl_lightning.apps.embedded [--out DIR]`` (default ``data/embedded`` under the current
 directory) writes, from easy-VQA's 4,000 train / 1,000 test images and their questions::
 
     stage1/train-{000000..000007}.tar   4,000 image–caption pairs in img2dataset's layout
@@ -16,6 +16,7 @@ directory) writes, from easy-VQA's 4,000 train / 1,000 test images and their que
 folder that replaces ``DIR`` only when complete, with a marker naming the build version: a killed
 build is redone on the next call, a finished one is kept until :data:`BUILD_VERSION` changes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,6 +38,8 @@ import easy_vqa
 import numpy as np
 import webdataset as wds
 from PIL import Image
+
+from owl_lightning.files import writing_folder
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +63,49 @@ HELDOUT_PERCENT = 10
 # Common standard-library modules whose docstrings become text-only instructions. Fixed and
 # sorted, so the pairs change only with the Python version.
 STDLIB_MODULES = (
-    "argparse", "base64", "bisect", "calendar", "collections", "contextlib", "copy", "csv",
-    "dataclasses", "datetime", "decimal", "difflib", "enum", "fractions", "functools", "glob",
-    "gzip", "hashlib", "heapq", "html", "inspect", "io", "itertools", "json", "logging", "math",
-    "operator", "os", "pathlib", "pickle", "random", "re", "shutil", "statistics", "string",
-    "subprocess", "tempfile", "textwrap", "threading", "time", "typing", "urllib.parse", "uuid",
+    "argparse",
+    "base64",
+    "bisect",
+    "calendar",
+    "collections",
+    "contextlib",
+    "copy",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "enum",
+    "fractions",
+    "functools",
+    "glob",
+    "gzip",
+    "hashlib",
+    "heapq",
+    "html",
+    "inspect",
+    "io",
+    "itertools",
+    "json",
+    "logging",
+    "math",
+    "operator",
+    "os",
+    "pathlib",
+    "pickle",
+    "random",
+    "re",
+    "shutil",
+    "statistics",
+    "string",
+    "subprocess",
+    "tempfile",
+    "textwrap",
+    "threading",
+    "time",
+    "typing",
+    "urllib.parse",
+    "uuid",
     "zipfile",
 )
 DOC_MIN_CHARS, DOC_MAX_CHARS = 40, 600
@@ -80,8 +121,14 @@ _SIGNATURE = re.compile(r"^[\w.]+\(.*\)(\s*-+>.*)?$")
 # The colours easy-VQA draws its shapes in, exactly (its edges are anti-aliased, its background a
 # random pale colour). Checked against the questions on every image of the build.
 PALETTE = {
-    (255, 0, 0): "red", (0, 255, 0): "green", (0, 0, 255): "blue", (255, 255, 0): "yellow",
-    (0, 128, 128): "teal", (165, 42, 42): "brown", (0, 0, 0): "black", (128, 128, 128): "gray",
+    (255, 0, 0): "red",
+    (0, 255, 0): "green",
+    (0, 0, 255): "blue",
+    (255, 255, 0): "yellow",
+    (0, 128, 128): "teal",
+    (165, 42, 42): "brown",
+    (0, 0, 0): "black",
+    (128, 128, 128): "gray",
 }
 # Fraction of its bounding box a shape fills: ~1/2 triangle, ~π/4 circle, ~1 rectangle. Over all
 # 5,000 images: triangles 0.50–0.66, circles 0.74–0.91, rectangles 0.96–1.
@@ -200,8 +247,7 @@ def _write_shards(pattern: str, per_shard: int, paths: dict[int, Path], captions
             with Image.open(paths[image_id]) as image:
                 width, height = image.size
             key = f"{image_id:09d}"
-            metadata = {"key": key, "caption": caption, "width": width, "height": height,
-                        "status": "success", "easyvqa_image_id": image_id}
+            metadata = {"key": key, "caption": caption, "width": width, "height": height, "status": "success", "easyvqa_image_id": image_id}
             writer.write({"__key__": key, "png": png, "txt": caption, "json": json.dumps(metadata)})
     return written
 
@@ -224,15 +270,24 @@ def _multi_turn_records(by_image: dict[int, list[tuple[str, str]]], rng: random.
     for image_id, pairs in by_image.items():
         shuffled = rng.sample(pairs, len(pairs))  # no fixed question order for the model to learn
         for part, start in enumerate(range(0, len(shuffled), QUESTIONS_PER_CONVERSATION)):
-            records.append({"id": f"easyvqa-train-{image_id}-{part}", "image": f"train/{image_id}.png",
-                            "conversations": _conversation(shuffled[start : start + QUESTIONS_PER_CONVERSATION])})
+            records.append(
+                {
+                    "id": f"easyvqa-train-{image_id}-{part}",
+                    "image": f"train/{image_id}.png",
+                    "conversations": _conversation(shuffled[start : start + QUESTIONS_PER_CONVERSATION]),
+                }
+            )
     return records
 
 
 def _single_turn_records(by_image: dict[int, list[tuple[str, str]]]) -> list[dict]:
     return [
-        {"id": f"easyvqa-test-{image_id}-{index}", "image": f"test/{image_id}.png",
-         "conversations": _conversation([(question, answer)]), "question_type": question_type(answer)}
+        {
+            "id": f"easyvqa-test-{image_id}-{index}",
+            "image": f"test/{image_id}.png",
+            "conversations": _conversation([(question, answer)]),
+            "question_type": question_type(answer),
+        }
         for image_id, pairs in by_image.items()
         for index, (question, answer) in enumerate(pairs)
     ]
@@ -323,15 +378,12 @@ def build_embedded(out: str | Path = "data/embedded") -> dict[str, int]:
         if built.get("version") == BUILD_VERSION:
             return built["counts"]
     elif out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty and holds no {MARKER}: not an embedded-data build. "
-                              "Choose another --out, or remove that folder.")
-    staging = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)  # a killed build's leftovers
-    staging.mkdir(parents=True)
-    counts = _build_into(staging)
-    (staging / MARKER).write_text(json.dumps({"version": BUILD_VERSION, "counts": counts}, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    staging.rename(out)
+        raise FileExistsError(
+            f"{out} is not empty and holds no {MARKER}: not an embedded-data build. Choose another --out, or remove that folder."
+        )
+    with writing_folder(out) as staging:
+        counts = _build_into(staging)
+        (staging / MARKER).write_text(json.dumps({"version": BUILD_VERSION, "counts": counts}, indent=1))
     return counts
 
 

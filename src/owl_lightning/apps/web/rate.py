@@ -7,6 +7,7 @@ never leaves the server. Each A/B/C/D click is appended to the ratings file and 
 page shows it as saved, so a reload, a closed tab or a killed server loses nothing; the last rating
 of a (question, system) wins.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,8 @@ from collections import Counter
 from datetime import datetime
 from pathlib import Path
 
-from owl_lightning.owleval import CATEGORIES, AnswerFile, Question, conversations, read_answer_files, read_questions
-from owl_lightning.web import Binary, HttpError, WebApp
+from owl_lightning.apps.owleval import CATEGORIES, AnswerFile, Question, conversations, read_answer_files, read_questions
+from owl_lightning.apps.web import Binary, HttpError, WebApp
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,10 @@ class RatingsFile:
                 file.write("\n")  # so the next rating starts on its own line
 
     def add(self, question_id: int, model_id: str, rating: str) -> None:
-        line = json.dumps({"question_id": question_id, "model_id": model_id, "rating": rating,
-                           "time": datetime.now().isoformat(timespec="seconds")}, ensure_ascii=False)
+        line = json.dumps(
+            {"question_id": question_id, "model_id": model_id, "rating": rating, "time": datetime.now().isoformat(timespec="seconds")},
+            ensure_ascii=False,
+        )
         with self._lock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as file:
@@ -105,16 +108,19 @@ class RatingApp(WebApp):
 
     page = "rate.html"
 
-    def __init__(self, questions: list[Question], answer_files: list[AnswerFile], ratings: RatingsFile, cases: Path,
-                 seed: int = 0) -> None:
+    def __init__(self, questions: list[Question], answer_files: list[AnswerFile], ratings: RatingsFile, cases: Path, seed: int = 0) -> None:
         self.questions = {q.question_id: q for q in questions}
         self.files = {f.model_id: f for f in answer_files}
         self.ratings, self.cases, self.seed = ratings, Path(cases), seed
         self.earlier = {q.question_id: conversation[:k] for conversation in conversations(questions) for k, q in enumerate(conversation)}
         missing = sorted(name for name in {q.image for q in questions} if not (self.cases / name).is_file())
         if missing:
-            log.warning("%d image(s) missing from %s (%s): their questions can be rated, but without the picture",
-                        len(missing), self.cases, ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
+            log.warning(
+                "%d image(s) missing from %s (%s): their questions can be rated, but without the picture",
+                len(missing),
+                self.cases,
+                ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""),
+            )
 
     def slots(self, question_id: int) -> list[str]:
         """The systems that answered the question, in this question's anonymous order (slot 1 first)."""
@@ -158,8 +164,9 @@ class RatingApp(WebApp):
         except (TypeError, ValueError):
             raise HttpError(400, f"a question id is a number, not {raw!r}") from None
         if question_id not in self.questions:
-            raise HttpError(404, f"there is no OwlEval question {question_id} (ids {min(self.questions)}-{max(self.questions)}); "
-                                 "nothing was saved")
+            raise HttpError(
+                404, f"there is no OwlEval question {question_id} (ids {min(self.questions)}-{max(self.questions)}); nothing was saved"
+            )
         return question_id
 
     def _progress(self, question: Question) -> dict:
@@ -175,16 +182,25 @@ class RatingApp(WebApp):
             image_error = f"Image {question.image} is missing from {self.cases}; rate from the text, or restart with the right --data."
         answers = []
         for slot, model_id in enumerate(self.slots(question_id), start=1):
-            answers.append({
-                "slot": slot,
-                "answer": self.files[model_id].answers[question_id],
-                # Its own earlier answers: a multi-turn answer is judged in the conversation it continues.
-                "earlier_answers": [self.files[model_id].answers.get(q.question_id, "(no answer)") for q in earlier],
-                "rating": self.ratings.ratings.get((question_id, model_id)),
-            })
-        return {"question_id": question_id, "question": question.question, "category": list(question.category),
-                "ability": question.ability, "image": f"/image/{question.image}", "image_error": image_error,
-                "earlier_questions": [q.question for q in earlier], "answers": answers}
+            answers.append(
+                {
+                    "slot": slot,
+                    "answer": self.files[model_id].answers[question_id],
+                    # Its own earlier answers: a multi-turn answer is judged in the conversation it continues.
+                    "earlier_answers": [self.files[model_id].answers.get(q.question_id, "(no answer)") for q in earlier],
+                    "rating": self.ratings.ratings.get((question_id, model_id)),
+                }
+            )
+        return {
+            "question_id": question_id,
+            "question": question.question,
+            "category": list(question.category),
+            "ability": question.ability,
+            "image": f"/image/{question.image}",
+            "image_error": image_error,
+            "earlier_questions": [q.question for q in earlier],
+            "answers": answers,
+        }
 
     def _image(self, name: str) -> Binary:
         # Only the questions' own images, by name: nothing else on disk is reachable.
@@ -196,7 +212,7 @@ class RatingApp(WebApp):
 
 def open_rating(data: str | Path, answers: list[str | Path], ratings: str | Path, seed: int = 0) -> RatingApp:
     """The rating app for an OwlEval folder, answer files or folders of them, and a ratings file (created on
-    the first click). Raises :class:`~owl_lightning.owleval.OwlEvalError` naming a bad file and line."""
+    the first click). Raises :class:`~owl_lightning.apps.owleval.OwlEvalError` naming a bad file and line."""
     questions = read_questions(data)
     ratings_file = RatingsFile(ratings)
     answer_files = read_answer_files(answers, questions, exclude=ratings_file.path)

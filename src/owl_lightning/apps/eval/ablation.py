@@ -11,8 +11,9 @@ share one stage-1 run (``experiments/stage1_smol.yaml``). Each run is a subproce
 CLI users call, resumable (re-running skips finished runs), and evaluated with ``owl-lightning eval``'s
 metrics; the table goes to ``docs/ablation.md``.
 
-    python -m owl_lightning.eval.ablation [--runs runs/ablation] [--vqa-limit 1000] [--only r3,r4]
+    python -m owl_lightning.apps.eval.ablation [--runs runs/ablation] [--vqa-limit 1000] [--only r3,r4]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from owl_lightning.eval.run import evaluate
+from owl_lightning.apps.eval.run import evaluate
 
 STAGE1_CONFIG = "experiments/stage1_smol.yaml"
 STAGE2_CONFIG = "experiments/stage2_smol.yaml"
@@ -66,12 +67,18 @@ def run_ablation(runs: Path, vqa_limit: int | None, only: list[str]) -> dict:
             commands[name].append(_fit("stage2", _config_for(runs / name, STAGE2_CONFIG, "runs/stage2_smol"), extra))
             ckpt = runs / name / "checkpoints" / "last.ckpt"
         metrics, path = evaluate(str(ckpt), vqa_limit=vqa_limit)
-        results[name] = {"description": description, "eval": str(path), "commands": commands[name],
-                         "vqa": metrics["easy_vqa"]["accuracy"], "vqa_by_type": metrics["easy_vqa"]["by_type"],
-                         "vqa_count": metrics["easy_vqa"]["count"], "caption_bleu4": metrics["captions"]["bleu4"],
-                         "caption_exact": metrics["captions"]["exact_match"],
-                         "text_perplexity": metrics["text_retention"]["tuned_perplexity"],
-                         "base_text_perplexity": metrics["text_retention"]["base_perplexity"]}
+        results[name] = {
+            "description": description,
+            "eval": str(path),
+            "commands": commands[name],
+            "vqa": metrics["easy_vqa"]["accuracy"],
+            "vqa_by_type": metrics["easy_vqa"]["by_type"],
+            "vqa_count": metrics["easy_vqa"]["count"],
+            "caption_bleu4": metrics["captions"]["bleu4"],
+            "caption_exact": metrics["captions"]["exact_match"],
+            "text_perplexity": metrics["text_retention"]["tuned_perplexity"],
+            "base_text_perplexity": metrics["text_retention"]["base_perplexity"],
+        }
     return results
 
 
@@ -82,7 +89,7 @@ def markdown(results: dict, vqa_limit: int | None) -> str:
         "mPLUG-Owl's Table 2 asks which training settings give multimodal and text-only ability. Reproduced "
         "here on owl-smol and easy-VQA with one budget: stage 1 = `experiments/stage1_smol.yaml` (shared), "
         "stage 2 = `experiments/stage2_smol.yaml` with the manifest of each setting. Made by "
-        f"`make ablation` (`python -m owl_lightning.eval.ablation`); easy-VQA on "
+        f"`make ablation` (`python -m owl_lightning.apps.eval.ablation`); easy-VQA on "
         f"{'all' if vqa_limit is None else f'the first {vqa_limit}'} test questions; captions: exact matches and "
         "BLEU-4 on 200 held-out images (the embedded captions have 3 words, so no 4-grams: BLEU-4 is 0 even for "
         "exact captions); text: perplexity of the 93 held-out docstring answers (base SmolLM2-135M: "
@@ -93,8 +100,10 @@ def markdown(results: dict, vqa_limit: int | None) -> str:
     ]
     for name, r in results.items():
         by = r["vqa_by_type"]
-        lines.append(f"| {name}: {r['description']} | {r['vqa']:.1%} | {by.get('shape', 0):.1%} | {by.get('color', 0):.1%} | "
-                     f"{by.get('yes_no', 0):.1%} | {r['caption_exact']:.1%} | {r['caption_bleu4']:.3f} | {r['text_perplexity']:.2f} |")
+        lines.append(
+            f"| {name}: {r['description']} | {r['vqa']:.1%} | {by.get('shape', 0):.1%} | {by.get('color', 0):.1%} | "
+            f"{by.get('yes_no', 0):.1%} | {r['caption_exact']:.1%} | {r['caption_bleu4']:.3f} | {r['text_perplexity']:.2f} |"
+        )
     lines += ["", "## Commands", ""]
     for name, r in results.items():
         lines.append(f"- {name}:")
@@ -104,7 +113,9 @@ def markdown(results: dict, vqa_limit: int | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="owl-lightning ablation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="owl-lightning ablation", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", default="runs/ablation")
     parser.add_argument("--vqa-limit", type=int, default=1000, help="easy-VQA test questions per setting (default 1000; 0: all)")
     parser.add_argument("--only", default=",".join(SETTINGS), help="comma-separated settings, e.g. r3,r4")

@@ -1,0 +1,1 @@
+"""Training with Lightning: the system, DataModules, callbacks, FSDP2 and checkpoint IO, FLOPs."""
