@@ -126,10 +126,10 @@ def test_stage1_stage2_export_reload_chat(tmp_path, caption_manifest, instructio
     trainer.save_checkpoint(ckpt)
 
     torch.manual_seed(0)
-    original = OwlAssistant.from_checkpoint(ckpt, bf16=False)
+    original = OwlAssistant.from_checkpoint(ckpt, precision="fp32")
     torch.manual_seed(0)
     main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "export")])
-    exported = OwlAssistant.from_checkpoint(tmp_path / "export", bf16=False)
+    exported = OwlAssistant.from_checkpoint(tmp_path / "export", precision="fp32")
 
     assert exported.template.system_prompt == original.template.system_prompt == "You are a terse owl."
     requests = [

@@ -123,7 +123,7 @@ def run(stage: str, tmp_path: Path, manifest: Path, devices: int, max_steps: int
             },
             "callbacks": [
                 {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "class_path": "owl_lightning.train.callbacks.ModelCheckpoint",
                     "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 0, "every_n_train_steps": 2},
                 },
                 {"class_path": "test_fsdp.ShardReport", "init_args": {"out": str(tmp_path / report)}},

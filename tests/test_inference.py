@@ -14,7 +14,7 @@ from owl_lightning.inference import ChatSession, OwlAssistant, Request
 
 @pytest.fixture
 def assistant(tiny_model, tiny_tokenizer):
-    return OwlAssistant(tiny_model, tiny_tokenizer, bf16=False)
+    return OwlAssistant(tiny_model, tiny_tokenizer, precision="fp32")
 
 
 def square(colour):
@@ -108,7 +108,7 @@ def test_stage1_caption_logging_and_the_assistant_caption_alike(tiny_config, tin
 
     system = Stage1Module(model_name="owl-tiny", max_caption_tokens=6)
     system.configure_model()
-    assistant = OwlAssistant(system.model, tiny_tokenizer, bf16=False)
+    assistant = OwlAssistant(system.model, tiny_tokenizer, precision="fp32")
     images = [square("red"), square("blue")]
     pixels = torch.stack([assistant.transform(image) for image in images])
     assert system.generate_captions(pixels) == assistant.caption(images, max_new_tokens=6)

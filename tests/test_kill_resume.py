@@ -1,5 +1,6 @@
 """`kill -9` a training command at some moment; the same command again resumes from the last
-checkpoint and finishes the run (stage 1, then stage 2 from it), as `make stage1` / `make stage2` do."""
+checkpoint and finishes the run (stage 1, then stage 2 from it), as `make stage1` / `make stage2` do,
+with the very weights an uninterrupted run ends with."""
 
 import random
 import signal
@@ -8,10 +9,11 @@ import sys
 import time
 
 import pytest
+import torch
 
 from owl_lightning.checkpoints import read_checkpoint
 
-MAX_STEPS = 40
+MAX_STEPS = 42  # not a multiple of the interval: last.ckpt must still hold the final step
 EVERY = 4  # checkpoint interval: a kill loses at most this many steps
 
 
@@ -43,7 +45,7 @@ def command(stage: str, folder, manifest, *extra) -> list[str]:
         "--model.warmup_steps",
         "1",
         f"--trainer.max_steps={MAX_STEPS}",
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks+=owl_lightning.train.callbacks.ModelCheckpoint",
         f"--trainer.callbacks.dirpath={folder / 'checkpoints'}",
         "--trainer.callbacks.save_last=true",
         "--trainer.callbacks.save_top_k=0",
@@ -84,6 +86,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, caption_manifest,
         (tmp_path / "init" / "checkpoints" / "last.ckpt").rename(init)
         args = command("stage2", tmp_path / "stage2", instruction_manifest, "--model.init_from", str(init), "--data.max_length", "256")
     last = tmp_path / stage / "checkpoints" / "last.ckpt"
+    resume([arg.replace(str(tmp_path / stage), str(tmp_path / "uninterrupted")) for arg in args])
 
     kill_after_first_checkpoint(args, last)
     killed_at = read_checkpoint(last)["global_step"]  # loadable whatever the kill interrupted
@@ -91,4 +94,8 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, caption_manifest,
 
     output = resume(args)
     assert f"Restored all states from the checkpoint at {last}" in output
-    assert read_checkpoint(last)["global_step"] == MAX_STEPS
+    resumed, reference = read_checkpoint(last), read_checkpoint(tmp_path / "uninterrupted" / "checkpoints" / "last.ckpt")
+    assert resumed["global_step"] == reference["global_step"] == MAX_STEPS
+    assert resumed["state_dict"].keys() == reference["state_dict"].keys()
+    for name, weight in reference["state_dict"].items():
+        torch.testing.assert_close(resumed["state_dict"][name], weight, rtol=0, atol=1e-6, msg=name)

@@ -6,6 +6,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from tests.test_stages import fit
 
+from owl_lightning.checkpoints import read_checkpoint
 from owl_lightning.train.datamodules import CaptionDataModule
 from owl_lightning.train.stage1 import Stage1Module
 from owl_lightning.train.system import gradients_finite
@@ -63,6 +64,17 @@ def test_nonfinite_steps_in_a_row_stop_the_run_naming_step_and_sources(tmp_path,
     with pytest.raises(FloatingPointError, match=r"2 optimizer steps in a row .* at step 2 .*squares x4"):
         fit(system, data(caption_manifest), tmp_path, steps=5)
     assert system.nonfinite_steps == 2
+
+
+def test_the_counts_are_saved_in_checkpoints_and_restored(tmp_path, caption_manifest):
+    system = poisoned_system({1}, "loss")
+    trainer = fit(system, data(caption_manifest), tmp_path, steps=3)
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    saved = read_checkpoint(tmp_path / "run.ckpt")
+    assert saved["step_counts"] == {"nonfinite_steps": 1, "nonfinite_in_a_row": 0, "empty_batches": 0}
+    resumed = poisoned_system(set(), "loss")
+    resumed.on_load_checkpoint(saved)
+    assert resumed.nonfinite_steps == 1
 
 
 def test_a_finite_step_resets_the_count(tmp_path, caption_manifest):

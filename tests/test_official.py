@@ -283,7 +283,7 @@ def test_convert_official_cli_writes_an_export_for_chat_and_stage2(tmp_path):
     with torch.no_grad():
         expected = reference_abstractor(state, reference_vision(state, pixels.float()))
         torch.testing.assert_close(model.encode_images(pixels), expected, atol=1e-4, rtol=1e-4)
-    assistant = OwlAssistant.from_checkpoint(out, bf16=False)
+    assistant = OwlAssistant.from_checkpoint(out, precision="fp32")
     assert assistant.template.system_prompt.startswith("The following is a conversation")  # the official template
     assert isinstance(assistant.answer([Request.single("What is it?", [Image.new("RGB", (IMAGE, IMAGE))])], 4)[0], str)
 

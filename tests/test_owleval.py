@@ -48,7 +48,7 @@ def owleval_folder(tmp_path):
 
 @pytest.fixture
 def assistant(tiny_model, tiny_tokenizer):
-    return OwlAssistant(tiny_model, tiny_tokenizer, bf16=False)
+    return OwlAssistant(tiny_model, tiny_tokenizer, precision="fp32")
 
 
 def test_runner_writes_the_official_format_and_asks_multi_turn_with_history(owleval_folder, assistant, tmp_path, monkeypatch):

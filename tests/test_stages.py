@@ -83,7 +83,7 @@ def run_cli(stage, tmp_path, manifest, *extra):
             "1",
             "--model.warmup_steps",
             "1",
-            "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+            "--trainer.callbacks+=owl_lightning.train.callbacks.ModelCheckpoint",
             f"--trainer.callbacks.dirpath={tmp_path / stage / 'checkpoints'}",
             "--trainer.callbacks.save_last=true",
             "--trainer.callbacks.every_n_train_steps=2",

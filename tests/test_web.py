@@ -55,7 +55,7 @@ def rating(owleval_folder, tmp_path):
 @pytest.fixture
 def chat_calls(tiny_model, tiny_tokenizer, monkeypatch):
     """An owl-tiny assistant whose requests are recorded and whose (possibly empty) replies are tagged."""
-    assistant = OwlAssistant(tiny_model, tiny_tokenizer, bf16=False)
+    assistant = OwlAssistant(tiny_model, tiny_tokenizer, precision="fp32")
     calls = []
     answer = assistant.answer
 

@@ -31,7 +31,8 @@ from typing import Any
 
 import timm
 import torch
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import FileSystemReader, load
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
@@ -138,8 +139,15 @@ class _WeightsOnlyBytes:
     """A load planner whose non-tensor items (numbers, strings, lists) are read with ``weights_only=True``."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            item = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise UntrustedCheckpoint(
+                f"checkpoint item {read_item.dest_index.fqn!r} holds objects other than tensors and plain values, "
+                f"which are never unpickled here ({str(err).splitlines()[0]})"
+            ) from None
         loaded = io.BytesIO()
-        torch.save(torch.load(value, weights_only=True), loaded)
+        torch.save(item, loaded)
         loaded.seek(0)
         super().load_bytes(read_item, loaded)
 
@@ -150,6 +158,25 @@ class SafeLoadPlanner(_WeightsOnlyBytes, DefaultLoadPlanner):
 
 class _SafeEmptyLoadPlanner(_WeightsOnlyBytes, _EmptyStateDictLoadPlanner):
     pass
+
+
+def load_sharded(state_dict: dict, path: str | Path, empty: bool = False) -> None:
+    """``torch.distributed.checkpoint``'s load of the folder ``path`` into ``state_dict``, through the safe
+    reader and planner (``empty``: fill an empty dict with everything saved, without a process group).
+
+    Raises :class:`UntrustedCheckpoint` itself: DCP would wrap it in a ``CheckpointException`` per rank."""
+    reader = SafeFileSystemReader(path)
+    reader.read_metadata()  # a crafted .metadata is refused here, with its own message
+    try:
+        if empty:
+            _load_state_dict(state_dict, storage_reader=reader, planner=_SafeEmptyLoadPlanner(), no_dist=True)
+        else:
+            load(state_dict, storage_reader=reader, planner=SafeLoadPlanner())
+    except CheckpointException as err:
+        refused = [exc for exc, _ in err.failures.values() if isinstance(exc, UntrustedCheckpoint)]
+        if refused:
+            raise refused[0] from None
+        raise
 
 
 def read_sharded_checkpoint(path: str | Path) -> dict:
@@ -163,7 +190,7 @@ def read_sharded_checkpoint(path: str | Path) -> dict:
     if not is_sharded_checkpoint(path):
         raise FileNotFoundError(f"{path} is not a sharded checkpoint (a folder with {SHARDED_METADATA_FILE} and .distcp files)")
     shards: dict = {}
-    _load_state_dict(shards, storage_reader=SafeFileSystemReader(path), planner=_SafeEmptyLoadPlanner(), no_dist=True)
+    load_sharded(shards, path, empty=True)
     checkpoint = torch.load(path / SHARDED_METADATA_FILE, map_location="cpu", weights_only=True)
     checkpoint["state_dict"] = shards.pop("state_dict")
     count = len([key for key in shards if key.startswith("optimizer_")])

@@ -20,12 +20,45 @@ import argparse
 import json
 import sys
 import warnings
+from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import torch
 
-from owl_lightning.config import get_config, list_configs
+if TYPE_CHECKING:
+    from owl_lightning.inference import LoadOptions
+
+from owl_lightning.config import PRECISIONS, get_config, list_configs
 
 USAGE = __doc__
+
+
+def _add_loading_arguments(parser: argparse.ArgumentParser, inference: bool = True) -> None:
+    """``--ckpt`` and how to load it: what the checkpoint itself is never trusted to choose, and (for
+    commands that run the model) the device and precision."""
+    from owl_lightning.checkpoints import LLM_SOURCE_FLAG, TRUST_REMOTE_CODE_FLAG
+
+    parser.add_argument("--ckpt", required=True, help="a .ckpt file, a run folder (uses checkpoints/last.ckpt) or an exported folder")
+    if inference:
+        parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is a GPU)")
+        parser.add_argument("--precision", default="bf16", choices=PRECISIONS, help="autocast precision (default: %(default)s)")
+    parser.add_argument(
+        LLM_SOURCE_FLAG,
+        default=None,
+        help="the LLM (folder or hub id) to load a checkpoint's frozen base weights from when its stored source is "
+        "not packaged, random or the export's own llm/ folder: a checkpoint cannot choose where weights come from",
+    )
+    parser.add_argument(
+        TRUST_REMOTE_CODE_FLAG,
+        action="store_true",
+        help="let transformers run the Python files that come with that LLM (only for code you trust)",
+    )
+
+
+def _load_options(ns: argparse.Namespace) -> LoadOptions:
+    from owl_lightning.inference import LoadOptions
+
+    return LoadOptions(getattr(ns, "device", None), getattr(ns, "precision", "bf16"), ns.llm_source, ns.trust_remote_code)
 
 
 def _stage_cli(stage: str, args: list[str]) -> None:
@@ -116,14 +149,14 @@ def _eval_main(args: list[str]) -> None:
         description="Evaluate a checkpoint: easy-VQA accuracy, "
         "caption BLEU, text-only retention, qualitative sheet. Writes <run>/eval.json.",
     )
-    parser.add_argument("--ckpt", required=True, help="a .ckpt file or a run folder (uses checkpoints/last.ckpt)")
+    _add_loading_arguments(parser)
     parser.add_argument("--data", default="data/embedded", help="the embedded data folder (make data)")
     parser.add_argument("--vqa-limit", type=int, default=None, help="first N easy-VQA test questions (default: all 9,673)")
     parser.add_argument("--text-limit", type=int, default=None, help="first N held-out text instructions (default: all)")
     parser.add_argument("--caption-limit", type=int, default=200, help="held-out images to caption")
     parser.add_argument("--batch-size", type=int, default=64)
     ns = parser.parse_args(args)
-    results, path = evaluate(ns.ckpt, ns.data, ns.vqa_limit, ns.text_limit, ns.caption_limit, ns.batch_size)
+    results, path = evaluate(ns.ckpt, ns.data, ns.vqa_limit, ns.text_limit, ns.caption_limit, ns.batch_size, load=_load_options(ns))
     print(summary_table(results))
     print(path)
 
@@ -139,7 +172,7 @@ def _chat_main(args: list[str]) -> None:
         prog="owl-lightning chat",
         description="Chat about images with a trained model. Type /reset to start over, /quit (or Ctrl-D) to leave.",
     )
-    parser.add_argument("--ckpt", required=True, help="a .ckpt file or a run folder")
+    _add_loading_arguments(parser)
     parser.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
     parser.add_argument("--prompt", help="answer this once and exit")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -151,7 +184,7 @@ def _chat_main(args: list[str]) -> None:
             images.append(decode_image(Path(path)))
         except SkipSample as err:
             parser.error(f"cannot read image {path}: {err}")
-    session = ChatSession(OwlAssistant.from_checkpoint(ns.ckpt), images, ns.max_new_tokens, ns.temperature)
+    session = ChatSession(OwlAssistant.from_checkpoint(ns.ckpt, **asdict(_load_options(ns))), images, ns.max_new_tokens, ns.temperature)
     if ns.prompt is not None:
         print(session.ask(ns.prompt))
         return
@@ -179,7 +212,7 @@ def _owleval_main(args: list[str]) -> None:
         "paper's benchmark) with a checkpoint, into an answer file in the official format. "
         "Multi-turn questions about one image are asked in one conversation, in question_id order.",
     )
-    parser.add_argument("--ckpt", required=True, help="a .ckpt file or a run folder")
+    _add_loading_arguments(parser)
     parser.add_argument("--data", default=DEFAULT_DATA, help="the OwlEval folder: questions.jsonl, cases/ (default: %(default)s)")
     parser.add_argument("--out", required=True, help="the answer file to write (JSONL)")
     parser.add_argument("--model-id", help="the model_id written on every line (default: owl-lightning:<run folder name>)")
@@ -188,7 +221,7 @@ def _owleval_main(args: list[str]) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ns = parser.parse_args(args)
     try:
-        path = run_owleval(ns.ckpt, ns.data, ns.out, ns.model_id, ns.batch_size, ns.max_new_tokens, ns.temperature)
+        path = run_owleval(ns.ckpt, ns.data, ns.out, ns.model_id, ns.batch_size, ns.max_new_tokens, ns.temperature, load=_load_options(ns))
     except (OwlEvalError, FileNotFoundError) as err:
         parser.error(str(err))
     print(f"answers: {path}\nrate them blind beside the published ones: owl-lightning rate --answers {ns.data}/answer --answers {path}")
@@ -234,13 +267,13 @@ def _serve_main(args: list[str]) -> None:
         prog="owl-lightning serve",
         description="Chat with a trained model in a browser: upload images, ask over several turns, adjust max tokens and temperature.",
     )
-    parser.add_argument("--ckpt", required=True, help="a .ckpt file or a run folder")
+    _add_loading_arguments(parser)
     parser.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (0: any free port; default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="the page's starting value")
     parser.add_argument("--temperature", type=float, default=0.0, help="the page's starting value (0: greedy)")
     ns = parser.parse_args(args)
     try:
-        assistant = OwlAssistant.from_checkpoint(ns.ckpt)
+        assistant = OwlAssistant.from_checkpoint(ns.ckpt, **asdict(_load_options(ns)))
     except FileNotFoundError as err:
         parser.error(str(err))
     serve(ChatApp(assistant, ns.max_new_tokens, ns.temperature, title=str(ns.ckpt)), ns.port, "chat demo")
@@ -255,11 +288,11 @@ def _export_main(args: list[str]) -> None:
         "owl_lightning: DIR/llm (LoRA merged, tokenizer with <image>), DIR/vision.safetensors, "
         "DIR/abstractor.safetensors, DIR/lora (the adapter, stage 2), DIR/owl.json.",
     )
-    parser.add_argument("--ckpt", required=True, help="a .ckpt file or a run folder (uses checkpoints/last.ckpt)")
+    _add_loading_arguments(parser, inference=False)
     parser.add_argument("--out", required=True, help="the folder to write (replaces an earlier export there)")
     ns = parser.parse_args(args)
     try:
-        print(export_checkpoint(ns.ckpt, ns.out))
+        print(export_checkpoint(ns.ckpt, ns.out, ns.llm_source, ns.trust_remote_code))
     except (FileNotFoundError, FileExistsError) as err:
         parser.error(str(err))
 
@@ -344,7 +377,15 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(USAGE)
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
-    COMMANDS[argv[0]](argv[1:])
+    if argv[0] in ("stage1", "stage2"):
+        COMMANDS[argv[0]](argv[1:])
+        return
+    from owl_lightning.checkpoints import UntrustedCheckpoint
+
+    try:
+        COMMANDS[argv[0]](argv[1:])
+    except (UntrustedCheckpoint, FileNotFoundError) as err:  # what the user passed: no traceback, the reason and the fix
+        sys.exit(f"owl-lightning {argv[0]}: error: {err}")
 
 
 if __name__ == "__main__":

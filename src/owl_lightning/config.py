@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 # Constants the models and the data pipeline both read.
 IMAGE_TOKEN = "<image>"  # one placeholder per image in the text; the model puts the image's visual tokens there
 IGNORE_INDEX = -100  # label of every position that is not supervised (PyTorch's cross-entropy default)
@@ -22,6 +24,20 @@ PACKAGED_EFFICIENTNET_LITE0 = "packaged:efficientnet-lite0"
 BYTE_TOKENIZER = "bytes"
 RANDOM_LLM = "random"  # llm.source of an LLM built from llm.architecture with random weights
 CHECKPOINT_PREFIX = "model."  # the training system holds the OwlModel as ``self.model``
+PRECISIONS = ("bf16", "fp16", "fp32")  # inference commands' --precision
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype matrix products run in under ``precision``: ours (``bf16``, ``fp16``, ``fp32``) or
+    Lightning's (``bf16-mixed``, ``bf16-true``, ``16-mixed``, ``32-true``, ...)."""
+    precision = str(precision)
+    if precision.startswith("bf16"):
+        return torch.bfloat16
+    if precision.startswith(("16", "fp16")):
+        return torch.float16
+    if precision.startswith(("32", "fp32")):
+        return torch.float32
+    raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
 
 
 @dataclass

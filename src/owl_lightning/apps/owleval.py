@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -30,7 +30,7 @@ from owl_lightning.data.health import TOO_LONG, SkipSample
 from owl_lightning.data.images import decode_image
 from owl_lightning.data.template import Conversation, ConversationTemplate, Turn
 from owl_lightning.files import atomic_write
-from owl_lightning.inference import OwlAssistant, Request
+from owl_lightning.inference import LoadOptions, OwlAssistant, Request
 
 log = logging.getLogger(__name__)
 
@@ -298,10 +298,11 @@ def run_owleval(
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     progress: bool = True,
+    load: LoadOptions | None = None,
 ) -> Path:
     """``owl-lightning owleval``: every OwlEval question answered by a checkpoint, into an answer file
     (``model_id`` by default ``owl-lightning:<run folder name>``)."""
     questions = read_questions(data)
-    assistant = OwlAssistant.from_checkpoint(ckpt)
+    assistant = OwlAssistant.from_checkpoint(ckpt, **asdict(load or LoadOptions()))
     answers = answer_owleval(assistant, questions, Path(data) / "cases", batch_size, max_new_tokens, temperature, progress)
     return write_answers(out, questions, answers, model_id or f"owl-lightning:{run_folder(ckpt).name}")

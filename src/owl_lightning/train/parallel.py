@@ -33,7 +33,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
-from owl_lightning.checkpoints import SHARDED_METADATA_FILE, SafeFileSystemReader, SafeLoadPlanner, is_sharded_checkpoint
+from owl_lightning.checkpoints import SHARDED_METADATA_FILE, is_sharded_checkpoint, load_sharded
 from owl_lightning.files import publish_folder, remove, staging_folder
 from owl_lightning.models.owl import OwlModel
 
@@ -240,7 +240,6 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         path = Path(self.broadcast(str(checkpoint_path)))
         if not is_sharded_checkpoint(path):
             return super().load_checkpoint(path, weights_only)
-        from torch.distributed.checkpoint import load
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -250,11 +249,11 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
 
         module, optimizers = self.lightning_module, self.optimizers
         state = {"state_dict": get_model_state_dict(module)}
-        load(state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+        load_sharded(state, path)
         module.load_state_dict(state["state_dict"], strict=self.lightning_module.strict_loading)
         for index, optimizer in enumerate(optimizers):
             key = f"optimizer_{index}"
             optimizer_state = {key: get_optimizer_state_dict(module, optimizer)}
-            load(optimizer_state, storage_reader=SafeFileSystemReader(path), planner=SafeLoadPlanner())
+            load_sharded(optimizer_state, path)
             set_optimizer_state_dict(module, optimizer, optim_state_dict=optimizer_state[key], options=StateDictOptions(cpu_offload=True))
         return torch.load(path / SHARDED_METADATA_FILE, weights_only=True)

@@ -21,7 +21,7 @@ from torchmetrics import MeanMetric
 from transformers import GenerationConfig
 
 from owl_lightning.checkpoints import is_base_llm_weight, load_model_weights, read_checkpoint
-from owl_lightning.config import OwlConfig, get_config
+from owl_lightning.config import OwlConfig, compute_dtype, get_config
 from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.owl import OwlModel, build_owl
 from owl_lightning.train.checkpoint_io import SafeCheckpointIO
@@ -100,7 +100,7 @@ class OwlSystem(L.LightningModule):
             self.model = self._build_model() if self.device_mesh is None else self._build_model_on_every_rank()
         if self.device_mesh is not None and not is_sharded(self.model):
             # ModelParallelStrategy: FSDP2. shard_owl asserts every parameter ended up sharded.
-            param_dtype = torch.bfloat16 if str(self.trainer.precision).startswith("bf16") else None
+            param_dtype = torch.bfloat16 if self._compute_dtype() == torch.bfloat16 else None
             if self.global_rank == 0:
                 log.info(
                     "FSDP2 over %d processes: rank 0 read the weights and sends every rank its shards "
@@ -304,8 +304,19 @@ class OwlSystem(L.LightningModule):
         if torch.cuda.is_available():
             checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
 
+        # The run's totals go on after a resume (and the in-a-row count: a resume does not reset it).
+        checkpoint["step_counts"] = {
+            "nonfinite_steps": self.nonfinite_steps,
+            "nonfinite_in_a_row": self._nonfinite_in_a_row,
+            "empty_batches": self.empty_batches,
+        }
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._rng_to_restore = checkpoint.get("rng_state")
+        counts = checkpoint.get("step_counts", {})
+        self.nonfinite_steps = counts.get("nonfinite_steps", 0)
+        self._nonfinite_in_a_row = counts.get("nonfinite_in_a_row", 0)
+        self.empty_batches = counts.get("empty_batches", 0)
 
     def on_train_start(self) -> None:
         # Restored here, not on load: sanity-check validation and loader start-up come in between.
@@ -328,8 +339,7 @@ class OwlSystem(L.LightningModule):
 
     def _compute_dtype(self) -> torch.dtype:
         """The dtype matrix products run in under the trainer's precision."""
-        precision = str(self.trainer.precision)
-        return torch.bfloat16 if precision.startswith("bf16") else torch.float16 if precision.startswith("16") else torch.float32
+        return compute_dtype(self.trainer.precision)
 
     def checkpoint_bytes(self) -> int:
         """Size of one checkpoint: the saved tensors (no base LLM) and AdamW's two fp32 moments per trained parameter."""

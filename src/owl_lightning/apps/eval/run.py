@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from owl_lightning.apps.eval.captions import caption_bleu, read_captioned_images
@@ -11,7 +12,7 @@ from owl_lightning.apps.eval.qualitative import qualitative_sheet
 from owl_lightning.apps.eval.text import text_retention
 from owl_lightning.apps.eval.vqa import easy_vqa_accuracy, read_vqa_records
 from owl_lightning.checkpoints import holds_lora, read_checkpoint, resolve_checkpoint, run_folder
-from owl_lightning.inference import OwlAssistant
+from owl_lightning.inference import LoadOptions, OwlAssistant
 
 
 def evaluate(
@@ -22,6 +23,7 @@ def evaluate(
     caption_limit: int = 200,
     batch_size: int = 64,
     progress: bool = True,
+    load: LoadOptions | None = None,
 ) -> tuple[dict, Path]:
     run, ckpt_file = run_folder(ckpt), resolve_checkpoint(ckpt)
     data = Path(data_dir)
@@ -29,7 +31,7 @@ def evaluate(
         if not needed.exists():
             raise FileNotFoundError(f"{needed} not found: build the embedded data with `make data` (or pass --data)")
     started = time.perf_counter()
-    assistant = OwlAssistant.from_checkpoint(ckpt_file)
+    assistant = OwlAssistant.from_checkpoint(ckpt_file, **asdict(load or LoadOptions()))
     stage = "stage2" if holds_lora(read_checkpoint(ckpt_file)["state_dict"]) else "stage1"
     results: dict = {"checkpoint": str(ckpt_file), "stage": stage}
     records = read_vqa_records(data / "stage2" / "easyvqa_test.json", vqa_limit)

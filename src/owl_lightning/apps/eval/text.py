@@ -25,7 +25,7 @@ def answer_perplexity(assistant: OwlAssistant, samples: list[EncodedSample], bat
     model = assistant.model
     adapters_off = getattr(model.llm, "disable_adapter", None)
     total_loss, total_tokens = 0.0, 0
-    with adapters_off() if base and adapters_off else nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=assistant.bf16):
+    with adapters_off() if base and adapters_off else nullcontext(), assistant.autocast():
         for start in range(0, len(samples), batch_size):
             batch = collate(samples[start : start + batch_size], assistant.tokenizer.pad_token_id)
             out = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
