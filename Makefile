@@ -36,17 +36,18 @@ clean-venv:
 data: install
 	$(OWL) data --out data/embedded
 
+BASE_CONFIG ?= experiments/base.yaml
 STAGE1_CONFIG ?= experiments/stage1_smol.yaml
 STAGE2_CONFIG ?= experiments/stage2_smol.yaml
 STAGE1_CKPT ?= $(RUNS)/stage1_smol/checkpoints/last.ckpt
 
 # Resumes from the run's last.ckpt when there is one (Lightning only warns when there is none).
 stage1: data
-	$(OWL) stage1 fit --config $(STAGE1_CONFIG) --ckpt_path last $(ARGS)
+	$(OWL) stage1 fit --config $(BASE_CONFIG) --config $(STAGE1_CONFIG) --ckpt_path last $(ARGS)
 
 stage2: data
 	@test -f $(STAGE1_CKPT) || { echo "no stage-1 checkpoint at $(STAGE1_CKPT): run 'make stage1' first (or pass STAGE1_CKPT=...)"; exit 1; }
-	$(OWL) stage2 fit --config $(STAGE2_CONFIG) --model.init_from $(STAGE1_CKPT) --ckpt_path last $(ARGS)
+	$(OWL) stage2 fit --config $(BASE_CONFIG) --config $(STAGE2_CONFIG) --model.init_from $(STAGE1_CKPT) --ckpt_path last $(ARGS)
 
 STAGE2_RUN ?= $(RUNS)/stage2_smol
 PHOTO = $(shell $(PY) -c "import skimage.data, os; print(os.path.join(os.path.dirname(skimage.data.__file__), 'coffee.png'))")

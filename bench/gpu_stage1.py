@@ -27,11 +27,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from common import record
-from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, get_config
+from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, STAGE1, get_config
 from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.vision import vision_data_config
+from owl_lightning.train.callbacks import StepThroughput
 from owl_lightning.train.parallel import AtomicModelParallelStrategy
-from owl_lightning.train.stage1 import Stage1Module
+from owl_lightning.train.system import OwlSystem
 
 TINYLLAMA_1B = {
     "model_type": "llama",
@@ -218,13 +219,11 @@ def main() -> None:
 
     name, overrides = MODELS[args.model]
     torch.manual_seed(0)
-    system = Stage1Module(
-        model_name=name,
-        model_overrides=overrides,
-        peak_flops=args.peak_flops,
+    system = OwlSystem(
+        config=get_config(name, overrides),
+        recipe=STAGE1,
         activation_checkpointing=args.activation_checkpointing,
         compile=args.compile,
-        num_caption_samples=0,
     )
     profiled = args.profile_steps if args.profile else 0
     batches = synthetic_batches(name, overrides, args.batch_size, args.caption_tokens, args.warmup + args.steps + profiled)
@@ -242,7 +241,7 @@ def main() -> None:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[window, *([profiler] if profiler else [])],
+        callbacks=[window, StepThroughput(args.peak_flops), *([profiler] if profiler else [])],
     )
     trainer.fit(system, DataLoader(batches, batch_size=None, pin_memory=args.accelerator == "gpu"))
 
@@ -267,7 +266,7 @@ def main() -> None:
         "strategy": args.strategy,
         "device_busy_s_per_step": round(profiler.device_busy_s_per_step, 4) if profiler else None,
         "max_memory_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if args.accelerator == "gpu" else None,
-        "how": "Stage1Module through the Lightning Trainer, "
+        "how": "OwlSystem (stage-1 recipe) through the Lightning Trainer, "
         + (
             "ModelParallelStrategy (FSDP2, 1 process), bf16-mixed with bf16 FSDP all-gathers"
             if args.strategy == "fsdp2"

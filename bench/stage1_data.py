@@ -21,6 +21,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from common import record
+from owl_lightning.config import get_config
+from owl_lightning.data.processor import OwlProcessor
 from owl_lightning.data.shards import expand_shards
 from owl_lightning.models.vision import vision_data_config
 from owl_lightning.train.datamodules import CaptionDataModule
@@ -67,12 +69,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # the data path, not the model, is measured: keep the main process light
 
-    data = CaptionDataModule(manifest=args.manifest, batch_size=args.batch_size, num_workers=args.workers, batches_per_epoch=10**6)
+    processor = OwlProcessor(get_config("owl-smol"))
+    data = CaptionDataModule(
+        manifest=args.manifest, processor=processor, batch_size=args.batch_size, num_workers=args.workers, batches_per_epoch=10**6
+    )
     data.setup("fit")
     warmup = 1 + data.hparams.shuffle_buffer // args.batch_size
     ours = samples_per_second(data.train_dataloader(), args.batches, lambda b: b["input_ids"].shape[0], warmup)
     shards = [s for source in data.manifest.train for s in expand_shards(source.shards)]
-    size = vision_data_config(data.owl_config.vision)["input_size"][-1]
+    size = vision_data_config(processor.config.vision)["input_size"][-1]
     floor_loader = DataLoader(PilFloor(shards, size, args.batch_size), batch_size=None, num_workers=args.workers)
     floor = samples_per_second(floor_loader, args.batches, len, warmup)
     record(

@@ -19,14 +19,17 @@ import time
 import torch
 
 from common import record
-from owl_lightning.config import IMAGE_TOKEN, get_config
+from owl_lightning.config import IMAGE_TOKEN, STAGE2, get_config
+from owl_lightning.data.processor import OwlProcessor
 from owl_lightning.models.owl import build_owl
 from owl_lightning.train.datamodules import InstructionDataModule
 from owl_lightning.train.flops import sequence_lengths
 
 
 def loaders(pack: bool, batch_size: int):
-    data = InstructionDataModule(batch_size=batch_size, num_workers=0, max_length=512, pack=pack)
+    data = InstructionDataModule(
+        processor=OwlProcessor(get_config("owl-smol")), batch_size=batch_size, num_workers=0, max_length=512, pack=pack
+    )
     data.setup("fit")
     return data, data.train_dataloader()
 
@@ -53,11 +56,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     args = parser.parse_args()
     (data, padded), (_, packed) = loaders(False, args.batch_size), loaders(True, args.batch_size)
-    config = get_config(data.hparams.model_name)
+    config = data.processor.config
     image_token_id = data.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     model = build_owl(config, tokenizer=data.tokenizer)
-    model.set_trainable(vision=False, abstractor=True, llm=False)
-    model.add_lora(config.lora)
+    model.apply_recipe(STAGE2)
     counts = {"padded": [0, 0], "packed": [0, 0]}
     seconds: dict[str, list[float]] = {"padded": [], "packed": []}
     for index, batches in zip(range(args.batches), zip(padded, packed)):

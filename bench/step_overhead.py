@@ -32,15 +32,17 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from common import record, rss_kib
-from owl_lightning.config import IGNORE_INDEX
+from owl_lightning.config import IGNORE_INDEX, STAGE1, STAGE2, TrainRecipe, get_config
+from owl_lightning.data.processor import OwlProcessor
 from owl_lightning.models.owl import OwlModel
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
 from owl_lightning.train.flops import measure_matmul_flops, sequence_lengths
-from owl_lightning.train.stage1 import Stage1Module
-from owl_lightning.train.stage2 import Stage2Module
-from owl_lightning.train.system import OwlSystem
+from owl_lightning.train.system import STAGE2_OPTIMIZER, OwlSystem
 
 TARGET_RATIO = 1.15
+
+
+SMOL = OwlProcessor(get_config("owl-smol"))  # the embedded default's tokenizer and image transform
 
 
 # -- batches ---------------------------------------------------------------------------------------
@@ -48,14 +50,16 @@ TARGET_RATIO = 1.15
 
 def stage1_batches(batch_size: int, count: int) -> list[dict]:
     """Caption batches as ``make stage1`` trains on (experiments/stage1_smol.yaml: max_length 64)."""
-    data = CaptionDataModule(manifest="data_manifests/embedded_stage1.yaml", batch_size=batch_size, num_workers=0, max_length=64)
+    data = CaptionDataModule(
+        manifest="data_manifests/embedded_stage1.yaml", processor=SMOL, batch_size=batch_size, num_workers=0, max_length=64
+    )
     return _first_batches(data, count)
 
 
 def stage2_batches(batch_size: int, count: int) -> list[dict]:
     """Instruction batches as ``make stage2`` trains on (experiments/stage2_smol.yaml: max_length 512, owl template)."""
     data = InstructionDataModule(
-        manifest="data_manifests/embedded_stage2.yaml", batch_size=batch_size, num_workers=0, max_length=512, template="owl"
+        manifest="data_manifests/embedded_stage2.yaml", processor=SMOL, batch_size=batch_size, num_workers=0, max_length=512, template="owl"
     )
     return _first_batches(data, count)
 
@@ -238,16 +242,11 @@ def mfu_entry(result: dict, peak: float) -> dict:
 # -- 4: memory -------------------------------------------------------------------------------------
 
 
-class EverythingTrainable(Stage1Module):
-    """Stage 1 with the LLM trained too: the memory reference."""
-
-    def freeze_policy(self, model: OwlModel) -> None:
-        model.set_trainable(vision=True, abstractor=True, llm=True)
-
-
 def memory_probe(everything_trainable: bool, batch_size: int, steps: int, results: multiprocessing.Queue) -> None:
     """In a fresh process: peak RSS over ``steps`` training steps, and which parameters AdamW keeps state for."""
-    system = (EverythingTrainable if everything_trainable else Stage1Module)(model_name="owl-smol", peak_flops=1.0)
+    # The memory reference: stage 1 with the LLM trained too.
+    recipe = TrainRecipe(vision="train", abstractor="train", llm="full") if everything_trainable else STAGE1
+    system = OwlSystem(config=SMOL.config, recipe=recipe)
     system.configure_model()
     batches = stage1_batches(batch_size, steps)
     before = rss_kib("VmRSS")
@@ -304,13 +303,13 @@ def main() -> None:
 
     torch.manual_seed(0)
     stage1 = compare(
-        Stage1Module(model_name="owl-smol", peak_flops=peak), stage1_batches(args.stage1_batch_size, count), args.warmup, with_vision=True
+        OwlSystem(config=SMOL.config, recipe=STAGE1), stage1_batches(args.stage1_batch_size, count), args.warmup, with_vision=True
     )
     record(
         "stage1_step",
         step_entry(
             stage1,
-            "Stage1Module step through the Lightning Trainer (bf16 autocast, clip 1.0, AdamW) "
+            "OwlSystem stage-1 step through the Lightning Trainer (bf16 autocast, clip 1.0, AdamW) "
             "vs the frozen LLM's forward + backward to its input embeddings on the same spliced "
             "embeddings, mask and kept logits; medians",
         ),
@@ -318,12 +317,13 @@ def main() -> None:
     record("stage1_mfu_cpu", mfu_entry(stage1, peak))
 
     torch.manual_seed(0)
-    stage2 = compare(Stage2Module(model_name="owl-smol", peak_flops=peak), stage2_batches(args.stage2_batch_size, count), args.warmup)
+    stage2 = OwlSystem(config=SMOL.config, recipe=STAGE2, optimizer=STAGE2_OPTIMIZER)
+    stage2 = compare(stage2, stage2_batches(args.stage2_batch_size, count), args.warmup)
     record(
         "stage2_step",
         step_entry(
             stage2,
-            "Stage2Module step (LoRA q/v r=8 + abstractor) through the Lightning Trainer vs the "
+            "OwlSystem stage-2 step (LoRA q/v r=8 + abstractor) through the Lightning Trainer vs the "
             "same LoRA-wrapped LLM's forward + backward (LoRA and input-embedding gradients) on "
             "the same spliced embeddings; medians",
         ),

@@ -1,24 +1,27 @@
 """Checkpoints survive a kill in the middle of a save, load without running code, and a run that
 cannot write its outputs says so before its first step."""
 
+import logging
 import pickle
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from tests.test_stages import fit
 
 import owl_lightning.train.preflight as preflight
+from conftest import tiny_system
 from owl_lightning.train.checkpoint_io import SafeCheckpointIO
 from owl_lightning.train.datamodules import CaptionDataModule
-from owl_lightning.train.stage1 import Stage1Module
 
 # Saves {"step": 1}, then starts saving {"step": 2, ...} and stalls inside that write; the test
 # kills it there with SIGKILL, as `kill -9` would.
@@ -86,18 +89,25 @@ def test_checkpoints_load_weights_only(tmp_path):
 
 
 def tiny_run(caption_manifest):
-    system = Stage1Module(model_name="owl-tiny", lr=1e-2, warmup_steps=1, num_caption_samples=0)
-    data = CaptionDataModule(manifest=str(caption_manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
+    system = tiny_system("stage1", lr=1e-2, warmup_steps=0)
+    data = CaptionDataModule(manifest=str(caption_manifest), processor=system.processor, batch_size=4, num_workers=0)
     steps = []
     original = system.training_step
     system.training_step = lambda *a: steps.append(1) or original(*a)
     return system, data, steps
 
 
-def test_runs_save_through_the_safe_checkpoint_io(tmp_path, caption_manifest):
-    system, data, _ = tiny_run(caption_manifest)
-    trainer = fit(system, data, tmp_path, steps=1)
-    assert isinstance(trainer.strategy.checkpoint_io, SafeCheckpointIO)
+def test_the_base_config_names_the_safe_checkpoint_io_and_a_run_without_it_is_warned(tmp_path, caption_manifest, caplog):
+    base = yaml.safe_load((Path(__file__).parents[1] / "experiments" / "base.yaml").read_text())
+    assert base["trainer"]["plugins"] == [{"class_path": "owl_lightning.train.checkpoint_io.SafeCheckpointIO"}]
+    warning = "SafeCheckpointIO in trainer.plugins"
+    with caplog.at_level(logging.WARNING):
+        fit(*tiny_run(caption_manifest)[:2], tmp_path, steps=1)
+    assert warning in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        trainer = fit(*tiny_run(caption_manifest)[:2], tmp_path, steps=1, plugins=[SafeCheckpointIO()])
+    assert isinstance(trainer.strategy.checkpoint_io, SafeCheckpointIO) and warning not in caplog.text
 
 
 def fit_saving_to(system, data, tmp_path, folder):

@@ -7,10 +7,9 @@ from tests.test_stages import fit
 from torch._dynamo.utils import counters
 from torch.distributed.tensor import DTensor
 
+from conftest import tiny_system
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
 from owl_lightning.train.parallel import AtomicModelParallelStrategy, blocks, compile_blocks
-from owl_lightning.train.stage1 import Stage1Module
-from owl_lightning.train.stage2 import Stage2Module
 
 NO_DROPOUT = {"abstractor.attention_dropout": 0.0, "lora.dropout": 0.0}  # compiled dropout draws other masks
 
@@ -26,13 +25,11 @@ class Losses(Callback):
 def train(stage: str, manifest, tmp_path, compile: bool, strategy: str) -> tuple[list[float], dict[str, torch.Tensor], object]:
     torch.manual_seed(0)
     if stage == "stage1":
-        system = Stage1Module(
-            model_name="owl-tiny", model_overrides=NO_DROPOUT, lr=1e-2, warmup_steps=1, num_caption_samples=0, compile=compile
-        )
-        data = CaptionDataModule(manifest=str(manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
+        system = tiny_system("stage1", config_overrides=NO_DROPOUT, lr=1e-2, warmup_steps=0, compile=compile)
+        data = CaptionDataModule(manifest=str(manifest), processor=system.processor, batch_size=4, num_workers=0)
     else:
-        system = Stage2Module(model_name="owl-tiny", model_overrides=NO_DROPOUT, lr=1e-2, warmup_steps=1, compile=compile)
-        data = InstructionDataModule(manifest=str(manifest), model_name="owl-tiny", batch_size=4, num_workers=0, max_length=256)
+        system = tiny_system("stage2", config_overrides=NO_DROPOUT, lr=1e-2, warmup_steps=0, compile=compile)
+        data = InstructionDataModule(manifest=str(manifest), processor=system.processor, batch_size=4, num_workers=0, max_length=256)
     losses = Losses()
     strategy = AtomicModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1) if strategy == "fsdp2" else "auto"
     fit(system, data, tmp_path / str(compile), steps=3, callbacks=[losses], strategy=strategy)

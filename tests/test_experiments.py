@@ -1,14 +1,18 @@
 """Every shipped experiment config parses against the code's signatures (litgpt's check)."""
 
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import yaml
 
-from owl_lightning.cli import main
+from owl_lightning.cli import main, model_yaml
+from owl_lightning.config import STAGE1, STAGE2, OwlConfig, get_config, list_configs
 from owl_lightning.data.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
+EXPERIMENTS = sorted((ROOT / "experiments").glob("stage*.yaml"))
+BASE = ROOT / "experiments" / "base.yaml"
 MANIFESTS = sorted((ROOT / "data_manifests").glob("*.yaml"))
 
 
@@ -16,10 +20,30 @@ MANIFESTS = sorted((ROOT / "data_manifests").glob("*.yaml"))
 def test_experiment_config_parses(config, capsys):
     stage = config.name.split("_")[0]
     with pytest.raises(SystemExit) as exit_:
-        main([stage, "fit", "--config", str(config), "--print_config"])
+        main([stage, "fit", "--config", str(BASE), "--config", str(config), "--print_config"])
     assert exit_.value.code in (0, None)
-    printed = capsys.readouterr().out
-    assert "model_name:" in printed and "manifest:" in printed
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["config"]["name"] in list_configs() and printed["data"]["manifest"]
+    assert printed["model"]["recipe"] == {"stage1": asdict(STAGE1), "stage2": asdict(STAGE2)}[stage]
+
+
+@pytest.mark.parametrize("name", list_configs())
+def test_model_yamls_are_the_registered_configs(name):
+    """experiments/models/*.yaml are what ``describe NAME --yaml`` writes: regenerate them when a config changes."""
+    assert (ROOT / "experiments" / "models" / f"{name}.yaml").read_text() == model_yaml(name)
+    assert OwlConfig.from_dict(yaml.safe_load(model_yaml(name))) == get_config(name)
+
+
+def test_one_setting_moves_a_run_and_fields_are_typed(capsys):
+    argv = ["stage1", "fit", "--config", str(BASE), "--config", str(ROOT / "experiments" / "stage1_smol.yaml")]
+    with pytest.raises(SystemExit):
+        main([*argv, "--trainer.default_root_dir", "elsewhere/run", "--model.config.abstractor.num_queries", "32", "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["config"]["abstractor"]["num_queries"] == 32
+    assert printed["trainer"]["default_root_dir"] == "elsewhere/run"
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--model.config.abstractor.num_queries", "many"])
+    assert exit_.value.code == 2 and "model.config.abstractor.num_queries" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import COLOURS
+from conftest import COLOURS, tiny_system
 from owl_lightning.checkpoints import export_checkpoint, is_base_llm_weight, load_owl
 from owl_lightning.cli import main
 from owl_lightning.config import CHECKPOINT_PREFIX as PREFIX
@@ -26,8 +26,6 @@ from owl_lightning.models.abstractor import VisualAbstractor
 from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.owl import build_owl
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
-from owl_lightning.train.stage1 import Stage1Module
-from owl_lightning.train.stage2 import Stage2Module
 from test_stages import fit
 
 # owl-tiny with 10x the LLM's random-init scale: its greedy answers then differ with the prompt and the
@@ -111,15 +109,18 @@ def test_export_replaces_an_export_but_no_other_folder(tmp_path):
 
 
 def test_stage1_stage2_export_reload_chat(tmp_path, caption_manifest, instruction_manifest):
-    model = {"model_name": "owl-tiny", "model_overrides": VARIED}
-    stage1 = Stage1Module(**model, lr=1e-2, warmup_steps=1)
-    trainer = fit(
-        stage1, CaptionDataModule(manifest=str(caption_manifest), **model, batch_size=4, num_workers=0), tmp_path / "stage1", steps=1
-    )
+    stage1 = tiny_system("stage1", config_overrides=VARIED, lr=1e-2, warmup_steps=0)
+    data = CaptionDataModule(manifest=str(caption_manifest), processor=stage1.processor, batch_size=4, num_workers=0)
+    trainer = fit(stage1, data, tmp_path / "stage1", steps=1)
     trainer.save_checkpoint(tmp_path / "stage1.ckpt")
-    stage2 = Stage2Module(**model, lr=1e-2, warmup_steps=1, init_from=str(tmp_path / "stage1.ckpt"))
+    stage2 = tiny_system("stage2", config_overrides=VARIED, lr=1e-2, warmup_steps=0, init_from=str(tmp_path / "stage1.ckpt"))
     data = InstructionDataModule(
-        manifest=str(instruction_manifest), **model, batch_size=4, num_workers=0, max_length=256, system_prompt="You are a terse owl."
+        manifest=str(instruction_manifest),
+        processor=stage2.processor,
+        batch_size=4,
+        num_workers=0,
+        max_length=256,
+        system_prompt="You are a terse owl.",
     )
     trainer = fit(stage2, data, tmp_path / "stage2", steps=1)
     ckpt = tmp_path / "stage2.ckpt"

@@ -4,11 +4,12 @@ import lightning as L
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from owl_lightning.config import IGNORE_INDEX
+from conftest import tiny_system
+from owl_lightning.config import IGNORE_INDEX, TrainRecipe
 from owl_lightning.models.owl import build_owl
+from owl_lightning.train.callbacks import StepThroughput
 from owl_lightning.train.datamodules import CaptionDataModule
 from owl_lightning.train.flops import StepFlops, measure_matmul_flops, sequence_lengths
-from owl_lightning.train.stage1 import Stage1Module
 
 
 def caption_batch(tokenizer, text_lengths=(20,), padded_to=None, images=True):
@@ -30,9 +31,10 @@ def caption_batch(tokenizer, text_lengths=(20,), padded_to=None, images=True):
 def tiny(tiny_config, tiny_tokenizer, vision=True, abstractor=True, llm=False, lora=False):
     torch.manual_seed(0)
     model = build_owl(tiny_config, tokenizer=tiny_tokenizer)
-    model.set_trainable(vision=vision, abstractor=abstractor, llm=llm)
-    if lora:
-        model.add_lora(tiny_config.lora)
+    frozen_or = {True: "train", False: "frozen"}
+    model.apply_recipe(
+        TrainRecipe(vision=frozen_or[vision], abstractor=frozen_or[abstractor], llm="lora" if lora else "full" if llm else "frozen")
+    )
     return model
 
 
@@ -137,8 +139,8 @@ def test_matmul_rate_is_measured():
 
 
 def test_training_logs_throughput_and_mfu(tmp_path, caption_manifest):
-    system = Stage1Module(model_name="owl-tiny", warmup_steps=1, peak_flops=1e11)
-    data = CaptionDataModule(manifest=str(caption_manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
+    system = tiny_system("stage1", warmup_steps=0)
+    data = CaptionDataModule(manifest=str(caption_manifest), processor=system.processor, batch_size=4, num_workers=0)
     trainer = L.Trainer(
         max_steps=3,
         limit_val_batches=0,
@@ -147,6 +149,7 @@ def test_training_logs_throughput_and_mfu(tmp_path, caption_manifest):
         enable_progress_bar=False,
         default_root_dir=tmp_path,
         accelerator="cpu",
+        callbacks=[StepThroughput(peak_flops=1e11)],
     )
     trainer.fit(system, data)
     metrics = trainer.callback_metrics

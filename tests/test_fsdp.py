@@ -27,14 +27,14 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
+from conftest import TINY_YAML, tiny_system
 from owl_lightning.checkpoints import is_base_llm_weight, is_sharded_checkpoint, load_owl, read_checkpoint, read_sharded_checkpoint
 from owl_lightning.cli import main
-from owl_lightning.config import get_config
+from owl_lightning.config import STAGE1, get_config
 from owl_lightning.models.llm import build_llm, load_tokenizer
 from owl_lightning.models.owl import build_owl
 from owl_lightning.train.datamodules import CaptionDataModule
 from owl_lightning.train.parallel import AtomicModelParallelStrategy, assert_sharded, checkpoint_activations, llm_blocks, shard_owl
-from owl_lightning.train.stage1 import Stage1Module
 
 TESTS = Path(__file__).parent
 
@@ -102,7 +102,9 @@ def mixed_units(model: torch.nn.Module) -> list[list[str]]:
     ]
 
 
-def run(stage: str, tmp_path: Path, manifest: Path, devices: int, max_steps: int, report: str, *extra: str) -> list[dict]:
+def run(
+    stage: str, tmp_path: Path, manifest: Path, devices: int, max_steps: int, report: str, *extra: str, captions: bool = False
+) -> list[dict]:
     """``owl-lightning <stage> fit`` on ``devices`` CPU processes; returns each rank's start and end reports."""
     root = tmp_path / stage
     config = {
@@ -127,9 +129,11 @@ def run(stage: str, tmp_path: Path, manifest: Path, devices: int, max_steps: int
                     "init_args": {"dirpath": str(root / "checkpoints"), "save_last": True, "save_top_k": 0, "every_n_train_steps": 2},
                 },
                 {"class_path": "test_fsdp.ShardReport", "init_args": {"out": str(tmp_path / report)}},
+                {"class_path": "owl_lightning.train.callbacks.StepThroughput", "init_args": {"peak_flops": 1e11}},
+                *([{"class_path": "owl_lightning.train.callbacks.CaptionSamples", "init_args": {"num_images": 2}}] if captions else []),
             ],
         },
-        "model": {"model_name": "owl-tiny", "lr": 1e-2, "warmup_steps": 1, "peak_flops": 1e11},
+        "model": {"config": str(TINY_YAML), "optimizer": {"lr": 1e-2, "warmup_steps": 0}},
         "data": {"manifest": str(manifest), "batch_size": 4, "num_workers": 0},
     }
     path = tmp_path / f"{stage}_{report}.yaml"
@@ -174,8 +178,8 @@ def assert_resumed_from(resumed: dict, saved: dict, steps: int) -> None:
 def test_stage1_shards_resumes_on_one_process_and_consolidates(tmp_path, caption_manifest):
     # Validation at step 2 generates captions: ranks must stay in step through generation too.
     # One validation shard for two ranks: each reads it and keeps every other sample.
-    validation = ["--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2", "--model.num_caption_samples", "2"]
-    two = run("stage1", tmp_path, caption_manifest, 2, 2, "two", *validation)
+    validation = ["--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2"]
+    two = run("stage1", tmp_path, caption_manifest, 2, 2, "two", *validation, captions=True)
     assert_sharded_and_in_agreement(two)
     assert [r["end"]["val_batches"] for r in two] == [1, 1]
     assert all(r["end"]["world_size"] == 2 and r["end"]["global_step"] == 2 for r in two)
@@ -203,8 +207,8 @@ def test_stage1_shards_resumes_on_one_process_and_consolidates(tmp_path, caption
         assert digest(model.get_parameter(name)) == info["hash"], name
 
     # A plain single-process Trainer (no FSDP) resumes from it, optimizer state included.
-    system = Stage1Module(model_name="owl-tiny", lr=1e-2, warmup_steps=1)
-    data = CaptionDataModule(manifest=str(caption_manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
+    system = tiny_system("stage1", lr=1e-2, warmup_steps=0)
+    data = CaptionDataModule(manifest=str(caption_manifest), processor=system.processor, batch_size=4, num_workers=0)
     trainer = L.Trainer(
         max_steps=5,
         limit_val_batches=0,
@@ -239,8 +243,8 @@ def test_stage2_lora_units_bf16_activation_checkpointing_and_resume(tmp_path, in
         "true",
         "--trainer.precision",
         "bf16-mixed",
-        "--model.model_overrides",
-        json.dumps({"llm.source": str(tmp_path / "llm")}),
+        "--model.config.llm.source",
+        str(tmp_path / "llm"),
     ]
     two = run("stage2", tmp_path, instruction_manifest, 2, 2, "two", *extra)
     assert_sharded_and_in_agreement(two)
@@ -263,8 +267,8 @@ def test_stage2_lora_units_bf16_activation_checkpointing_and_resume(tmp_path, in
 def test_a_sharded_save_killed_midway_leaves_the_previous_checkpoint_whole(
     tmp_path, caption_manifest, own_process_group, monkeypatch, caplog
 ):
-    system = Stage1Module(model_name="owl-tiny", lr=1e-2, warmup_steps=1, num_caption_samples=0)
-    data = CaptionDataModule(manifest=str(caption_manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
+    system = tiny_system("stage1", lr=1e-2, warmup_steps=0)
+    data = CaptionDataModule(manifest=str(caption_manifest), processor=system.processor, batch_size=4, num_workers=0)
     trainer = fit(system, data, tmp_path, steps=2, strategy=AtomicModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
     assert "writes each sharded checkpoint over the previous one" not in caplog.text
     last = tmp_path / "last.ckpt"
@@ -302,8 +306,8 @@ def test_a_sharded_save_killed_midway_leaves_the_previous_checkpoint_whole(
 
 
 def test_lightnings_own_model_parallel_strategy_is_warned_about(tmp_path, caption_manifest, own_process_group, caplog):
-    system = Stage1Module(model_name="owl-tiny", num_caption_samples=0)
-    data = CaptionDataModule(manifest=str(caption_manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
+    system = tiny_system("stage1")
+    data = CaptionDataModule(manifest=str(caption_manifest), processor=system.processor, batch_size=4, num_workers=0)
     fit(system, data, tmp_path, steps=1, strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1))
     assert "ModelParallelStrategy writes each sharded checkpoint over the previous one" in caplog.text
     assert "owl_lightning.train.parallel.AtomicModelParallelStrategy" in caplog.text
@@ -395,7 +399,7 @@ def test_activation_checkpointing_keeps_loss_and_gradients(tiny_config, tiny_tok
     def loss_and_grads(checkpointed: bool):
         torch.manual_seed(0)
         model = build_owl(tiny_config, tokenizer=tiny_tokenizer)
-        model.set_trainable(vision=True, abstractor=True, llm=False)
+        model.apply_recipe(STAGE1)
         if checkpointed:
             checkpoint_activations(model)
         ids = torch.tensor([[tiny_tokenizer.bos_token_id, tiny_tokenizer.convert_tokens_to_ids("<image>"), 97, 98, 99]])
@@ -450,7 +454,5 @@ def test_validation_ends_together_on_uneven_shards(tmp_path, caption_manifest):
         "1.0",
         "--trainer.val_check_interval",
         "2",
-        "--model.num_caption_samples",
-        "0",
     )
     assert [r["end"]["val_batches"] for r in two] == [3, 3]

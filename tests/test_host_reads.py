@@ -12,8 +12,8 @@ from tests.test_flops import caption_batch
 from tests.test_stages import fit
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from conftest import tiny_system
 from owl_lightning.train.datamodules import CaptionDataModule
-from owl_lightning.train.stage1 import Stage1Module
 
 aten = torch.ops.aten
 READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.equal.default}
@@ -76,8 +76,8 @@ class ReadsBeforeTheOptimizerStep(Callback):
 
 
 def test_training_steps_read_back_nothing_outside_the_llm_before_the_optimizer_step(tmp_path, caption_manifest):
-    system = Stage1Module(model_name="owl-tiny", warmup_steps=1, num_caption_samples=0)
-    data = CaptionDataModule(manifest=str(caption_manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
+    system = tiny_system("stage1", warmup_steps=0)
+    data = CaptionDataModule(manifest=str(caption_manifest), processor=system.processor, batch_size=4, num_workers=0)
     reads = ReadsBeforeTheOptimizerStep()
     fit(system, data, tmp_path, steps=3, callbacks=[reads])
     assert len(reads.step) == len(reads.llm) == 3

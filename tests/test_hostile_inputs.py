@@ -10,10 +10,9 @@ import PIL.Image
 import pytest
 from tests.hostile_corpus import SIDE, write_hostile_instructions, write_hostile_shards, write_outside
 
+from conftest import tiny_system
 from owl_lightning.data.health import EMPTY_SOURCE, PATH_OUTSIDE_ROOT, TOO_LONG, TRUNCATED_TAR
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
-from owl_lightning.train.stage1 import Stage1Module
-from owl_lightning.train.stage2 import Stage2Module
 
 _opened: list[str] = []
 _recording = [False]
@@ -75,11 +74,12 @@ def test_stage1_trains_through_hostile_shards(tmp_path, monkeypatch, opened_file
     outside = write_outside(tmp_path).parent
     manifest, expected = write_hostile_shards(tmp_path)
     opened_files.clear()  # from here on only the run's reads count
+    system = tiny_system("stage1", warmup_steps=0)
     data = CaptionDataModule(
-        manifest=str(manifest), model_name="owl-tiny", batch_size=4, num_workers=0, shuffle_buffer=4, max_skip_fraction=1.0
+        manifest=str(manifest), processor=system.processor, batch_size=4, num_workers=0, shuffle_buffer=4, max_skip_fraction=1.0
     )
     skips = recorded_skips(data, monkeypatch)
-    trainer = train(Stage1Module(model_name="owl-tiny", warmup_steps=1, num_caption_samples=1), data, tmp_path, steps=12)
+    trainer = train(system, data, tmp_path, steps=12)
 
     assert trainer.global_step == 12 and data.health.used == 48
     # Every skip is a record of the corpus, with the reason it was planted for ...
@@ -95,12 +95,13 @@ def test_stage2_trains_through_hostile_instruction_files(tmp_path, monkeypatch, 
     outside = write_outside(tmp_path).parent
     manifest, expected = write_hostile_instructions(tmp_path)
     opened_files.clear()  # from here on only the run's reads count
+    system = tiny_system("stage2", warmup_steps=0)
     data = InstructionDataModule(
-        manifest=str(manifest), model_name="owl-tiny", batch_size=4, num_workers=0, max_length=256, max_skip_fraction=1.0
+        manifest=str(manifest), processor=system.processor, batch_size=4, num_workers=0, max_length=256, max_skip_fraction=1.0
     )
     skips = recorded_skips(data, monkeypatch)
     # One epoch: llava, the source with most batches to get through, is read whole.
-    trainer = train(Stage2Module(model_name="owl-tiny", warmup_steps=1), data, tmp_path, steps=6)
+    trainer = train(system, data, tmp_path, steps=6)
 
     assert trainer.global_step == 6
     assert {where: reason for reason, where in skips} == expected  # every bad record, each with its reason

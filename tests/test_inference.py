@@ -6,10 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import COLOURS
+from conftest import COLOURS, tiny_system
 from owl_lightning.apps.eval.vqa import easy_vqa_accuracy, normalise
 from owl_lightning.data.template import Turn
 from owl_lightning.inference import ChatSession, OwlAssistant, Request
+from owl_lightning.train.callbacks import CaptionSamples
 
 
 @pytest.fixture
@@ -104,11 +105,9 @@ def test_easy_vqa_accuracy_by_type(tmp_path):
 
 
 def test_stage1_caption_logging_and_the_assistant_caption_alike(tiny_config, tiny_tokenizer):
-    from owl_lightning.train.stage1 import Stage1Module
-
-    system = Stage1Module(model_name="owl-tiny", max_caption_tokens=6)
+    system = tiny_system("stage1")
     system.configure_model()
     assistant = OwlAssistant(system.model, tiny_tokenizer, precision="fp32")
     images = [square("red"), square("blue")]
     pixels = torch.stack([assistant.transform(image) for image in images])
-    assert system.generate_captions(pixels) == assistant.caption(images, max_new_tokens=6)
+    assert CaptionSamples(max_new_tokens=6).captions(system, pixels) == assistant.caption(images, max_new_tokens=6)

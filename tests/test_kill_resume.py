@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from conftest import TINY_YAML
 from owl_lightning.checkpoints import read_checkpoint
 
 MAX_STEPS = 42  # not a multiple of the interval: last.ckpt must still hold the final step
@@ -24,8 +25,8 @@ def command(stage: str, folder, manifest, *extra) -> list[str]:
         "owl_lightning",
         stage,
         "fit",
-        "--model.model_name",
-        "owl-tiny",
+        "--model.config",
+        str(TINY_YAML),
         "--data.manifest",
         str(manifest),
         "--data.num_workers",
@@ -42,8 +43,8 @@ def command(stage: str, folder, manifest, *extra) -> list[str]:
         "false",
         "--trainer.limit_val_batches",
         "0",
-        "--model.warmup_steps",
-        "1",
+        "--model.optimizer.warmup_steps",
+        "0",
         f"--trainer.max_steps={MAX_STEPS}",
         "--trainer.callbacks+=owl_lightning.train.callbacks.ModelCheckpoint",
         f"--trainer.callbacks.dirpath={folder / 'checkpoints'}",

@@ -6,10 +6,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from tests.test_stages import fit
 
+from conftest import tiny_system
 from owl_lightning.checkpoints import read_checkpoint
+from owl_lightning.config import get_config
+from owl_lightning.data.processor import OwlProcessor
 from owl_lightning.train.datamodules import CaptionDataModule
-from owl_lightning.train.stage1 import Stage1Module
-from owl_lightning.train.system import gradients_finite
+from owl_lightning.train.system import OwlSystem, gradients_finite
 
 
 class Snapshots(Callback):
@@ -22,9 +24,9 @@ class Snapshots(Callback):
         self.before.append({n: p.detach().clone() for n, p in pl_module.model.named_parameters() if p.requires_grad})
 
 
-def poisoned_system(bad_steps: set[int], where: str, **kwargs) -> Stage1Module:
+def poisoned_system(bad_steps: set[int], where: str, **kwargs) -> OwlSystem:
     """owl-tiny stage 1 whose loss (``where="loss"``) or gradients (``"grad"``) are NaN at ``bad_steps``."""
-    system = Stage1Module(model_name="owl-tiny", lr=1e-2, warmup_steps=1, num_caption_samples=0, **kwargs)
+    system = tiny_system("stage1", lr=1e-2, warmup_steps=0, **kwargs)
     system.configure_model()
     forward = system.forward
 
@@ -42,7 +44,7 @@ def poisoned_system(bad_steps: set[int], where: str, **kwargs) -> Stage1Module:
 
 
 def data(manifest) -> CaptionDataModule:
-    return CaptionDataModule(manifest=str(manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
+    return CaptionDataModule(manifest=str(manifest), processor=OwlProcessor(get_config("owl-tiny")), batch_size=4, num_workers=0)
 
 
 @pytest.mark.parametrize("where", ["loss", "grad"])

@@ -19,11 +19,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from owl_lightning.apps.official import convert_official
 from owl_lightning.checkpoints import load_owl
 from owl_lightning.cli import main
-from owl_lightning.config import get_config
+from owl_lightning.config import STAGE2, get_config
 from owl_lightning.inference import OwlAssistant, Request
 from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.owl import build_owl
-from owl_lightning.train.stage2 import Stage2Module
+from owl_lightning.train.system import OwlSystem
 
 # Their layout at tiny sizes: a 32 px image in 8 px patches → 16 patches + CLS.
 IMAGE, PATCH, VISION_WIDTH, VISION_HEADS, VISION_LAYERS = 32, 8, 32, 2, 2
@@ -288,9 +288,8 @@ def test_convert_official_cli_writes_an_export_for_chat_and_stage2(tmp_path):
     assert isinstance(assistant.answer([Request.single("What is it?", [Image.new("RGB", (IMAGE, IMAGE))])], 4)[0], str)
 
     # Stage 2 starts from it: the export's llm/ as the base LLM, vision and abstractor through init_from.
-    system = Stage2Module(
-        model_name="owl-llama7b", init_from=str(out), model_overrides=TINY | {"llm.source": str(out / "llm"), "llm.tokenizer": None}
-    )
+    config = get_config("owl-llama7b", TINY | {"llm.source": str(out / "llm"), "llm.tokenizer": None})
+    system = OwlSystem(config=config, recipe=STAGE2, init_from=str(out))
     system.configure_model()
     torch.testing.assert_close(system.model.vision.model.pos_embed, state["vision_model.embeddings.position_embedding"])
     torch.testing.assert_close(system.model.abstractor.end_token, state["abstractor.vit_eos"])

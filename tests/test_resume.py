@@ -7,9 +7,8 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from conftest import tiny_system
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
-from owl_lightning.train.stage1 import Stage1Module
-from owl_lightning.train.stage2 import Stage2Module
 
 STEPS = 8
 
@@ -32,11 +31,11 @@ class InterruptAt(Callback):
 def build(stage: str, manifest, workers: int):
     L.seed_everything(0)  # the same initial weights (and owl-tiny's random LLM) in every run
     if stage == "stage1":
-        system = Stage1Module(model_name="owl-tiny", lr=1e-2, warmup_steps=2, num_caption_samples=0)
-        data = CaptionDataModule(manifest=str(manifest), model_name="owl-tiny", batch_size=4, num_workers=workers, shuffle_buffer=8)
+        system = tiny_system("stage1", lr=1e-2, warmup_steps=0)
+        data = CaptionDataModule(manifest=str(manifest), processor=system.processor, batch_size=4, num_workers=workers, shuffle_buffer=8)
     else:
-        system = Stage2Module(model_name="owl-tiny", lr=1e-2, warmup_steps=2)
-        data = InstructionDataModule(manifest=str(manifest), model_name="owl-tiny", batch_size=4, num_workers=workers, max_length=256)
+        system = tiny_system("stage2", lr=1e-2, warmup_steps=0)
+        data = InstructionDataModule(manifest=str(manifest), processor=system.processor, batch_size=4, num_workers=workers, max_length=256)
     return system, data
 
 

@@ -3,11 +3,12 @@
 import lightning as L
 import torch
 
+from conftest import TINY_YAML, tiny_system
 from owl_lightning.checkpoints import load_owl, read_checkpoint
 from owl_lightning.cli import main
+from owl_lightning.config import get_config
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
-from owl_lightning.train.stage1 import Stage1Module
-from owl_lightning.train.stage2 import Stage2Module
+from owl_lightning.train.system import OwlSystem
 
 
 def fit(system, datamodule, tmp_path, steps=2, **trainer_kwargs):
@@ -34,8 +35,8 @@ def changed(before, system):
 
 
 def test_stage1_step_changes_only_vision_and_abstractor(tmp_path, caption_manifest):
-    system = Stage1Module(model_name="owl-tiny", lr=1e-2, warmup_steps=1)
-    data = CaptionDataModule(manifest=str(caption_manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
+    system = tiny_system("stage1", lr=1e-2, warmup_steps=0)
+    data = CaptionDataModule(manifest=str(caption_manifest), processor=system.processor, batch_size=4, num_workers=0)
     system.configure_model()
     before = snapshot(system)
     fit(system, data, tmp_path)
@@ -46,8 +47,10 @@ def test_stage1_step_changes_only_vision_and_abstractor(tmp_path, caption_manife
 
 
 def test_stage2_step_changes_only_lora_and_abstractor(tmp_path, instruction_manifest):
-    system = Stage2Module(model_name="owl-tiny", lr=1e-2, warmup_steps=1)
-    data = InstructionDataModule(manifest=str(instruction_manifest), model_name="owl-tiny", batch_size=4, num_workers=0, max_length=256)
+    system = tiny_system("stage2", lr=1e-2, warmup_steps=0)
+    data = InstructionDataModule(
+        manifest=str(instruction_manifest), processor=system.processor, batch_size=4, num_workers=0, max_length=256
+    )
     system.configure_model()
     # LoRA B starts at zero; a step must move it (and A gets gradient after B is non-zero).
     before = snapshot(system)
@@ -65,8 +68,8 @@ def run_cli(stage, tmp_path, manifest, *extra):
         [
             stage,
             "fit",
-            "--model.model_name",
-            "owl-tiny",
+            "--model.config",
+            str(TINY_YAML),
             "--data.manifest",
             str(manifest),
             "--data.num_workers",
@@ -81,8 +84,8 @@ def run_cli(stage, tmp_path, manifest, *extra):
             "false",
             "--trainer.limit_val_batches",
             "1",
-            "--model.warmup_steps",
-            "1",
+            "--model.optimizer.warmup_steps",
+            "0",
             "--trainer.callbacks+=owl_lightning.train.callbacks.ModelCheckpoint",
             f"--trainer.callbacks.dirpath={tmp_path / stage / 'checkpoints'}",
             "--trainer.callbacks.save_last=true",
@@ -96,8 +99,8 @@ def run_cli(stage, tmp_path, manifest, *extra):
 
 def test_stage1_then_stage2_through_the_cli_with_resume(tmp_path, caption_manifest, instruction_manifest, monkeypatch):
     steps_run = []
-    original = Stage1Module.training_step
-    monkeypatch.setattr(Stage1Module, "training_step", lambda self, *a: steps_run.append(self.global_step) or original(self, *a))
+    original = OwlSystem.training_step
+    monkeypatch.setattr(OwlSystem, "training_step", lambda self, *a: steps_run.append(self.global_step) or original(self, *a))
     run_cli("stage1", tmp_path, caption_manifest, "--trainer.max_steps=2")
     last = tmp_path / "stage1" / "checkpoints" / "last.ckpt"
     assert read_checkpoint(last)["global_step"] == 2
@@ -119,8 +122,8 @@ def test_stage1_then_stage2_through_the_cli_with_resume(tmp_path, caption_manife
 
 
 def test_owl_smol_checkpoint_leaves_out_the_llm(tmp_path, caption_manifest):
-    system = Stage1Module(model_name="owl-smol", warmup_steps=1)
-    data = CaptionDataModule(manifest=str(caption_manifest), model_name="owl-smol", batch_size=2, num_workers=0)
+    system = OwlSystem(config=get_config("owl-smol"))
+    data = CaptionDataModule(manifest=str(caption_manifest), processor=system.processor, batch_size=2, num_workers=0)
     trainer = fit(system, data, tmp_path, steps=1)
     path = tmp_path / "smol.ckpt"
     trainer.save_checkpoint(path)
@@ -135,8 +138,8 @@ def test_owl_smol_checkpoint_leaves_out_the_llm(tmp_path, caption_manifest):
 
 
 def test_batch_without_supervised_tokens_makes_no_update_and_is_counted(tmp_path, caption_manifest):
-    system = Stage1Module(model_name="owl-tiny", lr=1e-2, warmup_steps=1)
-    data = CaptionDataModule(manifest=str(caption_manifest), model_name="owl-tiny", batch_size=4, num_workers=0)
+    system = tiny_system("stage1", lr=1e-2, warmup_steps=0)
+    data = CaptionDataModule(manifest=str(caption_manifest), processor=system.processor, batch_size=4, num_workers=0)
     original = data.on_before_batch_transfer
 
     def unsupervised(batch, dataloader_idx):

@@ -64,15 +64,32 @@ def _load_options(ns: argparse.Namespace) -> LoadOptions:
 def _stage_cli(stage: str, args: list[str]) -> None:
     from lightning.pytorch.cli import LightningCLI
 
+    from owl_lightning.config import STAGE1, STAGE2
     from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
-    from owl_lightning.train.stage1 import Stage1Module
-    from owl_lightning.train.stage2 import Stage2Module
+    from owl_lightning.train.system import STAGE1_OPTIMIZER, STAGE2_OPTIMIZER, OwlSystem
+
+    recipe, optimizer, data_class = {
+        "stage1": (STAGE1, STAGE1_OPTIMIZER, CaptionDataModule),
+        "stage2": (STAGE2, STAGE2_OPTIMIZER, InstructionDataModule),
+    }[stage]
 
     class OwlCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
-            # The data pipeline tokenises and preprocesses for the model: one source of truth.
-            parser.link_arguments("model.model_name", "data.model_name")
-            parser.link_arguments("model.model_overrides", "data.model_overrides")
+            # A stage is the system's recipe and optimizer defaults (the YAML may change either).
+            parser.set_defaults({"model.recipe": asdict(recipe), "model.optimizer": asdict(optimizer)})
+            # The data is tokenised and preprocessed by the model's own processor: one source of truth.
+            parser.link_arguments("model", "data.processor", compute_fn=lambda system: system.processor, apply_on="instantiate")
+            # One setting moves a run: TensorBoard files and (ModelCheckpoint dirpath null) checkpoints follow it.
+            parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir")
+
+        def parse_arguments(self, parser, args) -> None:
+            # From sys.argv, so that LightningCLI does not warn of arguments given two ways; sys.argv itself
+            # stays whole for the processes Lightning launches by re-running this command.
+            argv, sys.argv = sys.argv, [prog, *args]
+            try:
+                super().parse_arguments(parser, None)
+            finally:
+                sys.argv = argv
 
         def before_fit(self) -> None:
             logger = self.trainer.logger
@@ -85,46 +102,65 @@ def _stage_cli(stage: str, args: list[str]) -> None:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
     warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device` in `LightningModule` but")
-    model_class, data_class = {"stage1": (Stage1Module, CaptionDataModule), "stage2": (Stage2Module, InstructionDataModule)}[stage]
-    OwlCLI(model_class, data_class, args=args, save_config_kwargs={"overwrite": True}, parser_kwargs={"prog": f"owl-lightning {stage}"})
+    prog = f"owl-lightning {stage}"
+    OwlCLI(
+        OwlSystem,
+        data_class,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": prog},
+        auto_configure_optimizers=False,
+    )
 
 
 def describe(name: str) -> dict:
-    """Parameter counts of a named config, built on the ``meta`` device (no download, no memory)."""
+    """Parameter counts of a named config, built on the ``meta`` device (no download, no memory), and
+    what each recipe trains."""
+    from owl_lightning.config import STAGE1, STAGE2, TrainRecipe
     from owl_lightning.models.owl import build_owl
 
     config = get_config(name)
-    with torch.device("meta"):
-        model = build_owl(config, pretrained=False)
-
-    def count(module: torch.nn.Module, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-    params = {"vision": count(model.vision), "abstractor": count(model.abstractor), "llm": count(model.llm)}
-    model.set_trainable(vision=True, abstractor=True, llm=False)
-    stage1 = count(model, trainable_only=True)
-    model.add_lora(config.lora)
-    model.vision.requires_grad_(False)
-    model.abstractor.requires_grad_(True)
-    stage2 = count(model, trainable_only=True)
+    recipes = {"stage1": STAGE1, "stage2": STAGE2, "stage2_full": TrainRecipe(vision="frozen", abstractor="train", llm="full")}
+    trainable = {}
+    for recipe_name, recipe in recipes.items():
+        with torch.device("meta"):
+            model = build_owl(config, pretrained=False)
+        model.apply_recipe(recipe)
+        trainable[recipe_name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params = {part: sum(p.numel() for p in getattr(model, part).parameters()) for part in ("vision", "abstractor")}
+    params["llm"] = sum(p.numel() for n, p in model.llm.named_parameters() if "lora_" not in n)
     return {
         "name": name,
         "total_params": sum(params.values()),
         "params": params,
-        "trainable_params": {"stage1": stage1, "stage2": stage2},
+        "trainable_params": trainable,
         "visual_tokens_per_image": config.visual_tokens_per_image,
     }
+
+
+def model_yaml(name: str) -> str:
+    """A registered model config as the YAML file ``--model.config`` takes."""
+    import yaml
+
+    header = f"# The {name} model config, as owl_lightning registers it (owl-lightning describe {name} --yaml).\n"
+    return header + yaml.safe_dump(get_config(name).to_dict(), sort_keys=False)
 
 
 def _describe_main(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="owl-lightning describe", description="Parameter counts of a model config.")
     parser.add_argument("name", help=f"one of: {', '.join(list_configs())}")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument(
+        "--yaml", action="store_true", help="print the config as YAML, to stack under --model.config (experiments/models/ holds these)"
+    )
     ns = parser.parse_args(args)
     try:
         info = describe(ns.name)
     except KeyError as err:
         parser.error(str(err.args[0]))
+    if ns.yaml:
+        print(model_yaml(ns.name), end="")
+        return
     if ns.json:
         print(json.dumps(info, indent=2))
         return

@@ -12,7 +12,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -94,6 +94,24 @@ class LoRAConfig:
     alpha: int = 32
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class TrainRecipe:
+    """Which parts of the model train: the stages are recipes (``STAGE1``, ``STAGE2``), and so are the
+    variants (a frozen vision encoder in stage 1, the official release's frozen abstractor in stage 2,
+    the whole LLM tuned in stage 2 as LLaVA-1.5 and mPLUG-Owl2 do).
+
+    ``llm``: ``frozen``; ``lora`` (adapters from the config's ``lora`` section, base weights frozen); ``full``.
+    """
+
+    vision: Literal["train", "frozen"] = "train"
+    abstractor: Literal["train", "frozen"] = "train"
+    llm: Literal["frozen", "lora", "full"] = "frozen"
+
+
+STAGE1 = TrainRecipe(vision="train", abstractor="train", llm="frozen")  # the paper's stage 1
+STAGE2 = TrainRecipe(vision="frozen", abstractor="train", llm="lora")  # the paper's stage 2
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, LoRAConfig, OwlConfig
+from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, LoRAConfig, OwlConfig, TrainRecipe
 from owl_lightning.models.abstractor import VisualAbstractor
 from owl_lightning.models.llm import build_llm, load_tokenizer
 from owl_lightning.models.vision import VisionEncoder
@@ -269,10 +269,15 @@ class OwlModel(nn.Module):
 
     # Freeze policies -------------------------------------------------------------------------------
 
-    def set_trainable(self, vision: bool, abstractor: bool, llm: bool) -> None:
-        """Freeze or unfreeze whole modules; frozen modules also stay in eval mode (see ``train``)."""
-        for module, flag in ((self.vision, vision), (self.abstractor, abstractor), (self.llm, llm)):
-            module.requires_grad_(flag)
+    def apply_recipe(self, recipe: TrainRecipe) -> None:
+        """Set which parameters train (adding LoRA adapters for ``llm: lora``); frozen modules also stay
+        in eval mode (see ``train``). The one freeze policy: the training system and ``describe`` use it."""
+        self.vision.requires_grad_(recipe.vision == "train")
+        self.abstractor.requires_grad_(recipe.abstractor == "train")
+        if recipe.llm == "lora":
+            self.add_lora(self.config.lora)  # peft freezes the base weights and trains the adapters
+        else:
+            self.llm.requires_grad_(recipe.llm == "full")
 
     def add_lora(self, cfg: LoRAConfig) -> None:
         """Wrap the LLM with peft LoRA adapters; only the adapters of the LLM are trainable afterwards."""

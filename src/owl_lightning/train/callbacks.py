@@ -3,8 +3,24 @@ LightningModule is the system; cross-cutting concerns are callbacks)."""
 
 from __future__ import annotations
 
+import logging
+import time
+from typing import Any
+
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from owl_lightning.config import compute_dtype
+from owl_lightning.inference import generate_captions
+from owl_lightning.train.checkpoint_io import SafeCheckpointIO
+from owl_lightning.train.flops import measure_matmul_flops
+from owl_lightning.train.parallel import AtomicModelParallelStrategy
+from owl_lightning.train.preflight import check_outputs
+
+log = logging.getLogger(__name__)
 
 
 class ModelCheckpoint(LightningModelCheckpoint):
@@ -21,3 +37,167 @@ class ModelCheckpoint(LightningModelCheckpoint):
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._last_checkpoint_saved = ""  # Lightning's "nothing saved yet": it then saves last.ckpt now
         super().on_train_end(trainer, pl_module)
+
+
+class StepThroughput(Callback):
+    """samples/s, tokens/s (real tokens, visual included), achieved FLOP/s and MFU (``perf/*``) of each step.
+
+    A step's time runs from its batch's start to the next one's: its forward, backward, optimizer
+    step and the loading of the next batch. The counts come from the host-side token layout
+    (``OwlSystem.transfer_batch_to_device``), so nothing is read back from the accelerator.
+
+    Args:
+        peak_flops: the device's peak FLOP/s for ``perf/mfu`` (per process; e.g. 989e12 for an H100's
+            dense bf16). None: measured at the start with a large matrix product in the training dtype
+            (the figure for a CPU).
+    """
+
+    def __init__(self, peak_flops: float | None = None) -> None:
+        self.peak_flops = peak_flops
+        self._started: float | None = None
+        self._work: tuple[int, int, float] | None = None  # samples, tokens, FLOPs of the running step
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.peak_flops is None:
+            self.peak_flops = measure_matmul_flops(pl_module.device, compute_dtype(trainer.precision))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: dict, batch_idx: int) -> None:
+        now = time.perf_counter()
+        if self._started is not None and self._work is not None:
+            seconds = now - self._started
+            samples, tokens, flops = self._work
+            for name, value, on_bar in (
+                ("perf/samples_per_s", samples / seconds, False),
+                ("perf/tokens_per_s", tokens / seconds, True),
+                ("perf/tflops_per_s", flops / seconds / 1e12, False),
+                ("perf/mfu", flops / seconds / self.peak_flops, True),
+            ):
+                pl_module.log_number(name, value, prog_bar=on_bar, batch_size=samples)
+        self._started = now
+        self._work = (len(batch["source"]), batch["layout"].num_tokens, batch["flops"])
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = None  # validation time is not training throughput
+
+
+class DataHealthMonitor(Callback):
+    """Logs the data module's skip counts by reason and the realised source shares (``data/*``) every step."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int) -> None:
+        health = getattr(trainer.datamodule, "health", None)
+        if health is not None:
+            for name, value in health.metrics().items():
+                pl_module.log_number(name, value, on_step=True, on_epoch=False, batch_size=len(batch["source"]))
+
+
+class OutputPreflight(Callback):
+    """Before the first step: every output folder writable, room for a checkpoint, and saves that a kill
+    cannot corrupt (a run that would lose an hour at its first save stops now instead)."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        check_outputs(trainer, pl_module.checkpoint_bytes())
+        strategy = trainer.strategy
+        if isinstance(strategy, ModelParallelStrategy):
+            if not isinstance(strategy, AtomicModelParallelStrategy):
+                log.warning(
+                    "%s writes each sharded checkpoint over the previous one: a run killed while saving leaves a mix of "
+                    "two saves. Use strategy class_path owl_lightning.train.parallel.AtomicModelParallelStrategy (same arguments)",
+                    type(strategy).__name__,
+                )
+        elif not isinstance(strategy.checkpoint_io, SafeCheckpointIO):
+            log.warning(
+                "checkpoints are saved with %s, which a kill during a save can leave half-written. Name "
+                "owl_lightning.train.checkpoint_io.SafeCheckpointIO in trainer.plugins (experiments/base.yaml does).",
+                type(strategy.checkpoint_io).__name__,
+            )
+
+
+class RNGState(Callback):
+    """The global torch RNG in every checkpoint: dropout (LoRA's, the abstractor's) draws from it, so a
+    resumed run draws the masks the uninterrupted one would have. Restored when training starts, after
+    the sanity-check validation and the loaders' start-up, which come in between."""
+
+    def __init__(self) -> None:
+        self._to_restore: dict | None = None
+
+    def state_dict(self) -> dict:
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._to_restore = state_dict
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._to_restore is not None:
+            torch.set_rng_state(self._to_restore["cpu"])
+            if "cuda" in self._to_restore and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(self._to_restore["cuda"])
+            self._to_restore = None
+
+
+class StepProgressBar(TQDMProgressBar):
+    """The progress bar in optimizer steps out of ``max_steps``: a stream has no fixed number of epochs
+    (Lightning's own bar would print ``Epoch 2/-2``)."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        if trainer.max_steps <= 0:
+            return super().on_train_epoch_start(trainer)
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps)
+        bar.initial = 0
+        bar.n = trainer.global_step
+        bar.set_description(f"step (epoch {trainer.current_epoch})")
+        bar.refresh()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.max_steps <= 0:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        bar = self.train_progress_bar
+        if trainer.global_step != bar.n and self._should_update(trainer.global_step, trainer.max_steps):
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+            bar.refresh()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.max_steps <= 0:
+            return super().on_train_epoch_end(trainer, pl_module)
+        self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+
+class CaptionSamples(Callback):
+    """At each validation, caption the first validation images (greedy, from ``BOS <image>``, the stage-1
+    prompt) and log them with the images to TensorBoard and the console: what stage 1 has learnt, read.
+
+    Args:
+        num_images: images captioned per validation. max_new_tokens: caption length limit.
+    """
+
+    def __init__(self, num_images: int = 5, max_new_tokens: int = 20) -> None:
+        self.num_images, self.max_new_tokens = num_images, max_new_tokens
+        self._images: torch.Tensor | None = None
+
+    def on_validation_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if batch_idx == 0 and batch["images"] is not None:
+            self._images = batch["images"][: self.num_images]
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        images, self._images = self._images, None
+        if images is None or not self.num_images or trainer.sanity_checking:
+            return
+        captions = self.captions(pl_module, images)
+        for i, caption in enumerate(captions):
+            pl_module.print(f"step {trainer.global_step} caption {i}: {caption!r}")
+        writer = getattr(pl_module.logger, "experiment", None)
+        if writer is not None and hasattr(writer, "add_text"):
+            for i, caption in enumerate(captions):
+                writer.add_image(f"captions/{i}", images[i], trainer.global_step)  # uint8 [3, H, W]
+                writer.add_text(f"captions/{i}", caption, trainer.global_step)
+
+    def captions(self, pl_module: L.LightningModule, images: torch.Tensor) -> list[str]:
+        """Greedy captions of ``[M, 3, H, W]`` uint8 images by the system's model."""
+        processor = pl_module.processor
+        return generate_captions(pl_module.model, processor.tokenizer, processor.template(), list(images), self.max_new_tokens)

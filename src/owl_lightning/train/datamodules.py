@@ -11,23 +11,19 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import Strategy
 from torch.utils.data import DataLoader
 
-from owl_lightning.config import OwlConfig, get_config
 from owl_lightning.data.health import EMPTY_SOURCE, DataHealth, SkipLog
 from owl_lightning.data.instruct import read_conversations
 from owl_lightning.data.manifest import load_manifest
 from owl_lightning.data.mixture import InstructionMixture
+from owl_lightning.data.processor import OwlProcessor
 from owl_lightning.data.shards import build_shard_pipeline
-from owl_lightning.data.template import ConversationTemplate, resolve_system_prompt
 from owl_lightning.data.transfer import send_batches_by_value
-from owl_lightning.models.llm import load_tokenizer
-from owl_lightning.models.vision import image_transform
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +66,13 @@ class ResumableLoader(DataLoader):
         super().__init__(dataset, **_loader_settings(num_workers))
         self.trainer = trainer
 
+    def __iter__(self) -> Iterator[dict]:
+        # The one place the epoch is set: streams reshuffle per epoch, and each epoch's iterator pickles
+        # the dataset afresh for its workers. (Lightning may start a resumed epoch's iterator before
+        # on_train_epoch_start.)
+        self.dataset.set_epoch(self.trainer.current_epoch)
+        return super().__iter__()
+
     def state_dict(self) -> dict:
         # ``ready`` counts the batches of this epoch handed to training_step, the one being saved
         # after included; Lightning's own prefetch of the next batch is not counted.
@@ -81,13 +84,12 @@ class ResumableLoader(DataLoader):
 
 
 class _OwlDataModule(L.LightningDataModule):
-    """Shared set-up: the model config (linked from the model by the CLI), tokenizer, image transform."""
+    """Shared set-up: the model's processor (the CLI hands over the training system's), the manifest."""
 
     def __init__(
         self,
         manifest: str,
-        model_name: str,
-        model_overrides: dict[str, Any] | None,
+        processor: OwlProcessor | None,
         batch_size: int,
         num_workers: int,
         max_length: int,
@@ -95,16 +97,23 @@ class _OwlDataModule(L.LightningDataModule):
         max_skip_fraction: float,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.owl_config: OwlConfig = get_config(model_name, model_overrides)
+        self.save_hyperparameters(ignore=["processor"])
+        self.processor = processor
         self.health = DataHealth(max_skip_fraction=max_skip_fraction)
-        self.tokenizer = None
+        self.manifest = None
 
     def setup(self, stage: str) -> None:
-        if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.owl_config.llm)
+        if self.processor is None:
+            raise ValueError(
+                f"{type(self).__name__} has no processor: pass processor=system.processor (the training system's), "
+                "or run it through `owl-lightning stage1/stage2`, which does"
+            )
+        if self.manifest is None:
             self.manifest = load_manifest(self.hparams.manifest)
-            self.transform = image_transform(self.owl_config.vision)
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
 
     @property
     def _rank_and_world(self) -> tuple[int, int]:
@@ -112,11 +121,9 @@ class _OwlDataModule(L.LightningDataModule):
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def _loader(self, dataset, workers: int | None = None, train: bool = False) -> DataLoader:
-        """Batches are built in the workers. Workers are not persistent: each epoch's iterator pickles
-        the dataset afresh, so the epoch set by ``set_epoch`` reaches them."""
+        """Batches are built in the workers (not persistent ones: each epoch's iterator pickles the dataset
+        afresh, so the epoch :class:`ResumableLoader` sets reaches them)."""
         workers = self.hparams.num_workers if workers is None else workers
-        if self.trainer is not None and hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(self.trainer.current_epoch)  # a resumed run starts at its own epoch
         if train and self.trainer is not None:
             return ResumableLoader(dataset, workers, self.trainer)
         return DataLoader(dataset, **_loader_settings(workers))
@@ -142,7 +149,7 @@ class CaptionDataModule(_OwlDataModule):
 
     Args:
         manifest: the data manifest (train/val lists of shard sources).
-        model_name, model_overrides: the model config (the CLI links them from ``--model``).
+        processor: the model's tokenizer and image transform (the CLI hands over the system's).
         batch_size: samples per batch per process. num_workers: DataLoader workers per process.
         max_length: token limit of a sample, visual tokens included (longer captions are cut).
         shuffle_buffer: samples held for shuffling in each worker.
@@ -154,8 +161,7 @@ class CaptionDataModule(_OwlDataModule):
     def __init__(
         self,
         manifest: str = "data_manifests/embedded_stage1.yaml",
-        model_name: str = "owl-smol",
-        model_overrides: dict[str, Any] | None = None,
+        processor: OwlProcessor | None = None,
         batch_size: int = 32,
         num_workers: int = 2,
         max_length: int = 128,
@@ -164,16 +170,13 @@ class CaptionDataModule(_OwlDataModule):
         seed: int = 0,
         max_skip_fraction: float = 0.1,
     ) -> None:
-        super().__init__(manifest, model_name, model_overrides, batch_size, num_workers, max_length, seed, max_skip_fraction)
+        super().__init__(manifest, processor, batch_size, num_workers, max_length, seed, max_skip_fraction)
 
     def _pipeline(self, sources: list, train: bool):
-        template = ConversationTemplate(
-            self.tokenizer, max_length=self.hparams.max_length, image_token_length=self.owl_config.visual_tokens_per_image
-        )
         return build_shard_pipeline(
             sources,
-            image_transform=self.transform,
-            encode_caption=template.encode_caption,
+            image_transform=self.processor.image_transform,
+            encode_caption=self.processor.template(self.hparams.max_length).encode_caption,
             pad_token_id=self.tokenizer.pad_token_id,
             batch_size=self.hparams.batch_size,
             train=train,
@@ -206,7 +209,7 @@ class InstructionDataModule(_OwlDataModule):
 
     Args:
         manifest: the data manifest (train/val lists of instruction sources).
-        model_name, model_overrides: the model config (the CLI links them from ``--model``).
+        processor: the model's tokenizer and image transform (the CLI hands over the system's).
         batch_size: samples per batch per process; each batch holds every source in proportion to its weight.
         template: ``owl`` (the mPLUG-Owl template) or ``chat_template`` (the tokenizer's own).
         system_prompt: the system line; ``null``: the style's default (owl: the paper's line;
@@ -220,8 +223,7 @@ class InstructionDataModule(_OwlDataModule):
     def __init__(
         self,
         manifest: str = "data_manifests/embedded_stage2.yaml",
-        model_name: str = "owl-smol",
-        model_overrides: dict[str, Any] | None = None,
+        processor: OwlProcessor | None = None,
         batch_size: int = 16,
         num_workers: int = 2,
         max_length: int = 1024,
@@ -232,18 +234,11 @@ class InstructionDataModule(_OwlDataModule):
         max_skip_fraction: float = 0.1,
         pack: bool = True,
     ) -> None:
-        super().__init__(manifest, model_name, model_overrides, batch_size, num_workers, max_length, seed, max_skip_fraction)
+        super().__init__(manifest, processor, batch_size, num_workers, max_length, seed, max_skip_fraction)
 
     def _mixture(self, sources: list) -> InstructionMixture:
         rank, world = self._rank_and_world
-        system_prompt = resolve_system_prompt(self.hparams.template, self.hparams.system_prompt)
-        template = ConversationTemplate(
-            self.tokenizer,
-            style=self.hparams.template,
-            system_prompt=system_prompt,
-            max_length=self.hparams.max_length,
-            image_token_length=self.owl_config.visual_tokens_per_image,
-        )
+        template = self.processor.template(self.hparams.max_length, self.hparams.template, self.hparams.system_prompt)
         skips = SkipLog()
         read = []
         for source in sources:
@@ -262,7 +257,7 @@ class InstructionDataModule(_OwlDataModule):
         return InstructionMixture(
             read,
             template,
-            self.transform,
+            self.processor.image_transform,
             batch_size=self.hparams.batch_size,
             pad_token_id=self.tokenizer.pad_token_id,
             seed=self.hparams.seed,

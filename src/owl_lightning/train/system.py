@@ -1,44 +1,51 @@
-"""What both training stages share: build the model in ``configure_model``, next-token loss,
-throughput and data-health logging, AdamW + warm-up/cosine, checkpoints without the base LLM.
+"""OwlSystem, the training system of both stages: builds the model in ``configure_model``, next-token
+loss, steps whose loss or gradients are not finite skipped, AdamW with a per-module learning rate and
+a warm-up/cosine schedule, checkpoints without the frozen base LLM.
 
-Each stage is a small subclass that says which parameters train (its ``freeze_policy``).
+A stage is a recipe (which parts train) and its optimizer settings, not a class: ``owl-lightning
+stage1`` and ``stage2`` set those defaults (``cli.py``). What a run does beside training — throughput,
+data health, output checks, the RNG in checkpoints, sample captions — are callbacks (``callbacks.py``).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
-import time
 from collections import Counter
-from dataclasses import replace
-from typing import Any
+from dataclasses import asdict, replace
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from torch.distributed.tensor import DTensor
 from torchmetrics import MeanMetric
 from transformers import GenerationConfig
 
 from owl_lightning.checkpoints import is_base_llm_weight, load_model_weights, read_checkpoint
-from owl_lightning.config import OwlConfig, compute_dtype, get_config
-from owl_lightning.models.llm import load_tokenizer
+from owl_lightning.config import STAGE1, OwlConfig, TrainRecipe, compute_dtype, get_config
+from owl_lightning.data.processor import OwlProcessor
 from owl_lightning.models.owl import OwlModel, build_owl
-from owl_lightning.train.checkpoint_io import SafeCheckpointIO
-from owl_lightning.train.flops import StepFlops, measure_matmul_flops
-from owl_lightning.train.parallel import AtomicModelParallelStrategy, checkpoint_activations, compile_blocks, is_sharded, shard_owl
-from owl_lightning.train.preflight import check_outputs
+from owl_lightning.train.callbacks import DataHealthMonitor, OutputPreflight, RNGState, StepProgressBar, StepThroughput
+from owl_lightning.train.flops import StepFlops
+from owl_lightning.train.optim import OptimizerConfig, build_optimizer
+from owl_lightning.train.parallel import checkpoint_activations, compile_blocks, is_sharded, shard_owl
 
 log = logging.getLogger(__name__)
 
+OWL_SMOL = get_config("owl-smol")
+STAGE1_OPTIMIZER = OptimizerConfig()  # the paper's stage 1: lr 1e-4, (0.9, 0.98), eps 1e-6, decay 0.1, 2k warm-up
+STAGE2_OPTIMIZER = OptimizerConfig(lr=2e-5, weight_decay=1e-4, betas=(0.9, 0.999), eps=1e-8, warmup_steps=50)
+
 
 class OwlSystem(L.LightningModule):
-    """Args (shared by both stages):
-        model_name: a registered config (``owl-tiny``, ``owl-smol``, ``owl-llama7b``).
-        model_overrides: dotted-key changes to it, e.g. ``{"abstractor.num_queries": 32}``.
-        init_from: a checkpoint (or run folder) whose trained weights start this run.
-        lr, weight_decay, betas, eps: AdamW. warmup_steps, min_lr_ratio: linear warm-up, then
-            cosine decay to ``lr * min_lr_ratio`` over the run's optimizer steps.
+    """Args:
+        config: the model (``--model.config experiments/models/owl-llama7b.yaml``, or any field:
+            ``--model.config.abstractor.num_queries 32``).
+        recipe: which parts train (``--model.recipe.llm lora``); see :class:`~owl_lightning.config.TrainRecipe`.
+        optimizer: AdamW and its schedule; see :class:`~owl_lightning.train.optim.OptimizerConfig`.
+        init_from: a checkpoint, run folder or export whose trained weights start this run (into the
+            model ``config`` describes: the checkpoint's own config is not used).
         max_nonfinite_steps: an optimizer step whose loss or gradient is not finite is skipped and
             counted; this many in a row stop the run.
         activation_checkpointing: keep only each block's input in forward and recompute the block
@@ -46,9 +53,6 @@ class OwlSystem(L.LightningModule):
         compile: ``torch.compile`` each of those blocks (fuses the elementwise work between the matrix
             products; the first steps take a minute or more longer while it compiles). For GPUs; generation
             (validation captions, chat) always runs eagerly.
-        peak_flops: the device's peak FLOP/s for ``perf/mfu`` (per process; e.g. 989e12 for an H100's
-            dense bf16). None: measured at the start with a large matrix product in the training dtype
-            (the figure for a CPU).
 
     Under Lightning's ``ModelParallelStrategy`` the model is sharded with FSDP2 (``owl_lightning.train.parallel``);
     use its subclass ``owl_lightning.train.parallel.AtomicModelParallelStrategy``, whose saves a kill cannot corrupt.
@@ -56,34 +60,37 @@ class OwlSystem(L.LightningModule):
 
     def __init__(
         self,
-        model_name: str = "owl-smol",
-        model_overrides: dict[str, Any] | None = None,
+        config: OwlConfig = OWL_SMOL,
+        recipe: TrainRecipe = STAGE1,
+        optimizer: OptimizerConfig = STAGE1_OPTIMIZER,
         init_from: str | None = None,
-        lr: float = 1e-4,
-        weight_decay: float = 0.1,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup_steps: int = 2000,
-        min_lr_ratio: float = 0.0,
         max_nonfinite_steps: int = 5,
         activation_checkpointing: bool = False,
-        peak_flops: float | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.owl_config: OwlConfig = get_config(model_name, model_overrides)
+        self.owl_config, self.recipe, self.optimizer_config = copy.deepcopy(config), copy.deepcopy(recipe), copy.deepcopy(optimizer)
+        # As plain values: checkpoints load with weights_only=True, which admits no dataclasses.
+        self.save_hyperparameters(
+            {
+                "config": self.owl_config.to_dict(),
+                "recipe": asdict(self.recipe),
+                "optimizer": asdict(self.optimizer_config),
+                "init_from": init_from,
+                "max_nonfinite_steps": max_nonfinite_steps,
+                "activation_checkpointing": activation_checkpointing,
+                "compile": compile,
+            }
+        )
+        self.processor = OwlProcessor(self.owl_config)  # the CLI hands this one to the data module
         self.model: OwlModel | None = None
-        self.tokenizer = None
-        # Checkpoints leave out the frozen base LLM (see checkpoints.py). The state dict itself does:
-        # sharded checkpoints load exactly the keys the state dict names.
-        self.register_state_dict_post_hook(_without_base_llm)
+        if self.recipe.llm != "full":
+            # Checkpoints leave out the frozen base LLM (see checkpoints.py). The state dict itself does:
+            # sharded checkpoints load exactly the keys the state dict names.
+            self.register_state_dict_post_hook(_without_base_llm)
         self.strict_loading = False
         self.flops: StepFlops | None = None
-        self.peak_flops: float | None = None
-        self._unlogged_work: tuple[int, int, float] | None = None  # samples, tokens, FLOPs of the running step
         self.val_loss = MeanMetric()
-        self._last_batch_end: float | None = None
         self.empty_batches = 0
         self.nonfinite_steps = 0  # skipped for a non-finite loss or gradient, in all
         self._nonfinite_in_a_row = 0
@@ -91,7 +98,18 @@ class OwlSystem(L.LightningModule):
         self._step_samples = 0
         self._step_supervised = 0
         self._step_sources: list[str] = []
-        self._rng_to_restore: dict | None = None
+
+    @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    def configure_callbacks(self) -> list[Callback]:
+        """What every run needs, unless the trainer already has one of its kind (configured in the YAML)."""
+        needed: list[Callback] = [RNGState(), OutputPreflight(), DataHealthMonitor(), StepThroughput()]
+        if type(self.trainer.progress_bar_callback) is TQDMProgressBar:  # Lightning's default bar, not one of the user's
+            needed.append(StepProgressBar())
+        present = tuple(type(callback) for callback in self.trainer.callbacks if not isinstance(callback, StepProgressBar))
+        return [callback for callback in needed if isinstance(callback, StepProgressBar) or not isinstance(callback, present)]
 
     # -- model -------------------------------------------------------------------------------------
 
@@ -108,13 +126,6 @@ class OwlSystem(L.LightningModule):
                     self.device_mesh.size(),
                 )
             shard_owl(self.model, self.device_mesh, param_dtype)
-            if not isinstance(self.trainer.strategy, AtomicModelParallelStrategy):
-                log.warning(
-                    "%s writes each sharded checkpoint over the previous one: a run killed while saving leaves "
-                    "a mix of two saves. Use strategy class_path owl_lightning.train.parallel.AtomicModelParallelStrategy "
-                    "(same arguments)",
-                    type(self.trainer.strategy).__name__,
-                )
 
     def _build_model_on_every_rank(self) -> OwlModel:
         """Under FSDP only global rank 0 reads weights. The others build the model on the meta device
@@ -131,7 +142,6 @@ class OwlSystem(L.LightningModule):
     def _build_model(self, rank0_llm: tuple[dict, dict] | None = None) -> OwlModel:
         """The model with its weights; given rank 0's LLM config and generation config (HF dicts),
         random weights and that LLM (under a meta device context: nothing allocated)."""
-        self.tokenizer = load_tokenizer(self.owl_config.llm)
         pretrained = rank0_llm is None
         config = self.owl_config if pretrained else replace(self.owl_config, llm=replace(self.owl_config.llm, architecture=rank0_llm[0]))
         model = build_owl(config, pretrained=pretrained, tokenizer=self.tokenizer)
@@ -141,17 +151,13 @@ class OwlSystem(L.LightningModule):
             checkpoint = read_checkpoint(self.hparams.init_from)
             load_model_weights(model, checkpoint["state_dict"], self.hparams.init_from)
             log.info("initialised from %s", self.hparams.init_from)
-        self.freeze_policy(model)
+        model.apply_recipe(self.recipe)
         self.flops = StepFlops.of(model)  # before compiling: it runs the model on fake tensors
         if self.hparams.activation_checkpointing:
             checkpoint_activations(model)
         if self.hparams.compile:
             compile_blocks(model)
         return model
-
-    def freeze_policy(self, model: OwlModel) -> None:
-        """Set which parameters train (and add adapters). Subclasses define it."""
-        raise NotImplementedError
 
     # -- training ----------------------------------------------------------------------------------
 
@@ -173,20 +179,9 @@ class OwlSystem(L.LightningModule):
         number to the accelerator, and that copy waits for all the work queued there."""
         self.log(name, torch.tensor(float(value)), **kwargs)
 
-    def on_train_epoch_start(self) -> None:
-        # Streams reshuffle per epoch; the DataLoader hands this object to fresh workers each epoch.
-        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(self.current_epoch)
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         out = self(batch)
         batch_size = len(batch["source"])  # samples; a packed batch has fewer rows
-        self._log_throughput(batch_size, out.num_tokens, batch["flops"])
-        health = getattr(self.trainer.datamodule, "health", None)
-        if health is not None:
-            for name, value in health.metrics().items():
-                self.log_number(name, value, on_step=True, on_epoch=False, batch_size=batch_size)
         self._step_sources = list(batch["source"])
         self._step_samples += batch_size
         self._step_supervised += out.num_supervised
@@ -235,21 +230,6 @@ class OwlSystem(L.LightningModule):
                 "earlier checkpoint; --model.max_nonfinite_steps sets how many in a row are tolerated."
             )
 
-    def _log_throughput(self, samples: int, tokens: int, flops: float) -> None:
-        """samples/s, tokens/s (real tokens, visual included), achieved FLOP/s and MFU of the previous
-        step: the wall time from its forward to this one's covers its forward, backward, optimizer step
-        and the loading of this batch. Called from the forward of the step whose work it is given."""
-        now = time.perf_counter()
-        if self._last_batch_end is not None and self._unlogged_work is not None:
-            seconds = now - self._last_batch_end
-            done_samples, done_tokens, done_flops = self._unlogged_work
-            self.log_number("perf/samples_per_s", done_samples / seconds, batch_size=done_samples)
-            self.log_number("perf/tokens_per_s", done_tokens / seconds, prog_bar=True, batch_size=done_samples)
-            self.log_number("perf/tflops_per_s", done_flops / seconds / 1e12, batch_size=done_samples)
-            self.log_number("perf/mfu", done_flops / seconds / self.peak_flops, prog_bar=True, batch_size=done_samples)
-        self._last_batch_end = now
-        self._unlogged_work = (samples, tokens, flops)
-
     # -- validation --------------------------------------------------------------------------------
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -270,40 +250,16 @@ class OwlSystem(L.LightningModule):
                 self.log("val/loss", loss, prog_bar=True)
                 self.print(f"val/loss at step {self.global_step}: {float(loss):.4f}")
         self.val_loss.reset()
-        self._last_batch_end = None  # validation time is not training throughput
 
     # -- optimizers --------------------------------------------------------------------------------
 
-    def configure_optimizers(self):
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        # No weight decay on biases and norm scales (1-d tensors).
-        groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": self.hparams.weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        optimizer = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas), eps=self.hparams.eps)
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = min(self.hparams.warmup_steps, total)
-        floor = self.hparams.min_lr_ratio
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            progress = (step - warmup) / max(total - warmup, 1)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+    def configure_optimizers(self) -> dict:
+        return build_optimizer(self.model, self.optimizer_config, int(self.trainer.estimated_stepping_batches))
 
     # -- checkpoints -------------------------------------------------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["owl_config"] = self.owl_config.to_dict()
-        # Dropout (LoRA's, the abstractor's) draws from it: a resumed run must draw the same masks.
-        checkpoint["rng_state"] = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            checkpoint["rng_state"]["cuda"] = torch.cuda.get_rng_state_all()
-
         # The run's totals go on after a resume (and the in-a-row count: a resume does not reset it).
         checkpoint["step_counts"] = {
             "nonfinite_steps": self.nonfinite_steps,
@@ -312,30 +268,12 @@ class OwlSystem(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self._rng_to_restore = checkpoint.get("rng_state")
         counts = checkpoint.get("step_counts", {})
         self.nonfinite_steps = counts.get("nonfinite_steps", 0)
         self._nonfinite_in_a_row = counts.get("nonfinite_in_a_row", 0)
         self.empty_batches = counts.get("empty_batches", 0)
 
-    def on_train_start(self) -> None:
-        # Restored here, not on load: sanity-check validation and loader start-up come in between.
-        if self._rng_to_restore is not None:
-            torch.set_rng_state(self._rng_to_restore["cpu"])
-            if "cuda" in self._rng_to_restore and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(self._rng_to_restore["cuda"])
-            self._rng_to_restore = None
-
-    # -- before the first step ---------------------------------------------------------------------
-
-    def setup(self, stage: str) -> None:
-        strategy = self.trainer.strategy
-        if type(strategy.checkpoint_io) is TorchCheckpointIO:  # the default; a user's own plugin is kept
-            strategy.checkpoint_io = SafeCheckpointIO()
-
-    def on_fit_start(self) -> None:
-        self.peak_flops = self.hparams.peak_flops or measure_matmul_flops(self.device, self._compute_dtype())
-        check_outputs(self.trainer, self.checkpoint_bytes())
+    # -- sizes -------------------------------------------------------------------------------------------
 
     def _compute_dtype(self) -> torch.dtype:
         """The dtype matrix products run in under the trainer's precision."""

@@ -7,8 +7,8 @@
     r5  both stages, stage 2 joint (the default)
 
 Every stage-2 run has the same steps and batch size (``experiments/stage2_smol.yaml``) and r1, r3-r5
-share one stage-1 run (``experiments/stage1_smol.yaml``). Each run is a subprocess of the same
-CLI users call, resumable (re-running skips finished runs), and evaluated with ``owl-lightning eval``'s
+share one stage-1 run (``experiments/stage1_smol.yaml``), each moved into its own folder with
+``--trainer.default_root_dir``. Each run is a subprocess of the same CLI users call, resumable (re-running skips finished runs), and evaluated with ``owl-lightning eval``'s
 metrics; the table goes to ``docs/ablation.md``.
 
     python -m owl_lightning.apps.eval.ablation [--runs runs/ablation] [--vqa-limit 1000] [--only r3,r4]
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from owl_lightning.apps.eval.run import evaluate
 
+BASE_CONFIG = "experiments/base.yaml"
 STAGE1_CONFIG = "experiments/stage1_smol.yaml"
 STAGE2_CONFIG = "experiments/stage2_smol.yaml"
 SETTINGS = {
@@ -35,16 +36,10 @@ SETTINGS = {
 }
 
 
-def _config_for(run_dir: Path, template: str, default_dir: str) -> Path:
-    """The experiment config with its run folder moved to ``run_dir`` (kept there as a record)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = run_dir / "experiment.yaml"
-    config.write_text(Path(template).read_text().replace(default_dir, str(run_dir)))
-    return config
-
-
-def _fit(stage: str, config: Path, extra: list[str]) -> list[str]:
-    command = [sys.executable, "-m", "owl_lightning", stage, "fit", "--config", str(config), "--ckpt_path", "last", *extra]
+def _fit(stage: str, config: str, run_dir: Path, extra: list[str]) -> list[str]:
+    """Train one run of the ablation with the shipped configs, moved to ``run_dir`` (one setting moves a run)."""
+    command = [sys.executable, "-m", "owl_lightning", stage, "fit", "--config", BASE_CONFIG, "--config", config]
+    command += ["--trainer.default_root_dir", str(run_dir), "--ckpt_path", "last", *extra]
     print("+", " ".join(command), flush=True)
     subprocess.run(command, check=True)
     return command
@@ -55,7 +50,7 @@ def run_ablation(runs: Path, vqa_limit: int | None, only: list[str]) -> dict:
     commands: dict[str, list[list[str]]] = {}
     stage1_command = None
     if any(SETTINGS[name][1] for name in only):
-        stage1_command = _fit("stage1", _config_for(runs / "stage1", STAGE1_CONFIG, "runs/stage1_smol"), [])
+        stage1_command = _fit("stage1", STAGE1_CONFIG, runs / "stage1", [])
     results = {}
     for name in only:
         description, with_stage1, manifest = SETTINGS[name]
@@ -64,7 +59,7 @@ def run_ablation(runs: Path, vqa_limit: int | None, only: list[str]) -> dict:
             ckpt = stage1_ckpt
         else:
             extra = ["--data.manifest", manifest] + (["--model.init_from", str(stage1_ckpt)] if with_stage1 else [])
-            commands[name].append(_fit("stage2", _config_for(runs / name, STAGE2_CONFIG, "runs/stage2_smol"), extra))
+            commands[name].append(_fit("stage2", STAGE2_CONFIG, runs / name, extra))
             ckpt = runs / name / "checkpoints" / "last.ckpt"
         metrics, path = evaluate(str(ckpt), vqa_limit=vqa_limit)
         results[name] = {

@@ -64,7 +64,7 @@ def _log_to_tensorboard(run: Path, results: dict) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     step = read_checkpoint(results["checkpoint"]).get("global_step", 0)
-    with SummaryWriter(str(run / "tensorboard")) as writer:
+    with SummaryWriter(str(run)) as writer:  # beside the run's own TensorBoard files: one run in TensorBoard
         writer.add_scalar("eval/easy_vqa_accuracy", results["easy_vqa"]["accuracy"], step)
         for kind, value in results["easy_vqa"]["by_type"].items():
             writer.add_scalar(f"eval/easy_vqa_{kind}", value, step)
