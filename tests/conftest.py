@@ -1,9 +1,9 @@
 import logging
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from tests.helpers import COLOURS, png_bytes
 
 from owl_lightning.config import get_config
 from owl_lightning.models.llm import load_tokenizer
@@ -42,44 +42,11 @@ def tiny_model(tiny_config, tiny_tokenizer):
     return build_owl(tiny_config, tokenizer=tiny_tokenizer)
 
 
-# owl-tiny as the CLI takes it (--model.config).
-TINY_YAML = Path(__file__).parents[1] / "experiments" / "models" / "owl-tiny.yaml"
-
-
-def tiny_system(stage: str = "stage1", config_overrides: dict | None = None, recipe=None, **kwargs):
-    """owl-tiny's training system with a stage's recipe and optimizer; optimizer fields (``lr``,
-    ``warmup_steps``, ...) and the system's own arguments by keyword."""
-    from dataclasses import fields, replace
-
-    from owl_lightning.config import STAGE1, STAGE2
-    from owl_lightning.train.optim import OptimizerConfig
-    from owl_lightning.train.system import STAGE1_OPTIMIZER, STAGE2_OPTIMIZER, OwlSystem
-
-    names = {field.name for field in fields(OptimizerConfig)}
-    optimizer = replace(
-        STAGE1_OPTIMIZER if stage == "stage1" else STAGE2_OPTIMIZER, **{k: kwargs.pop(k) for k in list(kwargs) if k in names}
-    )
-    recipe = recipe or (STAGE1 if stage == "stage1" else STAGE2)
-    return OwlSystem(config=get_config("owl-tiny", config_overrides), recipe=recipe, optimizer=optimizer, **kwargs)
-
-
 def pytest_configure(config):
     logging.getLogger("owl_lightning").setLevel(logging.INFO)
 
 
 # -- tiny datasets written by the tests themselves ----------------------------------------------------
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
-
-
-def png_bytes(colour, size=32) -> bytes:
-    import io
-
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), COLOURS[colour]).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @pytest.fixture

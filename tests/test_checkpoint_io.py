@@ -16,10 +16,9 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
-from tests.test_stages import fit
+from tests.helpers import fit, tiny_system
 
 import owl_lightning.train.preflight as preflight
-from conftest import tiny_system
 from owl_lightning.train.checkpoint_io import SafeCheckpointIO
 from owl_lightning.train.datamodules import CaptionDataModule
 

@@ -3,13 +3,14 @@
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from tests.test_stages import fit
+from tests.helpers import fit, tiny_system
 from torch._dynamo.utils import counters
 from torch.distributed.tensor import DTensor
 
-from conftest import tiny_system
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
 from owl_lightning.train.parallel import AtomicModelParallelStrategy, blocks, compile_blocks
+
+pytestmark = pytest.mark.slow  # torch.compile: minutes on 2 cores
 
 NO_DROPOUT = {"abstractor.attention_dropout": 0.0, "lora.dropout": 0.0}  # compiled dropout draws other masks
 

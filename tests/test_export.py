@@ -13,9 +13,9 @@ import torch
 from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file
+from tests.helpers import COLOURS, fit, tiny_system
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import COLOURS, tiny_system
 from owl_lightning.checkpoints import export_checkpoint, is_base_llm_weight, load_owl
 from owl_lightning.cli import main
 from owl_lightning.config import CHECKPOINT_PREFIX as PREFIX
@@ -26,7 +26,6 @@ from owl_lightning.models.abstractor import VisualAbstractor
 from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.owl import build_owl
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
-from test_stages import fit
 
 # owl-tiny with 10x the LLM's random-init scale: its greedy answers then differ with the prompt and the
 # image (at the default scale every answer is blanks), so equal answers mean something.

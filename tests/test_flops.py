@@ -2,30 +2,14 @@
 
 import lightning as L
 import torch
+from tests.helpers import caption_batch, tiny_system
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from conftest import tiny_system
 from owl_lightning.config import IGNORE_INDEX, TrainRecipe
 from owl_lightning.models.owl import build_owl
 from owl_lightning.train.callbacks import StepThroughput
 from owl_lightning.train.datamodules import CaptionDataModule
 from owl_lightning.train.flops import StepFlops, measure_matmul_flops, sequence_lengths
-
-
-def caption_batch(tokenizer, text_lengths=(20,), padded_to=None, images=True):
-    """``BOS <image> text`` samples (``BOS text`` when ``images`` is False), right-padded; the text is supervised."""
-    image = [tokenizer.convert_tokens_to_ids("<image>")] if images else []
-    rows = [[tokenizer.bos_token_id, *image, *range(97, 97 + n)] for n in text_lengths]
-    width = max(padded_to or 0, *(len(r) for r in rows))
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
-    mask = torch.zeros_like(input_ids)
-    for i, row in enumerate(rows):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-    labels = torch.where(mask.bool() & (input_ids >= 97) & (input_ids < 256), input_ids, IGNORE_INDEX)
-    counts = torch.full((len(rows),), len(image))
-    pixels = torch.randint(0, 255, (int(counts.sum()), 3, 32, 32), dtype=torch.uint8) if images else None
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "images": pixels, "image_counts": counts}
 
 
 def tiny(tiny_config, tiny_tokenizer, vision=True, abstractor=True, llm=False, lora=False):

@@ -1,6 +1,7 @@
 """Exactly the right parameters train in each recipe."""
 
-from conftest import tiny_system
+from tests.helpers import tiny_system
+
 from owl_lightning.config import TrainRecipe
 
 

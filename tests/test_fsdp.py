@@ -22,12 +22,11 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.strategies import ModelParallelStrategy
-from tests.test_stages import fit
+from tests.helpers import TINY_YAML, fit, tiny_system
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
-from conftest import TINY_YAML, tiny_system
 from owl_lightning.checkpoints import is_base_llm_weight, is_sharded_checkpoint, load_owl, read_checkpoint, read_sharded_checkpoint
 from owl_lightning.cli import main
 from owl_lightning.config import STAGE1, get_config
@@ -35,6 +34,8 @@ from owl_lightning.models.llm import build_llm, load_tokenizer
 from owl_lightning.models.owl import build_owl
 from owl_lightning.train.datamodules import CaptionDataModule
 from owl_lightning.train.parallel import AtomicModelParallelStrategy, assert_sharded, checkpoint_activations, llm_blocks, shard_owl
+
+pytestmark = pytest.mark.slow  # multi-process runs
 
 TESTS = Path(__file__).parent
 

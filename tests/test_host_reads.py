@@ -8,11 +8,9 @@ operators (``_local_scalar_dense`` under ``item``/``int``/``bool``, and ``nonzer
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from tests.test_flops import caption_batch
-from tests.test_stages import fit
+from tests.helpers import caption_batch, fit, tiny_system
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import tiny_system
 from owl_lightning.train.datamodules import CaptionDataModule
 
 aten = torch.ops.aten

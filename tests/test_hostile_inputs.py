@@ -8,9 +8,9 @@ from pathlib import Path
 import lightning as L
 import PIL.Image
 import pytest
+from tests.helpers import tiny_system
 from tests.hostile_corpus import SIDE, write_hostile_instructions, write_hostile_shards, write_outside
 
-from conftest import tiny_system
 from owl_lightning.data.health import EMPTY_SOURCE, PATH_OUTSIDE_ROOT, TOO_LONG, TRUNCATED_TAR
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
 

@@ -10,9 +10,11 @@ import time
 
 import pytest
 import torch
+from tests.helpers import TINY_YAML
 
-from conftest import TINY_YAML
 from owl_lightning.checkpoints import read_checkpoint
+
+pytestmark = pytest.mark.slow  # real training processes killed and resumed
 
 MAX_STEPS = 42  # not a multiple of the interval: last.ckpt must still hold the final step
 EVERY = 4  # checkpoint interval: a kill loses at most this many steps

@@ -4,9 +4,8 @@ run with a message naming the step and where its batch came from."""
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from tests.test_stages import fit
+from tests.helpers import fit, tiny_system
 
-from conftest import tiny_system
 from owl_lightning.checkpoints import read_checkpoint
 from owl_lightning.config import get_config
 from owl_lightning.data.processor import OwlProcessor

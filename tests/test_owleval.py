@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from tests.helpers import SUBSET, write_owleval
 
-from conftest import png_bytes
 from owl_lightning.apps.owleval import (
     ANSWER_KEYS,
     CATEGORIES,
@@ -23,22 +23,6 @@ from owl_lightning.data.template import Conversation, Turn
 from owl_lightning.inference import OwlAssistant
 
 PUBLISHED = Path(__file__).resolve().parents[1] / ".." / "shared" / "owleval"
-
-
-def write_owleval(root: Path, questions: list[dict]) -> Path:
-    """An OwlEval folder: questions.jsonl and a solid-colour PNG per image in cases/."""
-    (root / "cases").mkdir(parents=True)
-    for question in questions:
-        (root / "cases" / question["image"]).write_bytes(png_bytes(question["image"].split(".")[0]))
-    (root / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
-    return root
-
-
-SUBSET = [  # one single-turn question, and a two-turn conversation about another image
-    {"image": "red.png", "question_id": 1, "question": "What colour is this?", "ability": "b", "category": ["single_turn"]},
-    {"image": "blue.png", "question_id": 2, "question": "Describe the image.", "ability": "b", "category": ["single_turn", "multi_turn"]},
-    {"image": "blue.png", "question_id": 3, "question": "Are you sure?", "ability": "f", "category": ["multi_turn"]},
-]
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from tests.helpers import tiny_system
 
-from conftest import tiny_system
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
 
 STEPS = 8

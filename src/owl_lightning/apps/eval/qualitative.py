@@ -6,6 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from owl_lightning.apps import require
 from owl_lightning.inference import OwlAssistant, Request
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
@@ -14,9 +15,7 @@ PROMPTS = ("Describe this image.", "What color is the main object?", "What shape
 
 def photo(name: str) -> tuple[Image.Image, str]:
     """A scikit-image sample photo and its human caption (the first line of its docstring)."""
-    import skimage.data
-
-    loader = getattr(skimage.data, name)
+    loader = getattr(require("skimage.data", "eval"), name)
     return Image.fromarray(loader()).convert("RGB"), (loader.__doc__ or name).strip().splitlines()[0]
 
 
