@@ -7,7 +7,9 @@ missing, except under CI=true, where they fail instead: .ci/run installs them.
 import json
 import logging
 import os
+import socket
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,7 +19,7 @@ from PIL import Image
 
 from conftest import png_bytes
 from owl_lightning.apps.owleval import read_questions, write_answers
-from owl_lightning.apps.web import running
+from owl_lightning.apps.web import TOKEN_HEADER, running
 from owl_lightning.apps.web.demo import ChatApp, read_conversation
 from owl_lightning.apps.web.rate import RatingsFile, open_rating
 from owl_lightning.cli import main
@@ -68,15 +70,164 @@ def chat_calls(tiny_model, tiny_tokenizer, monkeypatch):
     return assistant, calls
 
 
-def http(url: str, body: object = None) -> tuple[int, dict]:
-    """GET (or POST ``body`` as JSON): status and the JSON answer, error statuses included."""
+def http(server, path: str, body: object = None, headers: dict[str, str] | None = None) -> tuple[int, dict]:
+    """GET ``path`` (or POST ``body`` as JSON, with the page's token) from ``server``: status and the JSON
+    answer, error statuses included. ``headers`` add to or replace the page's (None: leave one out)."""
     data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    sent = {} if body is None else {"Content-Type": "application/json", TOKEN_HEADER: server.token}
+    sent.update(headers or {})
+    request = urllib.request.Request(server.url + path, data=data, headers={k: v for k, v in sent.items() if v is not None})
     try:
         with urllib.request.urlopen(request, timeout=WAIT_S) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())
+
+
+def raw_request(server, request: bytes) -> tuple[int, dict]:
+    """``request`` sent as bytes on a fresh connection that stays open: the status and JSON answer. A server
+    that waited for the client to close (or for more body) would time this out instead of answering."""
+    with socket.create_connection((server.server_address[0], server.server_port), timeout=WAIT_S) as connection:
+        connection.sendall(request)
+        response = b""
+        while chunk := connection.recv(1 << 16):
+            response += chunk
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def post_head(server, path: str, *lines: str) -> bytes:
+    """A POST's request line and headers as the page sends them, plus ``lines``, up to the blank line."""
+    headers = [f"POST /{path} HTTP/1.1", f"Host: 127.0.0.1:{server.server_port}", "Content-Type: application/json"]
+    return ("\r\n".join([*headers, f"{TOKEN_HEADER}: {server.token}", *lines]) + "\r\n\r\n").encode()
+
+
+# -- both servers: only their own page may drive them ----------------------------------------------
+
+
+@pytest.fixture(params=["rating", "chat"])
+def app_and_effects(request, rating, chat_calls):
+    """Each server, a request that changes something there, and a way to see what changed."""
+    if request.param == "rating":
+        return rating, "api/rate", {"question_id": 2, "slot": 1, "rating": "A"}, lambda: dict(rating.ratings.ratings)
+    assistant, calls = chat_calls
+    return ChatApp(assistant, max_new_tokens=2), "api/chat", {"messages": [{"role": "user", "text": "hi"}]}, lambda: len(calls)
+
+
+FOREIGN = [
+    {"Host": "evil.example:{port}"},  # DNS rebinding: a foreign name resolving to 127.0.0.1
+    {"Host": "localhost.evil.example:{port}"},
+    {"Host": "127.0.0.1:{other}"},
+    {"Host": "127.0.0.1"},
+    {"Origin": "http://evil.example"},
+    {"Origin": "null"},  # sandboxed frames, file: pages
+    {"Origin": "http://127.0.0.1:{other}"},  # another local server is another site too
+    {"Origin": "https://127.0.0.1:{port}"},
+]
+
+
+@pytest.mark.parametrize("foreign", FOREIGN, ids=lambda h: "-".join(f"{k}={v}" for k, v in h.items()))
+def test_a_foreign_host_or_origin_is_refused(app_and_effects, foreign):
+    app, path, body, effects = app_and_effects
+    with running(app) as server:
+        headers = {k: v.format(port=server.server_port, other=server.server_port + 1) for k, v in foreign.items()}
+        before = effects()
+        for get in ("", "static/common.js", "api/settings" if isinstance(app, ChatApp) else "api/overview"):
+            status, answer = http(server, get, headers=headers)
+            assert status == 403 and ("this server answers only at" in answer["error"] or "from other sites" in answer["error"])
+        assert http(server, path, body, headers=headers)[0] == 403
+        assert effects() == before
+        assert http(server, path, body)[0] == 200 and effects() != before  # the page's own request goes through
+
+
+@pytest.mark.parametrize(
+    "own", [{"Host": "localhost:{port}"}, {"Host": "[::1]:{port}"}, {"Host": "LocalHost:{port}"}, {"Origin": "http://localhost:{port}"}]
+)
+def test_every_loopback_name_of_the_servers_own_port_is_answered(rating, own):
+    with running(rating) as server:
+        headers = {k: v.format(port=server.server_port) for k, v in own.items()}
+        assert http(server, "api/overview", headers=headers)[0] == 200
+        assert http(server, "api/rate", {"question_id": 2, "slot": 1, "rating": "A"}, headers=headers)[0] == 200
+
+
+@pytest.mark.parametrize(
+    "headers, status, message",
+    [
+        ({"Content-Type": "text/plain"}, 415, "send the request as application/json (it came as text/plain)"),
+        ({"Content-Type": "application/x-www-form-urlencoded"}, 415, "send the request as application/json"),
+        ({TOKEN_HEADER: None}, 403, f"the {TOKEN_HEADER} header does not match this server's: reload the page"),
+        ({TOKEN_HEADER: "guessed"}, 403, f"the {TOKEN_HEADER} header does not match"),
+    ],
+)
+def test_a_post_needs_json_and_the_token_of_this_launch(app_and_effects, headers, status, message):
+    app, path, body, effects = app_and_effects
+    with running(app) as server:
+        before = effects()
+        code, answer = http(server, path, body, headers=headers)
+        assert code == status and answer["error"].startswith(message)
+        assert effects() == before
+
+
+def test_the_page_carries_a_new_token_every_launch_and_is_not_frameable(rating):
+    pages, tokens = [], []
+    for _ in range(2):
+        with running(rating) as server, urllib.request.urlopen(server.url, timeout=WAIT_S) as response:
+            pages.append(response.read().decode())
+            tokens.append(server.token)
+            assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert tokens[0] != tokens[1] and len(tokens[0]) >= 32
+    assert all(f'<meta name="owl-token" content="{token}">' in page for page, token in zip(pages, tokens, strict=True))
+
+
+@pytest.mark.parametrize(
+    "lines, status, message",
+    [
+        ([], 411, "a request body needs a Content-Length header"),
+        (["Content-Length: -1"], 400, "Content-Length must be one decimal number of bytes, not '-1'"),
+        (["Content-Length: abc"], 400, "Content-Length must be one decimal number"),
+        (["Content-Length: +40"], 400, "Content-Length must be one decimal number"),
+        (["Content-Length: 4e1"], 400, "Content-Length must be one decimal number"),
+        (["Content-Length: 40", "Content-Length: 41"], 400, "Content-Length must be one decimal number of bytes, not '40, 41'"),
+        (["Content-Length: 2000000"], 413, "the request is 1.9 MiB, over the 1 MiB limit"),
+        (["Content-Length: " + "9" * 40], 413, "the request is"),
+        (["Transfer-Encoding: chunked"], 411, "send the request body with a Content-Length, not chunked"),
+        (["Content-Length: 400"], 400, "the request body ended after 9 of its 400 bytes"),
+    ],
+)
+def test_content_length_is_parsed_strictly_and_never_read_until_close(rating, lines, status, message):
+    with running(rating) as server:
+        request = post_head(server, "api/rate", *lines) + b'{"rating"'
+        if lines == ["Content-Length: 400"]:  # a body cut short: the client stops sending
+            with socket.create_connection(("127.0.0.1", server.server_port), timeout=WAIT_S) as connection:
+                connection.sendall(request)
+                connection.shutdown(socket.SHUT_WR)
+                head, _, answer = b"".join(iter(lambda: connection.recv(1 << 16), b"")).partition(b"\r\n\r\n")
+            code, answer = int(head.split()[1]), json.loads(answer)
+        else:
+            code, answer = raw_request(server, request)
+        assert code == status and answer["error"].startswith(message)
+        assert http(server, "api/overview")[0] == 200
+    assert not rating.ratings.ratings
+
+
+def test_stalled_connections_time_out_and_cannot_take_every_thread(rating):
+    rating.max_workers, rating.request_timeout_s = 2, 1.0
+    with running(rating) as server:
+        address = ("127.0.0.1", server.server_port)
+        stalled = [socket.create_connection(address, timeout=WAIT_S) for _ in range(rating.max_workers)]
+        started = time.monotonic()
+        for connection in stalled:
+            connection.sendall(b"GET /api/overview HTTP/1.1\r\n")  # and never the rest
+        # Every worker is taken: the next connection is answered at once, without a thread of its own.
+        with socket.create_connection(address, timeout=WAIT_S) as extra:
+            response = b"".join(iter(lambda: extra.recv(1 << 16), b""))
+        assert response.startswith(b"HTTP/1.0 503") and b"busy with 2 connections" in response
+        for connection in stalled:  # closed by the server once its timeout passes
+            assert connection.recv(1 << 16) == b""
+            connection.close()
+        assert time.monotonic() - started < 1.0 + 5
+        assert http(server, "api/overview")[0] == 200
 
 
 # -- rating: the server ----------------------------------------------------------------------------
@@ -89,7 +240,7 @@ def test_answers_are_shuffled_per_question_stably_and_never_named(rating, owleva
     restarted = open_rating(owleval_folder, [owleval_folder / "answer"], tmp_path / "ratings.jsonl")
     assert {q: restarted.slots(q) for q in rating.questions} == orders
     with running(rating) as server:
-        status, view = http(server.url + "api/question?id=3")
+        status, view = http(server, "api/question?id=3")
     assert status == 200
     assert [a["answer"] for a in view["answers"]] == [f"{system} answers 3" for system in orders[3]]
     assert view["earlier_questions"] == ["Describe the image."]
@@ -103,7 +254,7 @@ def test_every_rating_is_on_disk_before_the_page_hears_back_and_the_last_one_win
     path, slots = tmp_path / "ratings.jsonl", rating.slots(2)
     with running(rating) as server:
         for slot, letter in [(1, "A"), (2, "D"), (1, "B")]:
-            status, saved = http(server.url + "api/rate", {"question_id": 2, "slot": slot, "rating": letter})
+            status, saved = http(server, "api/rate", {"question_id": 2, "slot": slot, "rating": letter})
             assert status == 200 and saved["rating"] == letter
             last = json.loads(path.read_text().splitlines()[-1])
             assert (last["question_id"], last["model_id"], last["rating"]) == (2, slots[slot - 1], letter)
@@ -138,9 +289,9 @@ def test_a_torn_or_foreign_line_in_the_ratings_file_costs_only_itself(tmp_path, 
 )
 def test_bad_ratings_are_refused_with_a_message_and_nothing_saved(rating, body, status, message):
     with running(rating) as server:
-        code, answer = http(server.url + "api/rate", body)
+        code, answer = http(server, "api/rate", body)
         assert code == status and answer["error"].startswith(message)
-        assert http(server.url + "api/overview")[0] == 200  # and the server carries on
+        assert http(server, "api/overview")[0] == 200  # and the server carries on
     assert not rating.ratings.path.exists()
 
 
@@ -183,11 +334,11 @@ def test_rate_refuses_a_malformed_answers_file_with_its_line(owleval_folder, tmp
 def test_a_missing_image_is_named_on_the_page_not_served(rating, owleval_folder, caplog):
     (owleval_folder / "cases" / "blue.png").unlink()
     with running(rating) as server:
-        status, view = http(server.url + "api/question?id=3")
+        status, view = http(server, "api/question?id=3")
         assert status == 200 and view["image_error"].startswith("Image blue.png is missing from")
-        assert http(server.url + "image/blue.png") == (404, {"error": f"image blue.png is not in {owleval_folder / 'cases'}"})
-        assert http(server.url + "image/..%2Fquestions.jsonl")[0] == 404  # nothing but the questions' images
-        assert http(server.url + "api/question?id=1")[1]["image_error"] is None
+        assert http(server, "image/blue.png") == (404, {"error": f"image blue.png is not in {owleval_folder / 'cases'}"})
+        assert http(server, "image/..%2Fquestions.jsonl")[0] == 404  # nothing but the questions' images
+        assert http(server, "api/question?id=1")[1]["image_error"] is None
 
 
 # -- chat: the server ------------------------------------------------------------------------------
@@ -239,12 +390,12 @@ def test_uploads_convert_to_rgb_as_training_does():
 def test_bad_chat_requests_get_a_message(chat_calls, messages, message):
     assistant, calls = chat_calls
     with running(ChatApp(assistant)) as server:
-        status, answer = http(server.url + "api/chat", {"messages": messages})
+        status, answer = http(server, "api/chat", {"messages": messages})
         assert status == 400 and answer["error"].startswith(message)
-        assert http(server.url + "api/chat", {"messages": [{"role": "user", "text": "hi"}], "max_new_tokens": 0})[1] == {
+        assert http(server, "api/chat", {"messages": [{"role": "user", "text": "hi"}], "max_new_tokens": 0})[1] == {
             "error": "max_new_tokens must be between 1 and 1024, got 0"
         }
-        assert http(server.url + "api/chat", {"messages": [{"role": "user", "text": "hi"}], "max_new_tokens": 2})[0] == 200
+        assert http(server, "api/chat", {"messages": [{"role": "user", "text": "hi"}], "max_new_tokens": 2})[0] == 200
     assert len(calls) == 1
 
 
@@ -252,7 +403,7 @@ def test_a_conversation_too_long_for_the_model_asks_for_a_new_chat(chat_calls):
     assistant, _ = chat_calls
     assistant.template.max_length = 50
     with running(ChatApp(assistant)) as server:
-        status, answer = http(server.url + "api/chat", {"messages": [{"role": "user", "text": "hi " * 40}]})
+        status, answer = http(server, "api/chat", {"messages": [{"role": "user", "text": "hi " * 40}]})
     assert (
         status == 400 and "exceeds max_length=50" in answer["error"] and answer["error"].endswith("start a new chat (or use fewer images)")
     )
