@@ -4,14 +4,18 @@ The browser tests skip (with the reason) where Debian's chromium, chromium-drive
 missing, except under CI=true, where they fail instead: .ci/run installs them.
 """
 
+import base64
+import io
 import json
 import logging
 import os
 import socket
+import struct
 import tempfile
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import pytest
@@ -344,10 +348,18 @@ def test_a_missing_image_is_named_on_the_page_not_served(rating, owleval_folder,
 # -- chat: the server ------------------------------------------------------------------------------
 
 
-def data_url(colour: str) -> dict:
-    import base64
+def encoded(image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, format=image_format)
+    return buffer.getvalue()
 
-    return {"name": f"{colour}.png", "data": "data:image/png;base64," + base64.b64encode(png_bytes(colour)).decode()}
+
+def upload(name: str, data: bytes) -> dict:
+    return {"name": name, "data": "data:image/png;base64," + base64.b64encode(data).decode()}
+
+
+def data_url(colour: str) -> dict:
+    return upload(f"{colour}.png", png_bytes(colour))
 
 
 def test_each_message_opens_with_its_own_images():
@@ -363,8 +375,6 @@ def test_each_message_opens_with_its_own_images():
 
 
 def test_uploads_convert_to_rgb_as_training_does():
-    import base64
-    import io
 
     transparent = io.BytesIO()
     Image.new("RGBA", (4, 4), (0, 0, 0, 0)).save(transparent, format="PNG")
@@ -385,6 +395,9 @@ def test_uploads_convert_to_rgb_as_training_does():
         ([{"role": "user", "text": " "}], "message 1 is empty: type a question or add an image"),
         ([{"role": "user", "text": "hi"}, {"role": "assistant", "text": "hello"}], "the last message must be the user's"),
         ([{"role": "system", "text": "hi"}], "message 1 needs a role (user or assistant)"),
+        ([{"role": "user", "text": "broken \ud800 here"}], "message 1 contains a lone surrogate"),
+        # A format the page does not offer is not opened, however PIL could read it.
+        ([{"role": "user", "text": "look", "images": [upload("old.bmp", encoded("BMP"))]}], "old.bmp is not an image the server can read"),
     ],
 )
 def test_bad_chat_requests_get_a_message(chat_calls, messages, message):
@@ -399,6 +412,30 @@ def test_bad_chat_requests_get_a_message(chat_calls, messages, message):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"max_new_tokens": True}, "max_new_tokens must be a whole number, got True"),
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be a whole number, got 2.5"),
+        ({"max_new_tokens": "2"}, "max_new_tokens must be a whole number, got '2'"),
+        ({"temperature": False}, "temperature must be a number, got False"),
+        ({"temperature": 2.5}, "temperature must be between 0.0 and 2.0, got 2.5"),
+        ('"temperature": NaN', "the request body is not JSON: NaN is not a JSON number"),
+        ('"temperature": -Infinity', "the request body is not JSON: -Infinity is not a JSON number"),
+    ],
+)
+def test_chat_settings_must_be_numbers_of_their_kind(chat_calls, settings, message):
+    assistant, calls = chat_calls
+    body = {"messages": [{"role": "user", "text": "hi"}]}
+    if isinstance(settings, str):  # what json.dumps cannot write
+        body = json.dumps(body)[:-1].encode() + b", " + settings.encode() + b"}"
+    else:
+        body.update(settings)
+    with running(ChatApp(assistant)) as server:
+        status, answer = http(server, "api/chat", body)
+    assert status == 400 and answer["error"].startswith(message) and not calls
+
+
 def test_a_conversation_too_long_for_the_model_asks_for_a_new_chat(chat_calls):
     assistant, _ = chat_calls
     assistant.template.max_length = 50
@@ -407,6 +444,71 @@ def test_a_conversation_too_long_for_the_model_asks_for_a_new_chat(chat_calls):
     assert (
         status == 400 and "exceeds max_length=50" in answer["error"] and answer["error"].endswith("start a new chat (or use fewer images)")
     )
+
+
+def grey_png(width: int, height: int) -> bytes:
+    """A valid all-black greyscale PNG, compressed row by row: 9400 x 9400 is 88 Mpx decoded, ~86 KB here."""
+    compressor, row = zlib.compressobj(9), b"\0" * (1 + width)  # each row: filter byte, then the pixels
+    pixels = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """The images the chat server decodes, by size."""
+    from owl_lightning.apps.web import demo
+
+    sizes, decode = [], demo.decode_image
+    monkeypatch.setattr(demo, "decode_image", lambda data: sizes.append(decode(data).size) or decode(data))
+    return sizes
+
+
+def test_a_pixel_bomb_is_refused_from_its_header_before_anything_is_decoded(chat_calls, decoded):
+    assistant, calls = chat_calls
+    bomb = upload("bomb.png", grey_png(9400, 9400))
+    assert len(bomb["data"]) < 200_000
+    with running(ChatApp(assistant)) as server:
+        messages = [{"role": "user", "text": "what?", "images": [upload("small.png", png_bytes("red")), bomb, bomb]}]
+        status, answer = http(server, "api/chat", {"messages": messages})
+        assert status == 413 and answer["error"] == (
+            "the images up to bomb.png hold 88,361,024 pixels, over the limit of 50,000,000: send smaller images"
+        )
+        assert not decoded and not calls
+        # Under the limit, the same kind of image is decoded as usual.
+        messages[0]["images"] = [upload("fine.png", grey_png(300, 200))]
+        assert http(server, "api/chat", {"messages": messages})[0] == 200 and decoded == [(300, 200)]
+
+
+def test_the_pixel_limit_counts_the_whole_conversation(chat_calls, decoded):
+    assistant, calls = chat_calls
+    first = [{"role": "user", "text": "and?", "images": [data_url("red")]}, {"role": "assistant", "text": "red"}]
+    with running(ChatApp(assistant, max_new_tokens=2, max_pixels=2 * 32 * 32)) as server:
+        second = {"role": "user", "text": "and?", "images": [data_url("blue")]}
+        assert http(server, "api/chat", {"messages": [*first, second]})[0] == 200
+        second["images"].append(data_url("green"))
+        status, answer = http(server, "api/chat", {"messages": [*first, second]})
+    assert status == 413 and answer["error"].startswith("the images up to green.png hold 3,072 pixels, over the limit of 2,048")
+    assert len(calls) == 1 and decoded == [(32, 32), (32, 32)]
+
+
+def test_images_per_conversation_are_capped(chat_calls, decoded):
+    assistant, calls = chat_calls
+    with running(ChatApp(assistant, max_new_tokens=2)) as server:
+        messages = [
+            {"role": "user", "text": "these?", "images": [data_url("red")] * 10},
+            {"role": "assistant", "text": "red"},
+            {"role": "user", "text": "and these?", "images": [data_url("blue")] * 7},
+        ]
+        status, answer = http(server, "api/chat", {"messages": messages})
+        assert status == 413 and answer["error"] == "message 3 brings the conversation over 16 images: start a new chat"
+        messages[2]["images"].pop()
+        assert http(server, "api/chat", {"messages": messages})[0] == 200
+    assert len(calls) == 1 and len(decoded) == 16
 
 
 # -- the pages in headless Chromium ----------------------------------------------------------------
