@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from PIL import Image
@@ -33,6 +34,7 @@ from test_owleval import SUBSET, write_owleval
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 SYSTEMS = ("alpha", "beta", "gamma")
 WAIT_S = 15
+FOREIGN_SITE = "owl-attacker.test"
 
 
 # -- fixtures --------------------------------------------------------------------------------------
@@ -241,8 +243,10 @@ def test_answers_are_shuffled_per_question_stably_and_never_named(rating, owleva
     orders = {q: rating.slots(q) for q in rating.questions}
     assert all(sorted(order) == list(SYSTEMS) for order in orders.values())
     assert len({tuple(order) for order in orders.values()}) > 1  # shuffled per question, not once
+    rating.ratings.add(1, "alpha", "A")  # the file's seed is saved with its first rating...
+    assert json.loads((tmp_path / "ratings.jsonl").read_text().splitlines()[0]) == {"slot_seed": rating.ratings.slot_seed}
     restarted = open_rating(owleval_folder, [owleval_folder / "answer"], tmp_path / "ratings.jsonl")
-    assert {q: restarted.slots(q) for q in rating.questions} == orders
+    assert {q: restarted.slots(q) for q in rating.questions} == orders  # ...so a restart shows the same order
     with running(rating) as server:
         status, view = http(server, "api/question?id=3")
     assert status == 200
@@ -267,28 +271,90 @@ def test_every_rating_is_on_disk_before_the_page_hears_back_and_the_last_one_win
     assert restarted.ratings.ratings == {(2, slots[0]): "B", (2, slots[1]): "D"}
 
 
+def test_each_ratings_file_has_its_own_random_slot_seed(owleval_folder, tmp_path):
+    apps = [open_rating(owleval_folder, [owleval_folder / "answer"], tmp_path / f"rater{k}.jsonl") for k in range(2)]
+    seeds = {app.ratings.slot_seed for app in apps}
+    assert len(seeds) == 2 and all(len(seed) == 32 for seed in seeds)  # 128 random bits each, no fixed seed
+    orders = [{q: app.slots(q) for q in app.questions} for app in apps]
+    # An order is the file's seed and the question id, nothing else: the same seed, the same order.
+    (tmp_path / "copy.jsonl").write_text(json.dumps({"slot_seed": apps[1].ratings.slot_seed}) + "\n")
+    copy = open_rating(owleval_folder, [owleval_folder / "answer"], tmp_path / "copy.jsonl")
+    assert {q: copy.slots(q) for q in copy.questions} == orders[1]
+
+
 def test_a_torn_or_foreign_line_in_the_ratings_file_costs_only_itself(tmp_path, caplog):
     path = tmp_path / "ratings.jsonl"
-    path.write_text(
-        '{"question_id": 1, "model_id": "alpha", "rating": "A"}\nnot json\n'
-        '{"question_id": 1, "model_id": "beta", "rating": "E"}\n{"question_id": 2, "model_id": "al'
+    path.write_bytes(
+        b'{"slot_seed": "s33d"}\n{"question_id": 1, "model_id": "alpha", "rating": "A"}\nnot json\n'
+        b'{"question_id": 1, "model_id": "beta", "rating": "E"}\n'
+        b'{"question_id": Infinity, "model_id": "beta", "rating": "A"}\n'
+        b'{"question_id": true, "model_id": "beta", "rating": "A"}\n'
+        b'{"question_id": 2.0, "model_id": "beta", "rating": "A"}\n'
+        b'{"question_id": 2, "model_id": "gamma", "rating": "B", "time": "\xff"}\n'
+        b'{"question_id": 2, "model_id": "beta", "rating": "B"}\n'
+        b'{"question_id": 3, "model_id": "alpha", "rating": "A", "time": "caf\xc3'  # torn mid-character
     )
     with caplog.at_level(logging.WARNING, logger="owl_lightning"):
         ratings = RatingsFile(path)
-    assert ratings.ratings == {(1, "alpha"): "A"}
-    assert [r.getMessage().split(":")[1] for r in caplog.records] == ["2", "3", "4"]  # line numbers
+    assert ratings.ratings == {(1, "alpha"): "A", (2, "beta"): "B"} and ratings.slot_seed == "s33d"
+    assert ratings.unreadable_lines == [3, 4, 5, 6, 7, 8, 10]
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m.split(":")[1] for m in messages[:-1]] == ["3", "4", "5", "6", "7", "8", "10"]  # line numbers
+    assert "Infinity is not a JSON number" in messages[2] and "question_id True is not an integer" in messages[3]
+    assert "10: skipped, cut short, a write interrupted by a crash?" in messages[6]
+    assert messages[-1] == f"{path}: 7 unreadable line(s) skipped, 2 rating(s) read"
     ratings.add(3, "gamma", "C")
-    assert RatingsFile(path).ratings == {(1, "alpha"): "A", (3, "gamma"): "C"}
+    assert RatingsFile(path).ratings == {(1, "alpha"): "A", (2, "beta"): "B", (3, "gamma"): "C"}
+    (tmp_path / "empty.jsonl").write_bytes(b"")  # created, never written to: nothing to warn about
+    assert RatingsFile(tmp_path / "empty.jsonl").unreadable_lines == []
+
+
+def test_rate_starts_despite_a_torn_ratings_file_and_says_so(owleval_folder, tmp_path, monkeypatch, capsys):
+    import owl_lightning.apps.web
+
+    (tmp_path / "ratings.jsonl").write_bytes(b'{"question_id": 1, "model_id": "alpha", "rating": "A"}\n{"question_id": 2, "mod\xe2\x82')
+    served = []
+    monkeypatch.setattr(owl_lightning.apps.web, "serve", lambda app, port, what: served.append((app, what)))
+    arguments = [
+        "rate",
+        "--data",
+        str(owleval_folder),
+        "--answers",
+        str(owleval_folder / "answer"),
+        "--ratings",
+        str(tmp_path / "ratings.jsonl"),
+    ]
+    main(arguments)
+    ((app, what),) = served
+    assert app.ratings.ratings == {(1, "alpha"): "A"} and what.endswith("(1 unreadable line(s) skipped, see above)")
+    assert app.summary_shown is False  # blind by default
+    main([*arguments, "--no-blind"])
+    assert served[1][0].summary_shown is True
+    main([*arguments, "--summary"])
+    assert "| alpha | 1/0/0/0 | 1 | 0/0/0/0 | 2 |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
     "body, status, message",
     [
         ({"question_id": 99, "slot": 1, "rating": "A"}, 404, "there is no OwlEval question 99 (ids 1-3); nothing was saved"),
-        ({"question_id": "two", "slot": 1, "rating": "A"}, 400, "a question id is a number, not 'two'"),
+        ({"question_id": "two", "slot": 1, "rating": "A"}, 400, "question_id must be an integer, not 'two'"),
+        ({"question_id": "2", "slot": 1, "rating": "A"}, 400, "question_id must be an integer, not '2'"),
+        ({"question_id": 2.0, "slot": 1, "rating": "A"}, 400, "question_id must be an integer, not 2.0"),
+        ({"question_id": True, "slot": 1, "rating": "A"}, 400, "question_id must be an integer, not True"),
         ({"question_id": 2, "slot": 4, "rating": "A"}, 400, "question 2 has answers 1-3, not 4: reload the page"),
+        ({"question_id": 2, "slot": True, "rating": "A"}, 400, "question 2 has answers 1-3, not True"),  # bool is not int
+        ({"question_id": 2, "slot": 1.0, "rating": "A"}, 400, "question 2 has answers 1-3, not 1.0"),
         ({"question_id": 2, "slot": 1, "rating": "E"}, 400, "a rating is one of A, B, C, D, not 'E'"),
+        ({"question_id": 2, "slot": 1, "rating": ["A"]}, 400, "a rating is one of A, B, C, D, not ['A']"),
+        ({"question_id": 2, "slot": 1}, 400, "send question_id (an integer), slot (an integer), rating (a string); got question_id, slot"),
+        ({"question_id": 2, "slot": 1, "rating": "A", "model_id": "alpha"}, 400, "send question_id (an integer)"),
+        (b'{"question_id": 2, "slot": NaN, "rating": "A"}', 400, "the request body is not JSON: NaN is not a JSON number"),
+        (b'{"question_id": Infinity, "slot": 1, "rating": "A"}', 400, "the request body is not JSON: Infinity is not a JSON number"),
+        (b"[" * 100_000, 400, "the request body is not JSON: nested too deeply"),
+        (b'["question_id", 2]', 400, "the request body must be a JSON object"),
         (b"{not json", 400, "the request body is not JSON"),
+        ('{"question_id": 2, "slot": 1, "rating": "\u00e9"}'.encode("latin-1"), 400, "the request body is not JSON"),
     ],
 )
 def test_bad_ratings_are_refused_with_a_message_and_nothing_saved(rating, body, status, message):
@@ -343,6 +409,62 @@ def test_a_missing_image_is_named_on_the_page_not_served(rating, owleval_folder,
         assert http(server, "image/blue.png") == (404, {"error": f"image blue.png is not in {owleval_folder / 'cases'}"})
         assert http(server, "image/..%2Fquestions.jsonl")[0] == 404  # nothing but the questions' images
         assert http(server, "api/question?id=1")[1]["image_error"] is None
+
+
+def with_images(owleval_folder: Path, names: dict[int, str]) -> Path:
+    """The folder's questions.jsonl with the images of some questions renamed (the answer files stay)."""
+    questions = [dict(q, image=names.get(q["question_id"], q["image"])) for q in SUBSET]
+    (owleval_folder / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in questions))
+    return owleval_folder
+
+
+def test_image_serves_nothing_outside_the_cases_folder_whatever_questions_jsonl_names(owleval_folder, tmp_path, caplog):
+    (tmp_path / "outside.png").write_bytes(png_bytes("red"))
+    (owleval_folder / "cases" / "link.png").symlink_to(tmp_path / "outside.png")
+    escape = "../" * len(owleval_folder.resolve().parts) + "etc/hostname"  # /etc/hostname, from cases/
+    with_images(owleval_folder, {1: escape, 2: "link.png", 3: "link.png"})
+    with caplog.at_level(logging.WARNING, logger="owl_lightning"):
+        app = open_rating(owleval_folder, [owleval_folder / "answer"], tmp_path / "ratings.jsonl")
+    assert "2 image(s) cannot be shown" in caplog.text and f"Image {escape} lies outside" in caplog.text
+    assert app.locate_image(str(tmp_path / "outside.png"))[0] is None  # an absolute path
+    assert app.locate_image("../questions.jsonl")[0] is None
+    with running(app) as server:
+        for name in (escape, "link.png", "..%2Fquestions.jsonl"):
+            assert http(server, "image/" + quote(name))[0] == 404
+        assert http(server, "image/" + escape)[0] == 404  # the dots unquoted too: urllib sends the path as it is
+        view = http(server, "api/question?id=2")[1]
+        assert view["image_error"] == f"Image link.png lies outside {owleval_folder / 'cases'}, so it is not shown; " + (
+            "rate from the text, or restart with the right --data."
+        )
+
+
+def test_an_image_name_that_needs_quoting_is_served(owleval_folder, tmp_path):
+    (owleval_folder / "cases" / "red.png").rename(owleval_folder / "cases" / "red #1 ü.png")
+    app = open_rating(with_images(owleval_folder, {1: "red #1 ü.png"}), [owleval_folder / "answer"], tmp_path / "ratings.jsonl")
+    with running(app) as server:
+        view = http(server, "api/question?id=1")[1]
+        assert view["image_error"] is None and view["image"] == "/image/red%20%231%20%C3%BC.png"
+        with urllib.request.urlopen(server.url + view["image"][1:], timeout=WAIT_S) as response:
+            assert response.headers["Content-Type"] == "image/png" and response.read() == png_bytes("red")
+
+
+def test_blind_rating_hides_the_summary_until_the_rater_reveals_it(rating, owleval_folder, tmp_path):
+    with running(rating) as server:
+        assert http(server, "api/overview")[1]["summary_shown"] is False
+        status, answer = http(server, "api/summary")
+        assert status == 403 and answer["error"].startswith("blind rating: the summary shows each system's counts")
+        status, saved = http(server, "api/rate", {"question_id": 2, "slot": 1, "rating": "A"})
+        assert status == 200 and not any(system in json.dumps(saved) for system in SYSTEMS)
+        # Only the page of this launch can reveal it, and only by asking for exactly that.
+        assert http(server, "api/reveal", {}, headers={TOKEN_HEADER: None})[0] == 403
+        assert http(server, "api/reveal", {"question_id": 2})[1] == {"error": "send no fields; got question_id"}
+        assert http(server, "api/summary")[0] == 403
+        status, summary = http(server, "api/reveal", {})
+        assert status == 200 and summary["markdown"] == rating.summary()["markdown"]
+        assert http(server, "api/summary")[0] == 200 and http(server, "api/overview")[1]["summary_shown"] is True
+    not_blind = open_rating(owleval_folder, [owleval_folder / "answer"], tmp_path / "ratings.jsonl", blind=False)
+    with running(not_blind) as server:
+        assert http(server, "api/overview")[1]["summary_shown"] is True and http(server, "api/summary")[0] == 200
 
 
 # -- chat: the server ------------------------------------------------------------------------------
@@ -539,6 +661,7 @@ def browser():
         "--disable-component-update",
         "--disable-sync",
         "--window-size=1280,900",
+        f"--host-resolver-rules=MAP {FOREIGN_SITE} 127.0.0.1",  # a foreign name for this machine, as DNS rebinding gives one
     ):
         options.add_argument(flag)
     with tempfile.TemporaryDirectory(prefix="owl-chromium-") as profile:
@@ -607,7 +730,7 @@ def test_browser_ratings_survive_reload_and_restart_and_the_summary_counts_them(
         browser.execute_script("rate(99, 1, 'A', document.querySelector('.answer'))")
         wait_for(browser, lambda d: "no OwlEval question 99" in d.find_element("id", "error").text, "the error message")
     saved = (tmp_path / "ratings.jsonl").read_text()
-    assert saved.count("\n") == 4 and '"question_id": 99' not in saved
+    assert saved.count("\n") == 1 + 4 and '"question_id": 99' not in saved  # the file's slot seed, then the 4 clicks
 
     restarted = open_rating(owleval_folder, [owleval_folder / "answer"], tmp_path / "ratings.jsonl")
     with running(restarted) as server:
@@ -615,7 +738,12 @@ def test_browser_ratings_survive_reload_and_restart_and_the_summary_counts_them(
         assert shown_ratings(browser) == {1: "A", 2: "D"}
         assert "3 of 9 answers rated" in browser.find_element("id", "progress").text
         css(browser, "#summary-tab")[0].click()
+        # Blind: nothing per system until the rater says they have finished.
+        wait_for(browser, lambda d: d.find_element("id", "blind-notice").is_displayed(), "the blind-rating notice")
+        assert not css(browser, "#summary-table td") and not browser.find_element("id", "summary").is_displayed()
+        browser.find_element("id", "reveal").click()
         wait_for(browser, lambda d: css(d, "#summary-table td"), "the summary table")
+        assert not browser.find_element("id", "blind-notice").is_displayed()
 
         def cell(system, category, letter):
             return css(browser, f'tr[data-model="{system}"] td[data-category="{category}"][data-letter="{letter}"]')[0].text
@@ -676,20 +804,82 @@ def test_browser_chat_with_an_uploaded_image_over_two_turns(browser, chat_calls,
         assert len(css(browser, ".message.user img")) == 1  # the image stays in the conversation, sent once
 
 
-def test_browser_chat_shows_why_an_image_was_refused_and_carries_on(browser, chat_calls, tmp_path):
+@pytest.mark.parametrize(
+    "image, error",
+    [
+        (b"not an image at all", "image.png is not an image the server can read"),
+        (png_bytes("red", size=40), "the images up to image.png hold 1,600 pixels, over the limit of 1,000: send smaller images"),
+    ],
+    ids=["unreadable", "too-many-pixels"],
+)
+def test_browser_chat_shows_why_an_image_was_refused_and_carries_on(browser, chat_calls, tmp_path, image, error):
     assistant, calls = chat_calls
-    (tmp_path / "broken.png").write_bytes(b"not an image at all")
-    with running(ChatApp(assistant, max_new_tokens=4)) as server:
+    (tmp_path / "image.png").write_bytes(image)
+    with running(ChatApp(assistant, max_new_tokens=4, max_pixels=1000)) as server:
         browser.get(server.url)
         wait_for(browser, lambda d: d.find_element("id", "max-new-tokens").get_attribute("value") == "4", "the settings")
-        browser.find_element("id", "files").send_keys(str(tmp_path / "broken.png"))
+        browser.find_element("id", "files").send_keys(str(tmp_path / "image.png"))
         wait_for(browser, lambda d: css(d, "#pending img"), "the preview")
         browser.find_element("id", "text").send_keys("What is this?")
         browser.find_element("id", "send").click()
-        wait_for(browser, lambda d: "broken.png is not an image the server can read" in d.find_element("id", "error").text, "the error")
+        wait_for(browser, lambda d: error in d.find_element("id", "error").text, "the error")
         assert not css(browser, ".message") and not calls
         assert browser.find_element("id", "text").get_attribute("value") == "What is this?"  # kept, to fix and resend
         css(browser, "#pending button")[0].click()  # drop the bad image
         browser.find_element("id", "send").click()
         assert chat_reply(browser, 1).endswith("[reply 1]")
         assert not browser.find_element("id", "error").is_displayed()
+
+
+# What a page on another site can try against the local servers: requests a browser sends without asking
+# (text/plain, as a form would), then a JSON one with a guessed token (the browser must ask first, and is
+# refused), then reading the page for its token.
+ATTACK = """
+const [target, path, body, done] = arguments;
+const results = {};
+try {  // the answer is unreadable either way (and Cross-Origin-Resource-Policy fails the fetch)
+  await fetch(target + path, { method: "POST", mode: "no-cors", headers: { "Content-Type": "text/plain" }, body });
+} catch (err) {}
+try {
+  const response = await fetch(target + path,
+    { method: "POST", headers: { "Content-Type": "application/json", "X-Owl-Token": "guessed" }, body });
+  results.json = `answered ${response.status}`;
+} catch (err) { results.json = "blocked"; }
+try {
+  results.page = (await (await fetch(target)).text()).slice(0, 100);
+} catch (err) { results.page = "unreadable"; }
+done(results);
+"""
+
+
+@pytest.fixture
+def foreign_site(tmp_path):
+    """A page on another origin (http://owl-attacker.test:PORT/, which the browser resolves to 127.0.0.1)."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "index.html").write_text("<!doctype html><title>a site the user visits</title>")
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path / "site"))
+    with ThreadingHTTPServer(("127.0.0.1", 0), handler) as site:
+        Thread(target=site.serve_forever, daemon=True).start()
+        yield f"http://{FOREIGN_SITE}:{site.server_port}/"
+        site.shutdown()
+
+
+def test_browser_another_site_cannot_drive_the_pages_nor_rebind_to_them(browser, app_and_effects, foreign_site, capfd):
+    app, path, body, effects = app_and_effects
+    before = effects()
+    with running(app) as server:
+        browser.get(foreign_site)
+        results = browser.execute_async_script(ATTACK, server.url, path, json.dumps(body))
+        assert results == {"json": "blocked", "page": "unreadable"}
+        # DNS rebinding: the foreign name now leads to our port; the page (and its token) is not served there.
+        browser.get(f"http://{FOREIGN_SITE}:{server.server_port}/")
+        assert "this server answers only at" in browser.page_source and server.token not in browser.page_source
+        browser.get(server.url)  # the page itself still works
+        wait_for(browser, lambda d: d.execute_script("return TOKEN") == server.token, "the page's token")
+    assert effects() == before
+    # The text/plain request did arrive, and the server refused it (the JSON one never left the browser).
+    assert f"POST /{path}: requests from other sites (http://{FOREIGN_SITE}:" in capfd.readouterr().err
