@@ -272,8 +272,8 @@ def _rate_main(args: list[str]) -> None:
         prog="owl-lightning rate",
         description="Rate OwlEval answers blind in a browser "
         "(A/B/C/D, the paper's scale): every system's answer to a question, anonymised and "
-        "shuffled. Each click is saved at once to the ratings file; the summary view (or "
-        "--summary) gives the paper's table.",
+        "shuffled. Each click is saved at once to the ratings file; the summary view (revealed "
+        "at the end in blind mode), or --summary, gives the paper's table.",
     )
     parser.add_argument(
         "--answers", action="append", required=True, help="an answer file, or a folder of *.jsonl answer files (repeat for several)"
@@ -281,17 +281,24 @@ def _rate_main(args: list[str]) -> None:
     parser.add_argument("--data", default=DEFAULT_DATA, help="the OwlEval folder: questions.jsonl, cases/ (default: %(default)s)")
     parser.add_argument("--ratings", default="runs/owleval_ratings.jsonl", help="where ratings are kept (default: %(default)s)")
     parser.add_argument("--port", type=int, default=7861, help="port on 127.0.0.1 (0: any free port; default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the per-question order of the anonymous answers")
+    parser.add_argument(
+        "--blind",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the page's per-system summary hidden until the rater reveals it at the end (default: on)",
+    )
     parser.add_argument("--summary", action="store_true", help="print the A/B/C/D table as Markdown and exit")
     ns = parser.parse_args(args)
     try:
-        app = open_rating(ns.data, ns.answers, ns.ratings, ns.seed)
+        app = open_rating(ns.data, ns.answers, ns.ratings, blind=ns.blind)
     except OwlEvalError as err:
         parser.error(str(err))
     if ns.summary:
         print(app.summary()["markdown"])
         return
-    serve(app, ns.port, f"rating {len(app.files)} systems on {len(app.questions)} questions, ratings in {ns.ratings}")
+    skipped = len(app.ratings.unreadable_lines)
+    where = f"ratings in {ns.ratings}" + (f" ({skipped} unreadable line(s) skipped, see above)" if skipped else "")
+    serve(app, ns.port, f"rating {len(app.files)} systems on {len(app.questions)} questions, {where}")
 
 
 def _serve_main(args: list[str]) -> None:

@@ -6,23 +6,46 @@ uvicorn, pandas, ...) and a websocket app whose API changes between major versio
 that need a few JSON endpoints and an image upload. These pages load nothing from the internet, work
 in any browser, and the browser tests drive them with plain Selenium.
 
-Both servers listen on 127.0.0.1 only: they serve local files and run the model for whoever connects.
+Both servers listen on 127.0.0.1 only, and since every website the user visits can send requests
+there, each request passes one guard (:func:`check_request`): the Host must name the loopback on our
+port (no DNS rebinding), a foreign Origin is refused, and a POST needs a JSON content type and the
+per-launch token the served page carries. Bodies need a strict Content-Length under the app's limit;
+connections time out and at most ``max_workers`` are served at once.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
+import secrets
+import socket
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from urllib.parse import parse_qsl, urlsplit
 
 HOST = "127.0.0.1"
+# The names a browser may use for this machine. Anything else in Host is a DNS name that happens to
+# resolve here (DNS rebinding): a foreign site would then be same-origin with the page.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+# Sent back by the page with every POST. A custom header plus a JSON content type cannot be sent
+# cross-site without a CORS preflight (which is never granted), and the token itself is only in the
+# page, which another site cannot read.
+TOKEN_HEADER = "X-Owl-Token"
+TOKEN_PLACEHOLDER = b"{{owl-token}}"
 STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
+SECURITY_HEADERS = {
+    # Nothing but this server's own scripts, styles and images (uploads are shown as data: URLs), and
+    # no framing by other sites (a framed page could be clicked through by them).
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cross-Origin-Resource-Policy": "same-origin",  # other sites cannot embed the images or the JSON
+}
 
 
 @dataclass
@@ -48,6 +71,8 @@ class WebApp:
 
     page = ""
     max_body_bytes = 1 << 20
+    max_workers = 16  # connections served at once; more are answered 503 at once, never given a thread
+    request_timeout_s = 10.0  # a connection that sends nothing for this long is closed
 
     def get(self, path: str, query: dict[str, str]) -> object:
         raise HttpError(404, f"nothing at {path}")
@@ -65,22 +90,123 @@ def static_file(name: str) -> Binary:
     return Binary((folder / name).read_bytes(), STATIC_TYPES[suffix])
 
 
+def loads_strict(text: str | bytes) -> object:
+    """JSON as RFC 8259 has it: ``NaN`` and ``Infinity`` (which Python's parser accepts) are refused, and so
+    is nesting too deep to parse; every failure is a :class:`ValueError`."""
+
+    def refuse(constant: str) -> object:
+        raise ValueError(f"{constant} is not a JSON number")
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def is_own_address(host: str, port: int) -> bool:
+    """Whether ``host`` (a Host header, or an origin's host[:port]) names this machine's loopback on ``port``."""
+    if host.endswith("]") or ":" not in host:  # no port: [::1], localhost
+        name, port_text = host, "80"
+    else:
+        name, _, port_text = host.rpartition(":")
+    return name.lower() in LOOPBACK_NAMES and port_text == str(port)
+
+
+def check_request(method: str, headers: Message, port: int, token: str) -> None:
+    """Refuse (:class:`HttpError`) a request that this server's own page on ``port`` could not have sent.
+
+    Every request: the Host header must name the loopback on our port, and an Origin header, when there is
+    one, must be this server's. State-changing requests (POST) also need a JSON content type and the
+    per-launch ``token`` the page carries. Called before anything else, the body included, is read."""
+    hosts = headers.get_all("Host") or []
+    if len(hosts) != 1 or not is_own_address(hosts[0].strip(), port):
+        raise HttpError(403, f"this server answers only at http://{HOST}:{port}/ (or localhost), not at Host {', '.join(hosts)!r}")
+    origins = headers.get_all("Origin") or []
+    if origins:
+        origin = urlsplit(origins[0])
+        own = len(origins) == 1 and origin.scheme == "http" and origin.path == "" and is_own_address(origin.netloc, port)
+        if not own:
+            raise HttpError(403, f"requests from other sites ({', '.join(origins)}) are refused: open http://{HOST}:{port}/ itself")
+    if method != "GET":
+        if headers.get_content_type() != "application/json":
+            raise HttpError(415, f"send the request as application/json (it came as {headers.get('Content-Type') or 'no Content-Type'})")
+        if not hmac.compare_digest(headers.get(TOKEN_HEADER, "").encode(), token.encode()):
+            raise HttpError(403, f"the {TOKEN_HEADER} header does not match this server's: reload the page (the server was restarted?)")
+
+
+def body_length(headers: Message, limit: int) -> int:
+    """The Content-Length of a request body, parsed strictly (one header, decimal digits only) and at most
+    ``limit``. Without it there is no safe end to the body, so reading until the client closes is never an option."""
+    if headers.get("Transfer-Encoding") is not None:
+        raise HttpError(411, "send the request body with a Content-Length, not chunked")
+    lengths = headers.get_all("Content-Length") or []
+    if not lengths:
+        raise HttpError(411, "a request body needs a Content-Length header")
+    text = lengths[0].strip()
+    if len(lengths) != 1 or not (text.isascii() and text.isdigit()):
+        raise HttpError(400, f"Content-Length must be one decimal number of bytes, not {', '.join(lengths)!r}")
+    length = int(text) if len(text) <= 18 else limit + 1  # a longer number is over any limit: no need to parse it
+    if length > limit:
+        raise HttpError(413, f"the request is {length / 2**20:.1f} MiB, over the {limit / 2**20:.0f} MiB limit: send smaller images")
+    return length
+
+
 class AppServer(ThreadingHTTPServer):
-    """Serves one :class:`WebApp` on 127.0.0.1 (``port`` 0: any free port); a thread per request."""
+    """Serves one :class:`WebApp` on 127.0.0.1 (``port`` 0: any free port), a thread per connection, at
+    most ``app.max_workers`` of them; ``token`` is new for every launch."""
 
     daemon_threads = True
 
     def __init__(self, app: WebApp, port: int = 0) -> None:
-        super().__init__((HOST, port), _Handler)
         self.app = app
+        self.token = secrets.token_urlsafe(32)
+        self._workers = threading.BoundedSemaphore(app.max_workers)
+        super().__init__((HOST, port), _Handler)
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.server_port}/"
 
+    def process_request(self, request: socket.socket, client_address) -> None:
+        # Called by the accepting thread: a connection over the limit is refused here, without a thread,
+        # so stalled connections can hold at most max_workers threads (each until its timeout).
+        if not self._workers.acquire(blocking=False):
+            self._refuse_busy(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._workers.release()
+            raise
+
+    def process_request_thread(self, request: socket.socket, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._workers.release()
+
+    def _refuse_busy(self, request: socket.socket) -> None:
+        body = json.dumps({"error": f"the server is busy with {self.app.max_workers} connections: try again in a moment"}).encode()
+        head = (
+            f"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nRetry-After: 1\r\n\r\n"
+        )
+        try:
+            request.settimeout(1.0)
+            request.sendall(head.encode() + body)
+        except OSError:
+            pass
+        finally:
+            self.shutdown_request(request)
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: AppServer
+    # HTTP/1.0: one request per connection, so an unread (refused) body is never taken for the next request.
+    protocol_version = "HTTP/1.0"
+
+    def setup(self) -> None:
+        self.timeout = self.server.app.request_timeout_s  # read by StreamRequestHandler.setup: every socket read and write
+        super().setup()
 
     def do_GET(self) -> None:
         url = urlsplit(self.path)
@@ -91,27 +217,31 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _get(self, path: str, query: dict[str, str]) -> object:
         if path == "/":
-            return static_file(self.server.app.page)
+            page = static_file(self.server.app.page)
+            return Binary(page.data.replace(TOKEN_PLACEHOLDER, self.server.token.encode()), page.content_type)
         if path.startswith("/static/"):
             return static_file(path.removeprefix("/static/"))
         return self.server.app.get(path, query)
 
     def _json_body(self) -> dict:
-        length = int(self.headers.get("Content-Length") or 0)
-        limit = self.server.app.max_body_bytes
-        if length > limit:
-            self.close_connection = True  # the unread body must not be taken for the next request
-            raise HttpError(413, f"the request is {length / 2**20:.1f} MiB, over the {limit / 2**20:.0f} MiB limit: send smaller images")
+        length = body_length(self.headers, self.server.app.max_body_bytes)
         try:
-            body = json.loads(self.rfile.read(length) or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            data = self.rfile.read(length)
+        except TimeoutError:
+            raise HttpError(408, f"the request body did not arrive within {self.server.app.request_timeout_s:g} s") from None
+        if len(data) != length:
+            raise HttpError(400, f"the request body ended after {len(data)} of its {length} bytes")
+        try:
+            body = loads_strict(data)
+        except ValueError as err:
             raise HttpError(400, f"the request body is not JSON: {err}") from None
         if not isinstance(body, dict):
             raise HttpError(400, "the request body must be a JSON object")
         return body
 
-    def _respond(self, handle) -> None:
+    def _respond(self, handle: Callable[[], object]) -> None:
         try:
+            check_request(self.command, self.headers, self.server.server_port, self.server.token)
             result, status = handle(), 200
         except HttpError as err:
             self.log_message("%s %s: %s", self.command, self.path.split("?")[0], err.message)
@@ -124,6 +254,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", body.content_type)
         self.send_header("Content-Length", str(len(body.data)))
         self.send_header("Cache-Control", "no-store")  # pages and ratings always fresh after a reload
+        for name, value in SECURITY_HEADERS.items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body.data)
 

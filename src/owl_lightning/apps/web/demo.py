@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import threading
 import time
 
@@ -23,56 +24,105 @@ from owl_lightning.inference import OwlAssistant, Request
 
 MAX_NEW_TOKENS_LIMIT = 1024
 MAX_TEMPERATURE = 2.0
+# Per request, i.e. per conversation (the page sends all of it every time). A PNG of a few KB can claim
+# 10,000 x 10,000 pixels, so the bound is on decoded pixels, read from each header before anything is
+# decoded; the model sees every image at a few hundred pixels across anyway.
+MAX_IMAGES_PER_REQUEST = 16
+MAX_PIXELS_PER_REQUEST = 50_000_000
+# What the page accepts; none of PIL's other formats (EPS would start Ghostscript) is ever opened.
+UPLOAD_FORMATS = ("PNG", "JPEG", "GIF", "WEBP")
 
 
-def decode_upload(upload: object, what: str) -> Image.Image:
-    """An uploaded image (``{"name": ..., "data": "data:image/...;base64,..."}``) as RGB, converted as
-    training converts images (:func:`~owl_lightning.data.images.decode_image`: transparency on white)."""
+def upload_bytes(upload: object, what: str) -> tuple[str, bytes]:
+    """An uploaded image (``{"name": ..., "data": "data:image/...;base64,..."}``): its name and encoded bytes."""
     if not isinstance(upload, dict) or not isinstance(upload.get("data"), str):
         raise HttpError(400, f"{what} must be an object with a base64 'data' URL")
-    name = upload.get("name") or what
+    name = str(upload.get("name") or what)
     header, _, payload = upload["data"].partition(",")
     if not header.startswith("data:") or not header.endswith(";base64"):
         raise HttpError(400, f"{name} is not sent as a base64 data URL")
     try:
-        return decode_image(base64.b64decode(payload, validate=True))
-    except (binascii.Error, SkipSample) as err:
+        return name, base64.b64decode(payload, validate=True)
+    except binascii.Error as err:
+        raise HttpError(400, f"{name} is not valid base64 ({err})") from None
+
+
+def image_pixels(data: bytes, name: str) -> int:
+    """The pixel count an encoded image declares in its header; nothing is decoded."""
+    try:
+        with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as image:
+            width, height = image.size
+    except Image.DecompressionBombError as err:  # PIL's own ceiling, far above ours
+        raise HttpError(413, f"{name} is too large to decode ({err})") from None
+    except (OSError, ValueError, SyntaxError) as err:
         raise HttpError(400, f"{name} is not an image the server can read ({err}); upload a PNG, JPEG, GIF or WebP") from None
+    return width * height
 
 
-def read_conversation(messages: object) -> Request:
+def decode_uploads(uploads: list[tuple[str, bytes]], max_pixels: int = MAX_PIXELS_PER_REQUEST) -> list[Image.Image]:
+    """Uploaded images as RGB, converted as training converts images (:func:`~owl_lightning.data.images.decode_image`:
+    transparency on white), once their headers show they hold at most ``max_pixels`` pixels together."""
+    total = 0
+    for name, data in uploads:
+        total += image_pixels(data, name)
+        if total > max_pixels:
+            raise HttpError(413, f"the images up to {name} hold {total:,} pixels, over the limit of {max_pixels:,}: send smaller images")
+    decoded = []
+    for name, data in uploads:
+        try:
+            decoded.append(decode_image(data))
+        except SkipSample as err:
+            raise HttpError(400, f"{name} is not an image the server can read ({err}); upload a PNG, JPEG, GIF or WebP") from None
+    return decoded
+
+
+def read_conversation(messages: object, max_images: int = MAX_IMAGES_PER_REQUEST, max_pixels: int = MAX_PIXELS_PER_REQUEST) -> Request:
     """The page's messages (``role``, ``text``, user ``images``) → a request whose user turns open with
-    one ``<image>`` per image they carry; the last message must be the user's."""
+    one ``<image>`` per image they carry; the last message must be the user's. Everything is checked,
+    image counts and declared sizes included, before any image is decoded."""
     if not isinstance(messages, list) or not messages:
         raise HttpError(400, "'messages' must be a non-empty list")
-    turns, images = [], []
+    turns, uploads = [], []
     for number, message in enumerate(messages, start=1):
         if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("text", ""), str):
             raise HttpError(400, f"message {number} needs a role ({' or '.join(ROLES)}) and a text")
-        text, uploads = message.get("text", ""), message.get("images") or []
+        text, images = message.get("text", ""), message.get("images") or []
         if IMAGE_TOKEN in text:
             raise HttpError(400, f"message {number} contains {IMAGE_TOKEN}, which stands for an image: reword it")
-        if not isinstance(uploads, list) or (uploads and message["role"] != "user"):
+        if not _encodable(text):
+            raise HttpError(400, f"message {number} contains a lone surrogate (a broken character): reword it")
+        if not isinstance(images, list) or (images and message["role"] != "user"):
             raise HttpError(400, f"message {number}: only the user's messages carry a list of images")
-        decoded = [decode_upload(upload, f"image {k} of message {number}") for k, upload in enumerate(uploads, start=1)]
-        if message["role"] == "user" and not text.strip() and not decoded:
+        if len(uploads) + len(images) > max_images:
+            raise HttpError(413, f"message {number} brings the conversation over {max_images} images: start a new chat")
+        if message["role"] == "user" and not text.strip() and not images:
             raise HttpError(400, f"message {number} is empty: type a question or add an image")
-        turns.append(Turn(message["role"], IMAGE_TOKEN * len(decoded) + ("\n" if decoded else "") + text))
-        images += decoded
+        uploads += [upload_bytes(upload, f"image {k} of message {number}") for k, upload in enumerate(images, start=1)]
+        turns.append(Turn(message["role"], IMAGE_TOKEN * len(images) + ("\n" if images else "") + text))
     if turns[-1].role != "user":
         raise HttpError(400, "the last message must be the user's")
-    return Request(turns, images)
+    return Request(turns, decode_uploads(uploads, max_pixels))
 
 
-def _number(body: dict, key: str, kind: type, low: float, high: float, default: float):
-    value = body.get(key, default)
+def _encodable(text: str) -> bool:
+    """False for text with a lone surrogate (JSON can carry ``"\\ud800"``), which no tokenizer takes."""
     try:
-        number = kind(value)
-    except (TypeError, ValueError):
-        raise HttpError(400, f"{key} must be a number, got {value!r}") from None
-    if not low <= number <= high:
-        raise HttpError(400, f"{key} must be between {low} and {high}, got {number}")
-    return number
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _number(body: dict, key: str, kind: type[int] | type[float], low: float, high: float, default: float) -> float:
+    """``body[key]`` (or ``default``) as a JSON number of ``kind`` within [low, high]. Strict: ``true`` is not 1,
+    and 2.5 is not a whole number of tokens (NaN and Infinity never get past the JSON parser)."""
+    value = body.get(key, default)
+    allowed = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, allowed):
+        raise HttpError(400, f"{key} must be {'a whole number' if kind is int else 'a number'}, got {value!r}")
+    if not low <= value <= high:
+        raise HttpError(400, f"{key} must be between {low} and {high}, got {value}")
+    return kind(value)
 
 
 class ChatApp(WebApp):
@@ -81,8 +131,17 @@ class ChatApp(WebApp):
     page = "demo.html"
     max_body_bytes = 64 << 20  # a few photos, base64-encoded
 
-    def __init__(self, assistant: OwlAssistant, max_new_tokens: int = 128, temperature: float = 0.0, title: str = "") -> None:
+    def __init__(
+        self,
+        assistant: OwlAssistant,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        title: str = "",
+        max_images: int = MAX_IMAGES_PER_REQUEST,
+        max_pixels: int = MAX_PIXELS_PER_REQUEST,
+    ) -> None:
         self.assistant, self.title = assistant, title
+        self.max_images, self.max_pixels = max_images, max_pixels
         self.defaults = {"max_new_tokens": max_new_tokens, "temperature": temperature}
         self._lock = threading.Lock()  # one generation at a time: the model is shared by every request
 
@@ -94,10 +153,11 @@ class ChatApp(WebApp):
     def post(self, path: str, body: dict) -> object:
         if path != "/api/chat":
             return super().post(path, body)
-        request = read_conversation(body.get("messages"))
         max_new_tokens = _number(body, "max_new_tokens", int, 1, MAX_NEW_TOKENS_LIMIT, self.defaults["max_new_tokens"])
         temperature = _number(body, "temperature", float, 0.0, MAX_TEMPERATURE, self.defaults["temperature"])
+        # Decoded under the lock too: one request's pixels in memory at a time, however many wait.
         with self._lock:
+            request = read_conversation(body.get("messages"), self.max_images, self.max_pixels)
             started = time.perf_counter()
             try:
                 answer = self.assistant.answer([request], max_new_tokens=max_new_tokens, temperature=temperature)[0]

@@ -14,9 +14,12 @@ function element(tag, attributes = {}, ...children) {
   return node;
 }
 
+// The server's per-launch token, put into the page by the server: every POST must carry it.
+const TOKEN = document.querySelector('meta[name="owl-token"]').content;
+
 async function api(path, body) {
   const options = body === undefined ? {} :
-    { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
+    { method: "POST", headers: { "Content-Type": "application/json", "X-Owl-Token": TOKEN }, body: JSON.stringify(body) };
   let response;
   try {
     response = await fetch(path, options);

@@ -1,7 +1,7 @@
 "use strict";
 // The rating page: one question at a time (#q=ID in the address), A/B/C/D per anonymous answer, a summary view.
 
-let overview = null;  // {scale, systems, questions: [{question_id, category, rated, answers}]}
+let overview = null;  // {scale, systems, summary_shown, questions: [{question_id, category, rated, answers}]}
 let current = null;   // the question id on screen
 
 function entry(questionId) {
@@ -101,12 +101,33 @@ function nextUnrated() {
 }
 
 async function showSummary() {
+  // Blind mode: nothing per system is asked for until the rater says they have finished.
+  $("blind-notice").hidden = overview.summary_shown;
+  $("summary").hidden = !overview.summary_shown;
+  if (!overview.summary_shown) return;
   let summary;
   try {
     summary = await api("/api/summary");
   } catch (err) {
     return showError(err.message);
   }
+  renderSummary(summary);
+}
+
+async function revealSummary() {
+  let summary;
+  try {
+    summary = await api("/api/reveal", {});
+  } catch (err) {
+    return showError(err.message);
+  }
+  overview.summary_shown = true;
+  $("blind-notice").hidden = true;
+  $("summary").hidden = false;
+  renderSummary(summary);
+}
+
+function renderSummary(summary) {
   const letters = [...Object.keys(overview.scale), "unrated"];
   const categories = Object.keys(summary.denominators);
   const groups = categories.map((c) => element("th", { colSpan: letters.length, textContent: `${c.replace("_", "-")} (${summary.denominators[c]})` }));
@@ -141,6 +162,7 @@ async function start() {
   $("next-unrated").addEventListener("click", nextUnrated);
   $("rate-tab").addEventListener("click", () => showView("rate"));
   $("summary-tab").addEventListener("click", () => showView("summary"));
+  $("reveal").addEventListener("click", revealSummary);
   const wanted = Number((location.hash.match(/q=(\d+)/) || [])[1]);
   current = entry(wanted) ? wanted : overview.questions[0].question_id;
   await showView(location.hash === "#summary" ? "summary" : "rate");
