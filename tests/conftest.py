@@ -42,6 +42,13 @@ def tiny_model(tiny_config, tiny_tokenizer):
     return build_owl(tiny_config, tokenizer=tiny_tokenizer)
 
 
+def pytest_collection_modifyitems(items):
+    # Browser tests start Chromium: part of the slow tier wherever they live.
+    for item in items:
+        if "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_configure(config):
     logging.getLogger("owl_lightning").setLevel(logging.INFO)
 

@@ -1,6 +1,7 @@
 """OwlEval: the runner on owl-tiny (random weights: the mechanics), answer files, the published data."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,15 @@ def test_the_runner_names_every_missing_image_before_generating(owleval_folder, 
     monkeypatch.setattr(assistant, "answer", lambda *a, **kw: pytest.fail("generated despite a missing image"))
     with pytest.raises(OwlEvalError, match=r"(?s)1 OwlEval image.*blue\.png: not found"):
         answer_owleval(assistant, read_questions(owleval_folder), owleval_folder / "cases", progress=False)
+
+
+def test_the_runner_reads_no_image_outside_the_cases_folder(owleval_folder, assistant, monkeypatch):
+    (owleval_folder / "secret.png").write_bytes((owleval_folder / "cases" / "red.png").read_bytes())
+    questions = read_questions(owleval_folder)
+    questions[0] = replace(questions[0], image="../secret.png")
+    monkeypatch.setattr(assistant, "answer", lambda *a, **kw: pytest.fail("generated despite an image outside cases/"))
+    with pytest.raises(OwlEvalError, match=r"\.\./secret\.png: outside .*cases, not read"):
+        answer_owleval(assistant, questions, owleval_folder / "cases", progress=False)
 
 
 def test_history_is_cut_from_the_oldest_turn_to_leave_room_for_the_answer(assistant):

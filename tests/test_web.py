@@ -637,6 +637,7 @@ def test_images_per_conversation_are_capped(chat_calls, decoded):
 
 @pytest.fixture(scope="module")
 def browser():
+    """Headless Chromium; every test that takes it is marked slow (conftest.py)."""
     missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.exists()]
     try:
         from selenium import webdriver

@@ -7,7 +7,7 @@ owl-lightning data [--out data/embedded]
 owl-lightning eval --ckpt RUN_OR_CKPT [--vqa-limit N]
 owl-lightning chat --ckpt RUN_OR_CKPT --image a.jpg [--image b.jpg] [--prompt "..."]
 owl-lightning owleval --ckpt RUN_OR_CKPT --out answers.jsonl [--data ../shared/owleval]
-owl-lightning rate --answers DIR_OR_FILE [--answers ...] [--ratings owleval_ratings.jsonl] [--summary]
+owl-lightning rate --answers DIR_OR_FILE [--answers ...] [--ratings owleval_ratings.jsonl] [--summary] [--no-blind]
 owl-lightning serve --ckpt RUN_OR_CKPT [--port 7860]
 owl-lightning export --ckpt RUN_OR_CKPT --out DIR
 owl-lightning convert-official --src OFFICIAL_DIR [--src ADAPTER_DIR] --out DIR [--config owl-llama7b] [--overrides JSON]

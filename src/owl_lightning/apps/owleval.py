@@ -27,7 +27,7 @@ from tqdm import tqdm
 from owl_lightning.checkpoints import run_folder
 from owl_lightning.config import IMAGE_TOKEN
 from owl_lightning.data.health import TOO_LONG, SkipSample
-from owl_lightning.data.images import decode_image
+from owl_lightning.data.images import decode_image, resolve_under_root
 from owl_lightning.data.template import Conversation, ConversationTemplate, Turn
 from owl_lightning.files import atomic_write
 from owl_lightning.inference import LoadOptions, OwlAssistant, Request
@@ -133,7 +133,11 @@ def load_images(questions: list[Question], cases: Path) -> dict[str, Image.Image
     """Every question's image, RGB; all missing or unreadable images are named at once, before any generation."""
     images, problems = {}, []
     for name in sorted({q.image for q in questions}):
-        path = cases / name
+        try:
+            path = resolve_under_root(name, cases)
+        except SkipSample:
+            problems.append(f"{name}: outside {cases}, not read")
+            continue
         if not path.is_file():
             problems.append(f"{path}: not found")
             continue
