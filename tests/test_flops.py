@@ -1,8 +1,7 @@
 """FLOP counting (owl_lightning.train.flops) against the config's shapes and against torch's FlopCounterMode."""
 
-import lightning as L
 import torch
-from tests.helpers import caption_batch, tiny_system
+from tests.helpers import caption_batch, fit, tiny_system
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from owl_lightning.config import IGNORE_INDEX, TrainRecipe
@@ -125,17 +124,7 @@ def test_matmul_rate_is_measured():
 def test_training_logs_throughput_and_mfu(tmp_path, caption_manifest):
     system = tiny_system("stage1", warmup_steps=0)
     data = CaptionDataModule(manifest=str(caption_manifest), processor=system.processor, batch_size=4, num_workers=0)
-    trainer = L.Trainer(
-        max_steps=3,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        callbacks=[StepThroughput(peak_flops=1e11)],
-    )
-    trainer.fit(system, data)
+    trainer = fit(system, data, tmp_path, steps=3, callbacks=[StepThroughput(peak_flops=1e11)])
     metrics = trainer.callback_metrics
     assert 0 < float(metrics["perf/mfu"]) < 1
     torch.testing.assert_close(float(metrics["perf/mfu"]), float(metrics["perf/tflops_per_s"]) * 1e12 / 1e11)
