@@ -235,8 +235,8 @@ _REGISTRY: dict[str, OwlConfig] = {
         name="owl-smol",
         vision=VisionConfig(timm_name="tf_efficientnet_lite0", weights=PACKAGED_EFFICIENTNET_LITE0, image_size=128, crop_pct=1.0),
         abstractor=AbstractorConfig(num_queries=16, num_layers=2, hidden_size=512, num_heads=8, intermediate_size=1536),
-        # Eager attention: on CPU, at these ≤512-token batches, SmolLM2's forward + backward takes 0.62 s
-        # against 0.90 s with torch's CPU flash kernel (SDPA), whose backward is 8x its forward (docs/benchmarks.md).
+        # Eager attention: at these short rows on a CPU it beats torch's CPU flash kernel (SDPA), whose
+        # backward is far slower than its forward (docs/benchmarks.md has the timings).
         llm=LLMConfig(source=PACKAGED_SMOLLM2, attn_implementation="eager"),
     ),
     # The paper's model. CLIP ViT-L/14 uses QuickGELU (as the official vision tower), so the

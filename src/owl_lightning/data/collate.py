@@ -89,9 +89,8 @@ def _stack_channels_last(images: list[torch.Tensor]) -> torch.Tensor:
 
 
 # Packed rows may hold up to this many times the longest sample: longer rows leave less room
-# unfilled but attend over more (masked) positions, a cost that grows with the row's square. On
-# the embedded stage-2 data (owl-smol, eager attention, CPU): rows up to 4x gave 0.959 real tokens
-# and a 15% slower step than one sample a row; up to 2x, 0.920 and 3% slower (docs/benchmarks.md).
+# unfilled but attend over more (masked) positions, a cost that grows with the row's square
+# (the trade-off measured on the embedded data is in docs/benchmarks.md).
 MAX_ROW_FACTOR = 2
 
 

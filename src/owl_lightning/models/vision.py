@@ -55,8 +55,8 @@ class VisionEncoder(nn.Module):
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if pixels.dtype != torch.uint8:
             raise TypeError(f"VisionEncoder takes uint8 pixels (from image_transform), got {pixels.dtype}")
-        # Channels-last activations run oneDNN's (and cuDNN's) faster convolution kernels: the CNN
-        # encoder's forward + backward takes ~12% less time on the CPU; a ViT's patch embedding does not mind.
+        # Channels-last activations run oneDNN's (and cuDNN's) faster convolution kernels (docs/benchmarks.md);
+        # a ViT's patch embedding does not mind.
         pixels = pixels.contiguous(memory_format=torch.channels_last)
         images = (pixels.to(self.mean.dtype) - self.mean) / self.std
         features = self.model.forward_features(images)
