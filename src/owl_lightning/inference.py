@@ -65,7 +65,7 @@ class OwlAssistant:
         model, tokenizer: the model and its tokenizer (with ``<image>``).
         template: ``owl`` or ``chat_template``; system_prompt: the system line used in training.
         max_length: longest prompt accepted (visual tokens included).
-        precision: ``bf16`` (autocast; about 1.7x faster than fp32 on CPU too), ``fp16`` or ``fp32``.
+        precision: ``bf16`` (autocast, on CPUs too), ``fp16`` or ``fp32``.
     """
 
     def __init__(
