@@ -22,6 +22,7 @@ from owl_lightning.data.health import (
     MISSING_IMAGE,
     MISSING_TEXT,
     TRUNCATED_TAR,
+    UNEXPECTED,
     SkipLog,
 )
 from owl_lightning.data.manifest import ShardSource
@@ -235,3 +236,40 @@ def test_missing_shard_files(tmp_path, caplog):
     pipeline = build([ShardSource("m", gappy)], train=False)
     assert "1 of 3 shards missing" in caplog.text
     assert sum(len(batch["source"]) for batch in pipeline) == 6
+
+
+def test_deeply_nested_json_caption_is_a_skipped_sample(tmp_path):
+    """100,000 ``[`` overflow the JSON parser's recursion limit (RecursionError): one skipped sample."""
+    samples = [
+        img2dataset_sample(0, "fine", rgb_png(0)),
+        img2dataset_sample(1, "x", rgb_png(1)) | {"json": "[" * 100_000},
+        img2dataset_sample(2, "x", rgb_png(2)) | {"json": '{"caption": ' + "[" * 100_000},
+        img2dataset_sample(3, "also fine", rgb_png(3)),
+    ]
+    shard = write_shard(tmp_path / "deep.tar", samples)
+    (batch,) = list(build([ShardSource("deep", str(shard), caption_key="json:caption")], train=False))
+    assert captions_of(batch) == ["fine", "also fine"]
+    assert batch["skipped"] == [(MALFORMED_RECORD, f"{shard}:000000001"), (MALFORMED_RECORD, f"{shard}:000000002")]
+
+
+def test_an_unforeseen_failure_is_skipped_as_unexpected(tmp_path, caplog):
+    """Whatever a stage raises for one sample — here a bug planted in the caption encoder — costs that sample."""
+
+    def encode_with_a_bug(caption: str) -> tuple[list[int], list[int]]:
+        if caption == "bug":
+            raise IndexError("planted")
+        return caption_bytes(caption)
+
+    shard = write_shard(tmp_path / "u.tar", [img2dataset_sample(key, "bug" if key == 1 else f"ok {key}", rgb_png(key)) for key in range(3)])
+    pipeline = build_shard_pipeline(
+        [ShardSource("u", str(shard))],
+        image_transform=resize_to_tensor,
+        encode_caption=encode_with_a_bug,
+        pad_token_id=PAD,
+        batch_size=4,
+        train=False,
+    )
+    (batch,) = list(pipeline)
+    assert captions_of(batch) == ["ok 0", "ok 2"]
+    assert batch["skipped"] == [(UNEXPECTED, f"{shard}:000000001")]
+    assert "IndexError: planted" in caplog.text

@@ -1,5 +1,9 @@
 """Skipped-sample accounting: nothing a dataset contains crashes a run, and nothing is skipped silently.
 
+Every stage that handles one record at a time runs it under :meth:`SkipLog.catch`: a bad record —
+of a kind some check names (:class:`SkipSample` with a reason below) or of a kind nobody foresaw
+(reason ``unexpected``) — becomes one counted skip with its file and record, and the stage goes on.
+
 Skips happen where samples are read: in DataLoader worker processes. Each pipeline owns a
 :class:`SkipLog`; a worker records every skip there and the collate step drains it into the
 batch it builds (``batch["skipped"]``), so the counts travel to the main process with the
@@ -10,25 +14,31 @@ message naming the worst shard/file once the skip fraction passes the configured
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from types import TracebackType
 
 log = logging.getLogger(__name__)
 
 # Skip reasons: one vocabulary for every reader, so TensorBoard shows one chart per reason.
 CORRUPT_IMAGE = "corrupt_image"
-UNSUPPORTED_IMAGE = "unsupported_image"  # decodes, but a mode/bit depth we refuse to guess about
+UNSUPPORTED_IMAGE = "unsupported_image"  # a format or mode we refuse to open (EPS, ...) or to guess about
 DECOMPRESSION_BOMB = "decompression_bomb"
 MISSING_IMAGE = "missing_image"
 MISSING_TEXT = "missing_text"
-BAD_TEXT = "bad_text"  # not UTF-8, wrong type
-TRUNCATED_TAR = "truncated_tar"
+BAD_TEXT = "bad_text"  # not UTF-8, wrong type, lone surrogates
+TRUNCATED_TAR = "truncated_tar"  # a shard that cannot be read (on): truncated, empty, not a tar
 MALFORMED_RECORD = "malformed_record"  # bad JSON, wrong field types, unknown role, empty conversation
 IMAGE_COUNT_MISMATCH = "image_count_mismatch"
 PATH_OUTSIDE_ROOT = "path_outside_root"
 TOO_LONG = "too_long"  # truncation would leave no supervised token, or megabytes of text
 EMPTY_SOURCE = "empty_source"  # an instruction file without one usable record (e.g. 0 bytes)
+UNEXPECTED = "unexpected"  # an exception no check foresaw; the detail names its type
+
+# How much of a skip's detail goes into a warning (the detail may quote the record itself).
+_DETAIL_CHARACTERS = 300
 
 
 class SkipSample(Exception):
@@ -40,23 +50,74 @@ class SkipSample(Exception):
         self.detail = detail
 
 
+def parse_json_record(text: str | bytes, what: str) -> object:
+    """``json.loads`` of one record, or :class:`SkipSample` saying why not. ``what`` names it in the detail
+    (``"line"``, ``".json member"``). Deep nesting is malformed too: 100,000 ``[`` make the parser raise
+    ``RecursionError``, which must cost one record, not the run."""
+    try:
+        return json.loads(text)
+    except UnicodeDecodeError as err:
+        raise SkipSample(BAD_TEXT, f"{what} is not UTF-8: {err}") from None
+    except json.JSONDecodeError as err:
+        raise SkipSample(MALFORMED_RECORD, f"{what} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise SkipSample(MALFORMED_RECORD, f"{what} is JSON nested too deeply to parse") from None
+
+
 @dataclass
 class SkipLog:
     """Worker-local record of skips since the last batch. Picklable, so each worker gets its own."""
 
     pending: list[tuple[str, str]] = field(default_factory=list)
     warnings_left: int = 20  # per worker; after that only the counts say it
+    last: str = ""  # the latest skip, "where (reason: detail)", for error messages
 
-    def record(self, reason: str, where: str, detail: str = "") -> None:
-        """Count one skipped sample. ``where`` names the shard/file and sample (``shard.tar:000123``)."""
+    def record(self, reason: str, where: str, detail: str = "", error: BaseException | None = None) -> None:
+        """Count one skipped sample. ``where`` names the shard/file and sample (``shard.tar:000123``);
+        ``error``, for an unforeseen failure, puts its traceback in the warning."""
         self.pending.append((reason, where))
+        self.last = f"{where} ({reason}: {detail})" if detail else f"{where} ({reason})"
         if self.warnings_left > 0:
             self.warnings_left -= 1
-            log.warning("skipped %s (%s)%s", where, reason, f": {detail}" if detail else "")
+            shown = detail if len(detail) <= _DETAIL_CHARACTERS else detail[:_DETAIL_CHARACTERS] + "..."
+            log.warning("skipped %s (%s)%s", where, reason, f": {shown}" if shown else "", exc_info=error)
+
+    def catch(self, where: str) -> CaughtSkip:
+        """``with skips.catch(where): ...``: whatever the block raises for one record becomes a counted skip.
+
+        A :class:`SkipSample` is recorded with its reason; any other exception — a kind of bad record no
+        check foresaw, or a bug — with reason ``unexpected`` and its type in the detail (the first few with
+        their traceback in the log). Either way the block is left and the caller goes on to the next record.
+        ``MemoryError`` and non-``Exception`` errors (``KeyboardInterrupt``) are not records' faults: they
+        pass. After the block, the context's ``skip`` is what was recorded (``None``: nothing)."""
+        return CaughtSkip(self, where)
 
     def drain(self) -> list[tuple[str, str]]:
         pending, self.pending = self.pending, []
         return pending
+
+
+class CaughtSkip:
+    """The context manager of :meth:`SkipLog.catch`."""
+
+    def __init__(self, skips: SkipLog, where: str) -> None:
+        self.skips = skips
+        self.where = where
+        self.skip: SkipSample | None = None
+
+    def __enter__(self) -> CaughtSkip:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None) -> bool:
+        if error is None or not isinstance(error, Exception) or isinstance(error, MemoryError):
+            return False
+        if isinstance(error, SkipSample):
+            self.skip = error
+            self.skips.record(error.reason, self.where, error.detail)
+        else:
+            self.skip = SkipSample(UNEXPECTED, f"{type(error).__name__}: {error}")
+            self.skips.record(UNEXPECTED, self.where, self.skip.detail, error=error)
+        return True  # handled: the caller's next statement runs
 
 
 class SkipRateExceeded(RuntimeError):

@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from owl_lightning.data.health import CORRUPT_IMAGE, DECOMPRESSION_BOMB, MISSING_IMAGE, PATH_OUTSIDE_ROOT, UNSUPPORTED_IMAGE, SkipSample
+from owl_lightning.data.health import (
+    CORRUPT_IMAGE,
+    DECOMPRESSION_BOMB,
+    MALFORMED_RECORD,
+    MISSING_IMAGE,
+    PATH_OUTSIDE_ROOT,
+    UNSUPPORTED_IMAGE,
+    SkipSample,
+)
 
 # PIL's own default (≈89.5 Mpx); warnings past it become errors here so a bomb is skipped, not decoded.
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS
@@ -58,9 +66,13 @@ def decode_image(data: bytes | Path) -> Image.Image:
 
 
 def resolve_under_root(relative: str, root: Path) -> Path:
-    """``root / relative``, refusing paths that leave ``root`` (``..``, absolute paths, symlinks out)."""
+    """``root / relative``, refusing paths that leave ``root`` (``..``, absolute paths, symlinks out) and
+    paths the OS cannot take (a NUL byte, a lone surrogate)."""
     root = root.resolve()
-    candidate = (root / relative).resolve()
+    try:
+        candidate = (root / relative).resolve()
+    except (ValueError, OSError) as err:  # "embedded null byte", UnicodeEncodeError, a name too long, ...
+        raise SkipSample(MALFORMED_RECORD, f"image path {relative!r:.200} is not a usable file name: {err}") from None
     if not candidate.is_relative_to(root):
         raise SkipSample(PATH_OUTSIDE_ROOT, f"{relative!r} resolves outside image root {root}")
     return candidate

@@ -7,7 +7,8 @@ Training (``train=True``), for each source::
     → read tar                a broken or truncated tar is recorded (TRUNCATED_TAR) and left
     → shuffle samples         buffer of raw samples, seeded per (seed, epoch, rank, worker)
     → encode                  caption → encode_caption → decode_image → image_transform;
-                              a bad sample is recorded with its reason and dropped
+                              a bad sample is recorded with its reason (``unexpected`` for a
+                              failure no check foresaw) and dropped
 
 then the sources are mixed sample by sample by their weights (seeded), batched with
 :func:`~owl_lightning.data.collate.collate`, and every DataLoader worker stops after its share of
@@ -37,7 +38,6 @@ DataModule's ``setup``, not in ``__init__``.
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import multiprocessing
 import random
@@ -54,12 +54,12 @@ from PIL import Image
 from owl_lightning.data.collate import EncodedSample, collate
 from owl_lightning.data.health import (
     BAD_TEXT,
-    MALFORMED_RECORD,
     MISSING_IMAGE,
     MISSING_TEXT,
     TRUNCATED_TAR,
     SkipLog,
     SkipSample,
+    parse_json_record,
 )
 from owl_lightning.data.images import decode_image
 from owl_lightning.data.manifest import ShardSource
@@ -307,10 +307,10 @@ class _SeededShuffle(wds.PipelineStage):
 
 def _map_or_skip(samples: Iterable[dict], fn: Callable[[dict], EncodedSample], skips: SkipLog) -> Iterator[EncodedSample]:
     for sample in samples:
-        try:
-            yield fn(sample)
-        except SkipSample as skip:
-            skips.record(skip.reason, f"{sample['__url__']}:{sample['__key__']}", skip.detail)
+        with skips.catch(f"{sample['__url__']}:{sample['__key__']}") as encoding:
+            encoded = fn(sample)
+        if encoding.skip is None:
+            yield encoded
 
 
 def _encode_sample(
@@ -344,10 +344,7 @@ def _caption_of(raw: dict, caption_key: str) -> str:
     except UnicodeDecodeError as err:
         raise SkipSample(BAD_TEXT, f".{member} is not UTF-8: {err}") from None
     if field:
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise SkipSample(MALFORMED_RECORD, f".{member} is not valid JSON: {err}") from None
+        record = parse_json_record(text, f".{member}")
         text = record.get(field) if isinstance(record, dict) else None
         if text is not None and not isinstance(text, str):
             raise SkipSample(BAD_TEXT, f"field {field!r} of .{member} is a {type(text).__name__}, not a string")
