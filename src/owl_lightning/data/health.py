@@ -8,8 +8,9 @@ Skips happen where samples are read: in DataLoader worker processes. Each pipeli
 :class:`SkipLog`; a worker records every skip there and the collate step drains it into the
 batch it builds (``batch["skipped"]``), so the counts travel to the main process with the
 data itself — no shared memory, no extra channel, and they survive any number of workers.
+Records refused while a source is read at setup are handed over directly (:meth:`DataHealth.record_read`).
 In the main process :class:`DataHealth` adds them up, logs them, and stops the run with a
-message naming the worst shard/file once the skip fraction passes the configured limit.
+message naming the worst shard/file once a skip fraction passes the configured limit.
 """
 
 from __future__ import annotations
@@ -127,24 +128,69 @@ class SkipRateExceeded(RuntimeError):
 
 
 @dataclass
+class SourceReadCounts:
+    """One source as read when the data is set up: its file, the records kept, and those refused by reason."""
+
+    path: str
+    kept: int = 0
+    skipped_by_reason: Counter = field(default_factory=Counter)
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skipped_by_reason.values())
+
+
+@dataclass
 class DataHealth:
-    """Main-process totals of samples used and skipped, by reason, by source and by shard/file.
+    """Main-process totals of the data used and skipped, by reason, by source and by shard/file.
+
+    Two kinds of skip, each held against what it was one of:
+
+    * read-time skips: records refused while a source is read whole at setup (stage 2's instruction
+      files), against the records read. Kept per source, so reading a source again (a second
+      ``setup``, a resumed run) replaces its counts rather than adding to them.
+    * stream skips: samples refused while batches are built, against the samples drawn (used + skipped).
+      They arrive with the batches, so a resumed run, which restores these totals and goes on with the
+      batch after its checkpoint, counts each one once.
 
     Args:
-        max_skip_fraction: stop when skipped / (used + skipped) exceeds this ...
-        min_samples: ... once at least this many samples were read (small counts are noise).
+        max_skip_fraction: stop when either fraction exceeds this ...
+        min_samples: ... once at least this many records (or samples) were seen (small counts are noise).
     """
 
     max_skip_fraction: float = 0.1
     min_samples: int = 200
     used: int = 0
-    skipped_by_reason: Counter = field(default_factory=Counter)
-    skipped_by_location: Counter = field(default_factory=Counter)
+    skipped_by_reason: Counter = field(default_factory=Counter)  # stream skips ...
+    skipped_by_location: Counter = field(default_factory=Counter)  # ... and where they were
     used_by_source: Counter = field(default_factory=Counter)
+    read_by_source: dict[str, SourceReadCounts] = field(default_factory=dict)
 
     @property
     def skipped(self) -> int:
+        """Stream skips (see the class docstring)."""
         return sum(self.skipped_by_reason.values())
+
+    # -- read-time ---------------------------------------------------------------------------------
+
+    def record_read(self, source: str, path: str, kept: int, skipped: list[tuple[str, str]]) -> None:
+        """What reading ``source`` (file ``path``) gave: ``kept`` usable records and the ``skipped`` ones.
+        Replaces the counts of an earlier read of the same source; call :meth:`check_read` after the last source."""
+        self.read_by_source[source] = SourceReadCounts(path, kept, Counter(reason for reason, _ in skipped))
+
+    def read_skip_fraction(self) -> float:
+        skipped = sum(counts.skipped for counts in self.read_by_source.values())
+        seen = skipped + sum(counts.kept for counts in self.read_by_source.values())
+        return skipped / seen if seen else 0.0
+
+    def check_read(self) -> None:
+        """Raise :class:`SkipRateExceeded` if too many of the records read at setup were refused."""
+        by_reason = sum((counts.skipped_by_reason for counts in self.read_by_source.values()), Counter())
+        by_file = Counter({counts.path: counts.skipped for counts in self.read_by_source.values() if counts.skipped})
+        kept = sum(counts.kept for counts in self.read_by_source.values())
+        self._check("records read at setup", kept, by_reason, by_file)
+
+    # -- stream ------------------------------------------------------------------------------------
 
     def update(self, sources: list[str], skipped: list[tuple[str, str]]) -> None:
         """Add one batch: the source name of each sample in it and the skips drained into it."""
@@ -160,23 +206,39 @@ class DataHealth:
         return self.skipped / seen if seen else 0.0
 
     def check(self) -> None:
-        seen = self.used + self.skipped
-        if seen < self.min_samples or self.skip_fraction() <= self.max_skip_fraction:
+        """Raise :class:`SkipRateExceeded` if too many of the samples drawn for batches were skipped."""
+        self._check("samples drawn for batches", self.used, self.skipped_by_reason, self.skipped_by_location)
+
+    def clear_stream_counts(self) -> None:
+        """Start the stream counts afresh (each validation pass reads the same records again)."""
+        self.used = 0
+        self.skipped_by_reason, self.skipped_by_location, self.used_by_source = Counter(), Counter(), Counter()
+
+    def _check(self, what: str, kept: int, skipped_by_reason: Counter, skipped_by_location: Counter) -> None:
+        skipped = sum(skipped_by_reason.values())
+        seen = kept + skipped
+        if seen < self.min_samples or skipped / seen <= self.max_skip_fraction:
             return
-        worst, count = self.skipped_by_location.most_common(1)[0]
-        reasons = ", ".join(f"{r}={n}" for r, n in self.skipped_by_reason.most_common())
+        worst, count = skipped_by_location.most_common(1)[0]
+        reasons = ", ".join(f"{r}={n}" for r, n in skipped_by_reason.most_common())
         raise SkipRateExceeded(
-            f"{self.skipped} of {seen} samples skipped ({self.skip_fraction():.1%}) is above "
+            f"{skipped} of {seen} {what} skipped ({skipped / seen:.1%}) is above "
             f"max_skip_fraction={self.max_skip_fraction:.1%}. Reasons: {reasons}. Most skips come from "
             f"{worst} ({count}). Fix or remove that data, or raise --data.max_skip_fraction."
         )
 
-    def metrics(self) -> dict[str, float]:
-        """Flat dict for ``LightningModule.log_dict``: skip counts by reason and realised source shares."""
-        out: dict[str, float] = {f"data/skipped/{r}": float(n) for r, n in self.skipped_by_reason.items()}
-        out["data/skipped_fraction"] = self.skip_fraction()
+    # -- reporting and checkpoints -------------------------------------------------------------------
+
+    def metrics(self, prefix: str = "data") -> dict[str, float]:
+        """Flat dict for ``LightningModule.log_dict``: skip counts by reason (read-time and stream together),
+        both skip fractions, and the realised source shares."""
+        skipped = self.skipped_by_reason + sum((counts.skipped_by_reason for counts in self.read_by_source.values()), Counter())
+        out: dict[str, float] = {f"{prefix}/skipped/{r}": float(n) for r, n in skipped.items()}
+        out[f"{prefix}/skipped_fraction"] = self.skip_fraction()
+        if self.read_by_source:
+            out[f"{prefix}/skipped_fraction_at_read"] = self.read_skip_fraction()
         for source, n in self.used_by_source.items():
-            out[f"data/share/{source}"] = n / max(self.used, 1)
+            out[f"{prefix}/share/{source}"] = n / max(self.used, 1)
         return out
 
     def state_dict(self) -> dict:
@@ -185,6 +247,10 @@ class DataHealth:
             "skipped_by_reason": dict(self.skipped_by_reason),
             "skipped_by_location": dict(self.skipped_by_location),
             "used_by_source": dict(self.used_by_source),
+            "read_by_source": {
+                source: {"path": counts.path, "kept": counts.kept, "skipped_by_reason": dict(counts.skipped_by_reason)}
+                for source, counts in self.read_by_source.items()
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -192,6 +258,10 @@ class DataHealth:
         self.skipped_by_reason = Counter(state["skipped_by_reason"])
         self.skipped_by_location = Counter(state["skipped_by_location"])
         self.used_by_source = Counter(state["used_by_source"])
+        self.read_by_source = {
+            source: SourceReadCounts(counts["path"], counts["kept"], Counter(counts["skipped_by_reason"]))
+            for source, counts in state.get("read_by_source", {}).items()  # absent in checkpoints of older versions
+        }
 
 
 def _file_of(where: str) -> str:
