@@ -1,5 +1,6 @@
 """Both stages train through a corpus of broken and hostile data (tests/hostile_corpus.py): every bad
-record is skipped with its reason, the run completes, and no file outside the data roots is opened."""
+record is skipped with its reason, the run completes under the default skip limit as well as with none,
+no file outside the data roots is opened, and a resumed run counts every skip once."""
 
 import importlib
 import os
