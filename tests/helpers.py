@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import Callback
 from PIL import Image
 
 from owl_lightning.config import IGNORE_INDEX, STAGE1, STAGE2, TrainRecipe, get_config
@@ -85,3 +86,18 @@ SUBSET = [  # one single-turn question, and a two-turn conversation about anothe
     {"image": "blue.png", "question_id": 2, "question": "Describe the image.", "ability": "b", "category": ["single_turn", "multi_turn"]},
     {"image": "blue.png", "question_id": 3, "question": "Are you sure?", "ability": "f", "category": ["multi_turn"]},
 ]
+
+
+class Interrupted(Exception):
+    pass
+
+
+class InterruptAt(Callback):
+    """Dies before step ``step`` begins — after the checkpoint of the step before was written."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise Interrupted

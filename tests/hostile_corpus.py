@@ -1,9 +1,12 @@
 """A corpus of broken and hostile training data, written on demand by the tests.
 
 Stage 1: WebDataset shards in img2dataset's layout where every shard mixes good samples with
-one of each bad kind, plus a 0-byte shard and a truncated one. Stage 2: instruction files in
-three formats with bad records of every kind, image paths that try to leave the image root, and
-a 0-byte file. ``outside/secret.png`` is a valid image that no reader may ever open.
+one of each bad kind, plus a 0-byte shard, a truncated one and a gzip bomb. Stage 2: instruction
+files in three formats with bad records of every kind, image paths that try to leave the image
+root, and a 0-byte file. ``outside/secret.png`` is a valid image that no reader may ever open.
+
+Some kinds are bad only under the limits a test sets (PIL's default pixel limit, for one, is too
+big to write here): :data:`LIMITS` names them; the tests apply them with ``monkeypatch``.
 
 Each writer returns the manifest path and ``expected``: the skip reason of every bad record,
 keyed by where the pipeline reports it (``shard.tar:key`` or ``file#index`` / ``file:line``).
@@ -11,9 +14,11 @@ keyed by where the pipeline reports it (``shard.tar:key`` or ``file#index`` / ``
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +35,28 @@ from owl_lightning.data.health import (
     MALFORMED_RECORD,
     MISSING_IMAGE,
     MISSING_TEXT,
+    OVERSIZED_MEMBER,
+    OVERSIZED_SHARD,
     PATH_OUTSIDE_ROOT,
     TOO_LONG,
     TRUNCATED_TAR,
+    UNSUPPORTED_IMAGE,
 )
 
 SIDE = 32
-BOMB_SIDE = 128  # past the pixel limit the test sets (PIL's default is 89 Mpx: too big to write here)
-ENORMOUS = "word " * 200_000  # a megabyte of text in one caption or answer
+BOMB_SIDE = 128  # past the pixel limit of LIMITS
+ENORMOUS = "word " * 200_000  # a megabyte of text in one answer
+LONG_CAPTION = "word " * 20_000  # 100 kB: far past what max_length tokens hold, within the member limit
+HUGE_MEMBER = 512 << 10  # bytes of one tar member, past the member limit of LIMITS
+GZIP_BOMB = 64 << 20  # bytes of zeros in one member of a .tar.gz, past the shard limit of LIMITS
+# (module, attribute, value) the tests set: the limits under which the corpus's bombs are bombs.
+LIMITS = [
+    ("owl_lightning.data.images", "MAX_IMAGE_PIXELS", SIDE * SIDE * 2),
+    ("owl_lightning.data.shards", "MAX_MEMBER_BYTES", 256 << 10),
+    ("owl_lightning.data.shards", "MAX_SHARD_BYTES", 8 << 20),
+]
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+DEEP_JSON = "[" * 100_000  # past the JSON parser's recursion limit
 
 
 def png(seed: int, side: int = SIDE, mode: str = "RGB") -> bytes:
@@ -70,7 +89,9 @@ def _bad_samples(shard: int) -> list[tuple[str | None, dict]]:
         (MISSING_IMAGE, {"txt": b"no image"}),
         (BAD_TEXT, {"png": png(3), "txt": "caf\u00e9".encode("latin-1")}),
         (DECOMPRESSION_BOMB, {"png": png(4, side=BOMB_SIDE), "txt": b"bomb"}),
-        (TOO_LONG, {"png": png(5), "txt": ENORMOUS.encode()}),
+        (TOO_LONG, {"png": png(5), "txt": LONG_CAPTION.encode()}),
+        (UNSUPPORTED_IMAGE, {"png": EPS, "txt": b"a PostScript drawing: Ghostscript must never run"}),
+        (OVERSIZED_MEMBER, {"png": png(9) + bytes(HUGE_MEMBER), "txt": b"a huge member"}),
         (None, {"png": png(6, mode="P"), "txt": b"a palette image"}),
         (None, {"png": png(7, mode="RGBA"), "txt": b"an rgba image"}),
         (None, {"png": png(8, mode="L"), "txt": b"a grey image"}),
@@ -78,8 +99,9 @@ def _bad_samples(shard: int) -> list[tuple[str | None, dict]]:
 
 
 def write_hostile_shards(root: Path) -> tuple[Path, dict[str, str]]:
-    """Train shards ``mixed-00000{0,1}`` (good and bad samples), ``empty-000000`` (0 bytes) and
-    ``cut-000000`` (truncated); a JSON-caption source with wrong-typed fields; one val shard."""
+    """Train shards ``mixed-00000{0,1}`` (good and bad samples), ``empty-000000`` (0 bytes),
+    ``cut-000000`` (truncated) and ``bomb-000000.tar.gz`` (a gzip bomb after one good sample); a
+    JSON-caption source with wrong-typed, over-deep and unencodable fields; one val shard."""
     folder = root / "shards"
     folder.mkdir(parents=True)
     expected: dict[str, str] = {}
@@ -101,6 +123,9 @@ def write_hostile_shards(root: Path) -> tuple[Path, dict[str, str]]:
     data = (folder / "cut-000000.tar").read_bytes()
     (folder / "cut-000000.tar").write_bytes(data[: len(data) // 2])
     expected[str(folder / "cut-000000.tar")] = TRUNCATED_TAR
+    bomb = folder / "bomb-000000.tar.gz"
+    bomb.write_bytes(_gzip_bomb())
+    expected[str(bomb)] = OVERSIZED_SHARD
 
     json_path = folder / "json-000000.tar"
     with wds.TarWriter(str(json_path)) as sink:
@@ -110,6 +135,8 @@ def write_hostile_shards(root: Path) -> tuple[Path, dict[str, str]]:
             ("wrongtype", {"caption": 42}, BAD_TEXT),
             ("notjson00", b"{broken", MALFORMED_RECORD),
             ("nofield00", {"url": "x"}, MISSING_TEXT),
+            ("deepjson0", DEEP_JSON.encode(), MALFORMED_RECORD),
+            ("surrogat0", {"caption": "caf\ud800"}, BAD_TEXT),  # the tokenizer cannot take a lone surrogate
         ]:
             sink.write({"__key__": key, "png": png(400), "json": record if isinstance(record, bytes) else json.dumps(record)})
             expected[f"{json_path}:{key}"] = reason
@@ -124,9 +151,9 @@ def write_hostile_shards(root: Path) -> tuple[Path, dict[str, str]]:
                 "train": [
                     {
                         "name": "mixed",
-                        "shards": "shards/{mixed-000000,mixed-000001,empty-000000,cut-000000}.tar",
+                        "shards": "shards/{mixed-000000.tar,mixed-000001.tar,empty-000000.tar,cut-000000.tar,bomb-000000.tar.gz}",
                         "image_key": "png",
-                        "num_samples": 40,
+                        "num_samples": 60,  # 15 batches of 4 an epoch: the 12 steps a test runs stay in epoch 0
                         "weight": 3,
                     },
                     {"name": "json", "shards": "shards/json-000000.tar", "image_key": "png", "caption_key": "json:caption", "weight": 1},
@@ -136,6 +163,17 @@ def write_hostile_shards(root: Path) -> tuple[Path, dict[str, str]]:
         )
     )
     return manifest, expected
+
+
+def _gzip_bomb() -> bytes:
+    """A .tar.gz of ~64 kB: one good sample, then a member of GZIP_BOMB zero bytes."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in [("good00000.png", png(700)), ("good00000.txt", b"before the bomb"), ("bomb00000.png", bytes(GZIP_BOMB))]:
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    return gzip.compress(buffer.getvalue())
 
 
 # -- stage 2 ------------------------------------------------------------------------------------
@@ -168,6 +206,11 @@ def write_hostile_instructions(root: Path) -> tuple[Path, dict[str, str]]:
         ({"image": "corrupt.png", "conversations": _turns("<image>\nx", "y")}, CORRUPT_IMAGE),
         ({"image": "good0.png", "conversations": _turns("<image>\n<image>\ntwo placeholders, one image", "y")}, IMAGE_COUNT_MISMATCH),
         ({"image": "good0.png", "conversations": _turns("<image>\nx", ENORMOUS)}, TOO_LONG),
+        ({"conversations": [{"from": "system", "value": "x" * 5_000_000}] + _turns("x", "y")}, TOO_LONG),
+        ({"image": "good0.png", "conversations": [{"from": "system", "value": "<image>"}] + _turns("x", "y")}, MALFORMED_RECORD),
+        ({"conversations": [{"from": "system", "value": "Look: <image>"}] + _turns("x", "y")}, IMAGE_COUNT_MISMATCH),
+        ({"conversations": _turns("caf\ud800?", "y")}, BAD_TEXT),  # a lone surrogate: the tokenizer raises TypeError
+        ({"image": "good0.png\x00.png", "conversations": _turns("<image>\nx", "y")}, MALFORMED_RECORD),  # Path.resolve: ValueError
         ({"image": "good0.png", "conversations": "not a list"}, MALFORMED_RECORD),
         ({"image": "good0.png", "conversations": [{"from": "human", "value": 7}]}, MALFORMED_RECORD),
         ({"image": 12, "conversations": _turns("<image>\nx", "y")}, MALFORMED_RECORD),
@@ -181,8 +224,10 @@ def write_hostile_instructions(root: Path) -> tuple[Path, dict[str, str]]:
     owl = folder / "owl.jsonl"
     lines = [json.dumps({"text": f"\nHuman: say {i}\nAI: {i}"}).encode() for i in range(3)]
     lines += [b"{not json", b'{"text": "\\nHuman: caf\xe9\\nAI: ok"}', json.dumps({"text": 5}).encode()]
+    lines += [DEEP_JSON.encode(), json.dumps({"text": "\nHuman: \ud800\nAI: ok"}).encode()]
     owl.write_bytes(b"\n".join(lines) + b"\n")
-    expected |= {f"{owl}:4": MALFORMED_RECORD, f"{owl}:5": BAD_TEXT, f"{owl}:6": MALFORMED_RECORD}
+    expected |= {f"{owl}:4": MALFORMED_RECORD, f"{owl}:5": BAD_TEXT, f"{owl}:6": MALFORMED_RECORD, f"{owl}:7": MALFORMED_RECORD}
+    expected[f"{owl}:8"] = BAD_TEXT
 
     alpaca = folder / "alpaca.json"
     alpaca.write_text(

@@ -1,17 +1,19 @@
 """Both stages train through a corpus of broken and hostile data (tests/hostile_corpus.py): every bad
-record is skipped with its reason, the run completes, and no file outside the data roots is opened."""
+record is skipped with its reason, the run completes under the default skip limit as well as with none,
+no file outside the data roots is opened, and a resumed run counts every skip once."""
 
+import importlib
 import os
 import sys
 from pathlib import Path
 
 import lightning as L
-import PIL.Image
 import pytest
-from tests.helpers import tiny_system
-from tests.hostile_corpus import SIDE, write_hostile_instructions, write_hostile_shards, write_outside
+from lightning.pytorch.callbacks import ModelCheckpoint
+from tests.helpers import InterruptAt, Interrupted, tiny_system
+from tests.hostile_corpus import LIMITS, write_hostile_instructions, write_hostile_shards, write_outside
 
-from owl_lightning.data.health import EMPTY_SOURCE, PATH_OUTSIDE_ROOT, TOO_LONG, TRUNCATED_TAR
+from owl_lightning.data.health import EMPTY_SOURCE, OVERSIZED_SHARD, PATH_OUTSIDE_ROOT, TOO_LONG, TRUNCATED_TAR
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
 
 _opened: list[str] = []
@@ -35,16 +37,30 @@ def opened_files():
 
 
 def recorded_skips(data, monkeypatch) -> list[tuple[str, str]]:
-    """Every (reason, where) the DataModule's health counter receives."""
+    """Every (reason, where) the DataModule's training health counter receives, at setup and from batches."""
     skips = []
-    update = data.health.update
+    update, record_read = data.health.update, data.health.record_read
 
-    def record(sources, skipped):
+    def record_batch(sources, skipped):
         skips.extend(tuple(s) for s in skipped)
         update(sources, skipped)
 
-    monkeypatch.setattr(data.health, "update", record)
+    def record_source(source, path, kept, skipped):
+        skips.extend(tuple(s) for s in skipped)
+        record_read(source, path, kept, skipped)
+
+    monkeypatch.setattr(data.health, "update", record_batch)
+    monkeypatch.setattr(data.health, "record_read", record_source)
     return skips
+
+
+def apply_corpus_limits(monkeypatch) -> None:
+    for module, name, value in LIMITS:
+        monkeypatch.setattr(importlib.import_module(module), name, value)
+
+
+# The hostile runs pass under the limit a user gets by default, not only with skipping unbounded.
+SKIP_LIMITS = pytest.mark.parametrize("skip_limit", [{"max_skip_fraction": 1.0}, {}], ids=["unlimited", "default"])
 
 
 def train(system, data, tmp_path, steps: int) -> L.Trainer:
@@ -69,41 +85,48 @@ def never_opened_outside(opened: list[str], outside: Path) -> None:
     assert not escaped, f"files outside the data roots were opened: {escaped}"
 
 
-def test_stage1_trains_through_hostile_shards(tmp_path, monkeypatch, opened_files):
-    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", SIDE * SIDE * 2)  # the 128-px image is a bomb, 32-px ones are not
+@SKIP_LIMITS
+def test_stage1_trains_through_hostile_shards(tmp_path, monkeypatch, opened_files, skip_limit):
+    apply_corpus_limits(monkeypatch)
     outside = write_outside(tmp_path).parent
     manifest, expected = write_hostile_shards(tmp_path)
     opened_files.clear()  # from here on only the run's reads count
     system = tiny_system("stage1", warmup_steps=0)
     data = CaptionDataModule(
-        manifest=str(manifest), processor=system.processor, batch_size=4, num_workers=0, shuffle_buffer=4, max_skip_fraction=1.0
+        manifest=str(manifest), processor=system.processor, batch_size=4, num_workers=0, shuffle_buffer=4, **skip_limit
     )
     skips = recorded_skips(data, monkeypatch)
     trainer = train(system, data, tmp_path, steps=12)
 
     assert trainer.global_step == 12 and data.health.used == 48
     # Every skip is a record of the corpus, with the reason it was planted for ...
-    truncated_tars = {where for reason, where in skips if reason == TRUNCATED_TAR}
-    assert truncated_tars == {str(tmp_path / "shards" / f"{name}-000000.tar") for name in ("empty", "cut")}
-    assert {where: reason for reason, where in skips if reason != TRUNCATED_TAR}.items() <= expected.items()
+    broken_shards = {where: reason for reason, where in skips if reason in (TRUNCATED_TAR, OVERSIZED_SHARD)}
+    shards = tmp_path / "shards"
+    assert broken_shards == {
+        str(shards / "empty-000000.tar"): TRUNCATED_TAR,
+        str(shards / "cut-000000.tar"): TRUNCATED_TAR,
+        str(shards / "bomb-000000.tar.gz"): OVERSIZED_SHARD,
+    }
+    assert {where: reason for reason, where in skips if where not in broken_shards}.items() <= expected.items()
     # ... and every kind of bad record was met.
     assert {reason for reason, _ in skips} == set(expected.values())
     never_opened_outside(opened_files, outside)
 
 
-def test_stage2_trains_through_hostile_instruction_files(tmp_path, monkeypatch, opened_files):
+@SKIP_LIMITS
+def test_stage2_trains_through_hostile_instruction_files(tmp_path, monkeypatch, opened_files, skip_limit):
     outside = write_outside(tmp_path).parent
     manifest, expected = write_hostile_instructions(tmp_path)
     opened_files.clear()  # from here on only the run's reads count
     system = tiny_system("stage2", warmup_steps=0)
     data = InstructionDataModule(
-        manifest=str(manifest), processor=system.processor, batch_size=4, num_workers=0, max_length=256, max_skip_fraction=1.0
+        manifest=str(manifest), processor=system.processor, batch_size=4, num_workers=0, max_length=256, **skip_limit
     )
     skips = recorded_skips(data, monkeypatch)
-    # One epoch: llava, the source with most batches to get through, is read whole.
-    trainer = train(system, data, tmp_path, steps=6)
+    # One epoch (7 batches): llava, the source with most batches to get through, is read whole.
+    trainer = train(system, data, tmp_path, steps=7)
 
-    assert trainer.global_step == 6
+    assert trainer.global_step == 7
     assert {where: reason for reason, where in skips} == expected  # every bad record, each with its reason
     assert sum(reason == PATH_OUTSIDE_ROOT for reason in expected.values()) == 3  # ../, absolute, symlink
     assert {TOO_LONG, EMPTY_SOURCE} <= set(expected.values())
@@ -111,3 +134,43 @@ def test_stage2_trains_through_hostile_instruction_files(tmp_path, monkeypatch, 
     never_opened_outside(opened_files, outside)
     images = tmp_path / "instructions" / "images"
     assert any(Path(path).parent == images for path in opened_files)  # the hook does see image reads
+
+
+@pytest.mark.parametrize(("stage", "interrupt_at", "steps"), [("stage1", 5, 10), ("stage2", 4, 7)])
+def test_a_resumed_run_counts_every_skip_once(tmp_path, monkeypatch, stage, interrupt_at, steps):
+    """Interrupted mid-run and resumed from its checkpoint, a run over the hostile corpus ends with the skip
+    counts of a run that never stopped: the sources read again at setup replace their read-time counts,
+    and the batches replayed to reach the resume point do not bring their skips again."""
+    apply_corpus_limits(monkeypatch)
+    write_outside(tmp_path)
+    manifest, _ = (write_hostile_shards if stage == "stage1" else write_hostile_instructions)(tmp_path)
+
+    def run(folder: Path, interrupt: bool = False, ckpt_path: Path | None = None):
+        L.seed_everything(0)
+        system = tiny_system(stage, warmup_steps=0)
+        module, options = (CaptionDataModule, {"shuffle_buffer": 4}) if stage == "stage1" else (InstructionDataModule, {"max_length": 256})
+        data = module(manifest=str(manifest), processor=system.processor, batch_size=4, num_workers=0, **options)
+        callbacks = [ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0, every_n_train_steps=1)]
+        trainer = L.Trainer(
+            max_steps=steps,
+            val_check_interval=3,
+            check_val_every_n_epoch=None,
+            limit_val_batches=1,
+            num_sanity_val_steps=1,
+            logger=False,
+            enable_progress_bar=False,
+            accelerator="cpu",
+            default_root_dir=folder,
+            callbacks=callbacks + ([InterruptAt(interrupt_at)] if interrupt else []),
+        )
+        trainer.fit(system, data, ckpt_path=ckpt_path)
+        return data
+
+    straight = run(tmp_path / "straight")
+    with pytest.raises(Interrupted):
+        run(tmp_path / "resumed", interrupt=True)
+    resumed = run(tmp_path / "resumed", ckpt_path=tmp_path / "resumed" / "last.ckpt")
+
+    assert straight.health.skipped > 0
+    assert resumed.health.state_dict() == straight.health.state_dict()
+    assert resumed.val_health.state_dict() == straight.val_health.state_dict()

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from owl_lightning.config import IMAGE_TOKEN
-from owl_lightning.data.health import IMAGE_COUNT_MISMATCH, MALFORMED_RECORD, MISSING_TEXT, SkipLog
+from owl_lightning.data.health import IMAGE_COUNT_MISMATCH, MALFORMED_RECORD, MISSING_TEXT, UNEXPECTED, SkipLog
 from owl_lightning.data.instruct import read_conversations
 from owl_lightning.data.manifest import InstructionSource
 from owl_lightning.data.template import OWL_SYSTEM_PROMPT, ConversationTemplate, Turn
@@ -222,3 +222,57 @@ def test_unreadable_files_raise_naming_the_file(tmp_path):
 def test_turn_roles_are_checked():
     with pytest.raises(ValueError, match="role"):
         Turn("gpt", "hi")
+
+
+def test_deeply_nested_json_line_is_one_skipped_record(tmp_path):
+    """100,000 ``[`` overflow the JSON parser's recursion limit: that line is skipped, reading goes on."""
+    path = tmp_path / "owl.jsonl"
+    good = json.dumps({"text": "\nHuman: Hi\nAI: Hello"})
+    path.write_text("\n".join([good, "[" * 100_000, '{"text": ' + "[" * 100_000, good]) + "\n")
+    conversations, skipped = read("owl_jsonl", str(path))
+    assert [c.origin for c in conversations] == [f"{path}:1", f"{path}:4"]
+    assert skipped == [(MALFORMED_RECORD, f"{path}:2"), (MALFORMED_RECORD, f"{path}:3")]
+
+
+def test_deeply_nested_json_file_raises_naming_the_file(tmp_path):
+    """A JSON-list file is parsed whole, so one over-deep record makes the file unreadable: a clear error."""
+    path = tmp_path / "deep.json"
+    path.write_text('[{"conversations": ' + "[" * 100_000 + "]" * 100_000 + "}]")
+    with pytest.raises(ValueError, match=r"deep\.json.*nested"):
+        read("llava", str(path))
+
+
+@pytest.mark.parametrize("speaker", ["system", "System"])
+def test_image_placeholder_in_a_system_turn_is_skipped_at_read(tmp_path, speaker):
+    path = write_json(
+        tmp_path,
+        "llava.json",
+        [
+            {"image": "a.png", "conversations": [{"from": speaker, "value": "<image>"}] + LLAVA[0]["conversations"][2:]},
+            {"image": "b.png", "conversations": [{"from": speaker, "value": "<image> rules"}] + LLAVA[0]["conversations"][:2]},
+            LLAVA[1],
+        ],
+    )
+    conversations, skipped = read("llava", path)
+    assert [c.origin for c in conversations] == [f"{path}#2"]
+    assert skipped == [(MALFORMED_RECORD, f"{path}#0"), (IMAGE_COUNT_MISMATCH, f"{path}#1")]
+
+
+def test_an_unforeseen_failure_is_a_skipped_record_of_reason_unexpected(tmp_path, monkeypatch):
+    """Whatever a parser raises for one record — here a bug planted in it — costs that record only."""
+    import owl_lightning.data.instruct as instruct
+
+    parse = instruct._PARSERS["alpaca"]
+
+    def parse_with_a_bug(record):
+        if record.get("instruction") == "Break.":
+            return {}["no such key"]
+        return parse(record)
+
+    monkeypatch.setitem(instruct._PARSERS, "alpaca", parse_with_a_bug)
+    path = write_json(tmp_path, "alpaca.json", [{"instruction": "Break.", "output": "x"}, {"instruction": "Say hi.", "output": "hi"}])
+    skips = SkipLog()
+    conversations = read_conversations(InstructionSource(name="a", format="alpaca", path=path), skips)
+    assert [c.origin for c in conversations] == [f"{path}#1"]
+    assert skips.drain() == [(UNEXPECTED, f"{path}#0")]
+    assert "KeyError" in skips.last

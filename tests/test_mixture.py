@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from owl_lightning.config import IMAGE_TOKEN
-from owl_lightning.data.health import CORRUPT_IMAGE, MISSING_IMAGE, PATH_OUTSIDE_ROOT, TOO_LONG
+from owl_lightning.data.health import CORRUPT_IMAGE, MALFORMED_RECORD, MISSING_IMAGE, PATH_OUTSIDE_ROOT, TOO_LONG, UNEXPECTED
 from owl_lightning.data.manifest import InstructionSource
 from owl_lightning.data.mixture import InstructionMixture, batch_quotas
 from owl_lightning.data.template import Conversation, ConversationTemplate, Turn
@@ -186,3 +186,35 @@ def test_dataloader_workers_cover_each_batch_once(tok, image_root):
     batches = list(loader)
     assert [b["batch_index"] for b in batches] == [1, 3, 5, 7]
     assert [answers(tok, b) for b in batches] == in_process
+
+
+@pytest.mark.parametrize("name", ["good0.png\x00.txt", "good\ud800.png"])
+def test_an_image_path_the_os_cannot_take_is_a_skipped_record(tok, image_root, name):
+    """A NUL byte (``Path.resolve`` raises ValueError) or a lone surrogate (UnicodeEncodeError) in a path."""
+    data = mixture(tok, [text_source(), vision_source(image_root, ["good0.png", name, "good1.png"])], batches_per_epoch=2)
+    skipped = [tuple(skip) for batch in data for skip in batch["skipped"]]
+    assert skipped and set(skipped) == {(MALFORMED_RECORD, "vision.json#1")}
+
+
+def test_an_unforeseen_failure_is_skipped_as_unexpected_and_replaced(tok, image_root, caplog):
+    """An exception nobody planned for (here from the image transform) costs one sample, not the run:
+    counted under ``unexpected``, with its type in the warning."""
+
+    def transform_with_a_bug(image: Image.Image) -> torch.Tensor:
+        if image.getpixel((0, 0))[0] == 40:  # good1.png
+            raise ZeroDivisionError("planted")
+        return to_tensor(image)
+
+    data = InstructionMixture(
+        [text_source(), vision_source(image_root, ["good0.png", "good1.png", "good2.png"])],
+        ConversationTemplate(tok, image_token_length=4),
+        transform_with_a_bug,
+        batch_size=8,
+        pad_token_id=tok.pad_token_id,
+        batches_per_epoch=2,
+    )
+    batches = list(data)
+    skipped = {tuple(skip) for batch in batches for skip in batch["skipped"]}
+    assert skipped == {(UNEXPECTED, "vision.json#1")}
+    assert all(Counter(batch["source"]) == {"text": 2, "vision": 6} for batch in batches)
+    assert "ZeroDivisionError: planted" in caplog.text

@@ -5,27 +5,12 @@ weights as one that never stopped — the streamed shards (stage 1) and the inst
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from tests.helpers import tiny_system
+from lightning.pytorch.callbacks import ModelCheckpoint
+from tests.helpers import InterruptAt, Interrupted, tiny_system
 
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
 
 STEPS = 8
-
-
-class Interrupted(Exception):
-    pass
-
-
-class InterruptAt(Callback):
-    """Dies before step ``step`` begins — after the checkpoint of the step before was written."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step:
-            raise Interrupted
 
 
 def build(stage: str, manifest, workers: int):

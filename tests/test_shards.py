@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
 import json
+import lzma
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +18,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+from owl_lightning.data import shards
 from owl_lightning.data.health import (
     BAD_TEXT,
     CORRUPT_IMAGE,
@@ -21,7 +26,10 @@ from owl_lightning.data.health import (
     MALFORMED_RECORD,
     MISSING_IMAGE,
     MISSING_TEXT,
+    OVERSIZED_MEMBER,
+    OVERSIZED_SHARD,
     TRUNCATED_TAR,
+    UNEXPECTED,
     SkipLog,
 )
 from owl_lightning.data.manifest import ShardSource
@@ -235,3 +243,111 @@ def test_missing_shard_files(tmp_path, caplog):
     pipeline = build([ShardSource("m", gappy)], train=False)
     assert "1 of 3 shards missing" in caplog.text
     assert sum(len(batch["source"]) for batch in pipeline) == 6
+
+
+def test_deeply_nested_json_caption_is_a_skipped_sample(tmp_path):
+    """100,000 ``[`` overflow the JSON parser's recursion limit (RecursionError): one skipped sample."""
+    samples = [
+        img2dataset_sample(0, "fine", rgb_png(0)),
+        img2dataset_sample(1, "x", rgb_png(1)) | {"json": "[" * 100_000},
+        img2dataset_sample(2, "x", rgb_png(2)) | {"json": '{"caption": ' + "[" * 100_000},
+        img2dataset_sample(3, "also fine", rgb_png(3)),
+    ]
+    shard = write_shard(tmp_path / "deep.tar", samples)
+    (batch,) = list(build([ShardSource("deep", str(shard), caption_key="json:caption")], train=False))
+    assert captions_of(batch) == ["fine", "also fine"]
+    assert batch["skipped"] == [(MALFORMED_RECORD, f"{shard}:000000001"), (MALFORMED_RECORD, f"{shard}:000000002")]
+
+
+def test_an_unforeseen_failure_is_skipped_as_unexpected(tmp_path, caplog):
+    """Whatever a stage raises for one sample — here a bug planted in the caption encoder — costs that sample."""
+
+    def encode_with_a_bug(caption: str) -> tuple[list[int], list[int]]:
+        if caption == "bug":
+            raise IndexError("planted")
+        return caption_bytes(caption)
+
+    shard = write_shard(tmp_path / "u.tar", [img2dataset_sample(key, "bug" if key == 1 else f"ok {key}", rgb_png(key)) for key in range(3)])
+    pipeline = build_shard_pipeline(
+        [ShardSource("u", str(shard))],
+        image_transform=resize_to_tensor,
+        encode_caption=encode_with_a_bug,
+        pad_token_id=PAD,
+        batch_size=4,
+        train=False,
+    )
+    (batch,) = list(pipeline)
+    assert captions_of(batch) == ["ok 0", "ok 2"]
+    assert batch["skipped"] == [(UNEXPECTED, f"{shard}:000000001")]
+    assert "IndexError: planted" in caplog.text
+
+
+@pytest.mark.parametrize("compression", ["tar", "tar.gz", "tar.bz2", "tar.xz"])
+def test_compressed_shards_are_read(tmp_path, compression):
+    plain = write_good_shards(tmp_path, "c", shards=1, per_shard=5).replace("{000000..000000}", "000000")
+    compress = {"tar": lambda data: data, "tar.gz": gzip.compress, "tar.bz2": bz2.compress, "tar.xz": lzma.compress}[compression]
+    shard = tmp_path / f"packed.{compression}"
+    shard.write_bytes(compress(Path(plain).read_bytes()))
+    (batch,) = list(build([ShardSource("c", str(shard))], train=False, batch_size=8))
+    assert captions_of(batch) == [f"c 0 {i}" for i in range(5)] and batch["skipped"] == []
+
+
+def test_a_member_over_the_size_limit_skips_its_sample_and_reading_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(shards, "MAX_MEMBER_BYTES", 4_000)
+    samples = [img2dataset_sample(key, f"small {key}", rgb_png(key)) for key in range(4)]
+    samples[1]["png"] = rgb_png(1, size=64)  # 12 kB of noise
+    samples[2]["txt"] = "a caption of many words " * 500
+    shard = write_shard(tmp_path / "big.tar", samples)
+    (batch,) = list(build([ShardSource("big", str(shard))], train=False))
+    assert captions_of(batch) == ["small 0", "small 3"]
+    assert batch["skipped"] == [(OVERSIZED_MEMBER, f"{shard}:000000001"), (OVERSIZED_MEMBER, f"{shard}:000000002")]
+
+
+@pytest.mark.parametrize("bomb", ["member", "header"])
+def test_a_compressed_shard_expanding_past_the_limit_stops_naming_the_shard(tmp_path, monkeypatch, caplog, bomb):
+    """Gzip bombs: 64 MB of zeros in one member, or a 4 MB member name in a PAX header, compress to ~100 kB.
+    Reading stops at MAX_SHARD_BYTES of expanded tar (the member: before any of it is read); the samples
+    before it are kept."""
+    monkeypatch.setattr(shards, "MAX_SHARD_BYTES", 1 << 20)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        members = [
+            (f"{key:09d}.{extension}", data)
+            for key in range(2)
+            for extension, data in (("png", rgb_png(key)), ("txt", f"before {key}".encode()))
+        ]
+        members.append(("000000002.png", bytes(64 << 20)) if bomb == "member" else ("0" * (4 << 20) + ".txt", b"x"))
+        for name, data in members:
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    shard = tmp_path / "bomb.tar.gz"
+    shard.write_bytes(gzip.compress(buffer.getvalue()))
+    assert shard.stat().st_size < 1 << 20
+    (batch,) = list(build([ShardSource("bomb", str(shard))], train=False))
+    assert captions_of(batch) == ["before 0", "before 1"]
+    assert batch["skipped"] == [(OVERSIZED_SHARD, str(shard))]
+    assert "MAX_SHARD_BYTES" in caplog.text
+
+
+def test_a_duplicate_member_skips_its_sample_not_the_shard(tmp_path):
+    """Two ``000000001.png`` members: that sample is malformed; the samples after it still arrive."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for key, extension, data in [
+            (0, "png", rgb_png(0)),
+            (0, "txt", b"zero"),
+            (1, "png", rgb_png(1)),
+            (1, "png", rgb_png(9)),
+            (1, "txt", b"one"),
+            (2, "png", rgb_png(2)),
+            (2, "txt", b"two"),
+        ]:
+            member = tarfile.TarInfo(f"{key:09d}.{extension}")
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    shard = tmp_path / "dup.tar"
+    shard.write_bytes(buffer.getvalue())
+    (batch,) = list(build([ShardSource("dup", str(shard))], train=False))
+    assert captions_of(batch) == ["zero", "two"]
+    assert batch["skipped"] == [(MALFORMED_RECORD, f"{shard}:000000001")]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN
-from owl_lightning.data.health import IMAGE_COUNT_MISMATCH, MISSING_TEXT, TOO_LONG, SkipSample
+from owl_lightning.data.health import BAD_TEXT, IMAGE_COUNT_MISMATCH, MALFORMED_RECORD, MISSING_TEXT, TOO_LONG, SkipSample
 from owl_lightning.data.template import OWL_SYSTEM_PROMPT, Conversation, ConversationTemplate, Turn
 from owl_lightning.models.llm import byte_tokenizer
 
@@ -161,6 +161,53 @@ def test_placeholder_image_count_mismatch_raises(tok, style):
     with pytest.raises(SkipSample, match="2 <image> placeholders, 1 images") as skip:
         ConversationTemplate(tok, style=style).encode(conv)
     assert skip.value.reason == IMAGE_COUNT_MISMATCH
+
+
+@pytest.mark.parametrize("style", ["owl", "chat_template"])
+def test_image_placeholder_in_the_system_message_is_refused(tok, style):
+    """The system text is tokenised too: an ``<image>`` there would be a placeholder with no image
+    (or an image spliced into the system line), so it is counted and refused like any other turn."""
+    template = ConversationTemplate(tok, style=style)
+    stray = Conversation(TEXT_ONLY.turns, system="You see <image> here.")
+    with pytest.raises(SkipSample, match="1 <image> placeholders, 0 images") as skip:
+        template.encode(stray)
+    assert skip.value.reason == IMAGE_COUNT_MISMATCH
+    listed = Conversation(SINGLE.turns, images=["a.png", "b.png"], system="<image>")
+    with pytest.raises(SkipSample, match="system message") as skip:
+        template.encode(listed)
+    assert skip.value.reason == MALFORMED_RECORD
+    with pytest.raises(ValueError, match="system_prompt"):
+        ConversationTemplate(tok, style=style, system_prompt="Look: <image>")
+
+
+@pytest.mark.parametrize("field", ["system", "user", "assistant"])
+def test_a_huge_message_in_any_turn_is_refused_before_tokenising(tok, field, monkeypatch):
+    """5 million characters in one message: refused by its length, without a single tokenizer call."""
+    template = ConversationTemplate(tok, max_length=1024)
+    tokenised = []
+    monkeypatch.setattr(template, "_tokens", lambda text: tokenised.append(len(text)) or [])
+    huge = "x" * 5_000_000
+    turns = [Turn("user", huge if field == "user" else "Hi"), Turn("assistant", huge if field == "assistant" else "Yo")]
+    conv = Conversation(turns, system=huge if field == "system" else None)
+    prompt = Conversation(turns + [Turn("user", "And?")], system=conv.system)
+    for encode, conversation in ((template.encode, conv), (template.encode_prompt, prompt)):
+        with pytest.raises(SkipSample, match=r"5,000,0\d\d characters") as skip:
+            encode(conversation)
+        assert skip.value.reason == TOO_LONG
+    assert tokenised == []
+
+
+@pytest.mark.parametrize("field", ["system", "user", "assistant", "caption"])
+def test_a_lone_surrogate_is_bad_text_not_a_tokenizer_crash(tok, field):
+    """A JSON ``"\\ud800"`` escape decodes to a str the tokenizer cannot take (TypeError)."""
+    template = ConversationTemplate(tok)
+    with pytest.raises(SkipSample, match="surrogate") as skip:
+        if field == "caption":
+            template.encode_caption("a red \ud800 circle")
+        else:
+            turns = [Turn("user", "Hi \ud800" if field == "user" else "Hi"), Turn("assistant", "\ud800!" if field == "assistant" else "Yo")]
+            template.encode(Conversation(turns, system="sys \ud800" if field == "system" else None))
+    assert skip.value.reason == BAD_TEXT
 
 
 def test_owl_prompt_ends_with_ai(tok):

@@ -1,34 +1,47 @@
 """Skipped-sample accounting: nothing a dataset contains crashes a run, and nothing is skipped silently.
 
+Every stage that handles one record at a time runs it under :meth:`SkipLog.catch`: a bad record —
+of a kind some check names (:class:`SkipSample` with a reason below) or of a kind nobody foresaw
+(reason ``unexpected``) — becomes one counted skip with its file and record, and the stage goes on.
+
 Skips happen where samples are read: in DataLoader worker processes. Each pipeline owns a
 :class:`SkipLog`; a worker records every skip there and the collate step drains it into the
 batch it builds (``batch["skipped"]``), so the counts travel to the main process with the
 data itself — no shared memory, no extra channel, and they survive any number of workers.
+Records refused while a source is read at setup are handed over directly (:meth:`DataHealth.record_read`).
 In the main process :class:`DataHealth` adds them up, logs them, and stops the run with a
-message naming the worst shard/file once the skip fraction passes the configured limit.
+message naming the worst shard/file once a skip fraction passes the configured limit.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+from types import TracebackType
 
 log = logging.getLogger(__name__)
 
 # Skip reasons: one vocabulary for every reader, so TensorBoard shows one chart per reason.
 CORRUPT_IMAGE = "corrupt_image"
-UNSUPPORTED_IMAGE = "unsupported_image"  # decodes, but a mode/bit depth we refuse to guess about
+UNSUPPORTED_IMAGE = "unsupported_image"  # a format or mode we refuse to open (EPS, ...) or to guess about
 DECOMPRESSION_BOMB = "decompression_bomb"
 MISSING_IMAGE = "missing_image"
 MISSING_TEXT = "missing_text"
-BAD_TEXT = "bad_text"  # not UTF-8, wrong type
-TRUNCATED_TAR = "truncated_tar"
+BAD_TEXT = "bad_text"  # not UTF-8, wrong type, lone surrogates
+TRUNCATED_TAR = "truncated_tar"  # a shard that cannot be read (on): truncated, empty, not a tar
+OVERSIZED_MEMBER = "oversized_member"  # a tar member past shards.MAX_MEMBER_BYTES: its sample is skipped
+OVERSIZED_SHARD = "oversized_shard"  # a tar expanding past shards.MAX_SHARD_BYTES: the rest of it is skipped
 MALFORMED_RECORD = "malformed_record"  # bad JSON, wrong field types, unknown role, empty conversation
 IMAGE_COUNT_MISMATCH = "image_count_mismatch"
 PATH_OUTSIDE_ROOT = "path_outside_root"
 TOO_LONG = "too_long"  # truncation would leave no supervised token, or megabytes of text
 EMPTY_SOURCE = "empty_source"  # an instruction file without one usable record (e.g. 0 bytes)
+UNEXPECTED = "unexpected"  # an exception no check foresaw; the detail names its type
+
+# How much of a skip's detail goes into a warning (the detail may quote the record itself).
+_DETAIL_CHARACTERS = 300
 
 
 class SkipSample(Exception):
@@ -40,23 +53,74 @@ class SkipSample(Exception):
         self.detail = detail
 
 
+def parse_json_record(text: str | bytes, what: str) -> object:
+    """``json.loads`` of one record, or :class:`SkipSample` saying why not. ``what`` names it in the detail
+    (``"line"``, ``".json member"``). Deep nesting is malformed too: 100,000 ``[`` make the parser raise
+    ``RecursionError``, which must cost one record, not the run."""
+    try:
+        return json.loads(text)
+    except UnicodeDecodeError as err:
+        raise SkipSample(BAD_TEXT, f"{what} is not UTF-8: {err}") from None
+    except json.JSONDecodeError as err:
+        raise SkipSample(MALFORMED_RECORD, f"{what} is not valid JSON: {err}") from None
+    except RecursionError:
+        raise SkipSample(MALFORMED_RECORD, f"{what} is JSON nested too deeply to parse") from None
+
+
 @dataclass
 class SkipLog:
     """Worker-local record of skips since the last batch. Picklable, so each worker gets its own."""
 
     pending: list[tuple[str, str]] = field(default_factory=list)
     warnings_left: int = 20  # per worker; after that only the counts say it
+    last: str = ""  # the latest skip, "where (reason: detail)", for error messages
 
-    def record(self, reason: str, where: str, detail: str = "") -> None:
-        """Count one skipped sample. ``where`` names the shard/file and sample (``shard.tar:000123``)."""
+    def record(self, reason: str, where: str, detail: str = "", error: BaseException | None = None) -> None:
+        """Count one skipped sample. ``where`` names the shard/file and sample (``shard.tar:000123``);
+        ``error``, for an unforeseen failure, puts its traceback in the warning."""
         self.pending.append((reason, where))
+        self.last = f"{where} ({reason}: {detail})" if detail else f"{where} ({reason})"
         if self.warnings_left > 0:
             self.warnings_left -= 1
-            log.warning("skipped %s (%s)%s", where, reason, f": {detail}" if detail else "")
+            shown = detail if len(detail) <= _DETAIL_CHARACTERS else detail[:_DETAIL_CHARACTERS] + "..."
+            log.warning("skipped %s (%s)%s", where, reason, f": {shown}" if shown else "", exc_info=error)
+
+    def catch(self, where: str) -> CaughtSkip:
+        """``with skips.catch(where): ...``: whatever the block raises for one record becomes a counted skip.
+
+        A :class:`SkipSample` is recorded with its reason; any other exception — a kind of bad record no
+        check foresaw, or a bug — with reason ``unexpected`` and its type in the detail (the first few with
+        their traceback in the log). Either way the block is left and the caller goes on to the next record.
+        ``MemoryError`` and non-``Exception`` errors (``KeyboardInterrupt``) are not records' faults: they
+        pass. After the block, the context's ``skip`` is what was recorded (``None``: nothing)."""
+        return CaughtSkip(self, where)
 
     def drain(self) -> list[tuple[str, str]]:
         pending, self.pending = self.pending, []
         return pending
+
+
+class CaughtSkip:
+    """The context manager of :meth:`SkipLog.catch`."""
+
+    def __init__(self, skips: SkipLog, where: str) -> None:
+        self.skips = skips
+        self.where = where
+        self.skip: SkipSample | None = None
+
+    def __enter__(self) -> CaughtSkip:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None) -> bool:
+        if error is None or not isinstance(error, Exception) or isinstance(error, MemoryError):
+            return False
+        if isinstance(error, SkipSample):
+            self.skip = error
+            self.skips.record(error.reason, self.where, error.detail)
+        else:
+            self.skip = SkipSample(UNEXPECTED, f"{type(error).__name__}: {error}")
+            self.skips.record(UNEXPECTED, self.where, self.skip.detail, error=error)
+        return True  # handled: the caller's next statement runs
 
 
 class SkipRateExceeded(RuntimeError):
@@ -64,24 +128,69 @@ class SkipRateExceeded(RuntimeError):
 
 
 @dataclass
+class SourceReadCounts:
+    """One source as read when the data is set up: its file, the records kept, and those refused by reason."""
+
+    path: str
+    kept: int = 0
+    skipped_by_reason: Counter = field(default_factory=Counter)
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skipped_by_reason.values())
+
+
+@dataclass
 class DataHealth:
-    """Main-process totals of samples used and skipped, by reason, by source and by shard/file.
+    """Main-process totals of the data used and skipped, by reason, by source and by shard/file.
+
+    Two kinds of skip, each held against what it was one of:
+
+    * read-time skips: records refused while a source is read whole at setup (stage 2's instruction
+      files), against the records read. Kept per source, so reading a source again (a second
+      ``setup``, a resumed run) replaces its counts rather than adding to them.
+    * stream skips: samples refused while batches are built, against the samples drawn (used + skipped).
+      They arrive with the batches, so a resumed run, which restores these totals and goes on with the
+      batch after its checkpoint, counts each one once.
 
     Args:
-        max_skip_fraction: stop when skipped / (used + skipped) exceeds this ...
-        min_samples: ... once at least this many samples were read (small counts are noise).
+        max_skip_fraction: stop when either fraction exceeds this ...
+        min_samples: ... once at least this many records (or samples) were seen (small counts are noise).
     """
 
     max_skip_fraction: float = 0.1
     min_samples: int = 200
     used: int = 0
-    skipped_by_reason: Counter = field(default_factory=Counter)
-    skipped_by_location: Counter = field(default_factory=Counter)
+    skipped_by_reason: Counter = field(default_factory=Counter)  # stream skips ...
+    skipped_by_location: Counter = field(default_factory=Counter)  # ... and where they were
     used_by_source: Counter = field(default_factory=Counter)
+    read_by_source: dict[str, SourceReadCounts] = field(default_factory=dict)
 
     @property
     def skipped(self) -> int:
+        """Stream skips (see the class docstring)."""
         return sum(self.skipped_by_reason.values())
+
+    # -- read-time ---------------------------------------------------------------------------------
+
+    def record_read(self, source: str, path: str, kept: int, skipped: list[tuple[str, str]]) -> None:
+        """What reading ``source`` (file ``path``) gave: ``kept`` usable records and the ``skipped`` ones.
+        Replaces the counts of an earlier read of the same source; call :meth:`check_read` after the last source."""
+        self.read_by_source[source] = SourceReadCounts(path, kept, Counter(reason for reason, _ in skipped))
+
+    def read_skip_fraction(self) -> float:
+        skipped = sum(counts.skipped for counts in self.read_by_source.values())
+        seen = skipped + sum(counts.kept for counts in self.read_by_source.values())
+        return skipped / seen if seen else 0.0
+
+    def check_read(self) -> None:
+        """Raise :class:`SkipRateExceeded` if too many of the records read at setup were refused."""
+        by_reason = sum((counts.skipped_by_reason for counts in self.read_by_source.values()), Counter())
+        by_file = Counter({counts.path: counts.skipped for counts in self.read_by_source.values() if counts.skipped})
+        kept = sum(counts.kept for counts in self.read_by_source.values())
+        self._check("records read at setup", kept, by_reason, by_file)
+
+    # -- stream ------------------------------------------------------------------------------------
 
     def update(self, sources: list[str], skipped: list[tuple[str, str]]) -> None:
         """Add one batch: the source name of each sample in it and the skips drained into it."""
@@ -97,23 +206,39 @@ class DataHealth:
         return self.skipped / seen if seen else 0.0
 
     def check(self) -> None:
-        seen = self.used + self.skipped
-        if seen < self.min_samples or self.skip_fraction() <= self.max_skip_fraction:
+        """Raise :class:`SkipRateExceeded` if too many of the samples drawn for batches were skipped."""
+        self._check("samples drawn for batches", self.used, self.skipped_by_reason, self.skipped_by_location)
+
+    def clear_stream_counts(self) -> None:
+        """Start the stream counts afresh (each validation pass reads the same records again)."""
+        self.used = 0
+        self.skipped_by_reason, self.skipped_by_location, self.used_by_source = Counter(), Counter(), Counter()
+
+    def _check(self, what: str, kept: int, skipped_by_reason: Counter, skipped_by_location: Counter) -> None:
+        skipped = sum(skipped_by_reason.values())
+        seen = kept + skipped
+        if seen < self.min_samples or skipped / seen <= self.max_skip_fraction:
             return
-        worst, count = self.skipped_by_location.most_common(1)[0]
-        reasons = ", ".join(f"{r}={n}" for r, n in self.skipped_by_reason.most_common())
+        worst, count = skipped_by_location.most_common(1)[0]
+        reasons = ", ".join(f"{r}={n}" for r, n in skipped_by_reason.most_common())
         raise SkipRateExceeded(
-            f"{self.skipped} of {seen} samples skipped ({self.skip_fraction():.1%}) is above "
+            f"{skipped} of {seen} {what} skipped ({skipped / seen:.1%}) is above "
             f"max_skip_fraction={self.max_skip_fraction:.1%}. Reasons: {reasons}. Most skips come from "
             f"{worst} ({count}). Fix or remove that data, or raise --data.max_skip_fraction."
         )
 
-    def metrics(self) -> dict[str, float]:
-        """Flat dict for ``LightningModule.log_dict``: skip counts by reason and realised source shares."""
-        out: dict[str, float] = {f"data/skipped/{r}": float(n) for r, n in self.skipped_by_reason.items()}
-        out["data/skipped_fraction"] = self.skip_fraction()
+    # -- reporting and checkpoints -------------------------------------------------------------------
+
+    def metrics(self, prefix: str = "data") -> dict[str, float]:
+        """Flat dict for ``LightningModule.log_dict``: skip counts by reason (read-time and stream together),
+        both skip fractions, and the realised source shares."""
+        skipped = self.skipped_by_reason + sum((counts.skipped_by_reason for counts in self.read_by_source.values()), Counter())
+        out: dict[str, float] = {f"{prefix}/skipped/{r}": float(n) for r, n in skipped.items()}
+        out[f"{prefix}/skipped_fraction"] = self.skip_fraction()
+        if self.read_by_source:
+            out[f"{prefix}/skipped_fraction_at_read"] = self.read_skip_fraction()
         for source, n in self.used_by_source.items():
-            out[f"data/share/{source}"] = n / max(self.used, 1)
+            out[f"{prefix}/share/{source}"] = n / max(self.used, 1)
         return out
 
     def state_dict(self) -> dict:
@@ -122,6 +247,10 @@ class DataHealth:
             "skipped_by_reason": dict(self.skipped_by_reason),
             "skipped_by_location": dict(self.skipped_by_location),
             "used_by_source": dict(self.used_by_source),
+            "read_by_source": {
+                source: {"path": counts.path, "kept": counts.kept, "skipped_by_reason": dict(counts.skipped_by_reason)}
+                for source, counts in self.read_by_source.items()
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -129,6 +258,10 @@ class DataHealth:
         self.skipped_by_reason = Counter(state["skipped_by_reason"])
         self.skipped_by_location = Counter(state["skipped_by_location"])
         self.used_by_source = Counter(state["used_by_source"])
+        self.read_by_source = {
+            source: SourceReadCounts(counts["path"], counts["kept"], Counter(counts["skipped_by_reason"]))
+            for source, counts in state.get("read_by_source", {}).items()  # absent in checkpoints of older versions
+        }
 
 
 def _file_of(where: str) -> str:

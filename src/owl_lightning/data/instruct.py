@@ -9,9 +9,9 @@ alpaca      JSON list of ``{"instruction", "input", "output"}``
 owl_jsonl   one ``{"text": conversation in the mPLUG-Owl template, "image": [paths], "task_type"}`` per line
 ==========  ==========================================================================================
 
-Every format becomes a list of :class:`Conversation`. A bad record is skipped and recorded in the
-:class:`SkipLog` with its file and record (``file.json#17``: index in the list; ``file.jsonl:34``:
-line number); a file that cannot be read at all raises. Image paths stay relative strings: the
+Every format becomes a list of :class:`Conversation`. A bad record — whatever it makes a parser
+raise — is skipped and recorded in the :class:`SkipLog` with its file and record (``file.json#17``:
+index in the list; ``file.jsonl:34``: line number); a file that cannot be read at all raises. Image paths stay relative strings: the
 mixture joins them with the source's ``image_root`` and checks them when it loads them.
 
 Normalisation, the same for every format: empty messages are dropped; leading assistant turns
@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from owl_lightning.config import IMAGE_TOKEN
-from owl_lightning.data.health import BAD_TEXT, MALFORMED_RECORD, MISSING_TEXT, SkipLog, SkipSample
+from owl_lightning.data.health import MALFORMED_RECORD, MISSING_TEXT, SkipLog, SkipSample, parse_json_record
 from owl_lightning.data.manifest import INSTRUCTION_FORMATS, InstructionSource
 from owl_lightning.data.template import Conversation, Turn
 
@@ -65,11 +65,9 @@ def read_conversations(source: InstructionSource, skips: SkipLog) -> list[Conver
     parse = _PARSERS[source.format]
     conversations = []
     for where, record in itertools.islice(records, source.num_samples):
-        try:
+        with skips.catch(where):
             messages, images = parse(record)
             conversations.append(_conversation(messages, images, source.name, where))
-        except SkipSample as skip:
-            skips.record(skip.reason, where, skip.detail)
     return conversations
 
 
@@ -84,6 +82,12 @@ def _json_records(path: Path, format: str) -> Iterator[tuple[str, object]]:
         records = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: not a readable JSON file ({err}); format {format!r} expects a JSON list of records") from None
+    except RecursionError:
+        # The file is parsed whole, so one over-deep record makes all of it unreadable.
+        raise ValueError(
+            f"{path}: JSON nested too deeply to parse (a record with thousands of nested lists or objects); "
+            "remove that record, or convert the file to one record per line and read it as 'owl_jsonl'"
+        ) from None
     if not isinstance(records, list):
         raise ValueError(
             f"{path}: format {format!r} expects a JSON list of records, found a {type(records).__name__}; "
@@ -131,12 +135,7 @@ def _parse_alpaca(record: object) -> _Parsed:
 
 
 def _parse_owl_line(line: object) -> _Parsed:
-    try:
-        record = json.loads(line)
-    except UnicodeDecodeError as err:
-        raise SkipSample(BAD_TEXT, f"line is not UTF-8: {err}") from None
-    except json.JSONDecodeError as err:
-        raise SkipSample(MALFORMED_RECORD, f"not valid JSON: {err}") from None
+    record = parse_json_record(line, "line")
     # The leading "\n" makes a text without the system line split the same way.
     parts = _OWL_MARKERS.split("\n" + _field(record, "text", str))
     if len(parts) < 3:
@@ -183,7 +182,7 @@ def _conversation(messages: list[tuple[str, str]], images: list[str], source: st
     texts = [(role, text.strip()) for role, text in messages if text.strip()]
     system = "\n".join(text for role, text in texts if role == "system") or None
     turns = [Turn(role, text) for role, text in texts if role != "system"]
-    Conversation(turns, images).check_images()
+    Conversation(turns, images, system=system).check_images()
     while turns and turns[0].role == "assistant":
         turns.pop(0)
     while turns and turns[-1].role == "user":

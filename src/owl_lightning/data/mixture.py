@@ -13,9 +13,10 @@ How batch ``b`` is built:
    and after ``n`` batches its count is within one sample of ``n·B·w_s/Σw``.
 2. Samples. Source ``s``'s samples are the next consecutive slots of a random permutation of
    that source, seeded by ``(seed, epoch, s, wrap)``; past its end a fresh permutation starts.
-3. Failures. A sample whose image is missing, corrupt or outside the image root, or that the
-   template refuses (too long, placeholder/image mismatch), is recorded in :attr:`skips` and
-   replaced by a draw from the same source seeded by ``(seed, epoch, b, slot, attempt)``.
+3. Failures. A sample whose image is missing, corrupt or outside the image root, that the
+   template refuses (too long, placeholder/image mismatch), or that fails in any way nobody
+   foresaw (``unexpected``), is recorded in :attr:`skips` and replaced by a draw from the same
+   source seeded by ``(seed, epoch, b, slot, attempt)``.
 4. Splitting. Global batch ``b`` goes to rank ``b % world_size`` and, within it, to DataLoader
    worker ``(b // world_size) % num_workers``; every rank yields ``batches_per_epoch // world_size``.
    A run resumed mid-epoch (:meth:`InstructionMixture.resume_at`) starts at the rank's next batch,
@@ -35,7 +36,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset
 
 from owl_lightning.data.collate import EncodedSample, collate
-from owl_lightning.data.health import SkipLog, SkipSample
+from owl_lightning.data.health import SkipLog
 from owl_lightning.data.images import decode_image, resolve_under_root
 from owl_lightning.data.manifest import InstructionSource
 from owl_lightning.data.resume import role_positions, worker_role
@@ -208,14 +209,11 @@ class InstructionMixture(IterableDataset):
         source, conversations = self.sources[source_index]
         for attempt in range(1, MAX_ATTEMPTS + 1):
             conv = conversations[index]
-            try:
+            with self.skips.catch(conv.origin):
                 return self._encode(source, conv)
-            except SkipSample as skip:
-                self.skips.record(skip.reason, conv.origin, skip.detail)
-                last = f"{conv.origin} ({skip})"
             index = int(np.random.default_rng([self.seed, epoch, batch_index, slot, attempt]).integers(len(conversations)))
         raise RuntimeError(
-            f"instruction source {source.name!r}: {MAX_ATTEMPTS} samples in a row could not be used, last {last}. "
+            f"instruction source {source.name!r}: {MAX_ATTEMPTS} samples in a row could not be used, last {self.skips.last}. "
             f"Check {source.path} and its image_root ({source.image_root}) in the data manifest."
         )
 

@@ -4,10 +4,14 @@ Training (``train=True``), for each source::
 
     wds.ResampledShards       shard URLs drawn with replacement, seeded: an endless stream, so any
                               number of shards serves any number of ranks × workers
-    → read tar                a broken or truncated tar is recorded (TRUNCATED_TAR) and left
+    → read tar                members grouped into samples by key; a broken or truncated tar is
+                              recorded (TRUNCATED_TAR) and left, and so is the rest of one expanding
+                              past MAX_SHARD_BYTES (OVERSIZED_SHARD); a member past MAX_MEMBER_BYTES
+                              is never read, and its sample is skipped (OVERSIZED_MEMBER)
     → shuffle samples         buffer of raw samples, seeded per (seed, epoch, rank, worker)
     → encode                  caption → encode_caption → decode_image → image_transform;
-                              a bad sample is recorded with its reason and dropped
+                              a bad sample is recorded with its reason (``unexpected`` for a
+                              failure no check foresaw) and dropped
 
 then the sources are mixed sample by sample by their weights (seeded), batched with
 :func:`~owl_lightning.data.collate.collate`, and every DataLoader worker stops after its share of
@@ -36,16 +40,24 @@ DataModule's ``setup``, not in ``__init__``.
 
 from __future__ import annotations
 
+import bz2
 import ctypes
-import json
+import gzip
 import logging
+import lzma
 import multiprocessing
 import random
+import re
+import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
+from dataclasses import dataclass
 from functools import partial
 from itertools import islice
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 import webdataset as wds
@@ -57,9 +69,12 @@ from owl_lightning.data.health import (
     MALFORMED_RECORD,
     MISSING_IMAGE,
     MISSING_TEXT,
+    OVERSIZED_MEMBER,
+    OVERSIZED_SHARD,
     TRUNCATED_TAR,
     SkipLog,
     SkipSample,
+    parse_json_record,
 )
 from owl_lightning.data.images import decode_image
 from owl_lightning.data.manifest import ShardSource
@@ -71,6 +86,17 @@ log = logging.getLogger(__name__)
 # DataHealth check ever runs: past this many skips per batch sample the reader stops with an error.
 STALL_SKIPS_PER_SAMPLE = 100
 MIN_STALL_SKIPS = 1000
+
+# Size limits of the shard reader. A member's size is read from its tar header before any of it is
+# read, and a shard's expanded bytes are counted as they are decompressed, so a huge member is never
+# held in memory and a compression bomb never expands past the limit. (The tar format's own extended
+# header records, which tarfile reads whole, are bounded by the shard limit only.)
+# A sample with a member past MAX_MEMBER_BYTES is skipped (OVERSIZED_MEMBER); reading goes on. Four
+# times the largest JPEG of a 100-megapixel camera; an uncompressed TIFF at MAX_IMAGE_PIXELS is bigger.
+MAX_MEMBER_BYTES = 128 << 20
+# A shard expanding past MAX_SHARD_BYTES stops there (OVERSIZED_SHARD); the samples before are kept.
+# img2dataset writes ~10k samples a shard: hundreds of MB, a few GB at full resolution.
+MAX_SHARD_BYTES = 16 << 30
 
 # Salts that keep the random streams of different stages apart under one seed.
 _SHARD_SALT, _SHUFFLE_SALT, _MIX_SALT = 1, 2, 3
@@ -188,7 +214,12 @@ def build_shard_pipeline(
     seeds = _Seeds(seed, rank, position)
     shard_lists = {source.name: _existing_shards(source) for source in sources}
     # Stages are partials of module-level functions so that spawned workers can unpickle them.
-    read = partial(_read_shards, skips=skips, stall_limit=max(MIN_STALL_SKIPS, STALL_SKIPS_PER_SAMPLE * batch_size))
+    read = partial(
+        _read_shards,
+        skips=skips,
+        stall_limit=max(MIN_STALL_SKIPS, STALL_SKIPS_PER_SAMPLE * batch_size),
+        limits=TarLimits(MAX_MEMBER_BYTES, MAX_SHARD_BYTES),
+    )
     encode_one = partial(_encode_sample, image_transform=image_transform, encode_caption=encode_caption)
     encode = partial(_map_or_skip, fn=encode_one, skips=skips)
     batch = partial(_batched, batch_size=batch_size, pad_token_id=pad_token_id, skips=skips, keep_partial=not train)
@@ -262,24 +293,152 @@ def _every_nth(samples: Iterable[dict], start: int, step: int) -> Iterator[dict]
     yield from islice(samples, start, None, step)
 
 
-def _read_shards(shards: Iterable[dict], skips: SkipLog, stall_limit: int) -> Iterator[dict]:
-    """``{"url", "source"}`` shards → raw samples ``{"__key__", "__url__", "__source__", ext: bytes}``."""
+def _read_shards(shards: Iterable[dict], skips: SkipLog, stall_limit: int, limits: TarLimits) -> Iterator[dict]:
+    """``{"url", "source"}`` shards → raw samples ``{"__key__", "__url__", "__source__", ext: bytes}``.
+
+    A shard that fails part-way (truncated, not a tar, past ``limits.max_shard_bytes``, or a failure
+    nobody foresaw) is recorded against its URL and left: a tar stream cannot resync past a broken
+    header. The samples read before the failure are kept."""
     for shard in shards:
         url = shard["url"]
-        on_error = partial(_stop_at_broken_tar, skips=skips, url=url)
-        for sample in wds.tarfile_samples([{"url": url}], handler=on_error):
+        samples = _tar_samples(url, limits)
+        while True:
+            with skips.catch(url) as reading:
+                sample = next(samples, None)
+            if reading.skip is not None or sample is None:
+                break
             sample["__source__"] = shard["source"]
             yield sample
             _check_stall(skips, stall_limit, shard["source"])
         _check_stall(skips, stall_limit, shard["source"])  # also after a shard that gave nothing
 
 
-def _stop_at_broken_tar(error: Exception, skips: SkipLog, url: str) -> bool:
-    """webdataset's error handler while reading one shard: record it, then stop reading that shard
-    (False) — a tar stream cannot resync past a broken member. Samples read before it are kept."""
-    message = error.args[0] if error.args else ""
-    skips.record(TRUNCATED_TAR, url, f"{type(error).__name__}: {message}. Re-create or re-download this shard.")
-    return False
+@dataclass(frozen=True)
+class TarLimits:
+    """The shard reader's size limits (MAX_MEMBER_BYTES, MAX_SHARD_BYTES), fixed when a pipeline is built."""
+
+    max_member_bytes: int
+    max_shard_bytes: int
+
+
+def _tar_samples(url: str, limits: TarLimits) -> Iterator[dict]:
+    """One shard's samples ``{"__key__", "__url__", ext: bytes}``: consecutive members sharing a key
+    (``000123.jpg``, ``000123.txt``), grouped as webdataset groups them. A sample with a member over the
+    size limit, or with two members of one name, carries ``"__skip__"``: the SkipSample its encoding raises."""
+    sample: dict | None = None
+    try:
+        for name, data in _tar_members(url, limits):
+            key, extension = wds.tariterators.base_plus_ext(name)
+            if key is None:  # no extension: not part of any sample
+                continue
+            extension = extension.lower()
+            if sample is None or key != sample["__key__"]:
+                if sample is not None:
+                    yield sample
+                sample = {"__key__": key, "__url__": url}
+            if isinstance(data, SkipSample):
+                sample.setdefault("__skip__", data)
+            elif extension in sample:
+                sample.setdefault("__skip__", SkipSample(MALFORMED_RECORD, f"two members named {name}"))
+            else:
+                sample[extension] = data
+    except SkipSample:
+        # The shard cannot be read on. As webdataset does, the sample read last goes on with the members
+        # it has (encoding judges whether they suffice) before the shard's failure is recorded.
+        if sample is not None:
+            yield sample
+        raise
+    if sample is not None:
+        yield sample
+
+
+def _tar_members(url: str, limits: TarLimits) -> Iterator[tuple[str, bytes | SkipSample]]:
+    """``(name, bytes)`` of each regular member of the tar at ``url`` (plain, .gz, .bz2 or .xz), in order;
+    for a member over ``limits.max_member_bytes``, ``(name, SkipSample)`` instead: its bytes are never read.
+
+    Raises ``SkipSample``: ``TRUNCATED_TAR`` when the tar cannot be read on, ``OVERSIZED_SHARD`` once it
+    has expanded past ``limits.max_shard_bytes``."""
+    try:
+        with closing(wds.gopen(url)) as raw:
+            expanded = _CountedReads(_decompressed(raw), limits.max_shard_bytes)
+            tar = tarfile.open(fileobj=expanded, mode="r|")
+            for member in tar:
+                if member.offset_data + member.size > limits.max_shard_bytes:  # stop before reading (expanding) it
+                    raise SkipSample(OVERSIZED_SHARD, _shard_too_big(limits.max_shard_bytes))
+                if member.isreg() and not _METADATA_MEMBER.match(member.name):
+                    if member.size > limits.max_member_bytes:
+                        yield member.name, SkipSample(OVERSIZED_MEMBER, _member_too_big(member, limits.max_member_bytes))
+                    else:
+                        yield member.name, tar.extractfile(member).read()
+                tar.members = []  # a shard has thousands of members: keep none of their headers
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as err:
+        raise SkipSample(TRUNCATED_TAR, f"{type(err).__name__}: {err}. Re-create or re-download this shard.") from None
+
+
+def _member_too_big(member: tarfile.TarInfo, limit: int) -> str:
+    return (
+        f"member {member.name} is {member.size:,} bytes, more than MAX_MEMBER_BYTES={limit:,}; "
+        "shrink or drop that sample, or raise owl_lightning.data.shards.MAX_MEMBER_BYTES if it is genuine"
+    )
+
+
+# webdataset's rule: members named __...__ are metadata, not samples.
+_METADATA_MEMBER = re.compile(r"__[^/]*__($|/)")
+# The compressions tarfile's "r|*" recognises, by their leading bytes.
+_DECOMPRESSORS: dict[bytes, Callable[[BinaryIO], BinaryIO]] = {
+    b"\x1f\x8b": lambda stream: gzip.GzipFile(fileobj=stream),
+    b"BZh": bz2.BZ2File,
+    b"\xfd7zXZ\x00": lzma.LZMAFile,
+}
+
+
+def _decompressed(raw: BinaryIO) -> BinaryIO:
+    """``raw`` as a plain tar stream, decompressed here rather than by tarfile so that every expanded
+    byte passes through :class:`_CountedReads`."""
+    head = raw.read(max(len(magic) for magic in _DECOMPRESSORS))
+    stream = _Prepended(head, raw)
+    for magic, decompress in _DECOMPRESSORS.items():
+        if head.startswith(magic):
+            return decompress(stream)
+    return stream
+
+
+class _Prepended:
+    """``head`` (the bytes read to recognise the compression) followed by the rest of ``stream``."""
+
+    def __init__(self, head: bytes, stream: BinaryIO) -> None:
+        self.head, self.stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(size)
+        if size < 0:
+            data, self.head = self.head + self.stream.read(), b""
+        else:
+            data, self.head = self.head[:size], self.head[size:]
+        return data
+
+
+class _CountedReads:
+    """Reads of ``stream`` that raise ``SkipSample(OVERSIZED_SHARD)`` once more than ``limit`` bytes came out."""
+
+    def __init__(self, stream: BinaryIO, limit: int) -> None:
+        self.stream, self.limit = stream, limit
+        self.bytes_read = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.bytes_read += len(data)
+        if self.bytes_read > self.limit:
+            raise SkipSample(OVERSIZED_SHARD, _shard_too_big(self.limit))
+        return data
+
+
+def _shard_too_big(limit: int) -> str:
+    return (
+        f"it expands to more than MAX_SHARD_BYTES={limit:,} bytes; the samples after that are not read. "
+        "Split it into smaller shards, or raise owl_lightning.data.shards.MAX_SHARD_BYTES if it is genuine"
+    )
 
 
 def _check_stall(skips: SkipLog, stall_limit: int, source: ShardSource) -> None:
@@ -307,10 +466,10 @@ class _SeededShuffle(wds.PipelineStage):
 
 def _map_or_skip(samples: Iterable[dict], fn: Callable[[dict], EncodedSample], skips: SkipLog) -> Iterator[EncodedSample]:
     for sample in samples:
-        try:
-            yield fn(sample)
-        except SkipSample as skip:
-            skips.record(skip.reason, f"{sample['__url__']}:{sample['__key__']}", skip.detail)
+        with skips.catch(f"{sample['__url__']}:{sample['__key__']}") as encoding:
+            encoded = fn(sample)
+        if encoding.skip is None:
+            yield encoded
 
 
 def _encode_sample(
@@ -320,6 +479,8 @@ def _encode_sample(
 ) -> EncodedSample:
     """Raw tar sample → :class:`EncodedSample` with one ``[3, H, W]`` image, or :class:`SkipSample`."""
     source: ShardSource = raw["__source__"]
+    if "__skip__" in raw:  # refused while reading the tar (an oversized or duplicate member)
+        raise raw["__skip__"]
     # The cheap checks first: a sample with a bad caption costs no image decode.
     input_ids, labels = encode_caption(_caption_of(raw, source.caption_key))
     image = decode_image(_image_bytes_of(raw, source.image_key))
@@ -344,10 +505,7 @@ def _caption_of(raw: dict, caption_key: str) -> str:
     except UnicodeDecodeError as err:
         raise SkipSample(BAD_TEXT, f".{member} is not UTF-8: {err}") from None
     if field:
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise SkipSample(MALFORMED_RECORD, f".{member} is not valid JSON: {err}") from None
+        record = parse_json_record(text, f".{member}")
         text = record.get(field) if isinstance(record, dict) else None
         if text is not None and not isinstance(text, str):
             raise SkipSample(BAD_TEXT, f"field {field!r} of .{member} is a {type(text).__name__}, not a string")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from transformers import PreTrainedTokenizerBase
 
 from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN
-from owl_lightning.data.health import IMAGE_COUNT_MISMATCH, MALFORMED_RECORD, MISSING_TEXT, TOO_LONG, SkipSample
+from owl_lightning.data.health import BAD_TEXT, IMAGE_COUNT_MISMATCH, MALFORMED_RECORD, MISSING_TEXT, TOO_LONG, SkipSample
 
 # Text longer than this many characters per token of max_length is refused untokenised: no
 # tokenizer's tokens run that long on average, so such a record is garbage, not a long sample.
@@ -60,13 +60,20 @@ class Conversation:
     system: str | None = None
 
     def check_images(self) -> None:
-        """Raise :class:`SkipSample` unless every image has its placeholder, in a user turn."""
-        placeholders = sum(turn.content.count(IMAGE_TOKEN) for turn in self.turns)
+        """Raise :class:`SkipSample` unless every image has its placeholder, in a user turn. The system
+        message is counted too: it is tokenised like any turn, so a placeholder there would have no image."""
+        placeholders = sum(text.count(IMAGE_TOKEN) for text in self.texts())
         if placeholders != len(self.images):
             raise SkipSample(IMAGE_COUNT_MISMATCH, f"{placeholders} {IMAGE_TOKEN} placeholders, {len(self.images)} images")
         if any(IMAGE_TOKEN in turn.content for turn in self.turns if turn.role == "assistant"):
             # It would be supervised as an output token and get visual features spliced in.
             raise SkipSample(MALFORMED_RECORD, f"an assistant turn contains {IMAGE_TOKEN}; images belong in user turns")
+        if self.system and IMAGE_TOKEN in self.system:
+            raise SkipSample(MALFORMED_RECORD, f"the system message contains {IMAGE_TOKEN}; images belong in user turns")
+
+    def texts(self) -> list[str]:
+        """Every message's text, the system message included."""
+        return [turn.content for turn in self.turns] + ([self.system] if self.system else [])
 
 
 def resolve_system_prompt(style: str, system_prompt: str | None) -> str | None:
@@ -110,6 +117,8 @@ class ConversationTemplate:
         image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if tokenizer(IMAGE_TOKEN, add_special_tokens=False)["input_ids"] != [image_token_id]:
             raise ValueError(f"the tokenizer does not keep {IMAGE_TOKEN} as one token; build it with models.llm.load_tokenizer")
+        if system_prompt and IMAGE_TOKEN in system_prompt:
+            raise ValueError(f"system_prompt contains {IMAGE_TOKEN}: images belong in user turns; remove it from the system prompt")
         if max_length < 1 or image_token_length < 1:
             raise ValueError(f"max_length and image_token_length must be positive, got {max_length}, {image_token_length}")
         self.tokenizer = tokenizer
@@ -145,7 +154,7 @@ class ConversationTemplate:
         conv.check_images()
         if not any(turn.role == "assistant" for turn in conv.turns):
             raise SkipSample(MALFORMED_RECORD, "no assistant turn to learn from")
-        self._check_size(sum(len(turn.content) for turn in conv.turns))
+        self._check_text(conv.texts())
         input_ids, labels = self._join(self._segments(conv, add_generation_prompt=False))
         input_ids, labels = self._fit(input_ids, labels)
         return input_ids, labels, input_ids.count(self.image_token_id)
@@ -157,6 +166,7 @@ class ConversationTemplate:
         conv.check_images()
         if not conv.turns or conv.turns[-1].role != "user":
             raise ValueError(f"{conv.origin or 'conversation'}: encode_prompt needs a conversation that ends with a user turn")
+        self._check_text(conv.texts())
         input_ids, _ = self._join(self._segments(conv, add_generation_prompt=True))
         if self.expanded_length(input_ids) > self.max_length:
             raise SkipSample(
@@ -175,7 +185,7 @@ class ConversationTemplate:
         caption = caption.strip()
         if not caption:
             raise SkipSample(MISSING_TEXT, "empty caption")
-        self._check_size(len(caption))
+        self._check_text([caption])
         segments = [(self._bos, False), ([self.image_token_id], False), (self._tokens(caption) + [self.tokenizer.eos_token_id], True)]
         return self._fit(*self._join(segments))
 
@@ -245,9 +255,14 @@ class ConversationTemplate:
             )
         return text
 
-    def _check_size(self, characters: int) -> None:
-        """Refuse text far beyond anything ``max_length`` tokens could hold before tokenising it: a
-        multi-megabyte record would cost seconds of tokenizer time for a sample cut to a few hundred tokens."""
+    def _check_text(self, texts: list[str]) -> None:
+        """The checks on raw text before any of it is tokenised.
+
+        Length first, in characters: text far beyond anything ``max_length`` tokens could hold is refused
+        (``TOO_LONG``) — a multi-megabyte record would cost seconds of tokenizer time for a sample cut to a
+        few hundred tokens. Then lone surrogates (a JSON ``"\\ud800"`` escape decodes to one): the
+        tokenizer cannot take them (``TypeError``), so they are ``BAD_TEXT``."""
+        characters = sum(len(text) for text in texts)
         limit = self.max_length * MAX_CHARACTERS_PER_TOKEN
         if characters > limit:
             raise SkipSample(
@@ -255,6 +270,15 @@ class ConversationTemplate:
                 f"{characters:,} characters of text, more than {limit:,} "
                 f"({MAX_CHARACTERS_PER_TOKEN} per token of max_length={self.max_length})",
             )
+        for text in texts:
+            if text.isascii():
+                continue
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise SkipSample(
+                    BAD_TEXT, f"a lone surrogate {text[err.start]!r} at character {err.start}; text must be valid Unicode"
+                ) from None
 
     def _tokens(self, text: str) -> list[int]:
         if not text:

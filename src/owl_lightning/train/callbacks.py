@@ -81,13 +81,20 @@ class StepThroughput(Callback):
 
 
 class DataHealthMonitor(Callback):
-    """Logs the data module's skip counts by reason and the realised source shares (``data/*``) every step."""
+    """Logs the data module's skip counts by reason, skip fractions and realised source shares: training's
+    (``data/*``) every step, validation's (``val/data/*``, one validation pass) at the end of each validation."""
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict, batch_idx: int) -> None:
         health = getattr(trainer.datamodule, "health", None)
         if health is not None:
             for name, value in health.metrics().items():
                 pl_module.log_number(name, value, on_step=True, on_epoch=False, batch_size=len(batch["source"]))
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        health = getattr(trainer.datamodule, "val_health", None)
+        if health is not None and not trainer.sanity_checking:
+            for name, value in health.metrics(prefix="val/data").items():
+                pl_module.log_number(name, value, on_step=False, on_epoch=True)
 
 
 class OutputPreflight(Callback):

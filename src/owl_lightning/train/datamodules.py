@@ -3,14 +3,16 @@
 Both read a data manifest (``data_manifests/*.yaml``), preprocess images exactly as timm
 evaluates the vision encoder, tokenise with the LLM's tokenizer (``<image>`` added), and yield
 ready, padded batches from their workers. Skipped samples travel inside the batches and are
-added up here (:class:`DataHealth`): the run stops with a clear message past ``max_skip_fraction``.
+added up here (:class:`DataHealth`), records refused while reading a source at setup too: the run
+stops with a clear message past ``max_skip_fraction``. Validation data has a DataHealth of its own
+(``val_health``): logged under ``val/data/``, counted afresh each validation pass, never stopping a run.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import lightning as L
 import torch
@@ -44,10 +46,11 @@ class EndTogether:
     the batches the other ranks still held are left out.
     """
 
-    def __init__(self, loader: DataLoader, strategy: Strategy) -> None:
-        self.loader, self.strategy = loader, strategy
+    def __init__(self, loader: DataLoader, strategy: Strategy, on_pass_start: Callable[[], None] = lambda: None) -> None:
+        self.loader, self.strategy, self.on_pass_start = loader, strategy, on_pass_start
 
     def __iter__(self) -> Iterator[dict]:
+        self.on_pass_start()
         batches = iter(self.loader)
         while True:
             batch = next(batches, None)
@@ -100,6 +103,8 @@ class _OwlDataModule(L.LightningDataModule):
         self.save_hyperparameters(ignore=["processor"])
         self.processor = processor
         self.health = DataHealth(max_skip_fraction=max_skip_fraction)
+        # Validation data never stops a run (and its skips never count against training's limit).
+        self.val_health = DataHealth(max_skip_fraction=1.0)
         self.manifest = None
 
     def setup(self, stage: str) -> None:
@@ -130,11 +135,15 @@ class _OwlDataModule(L.LightningDataModule):
 
     def _val_loader(self, dataset) -> Iterable[dict] | DataLoader:
         loader = self._loader(dataset, workers=min(self.hparams.num_workers, 1))
-        return loader if self.trainer is None else EndTogether(loader, self.trainer.strategy)
+        if self.trainer is None:
+            return loader
+        # Each pass reads the same records again: its counts say what one pass skipped.
+        return EndTogether(loader, self.trainer.strategy, on_pass_start=self.val_health.clear_stream_counts)
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        if self.trainer is not None and self.trainer.training:
-            self.health.update(batch["source"], batch["skipped"])
+        if self.trainer is not None:
+            health = self.health if self.trainer.training else self.val_health  # sanity check included
+            health.update(batch["source"], batch["skipped"])
         return batch
 
     def state_dict(self) -> dict:
@@ -236,7 +245,7 @@ class InstructionDataModule(_OwlDataModule):
     ) -> None:
         super().__init__(manifest, processor, batch_size, num_workers, max_length, seed, max_skip_fraction)
 
-    def _mixture(self, sources: list) -> InstructionMixture:
+    def _mixture(self, sources: list, health: DataHealth) -> InstructionMixture:
         rank, world = self._rank_and_world
         template = self.processor.template(self.hparams.max_length, self.hparams.template, self.hparams.system_prompt)
         skips = SkipLog()
@@ -247,8 +256,9 @@ class InstructionDataModule(_OwlDataModule):
                 read.append((source, conversations))
             else:  # e.g. a 0-byte file: the other sources are mixed by their weights
                 skips.record(EMPTY_SOURCE, source.path, f"source {source.name!r} has no usable conversation; left out of the mixture")
-        # Records refused while reading are counted like any other skip.
-        self.health.update([], skips.drain())
+            # Against the records read; a source read again (a second setup, a resume) replaces its counts.
+            health.record_read(source.name, source.path, len(conversations), skips.drain())
+        health.check_read()
         if not read:
             raise ValueError(
                 f"{self.manifest.path}: none of the instruction sources {[s.name for s in sources]} has a usable "
@@ -268,9 +278,9 @@ class InstructionDataModule(_OwlDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._mixture(self.manifest.train), train=True)
+        return self._loader(self._mixture(self.manifest.train, self.health), train=True)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.manifest.val:
             return []
-        return self._val_loader(self._mixture(self.manifest.val))
+        return self._val_loader(self._mixture(self.manifest.val, self.val_health))
