@@ -171,7 +171,7 @@ def test_validation_skips_are_kept_apart_and_never_stop_the_run(tmp_path):
 def test_validation_skips_are_logged_under_val_in_a_run(tmp_path):
     import lightning as L
 
-    from conftest import tiny_system
+    from tests.helpers import tiny_system
 
     system = tiny_system("stage2", warmup_steps=0)
     data = InstructionDataModule(
