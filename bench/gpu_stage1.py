@@ -106,7 +106,7 @@ def synthetic_batches(model: str, overrides: dict, batch_size: int, caption_toke
         batches.append(
             {
                 "input_ids": input_ids,
-                "attention_mask": torch.ones_like(input_ids),
+                "sample_ids": torch.ones_like(input_ids),
                 "labels": labels,
                 "images": torch.randint(0, 256, (batch_size, *size), dtype=torch.uint8, generator=generator),
                 "image_counts": torch.ones(batch_size, dtype=torch.long),

@@ -36,14 +36,14 @@ def loaders(pack: bool, batch_size: int):
 
 def real_and_computed(batch: dict, visual: int, image_token_id: int) -> tuple[int, int]:
     """Real tokens, and positions computed: every row is as long as the longest after expanding ``<image>``."""
-    row_lengths = (batch["attention_mask"] > 0).sum(1) + batch["image_counts"] * (visual - 1)
+    row_lengths = (batch["sample_ids"] > 0).sum(1) + batch["image_counts"] * (visual - 1)
     return int(sequence_lengths(batch, visual, image_token_id).sum()), batch["input_ids"].shape[0] * int(row_lengths.max())
 
 
 def step_seconds(model, batch: dict) -> float:
     start = time.perf_counter()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"], batch["image_counts"])
+        out = model(batch["input_ids"], batch["sample_ids"], batch["labels"], batch["images"], batch["image_counts"])
     out.loss.backward()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - start

@@ -117,7 +117,7 @@ def our_steps(system: OwlSystem, batches: list[dict], warmup: int) -> list[float
 def floor_inputs(model: OwlModel, batch: dict) -> dict:
     """What the LLM receives in our step: spliced embeddings ``[B, L, D]`` and the batch's layout (mask,
     positions, the kept logits' positions and targets)."""
-    layout = model.layout(batch["input_ids"], batch["attention_mask"], batch["images"], batch["labels"], batch["image_counts"])
+    layout = model.layout(batch["input_ids"], batch["sample_ids"], batch["images"], batch["labels"], batch["image_counts"])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         embeds = model.input_embeddings(batch["input_ids"], batch["images"], layout)
     return {

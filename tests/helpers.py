@@ -69,7 +69,7 @@ def caption_batch(tokenizer, text_lengths=(20,), padded_to=None, images=True):
     labels = torch.where(mask.bool() & (input_ids >= 97) & (input_ids < 256), input_ids, IGNORE_INDEX)
     counts = torch.full((len(rows),), len(image))
     pixels = torch.randint(0, 255, (int(counts.sum()), 3, 32, 32), dtype=torch.uint8) if images else None
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "images": pixels, "image_counts": counts}
+    return {"input_ids": input_ids, "sample_ids": mask, "labels": labels, "images": pixels, "image_counts": counts}
 
 
 def write_owleval(root: Path, questions: list[dict]) -> Path:

@@ -170,7 +170,6 @@ def test_validation_skips_are_kept_apart_and_never_stop_the_run(tmp_path):
 
 def test_validation_skips_are_logged_under_val_in_a_run(tmp_path):
     import lightning as L
-
     from tests.helpers import tiny_system
 
     system = tiny_system("stage2", warmup_steps=0)

@@ -22,7 +22,7 @@ def tiny(tiny_config, tiny_tokenizer, vision=True, abstractor=True, llm=False, l
 
 
 def forward(model, batch):
-    return model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"], batch["image_counts"])
+    return model(batch["input_ids"], batch["sample_ids"], batch["labels"], batch["images"], batch["image_counts"])
 
 
 def supervised(batch) -> int:

@@ -31,7 +31,7 @@ class HostReads(TorchDispatchMode):
 
 def test_a_step_with_its_layout_made_beforehand_reads_back_only_what_the_llm_reads(tiny_model, tiny_tokenizer):
     batch = caption_batch(tiny_tokenizer, (20, 5), padded_to=30)
-    tensors = {key: batch[key] for key in ("input_ids", "attention_mask", "labels", "images", "image_counts")}
+    tensors = {key: batch[key] for key in ("input_ids", "sample_ids", "labels", "images", "image_counts")}
     layout = tiny_model.layout(**tensors)
     embeds = tiny_model.input_embeddings(batch["input_ids"], batch["images"], layout)
 

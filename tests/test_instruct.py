@@ -202,7 +202,7 @@ def test_owl_jsonl_round_trips_through_the_owl_template(tmp_path):
     (conv,), _ = read("owl_jsonl", str(path))
     tok = byte_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
-    input_ids, _, num_images = ConversationTemplate(tok, image_token_length=4).encode(conv)
+    input_ids, _, num_images = ConversationTemplate(tok, visual_tokens_per_image=4).encode(conv)
     expected = OWL_TEXT_MULTI.replace("\nAI: The first is a red circle.", "\nAI: The first is a red circle.<|im_end|>")
     assert tok.decode(input_ids) == f"<|im_start|>{expected}<|im_end|>"
     assert num_images == 2

@@ -69,7 +69,7 @@ def vision_source(image_root, image_names: list[str], weight: float = 3.0) -> tu
 
 
 def mixture(tok, sources, **kwargs) -> InstructionMixture:
-    template = ConversationTemplate(tok, image_token_length=4, max_length=kwargs.pop("max_length", 512))
+    template = ConversationTemplate(tok, visual_tokens_per_image=4, max_length=kwargs.pop("max_length", 512))
     return InstructionMixture(sources, template, to_tensor, batch_size=kwargs.pop("batch_size", 8), pad_token_id=tok.pad_token_id, **kwargs)
 
 
@@ -207,7 +207,7 @@ def test_an_unforeseen_failure_is_skipped_as_unexpected_and_replaced(tok, image_
 
     data = InstructionMixture(
         [text_source(), vision_source(image_root, ["good0.png", "good1.png", "good2.png"])],
-        ConversationTemplate(tok, image_token_length=4),
+        ConversationTemplate(tok, visual_tokens_per_image=4),
         transform_with_a_bug,
         batch_size=8,
         pad_token_id=tok.pad_token_id,

@@ -27,14 +27,14 @@ def test_padding_right_and_left_keeps_tokens_labels_and_mask_together():
     samples = [sample(6, 1, first=10), sample(3, first=20)]
     for side in ("right", "left"):
         batch = collate(samples, pad_token_id=0, padding_side=side)
-        assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, 6)
+        assert batch["input_ids"].shape == batch["labels"].shape == batch["sample_ids"].shape == (2, 6)
         real = slice(0, 3) if side == "right" else slice(3, 6)
         pad = slice(3, 6) if side == "right" else slice(0, 3)
         assert batch["input_ids"][1, real].tolist() == samples[1].input_ids
         assert batch["labels"][1, real].tolist() == samples[1].labels
-        assert batch["attention_mask"][1].tolist()[real] == [1, 1, 1] and batch["attention_mask"][1].tolist()[pad] == [0, 0, 0]
+        assert batch["sample_ids"][1].tolist()[real] == [1, 1, 1] and batch["sample_ids"][1].tolist()[pad] == [0, 0, 0]
         assert batch["input_ids"][1, pad].tolist() == [0, 0, 0] and batch["labels"][1, pad].tolist() == [IGNORE_INDEX] * 3
-        assert batch["input_ids"][0].tolist() == samples[0].input_ids and batch["attention_mask"][0].tolist() == [1] * 6
+        assert batch["input_ids"][0].tolist() == samples[0].input_ids and batch["sample_ids"][0].tolist() == [1] * 6
     assert batch["image_counts"].tolist() == [1, 0] and batch["images"].shape == (1, 3, 4, 4)
 
 
@@ -47,13 +47,13 @@ def test_packed_rows_hold_every_sample_once():
         sample(30, first=500),
         sample(9, first=600),
     ]
-    batch = collate(samples, pad_token_id=0, pack_with_image_length=V)
+    batch = collate(samples, pad_token_id=0, pack_visual_tokens_per_image=V)
     assert batch["input_ids"].shape[0] < len(samples)
     longest = max(expanded(s) for s in samples)
     assert batch["input_ids"].shape[1] <= 4 * longest
     seen = []
     for row in range(batch["input_ids"].shape[0]):
-        numbers = batch["attention_mask"][row]
+        numbers = batch["sample_ids"][row]
         parts = [batch["input_ids"][row][numbers == k].tolist() for k in range(1, int(numbers.max()) + 1)]
         assert sum(len(p) + p.count(3) * (V - 1) for p in parts) <= 4 * longest
         seen += parts
@@ -63,9 +63,9 @@ def test_packed_rows_hold_every_sample_once():
     assert len(order) == batch["images"].shape[0] == int(batch["image_counts"].sum()) == 2
     owner = {s.input_ids[0]: s for s in samples}
     for row in range(batch["input_ids"].shape[0]):
-        for k in range(1, int(batch["attention_mask"][row].max()) + 1):
-            ids = batch["input_ids"][row][batch["attention_mask"][row] == k].tolist()
-            assert batch["labels"][row][batch["attention_mask"][row] == k].tolist() == owner[ids[0]].labels
+        for k in range(1, int(batch["sample_ids"][row].max()) + 1):
+            ids = batch["input_ids"][row][batch["sample_ids"][row] == k].tolist()
+            assert batch["labels"][row][batch["sample_ids"][row] == k].tolist() == owner[ids[0]].labels
     assert sorted(batch["source"]) == ["s"] * len(samples)
 
 
@@ -87,12 +87,12 @@ def batches(tiny_tokenizer, tiny_model):
         pixels = [torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=generator) for _ in range(images)]
         samples.append(EncodedSample(ids, labels, pixels, f"source{index % 2}"))
     pad = tiny_tokenizer.pad_token_id
-    return collate(samples, pad), collate(samples, pad, pack_with_image_length=tiny_model.visual_tokens_per_image)
+    return collate(samples, pad), collate(samples, pad, pack_visual_tokens_per_image=tiny_model.visual_tokens_per_image)
 
 
 def loss_and_grads(model, batch):
     model.zero_grad()
-    out = model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"], batch["image_counts"])
+    out = model(batch["input_ids"], batch["sample_ids"], batch["labels"], batch["images"], batch["image_counts"])
     out.loss.backward()
     return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -136,7 +136,7 @@ def test_packing_removes_most_padding_and_counts_the_same_flops(tiny_model, tiny
 
     def real_fraction(batch) -> float:
         """Real positions over all positions the LLM computes."""
-        _, mask, _ = tiny_model.embed(batch["input_ids"], batch["attention_mask"], batch["images"], batch["labels"], batch["image_counts"])
+        _, mask, _ = tiny_model.embed(batch["input_ids"], batch["sample_ids"], batch["images"], batch["labels"], batch["image_counts"])
         return float((mask > 0).float().mean())
 
     # One 40-token text beside five short samples: padded, most positions are padding.

@@ -87,7 +87,7 @@ CHAT_EXPECTED = {
 @pytest.mark.parametrize("case", sorted(OWL_EXPECTED))
 def test_owl_layout_and_masking(tok, case):
     conv, expected_text, expected_spans = OWL_EXPECTED[case]
-    input_ids, labels, num_images = ConversationTemplate(tok, image_token_length=4).encode(conv)
+    input_ids, labels, num_images = ConversationTemplate(tok, visual_tokens_per_image=4).encode(conv)
     assert tok.decode(input_ids) == expected_text
     assert supervised_spans(tok, input_ids, labels) == expected_spans
     # System line, Human lines and every "\nAI: " prefix are unsupervised.
@@ -128,12 +128,12 @@ def test_truncation_drops_images_whose_placeholder_was_cut(tok):
         [Turn("user", "<image>First?"), Turn("assistant", "One."), Turn("user", "<image>Second?"), Turn("assistant", "Two.")],
         images=["a.png", "b.png"],
     )
-    template = ConversationTemplate(tok, system_prompt=None, image_token_length=10, max_length=10_000)
+    template = ConversationTemplate(tok, system_prompt=None, visual_tokens_per_image=10, max_length=10_000)
     full_ids, _, _ = template.encode(conv)
     second_image = [i for i, t in enumerate(full_ids) if t == template.image_token_id][1]
     # Room for everything before the second image plus 5 tokens: the image needs 10, so it goes.
     max_length = template.expanded_length(full_ids[:second_image]) + 5
-    cut = ConversationTemplate(tok, system_prompt=None, image_token_length=10, max_length=max_length)
+    cut = ConversationTemplate(tok, system_prompt=None, visual_tokens_per_image=10, max_length=max_length)
     input_ids, labels, num_images = cut.encode(conv)
     assert num_images == 1 and input_ids.count(cut.image_token_id) == 1
     assert input_ids == full_ids[:second_image]
@@ -142,14 +142,14 @@ def test_truncation_drops_images_whose_placeholder_was_cut(tok):
 
 
 def test_truncation_cutting_every_answer_skips_too_long(tok):
-    template = ConversationTemplate(tok, image_token_length=4, max_length=40)  # shorter than the system line
+    template = ConversationTemplate(tok, visual_tokens_per_image=4, max_length=40)  # shorter than the system line
     with pytest.raises(SkipSample) as skip:
         template.encode(SINGLE)
     assert skip.value.reason == TOO_LONG
 
 
 def test_truncation_inside_the_answer_keeps_its_start(tok):
-    template = ConversationTemplate(tok, system_prompt=None, image_token_length=4)
+    template = ConversationTemplate(tok, system_prompt=None, visual_tokens_per_image=4)
     full_ids, _, _ = template.encode(TEXT_ONLY)
     input_ids, labels, _ = ConversationTemplate(tok, system_prompt=None, max_length=len(full_ids) - 3).encode(TEXT_ONLY)
     assert supervised_spans(tok, input_ids, labels) == ["Seve"]
@@ -211,7 +211,7 @@ def test_a_lone_surrogate_is_bad_text_not_a_tokenizer_crash(tok, field):
 
 
 def test_owl_prompt_ends_with_ai(tok):
-    template = ConversationTemplate(tok, image_token_length=4)
+    template = ConversationTemplate(tok, visual_tokens_per_image=4)
     question = Conversation([Turn("user", "<image>What shape?")], images=["a.png"])
     assert tok.decode(template.encode_prompt(question)) == f"{BOS}{OWL_SYSTEM_PROMPT}\nHuman: <image>\nHuman: What shape?\nAI: "
     history = Conversation(MULTI_TURN.turns + [Turn("user", "Sure?")], images=["a.png"])
@@ -235,7 +235,7 @@ def test_prompt_needs_a_final_user_turn_and_fits(tok):
 
 
 def test_caption_supervises_caption_and_eos(tok):
-    template = ConversationTemplate(tok, image_token_length=4)
+    template = ConversationTemplate(tok, visual_tokens_per_image=4)
     input_ids, labels = template.encode_caption("  a red circle ")
     assert input_ids[:2] == [tok.bos_token_id, template.image_token_id]
     assert labels[:2] == [IGNORE_INDEX, IGNORE_INDEX]
@@ -244,7 +244,7 @@ def test_caption_supervises_caption_and_eos(tok):
 
 
 def test_caption_truncated_to_fit_and_empty_skipped(tok):
-    template = ConversationTemplate(tok, image_token_length=4, max_length=1 + 4 + 3)
+    template = ConversationTemplate(tok, visual_tokens_per_image=4, max_length=1 + 4 + 3)
     input_ids, labels = template.encode_caption("a red circle")
     assert template.expanded_length(input_ids) == 8
     assert supervised_spans(tok, input_ids, labels) == ["a r"]
@@ -252,7 +252,7 @@ def test_caption_truncated_to_fit_and_empty_skipped(tok):
         template.encode_caption(" \n")
     assert skip.value.reason == MISSING_TEXT
     with pytest.raises(SkipSample) as skip:
-        ConversationTemplate(tok, image_token_length=4, max_length=5).encode_caption("a red circle")
+        ConversationTemplate(tok, visual_tokens_per_image=4, max_length=5).encode_caption("a red circle")
     assert skip.value.reason == TOO_LONG
 
 

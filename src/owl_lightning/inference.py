@@ -80,7 +80,11 @@ class OwlAssistant:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.template = ConversationTemplate(
-            tokenizer, style=template, system_prompt=system_prompt, max_length=max_length, image_token_length=model.visual_tokens_per_image
+            tokenizer,
+            style=template,
+            system_prompt=system_prompt,
+            max_length=max_length,
+            visual_tokens_per_image=model.visual_tokens_per_image,
         )
         self.transform = image_transform(model.config.vision)
         self.device = next(model.parameters()).device
@@ -166,7 +170,7 @@ def generate(
     with autocast(device, dtype):
         generated = model.generate(
             batch["input_ids"].to(device),
-            batch["attention_mask"].to(device),
+            batch["sample_ids"].to(device),
             images,
             batch["image_counts"].to(device),
             max_new_tokens=max_new_tokens,

@@ -30,21 +30,21 @@ def collate(
     pad_token_id: int,
     skipped: list[tuple[str, str]] | None = None,
     padding_side: str = "right",
-    pack_with_image_length: int | None = None,
+    pack_visual_tokens_per_image: int | None = None,
 ) -> dict:
     """Pad samples into a batch, one sample a row, or pack several samples into each row.
 
-    Packing (``pack_with_image_length`` = the visual tokens per image, V) puts samples end to end
+    Packing (``pack_visual_tokens_per_image`` = the visual tokens per image, V) puts samples end to end
     in rows — first-fit, longest first, lengths counted as the LLM sees them (each ``<image>`` as V
     tokens), rows up to ``MAX_ROW_FACTOR`` times the longest sample — so samples fill the room others leave.
-    The rows' ``attention_mask`` then numbers each row's samples 1, 2, … (0: padding) and the
+    The rows' ``sample_ids`` then numbers each row's samples 1, 2, … (0: padding) and the
     model keeps them apart (block-diagonal causal attention, positions restarting per sample):
     the same loss as padding, with far less padding when lengths vary.
 
     Returns a dict with
         ``input_ids``, ``labels``: ``[B, T]`` long (padded on ``padding_side``); B rows, one per sample
         unless packed;
-        ``attention_mask``: ``[B, T]`` long, 1 on real tokens (packed: the token's sample number in
+        ``sample_ids``: ``[B, T]`` long, 1 on real tokens (packed: the token's sample number in
         its row), 0 on padding;
         ``images``: ``[M, 3, H, W]`` uint8 pixels in channels-last memory layout, every image of the
         batch, row-major in placeholder order, or ``None`` when the batch has no image;
@@ -57,7 +57,7 @@ def collate(
     for index, sample in enumerate(samples):
         if len(sample.labels) != len(sample.input_ids):
             raise ValueError(f"sample {index}: {len(sample.labels)} labels for {len(sample.input_ids)} tokens")
-    rows = [[sample] for sample in samples] if pack_with_image_length is None else _pack(samples, pack_with_image_length)
+    rows = [[sample] for sample in samples] if pack_visual_tokens_per_image is None else _pack(samples, pack_visual_tokens_per_image)
     input_ids = [list(chain.from_iterable(s.input_ids for s in row)) for row in rows]
     labels = [list(chain.from_iterable(s.labels for s in row)) for row in rows]
     sample_numbers = [list(chain.from_iterable([number] * len(s.input_ids) for number, s in enumerate(row, 1))) for row in rows]
@@ -72,7 +72,7 @@ def collate(
     images = [image for row in rows for sample in row for image in sample.images]
     return {
         "input_ids": padded(input_ids, pad_token_id),
-        "attention_mask": padded(sample_numbers, 0),
+        "sample_ids": padded(sample_numbers, 0),
         "labels": padded(labels, IGNORE_INDEX),
         "images": _stack_channels_last(images) if images else None,
         "image_counts": torch.tensor([sum(len(s.images) for s in row) for row in rows], dtype=torch.long),
@@ -94,13 +94,13 @@ def _stack_channels_last(images: list[torch.Tensor]) -> torch.Tensor:
 MAX_ROW_FACTOR = 2
 
 
-def _pack(samples: list[EncodedSample], image_length: int) -> list[list[EncodedSample]]:
+def _pack(samples: list[EncodedSample], visual_tokens_per_image: int) -> list[list[EncodedSample]]:
     """Samples in rows, first-fit longest first. Row lengths tried: 1 to ``MAX_ROW_FACTOR`` times the
     longest sample's, and the total split evenly over n rows (with and without some slack), up to that;
     kept: the packing that leaves the fewest positions to compute (rows × the fullest row)."""
 
     def length(sample: EncodedSample) -> int:
-        return len(sample.input_ids) + len(sample.images) * (image_length - 1)
+        return len(sample.input_ids) + len(sample.images) * (visual_tokens_per_image - 1)
 
     def first_fit(capacity: int) -> list[list[EncodedSample]]:
         rows: list[list[EncodedSample]] = []

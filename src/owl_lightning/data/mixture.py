@@ -79,7 +79,7 @@ class InstructionMixture(IterableDataset):
 
     Args:
         sources: each source with its conversations (from :func:`~owl_lightning.data.instruct.read_conversations`).
-        template: tokenises a conversation (its ``max_length`` and ``image_token_length`` apply).
+        template: tokenises a conversation (its ``max_length`` and ``visual_tokens_per_image`` apply).
         image_transform: RGB PIL image → ``[3, H, W]`` uint8 tensor (the vision encoder's preprocessing).
         batch_size: samples per batch on each rank.
         pad_token_id: the tokenizer's pad token.
@@ -92,7 +92,7 @@ class InstructionMixture(IterableDataset):
             same loss, far less padding when short conversations meet long texts.
 
     Yields the dicts of :func:`~owl_lightning.data.collate.collate` (``input_ids``/``labels``/
-    ``attention_mask`` ``[B, T]``, ``images`` ``[M, 3, H, W]`` or ``None``, ``image_counts`` ``[B]``,
+    ``sample_ids`` ``[B, T]``, ``images`` ``[M, 3, H, W]`` or ``None``, ``image_counts`` ``[B]``,
     ``source``, ``skipped``) plus ``batch_index``: the global batch number within the epoch.
     Call :meth:`set_epoch` before each epoch; DataLoader workers copy the dataset when they start,
     so with ``persistent_workers=True`` a later ``set_epoch`` does not reach them.
@@ -188,7 +188,7 @@ class InstructionMixture(IterableDataset):
             samples,
             self.pad_token_id,
             skipped=self.skips.drain(),
-            pack_with_image_length=self.template.image_token_length if self.pack else None,
+            pack_visual_tokens_per_image=self.template.visual_tokens_per_image if self.pack else None,
         )
         batch["batch_index"] = batch_index
         return batch

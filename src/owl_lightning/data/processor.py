@@ -42,5 +42,5 @@ class OwlProcessor:
             style=style,
             system_prompt=resolve_system_prompt(style, system_prompt),
             max_length=max_length,
-            image_token_length=self.config.visual_tokens_per_image,
+            visual_tokens_per_image=self.config.visual_tokens_per_image,
         )

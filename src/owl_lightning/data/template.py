@@ -5,7 +5,7 @@ the EOS that ends each) are supervised; every other position gets ``IGNORE_INDEX
 tokenised one at a time and concatenated, so which tokens are supervised is known exactly rather
 than guessed from offsets.
 
-Lengths count the *expanded* sequence: each ``<image>`` token stands for ``image_token_length``
+Lengths count the *expanded* sequence: each ``<image>`` token stands for ``visual_tokens_per_image``
 visual tokens in the model, so a sample that fits here fits the LLM's context.
 """
 
@@ -96,8 +96,8 @@ class ConversationTemplate:
         style: ``"owl"`` (the mPLUG-Owl template) or ``"chat_template"`` (``tokenizer.apply_chat_template``;
             pass ``system_prompt=None`` unless the model was trained with a system message).
         system_prompt: the system text used when a conversation has none; ``None``: no system text.
-        max_length: limit of the expanded sequence (text tokens + ``image_token_length`` per image).
-        image_token_length: visual tokens the model puts in place of one ``<image>`` token.
+        max_length: limit of the expanded sequence (text tokens + ``visual_tokens_per_image`` per image).
+        visual_tokens_per_image: visual tokens the model puts in place of one ``<image>`` token.
     """
 
     def __init__(
@@ -106,7 +106,7 @@ class ConversationTemplate:
         style: str = "owl",
         system_prompt: str | None = OWL_SYSTEM_PROMPT,
         max_length: int = 1024,
-        image_token_length: int = 65,
+        visual_tokens_per_image: int = 65,
     ) -> None:
         if style not in TEMPLATE_STYLES:
             raise ValueError(f"template style must be one of {TEMPLATE_STYLES}, got {style!r}")
@@ -119,13 +119,13 @@ class ConversationTemplate:
             raise ValueError(f"the tokenizer does not keep {IMAGE_TOKEN} as one token; build it with models.llm.load_tokenizer")
         if system_prompt and IMAGE_TOKEN in system_prompt:
             raise ValueError(f"system_prompt contains {IMAGE_TOKEN}: images belong in user turns; remove it from the system prompt")
-        if max_length < 1 or image_token_length < 1:
-            raise ValueError(f"max_length and image_token_length must be positive, got {max_length}, {image_token_length}")
+        if max_length < 1 or visual_tokens_per_image < 1:
+            raise ValueError(f"max_length and visual_tokens_per_image must be positive, got {max_length}, {visual_tokens_per_image}")
         self.tokenizer = tokenizer
         self.style = style
         self.system_prompt = system_prompt
         self.max_length = max_length
-        self.image_token_length = image_token_length
+        self.visual_tokens_per_image = visual_tokens_per_image
         self.image_token_id: int = image_token_id
         # Some tokenizers (e.g. Qwen) have no BOS; the sequence then starts with the system text.
         self._bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -194,8 +194,8 @@ class ConversationTemplate:
         return self._bos + [self.image_token_id]
 
     def expanded_length(self, input_ids: list[int]) -> int:
-        """Sequence length the LLM sees: every ``<image>`` token becomes ``image_token_length`` tokens."""
-        return len(input_ids) + input_ids.count(self.image_token_id) * (self.image_token_length - 1)
+        """Sequence length the LLM sees: every ``<image>`` token becomes ``visual_tokens_per_image`` tokens."""
+        return len(input_ids) + input_ids.count(self.image_token_id) * (self.visual_tokens_per_image - 1)
 
     # --------------------------------------------------------------------------------- internal
 
@@ -303,14 +303,14 @@ class ConversationTemplate:
         if expanded > self.max_length:
             length = 0
             for keep, token in enumerate(input_ids):
-                length += self.image_token_length if token == self.image_token_id else 1
+                length += self.visual_tokens_per_image if token == self.image_token_id else 1
                 if length > self.max_length:
                     input_ids, labels = input_ids[:keep], labels[:keep]
                     break
         if all(label == IGNORE_INDEX for label in labels):
             raise SkipSample(
                 TOO_LONG,
-                f"{expanded} tokens (images expanded to {self.image_token_length}) leave no answer "
+                f"{expanded} tokens (images expanded to {self.visual_tokens_per_image}) leave no answer "
                 f"token within max_length={self.max_length}; raise max_length or shorten the prompt",
             )
         return input_ids, labels

@@ -58,7 +58,7 @@ class TokenLayout:
     def of(
         cls,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        sample_ids: torch.Tensor,
         num_images: int,
         visual_tokens_per_image: int,
         image_token_id: int,
@@ -66,11 +66,11 @@ class TokenLayout:
         image_counts: torch.Tensor | None = None,
         padding_side: str = "right",
     ) -> TokenLayout:
-        """The layout of ``input_ids``/``attention_mask``/``labels`` ``[B, T]`` with ``num_images`` images
+        """The layout of ``input_ids``/``sample_ids``/``labels`` ``[B, T]`` with ``num_images`` images
         (``image_counts`` ``[B]``, optional, names the sample whose placeholders and images disagree).
         ``padding_side``: where the expanded batch is padded (``left`` for generation)."""
         width = visual_tokens_per_image
-        real = attention_mask.bool()
+        real = sample_ids.bool()
         is_image = (input_ids == image_token_id) & real
         placeholders = is_image.sum(1)
         if image_counts is not None:
@@ -93,9 +93,9 @@ class TokenLayout:
         text_positions = start[text_rows, text_cols]
         image_positions = start[image_rows, image_cols][:, None] + torch.arange(width, device=input_ids.device)
         image_rows_per_token = image_rows[:, None].expand_as(image_positions)
-        mask = attention_mask.new_zeros(len(input_ids), total)
-        mask[text_rows, text_positions] = attention_mask[text_rows, text_cols]
-        mask[image_rows_per_token, image_positions] = attention_mask[image_rows, image_cols][:, None]
+        mask = sample_ids.new_zeros(len(input_ids), total)
+        mask[text_rows, text_positions] = sample_ids[text_rows, text_cols]
+        mask[image_rows_per_token, image_positions] = sample_ids[image_rows, image_cols][:, None]
 
         packed = bool(mask.max() > 1)
         if packed:
@@ -186,7 +186,7 @@ class OwlModel(nn.Module):
     def layout(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        sample_ids: torch.Tensor,
         images: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
@@ -195,20 +195,20 @@ class OwlModel(nn.Module):
         """The :class:`TokenLayout` of a batch (``[B, T]`` tensors, ``images`` ``[M, 3, H, W]``), on their device."""
         num_images = 0 if images is None else images.shape[0]
         return TokenLayout.of(
-            input_ids, attention_mask, num_images, self.visual_tokens_per_image, self.image_token_id, labels, image_counts, padding_side
+            input_ids, sample_ids, num_images, self.visual_tokens_per_image, self.image_token_id, labels, image_counts, padding_side
         )
 
     def embed(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        sample_ids: torch.Tensor,
         images: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
         padding_side: str = "right",
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Token ids ``[B, T]`` (+ images) → LLM input embeddings ``[B, L, D]``, mask and labels ``[B, L]``."""
-        layout = self.layout(input_ids, attention_mask, images, labels, image_counts, padding_side)
+        layout = self.layout(input_ids, sample_ids, images, labels, image_counts, padding_side)
         return self.input_embeddings(input_ids, images, layout), layout.mask, layout.labels
 
     def input_embeddings(self, input_ids: torch.Tensor, images: torch.Tensor | None, layout: TokenLayout) -> torch.Tensor:
@@ -226,7 +226,7 @@ class OwlModel(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        sample_ids: torch.Tensor,
         labels: torch.Tensor,
         images: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
@@ -234,10 +234,10 @@ class OwlModel(nn.Module):
     ) -> OwlOutput:
         """Next-token loss over the supervised positions of ``labels`` (``[B, T]``, aligned with ``input_ids``).
 
-        ``attention_mask`` is 1 on real tokens, or numbers the samples packed in a row 1, 2, … (see
+        ``sample_ids`` is 1 on real tokens, or numbers the samples packed in a row 1, 2, … (see
         :func:`~owl_lightning.data.collate.collate`); 0 on padding. ``layout``: the batch's
         :meth:`layout`, if already made (on the host, so that this step needs no host sync)."""
-        layout = layout or self.layout(input_ids, attention_mask, images, labels, image_counts)
+        layout = layout or self.layout(input_ids, sample_ids, images, labels, image_counts)
         embeds = self.input_embeddings(input_ids, images, layout)
         # With nothing supervised the forward still runs (keep is empty) and the loss is a zero with a
         # graph: under DDP/FSDP every rank must run the same forward and backward collectives.
@@ -255,7 +255,7 @@ class OwlModel(nn.Module):
     def generate(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        sample_ids: torch.Tensor,
         images: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
         **generate_kwargs,
@@ -264,7 +264,7 @@ class OwlModel(nn.Module):
 
         Eager even where blocks were compiled for training: every new length and cache state would recompile."""
         with torch.compiler.set_stance("force_eager"):
-            embeds, mask, _ = self.embed(input_ids, attention_mask, images, image_counts=image_counts, padding_side="left")
+            embeds, mask, _ = self.embed(input_ids, sample_ids, images, image_counts=image_counts, padding_side="left")
             return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
 
     # Freeze policies -------------------------------------------------------------------------------

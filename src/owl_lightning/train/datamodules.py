@@ -62,26 +62,39 @@ class EndTogether:
 class ResumableLoader(DataLoader):
     """The training DataLoader, with the state Lightning saves in every checkpoint (it calls
     ``state_dict`` when saving and ``load_state_dict`` before iterating a resumed run): the epoch and
-    how many of its batches the trainer had taken. The dataset (``resume_at``) then continues right
-    after them with the very batches the interrupted run would have seen next."""
+    how many of its batches training has taken. The dataset (``resume_at``) then continues right
+    after them with the very batches the interrupted run would have seen next.
+
+    Batches are counted as training takes them (:meth:`took_batch`, called by the data module just
+    before a batch moves to the device), not as workers produce them: Lightning prefetches one ahead.
+    """
 
     def __init__(self, dataset, num_workers: int, trainer: L.Trainer) -> None:
         super().__init__(dataset, **_loader_settings(num_workers))
         self.trainer = trainer
+        self.epoch, self.batches_taken = 0, 0
+        self._resumed_at: tuple[int, int] | None = None
 
     def __iter__(self) -> Iterator[dict]:
         # The one place the epoch is set: streams reshuffle per epoch, and each epoch's iterator pickles
         # the dataset afresh for its workers. (Lightning may start a resumed epoch's iterator before
         # on_train_epoch_start.)
-        self.dataset.set_epoch(self.trainer.current_epoch)
+        self.epoch = self.trainer.current_epoch
+        resumed_epoch, resumed_batches = self._resumed_at or (None, 0)
+        self.batches_taken = resumed_batches if resumed_epoch == self.epoch else 0
+        self._resumed_at = None
+        self.dataset.set_epoch(self.epoch)
         return super().__iter__()
 
+    def took_batch(self) -> None:
+        self.batches_taken += 1
+
     def state_dict(self) -> dict:
-        # ``ready`` counts the batches of this epoch handed to training_step, the one being saved
-        # after included; Lightning's own prefetch of the next batch is not counted.
-        return {"epoch": self.trainer.current_epoch, "batches_done": self.trainer.fit_loop.epoch_loop.batch_progress.current.ready}
+        # Saved after a training step: the batch of that step is counted, the prefetched next one is not.
+        return {"epoch": self.epoch, "batches_done": self.batches_taken}
 
     def load_state_dict(self, state: dict) -> None:
+        self._resumed_at = (state["epoch"], state["batches_done"])
         self.dataset.resume_at(state["epoch"], state["batches_done"])
         log.info("resuming the training data at epoch %d, after batch %d", state["epoch"], state["batches_done"])
 
@@ -106,6 +119,7 @@ class _OwlDataModule(L.LightningDataModule):
         # Validation data never stops a run (and its skips never count against training's limit).
         self.val_health = DataHealth(max_skip_fraction=1.0)
         self.manifest = None
+        self._train_loader: ResumableLoader | None = None
 
     def setup(self, stage: str) -> None:
         if self.processor is None:
@@ -130,7 +144,8 @@ class _OwlDataModule(L.LightningDataModule):
         afresh, so the epoch :class:`ResumableLoader` sets reaches them)."""
         workers = self.hparams.num_workers if workers is None else workers
         if train and self.trainer is not None:
-            return ResumableLoader(dataset, workers, self.trainer)
+            self._train_loader = ResumableLoader(dataset, workers, self.trainer)
+            return self._train_loader
         return DataLoader(dataset, **_loader_settings(workers))
 
     def _val_loader(self, dataset) -> Iterable[dict] | DataLoader:
@@ -144,6 +159,8 @@ class _OwlDataModule(L.LightningDataModule):
         if self.trainer is not None:
             health = self.health if self.trainer.training else self.val_health  # sanity check included
             health.update(batch["source"], batch["skipped"])
+            if self.trainer.training and self._train_loader is not None:
+                self._train_loader.took_batch()
         return batch
 
     def state_dict(self) -> dict:

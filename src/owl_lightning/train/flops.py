@@ -74,7 +74,7 @@ class StepFlops:
         return cls(vision + abstractor, per_token, per_pair, per_supervised, model.visual_tokens_per_image, model.image_token_id)
 
     def step(self, batch: dict, num_supervised: int) -> float:
-        """Training FLOPs of one collated batch (``input_ids``/``attention_mask`` ``[B, T]``, ``image_counts``
+        """Training FLOPs of one collated batch (``input_ids``/``sample_ids`` ``[B, T]``, ``image_counts``
         ``[B]``): real tokens only, each ``<image>`` counted as its V visual tokens, attention within each
         sample (packed rows hold several). ``num_supervised``: the positions the loss reads logits at
         (``OwlOutput.num_supervised``)."""
@@ -89,8 +89,8 @@ class StepFlops:
 
 def sequence_lengths(batch: dict, visual_tokens_per_image: int, image_token_id: int) -> torch.Tensor:
     """``[S]`` real tokens of each sample as the LLM sees them: text without padding, each ``<image>``
-    as its V visual tokens. A packed row's ``attention_mask`` numbers its samples 1, 2, … (0: padding)."""
-    sample = batch["attention_mask"]
+    as its V visual tokens. A packed row's ``sample_ids`` numbers its samples 1, 2, … (0: padding)."""
+    sample = batch["sample_ids"]
     tokens = torch.where(batch["input_ids"] == image_token_id, visual_tokens_per_image, 1) * (sample > 0)
     per_sample = torch.zeros(sample.shape[0], int(sample.max()) + 1, dtype=torch.long, device=sample.device)
     per_sample.scatter_add_(1, sample, tokens)

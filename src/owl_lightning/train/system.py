@@ -163,14 +163,14 @@ class OwlSystem(L.LightningModule):
 
     def forward(self, batch: dict):
         return self.model(
-            batch["input_ids"], batch["attention_mask"], batch["labels"], batch["images"], batch["image_counts"], layout=batch["layout"]
+            batch["input_ids"], batch["sample_ids"], batch["labels"], batch["images"], batch["image_counts"], layout=batch["layout"]
         )
 
     def transfer_batch_to_device(self, batch: dict, device: torch.device, dataloader_idx: int) -> dict:
         """A batch's token layout (``OwlModel.layout``) and FLOPs are worked out on the host before it
         moves: the step on an accelerator then reads nothing back from it (each ``nonzero`` or
         ``.item()`` would stall the host until the accelerator had done all the work queued so far)."""
-        layout = self.model.layout(batch["input_ids"], batch["attention_mask"], batch["images"], batch["labels"], batch["image_counts"])
+        layout = self.model.layout(batch["input_ids"], batch["sample_ids"], batch["images"], batch["labels"], batch["image_counts"])
         batch = {**batch, "layout": layout, "flops": self.flops.step(batch, layout.num_supervised)}
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 

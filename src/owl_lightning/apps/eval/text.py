@@ -28,7 +28,7 @@ def answer_perplexity(assistant: OwlAssistant, samples: list[EncodedSample], bat
     with adapters_off() if base and adapters_off else nullcontext(), assistant.autocast():
         for start in range(0, len(samples), batch_size):
             batch = collate(samples[start : start + batch_size], assistant.tokenizer.pad_token_id)
-            out = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            out = model(batch["input_ids"], batch["sample_ids"], batch["labels"])
             total_loss += float(out.loss) * out.num_supervised
             total_tokens += out.num_supervised
     return math.exp(total_loss / total_tokens)
