@@ -42,16 +42,8 @@ def png_bytes(colour, size=32) -> bytes:
 
 
 def fit(system, datamodule, tmp_path, steps=2, **trainer_kwargs):
-    trainer = L.Trainer(
-        max_steps=steps,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        **trainer_kwargs,
-    )
+    settings = {"limit_val_batches": 0, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    trainer = L.Trainer(max_steps=steps, default_root_dir=tmp_path, accelerator="cpu", **{**settings, **trainer_kwargs})
     trainer.fit(system, datamodule)
     return trainer
 

@@ -1,6 +1,7 @@
 """Both training stages end to end on owl-tiny (and one owl-smol checkpoint), on data the tests write."""
 
 import torch
+from PIL import Image
 from tests.helpers import TINY_YAML, fit, tiny_system
 
 from owl_lightning.checkpoints import load_owl, read_checkpoint
@@ -137,3 +138,40 @@ def test_batch_without_supervised_tokens_makes_no_update_and_is_counted(tmp_path
     fit(system, data, tmp_path, steps=2, max_epochs=1, limit_train_batches=2)
     assert system.empty_batches == 2
     assert not changed(before, system)
+
+
+def test_stage2_validation_logs_conversations_with_their_reference(tmp_path, instruction_manifest, capsys):
+    """ConversationSamples answers the first validation conversations and logs question, answer and
+    reference (and the image) to TensorBoard; the answers are the model's own greedy ones."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from owl_lightning.inference import OwlAssistant, Request
+    from owl_lightning.train.callbacks import ConversationSamples
+
+    system = tiny_system("stage2", warmup_steps=0)
+    data = InstructionDataModule(manifest=str(instruction_manifest), processor=system.processor, batch_size=4, num_workers=0)
+    samples = ConversationSamples(num_conversations=2, max_new_tokens=5)
+    logger = TensorBoardLogger(tmp_path, name="", version="")
+    fit(
+        system,
+        data,
+        tmp_path,
+        steps=2,
+        limit_val_batches=1,
+        val_check_interval=2,
+        num_sanity_val_steps=0,
+        logger=logger,
+        callbacks=[samples],
+    )
+
+    (first, images, reference), second = samples._examples[0], samples._examples[1]
+    assert [turn.content for turn in first.turns] == ["<image>\nWhat colour is the square?", "red", "Is it a square?"]
+    assert reference == "yes" and len(images) == 1 and second[0].turns[1].content == "green"
+    expected = OwlAssistant(system.model, system.processor.tokenizer, precision="fp32").answer(
+        [Request(first.turns, [Image.fromarray(images[0].permute(1, 2, 0).numpy())])], max_new_tokens=5
+    )[0]
+    assert f"'Is it a square?' -> {expected!r} (reference 'yes')" in capsys.readouterr().out
+    events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0, "images": 0}).Reload()
+    assert {"conversations/0/text_summary", "conversations/1/text_summary"} <= set(events.Tags()["tensors"])
+    assert "conversations/0" in events.Tags()["images"]

@@ -13,8 +13,9 @@ from lightning.pytorch.callbacks import Callback, TQDMProgressBar
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from owl_lightning.config import compute_dtype
-from owl_lightning.inference import generate_captions
+from owl_lightning.config import IGNORE_INDEX, compute_dtype
+from owl_lightning.data.collate import EncodedSample
+from owl_lightning.inference import generate, generate_captions
 from owl_lightning.train.checkpoint_io import SafeCheckpointIO
 from owl_lightning.train.flops import measure_matmul_flops
 from owl_lightning.train.parallel import AtomicModelParallelStrategy
@@ -208,3 +209,43 @@ class CaptionSamples(Callback):
         """Greedy captions of ``[M, 3, H, W]`` uint8 images by the system's model."""
         processor = pl_module.processor
         return generate_captions(pl_module.model, processor.tokenizer, processor.template(), list(images), self.max_new_tokens)
+
+
+class ConversationSamples(Callback):
+    """At each validation of stage 2, answer the first validation conversations (greedy) and log the
+    image, the question, the answer and the reference to TensorBoard and the console: what joint
+    instruction tuning has taught, read. Needs a data module with ``validation_examples`` (stage 2's).
+
+    Args:
+        num_conversations: conversations answered per validation, taken in turn from each validation
+            source (so text-only sources show too). max_new_tokens: answer length limit.
+    """
+
+    def __init__(self, num_conversations: int = 4, max_new_tokens: int = 48) -> None:
+        self.num_conversations, self.max_new_tokens = num_conversations, max_new_tokens
+        self._examples: list | None = None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        datamodule = trainer.datamodule
+        if trainer.sanity_checking or not self.num_conversations or not hasattr(datamodule, "validation_examples"):
+            return
+        if self._examples is None:  # the same conversations at every validation, read once
+            self._examples = datamodule.validation_examples(self.num_conversations)
+        rows = self.answers(pl_module, datamodule.template(), self._examples)
+        writer = getattr(pl_module.logger, "experiment", None)
+        for i, ((conversation, images, _), (question, answer, reference)) in enumerate(zip(self._examples, rows)):
+            pl_module.print(f"step {trainer.global_step} conversation {i}: {question!r} -> {answer!r} (reference {reference!r})")
+            if writer is not None and hasattr(writer, "add_text"):
+                text = f"**{conversation.source}**: {question}\n\n**model**: {answer}\n\n**reference**: {reference}"
+                writer.add_text(f"conversations/{i}", text, trainer.global_step)
+                if images:
+                    writer.add_image(f"conversations/{i}", images[0], trainer.global_step)  # uint8 [3, H, W]
+
+    def answers(self, pl_module: L.LightningModule, template, examples: list) -> list[tuple[str, str, str]]:
+        """``(last question, generated answer, reference)`` for each example, one batched generation."""
+        samples = []
+        for conversation, images, _ in examples:
+            prompt = template.encode_prompt(conversation)
+            samples.append(EncodedSample(prompt, [IGNORE_INDEX] * len(prompt), images))
+        answers = generate(pl_module.model, pl_module.processor.tokenizer, samples, self.max_new_tokens) if samples else []
+        return [(conversation.turns[-1].content, answer, reference) for (conversation, _, reference), answer in zip(examples, answers)]

@@ -13,18 +13,22 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.strategies import Strategy
 from torch.utils.data import DataLoader
 
-from owl_lightning.data.health import EMPTY_SOURCE, DataHealth, SkipLog
+from owl_lightning.data.health import EMPTY_SOURCE, DataHealth, SkipLog, SkipSample
+from owl_lightning.data.images import decode_image, resolve_under_root
 from owl_lightning.data.instruct import read_conversations
 from owl_lightning.data.manifest import load_manifest
 from owl_lightning.data.mixture import InstructionMixture
 from owl_lightning.data.processor import OwlProcessor
 from owl_lightning.data.shards import build_shard_pipeline
+from owl_lightning.data.template import Conversation, ConversationTemplate
 from owl_lightning.data.transfer import send_batches_by_value
 
 log = logging.getLogger(__name__)
@@ -262,9 +266,37 @@ class InstructionDataModule(_OwlDataModule):
     ) -> None:
         super().__init__(manifest, processor, batch_size, num_workers, max_length, seed, max_skip_fraction)
 
+    def template(self) -> ConversationTemplate:
+        """The conversation template this run trains with."""
+        return self.processor.template(self.hparams.max_length, self.hparams.template, self.hparams.system_prompt)
+
+    def validation_examples(self, count: int) -> list[tuple[Conversation, list[torch.Tensor], str]]:
+        """The first ``count`` validation conversations, taken in turn from each validation source, as
+        ``(conversation up to its last user turn, its images as uint8 [3, H, W], the reference answer)``.
+        Records that cannot be read are passed over (training's skip accounting already counts them)."""
+        template = self.template()
+        sources = [(source, read_conversations(source, SkipLog(warnings_left=0))) for source in self.manifest.val]
+        examples: list[tuple[Conversation, list[torch.Tensor], str]] = []
+        for index in range(max((len(conversations) for _, conversations in sources), default=0)):
+            for source, conversations in sources:
+                if len(examples) == count:
+                    return examples
+                if index >= len(conversations) or conversations[index].turns[-1].role != "assistant":
+                    continue
+                conversation = conversations[index]
+                prompt = replace(conversation, turns=conversation.turns[:-1])
+                try:
+                    template.encode_prompt(prompt)  # too long for the model: the next one
+                    root = Path(source.image_root or ".")
+                    images = [self.processor.image_transform(decode_image(resolve_under_root(path, root))) for path in conversation.images]
+                except SkipSample:
+                    continue
+                examples.append((prompt, images, conversation.turns[-1].content))
+        return examples
+
     def _mixture(self, sources: list, health: DataHealth) -> InstructionMixture:
         rank, world = self._rank_and_world
-        template = self.processor.template(self.hparams.max_length, self.hparams.template, self.hparams.system_prompt)
+        template = self.template()
         skips = SkipLog()
         read = []
         for source in sources:
