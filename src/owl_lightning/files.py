@@ -1,4 +1,5 @@
-"""Writing files and folders so that a kill, a power cut or a full disk never leaves a half-written one.
+"""Writing files and folders so that a kill, a power cut or a full disk never leaves a half-written one,
+and reading JSON lines so that one bad line costs only itself.
 
 Two primitives serve every writer in the project (checkpoints, sharded checkpoints, exports, the
 converted SmolLM2 folder, the embedded data build, answer files):
@@ -15,6 +16,7 @@ converted SmolLM2 folder, the embedded data build, answer files):
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import uuid
@@ -142,3 +144,27 @@ def writing_folder(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     publish_folder(staging, path)
+
+
+def jsonl_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    """``(line number, raw line)`` for every non-blank line of a JSON-lines file, each line with its
+    ``\n`` ending when it has one (a last line without it was cut short by a crash mid-write). Bytes,
+    not text, so bytes torn mid-character cost only their own line. Every JSONL reader uses this."""
+    with path.open("rb") as lines:
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                yield number, line
+
+
+def loads_strict(text: str | bytes) -> object:
+    """JSON as RFC 8259 has it: ``NaN`` and ``Infinity`` (which Python's parser accepts) are refused, and so
+    is nesting too deep to parse; every failure is a :class:`ValueError` (``UnicodeDecodeError`` for bytes
+    that are not UTF-8, ``json.JSONDecodeError`` for bad JSON)."""
+
+    def refuse(constant: str) -> object:
+        raise ValueError(f"{constant} is not a JSON number")
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except RecursionError:
+        raise ValueError("nested too deeply to parse") from None

@@ -29,7 +29,7 @@ from owl_lightning.config import IMAGE_TOKEN
 from owl_lightning.data.health import TOO_LONG, SkipSample
 from owl_lightning.data.images import decode_image, resolve_under_root
 from owl_lightning.data.template import Conversation, ConversationTemplate, Turn
-from owl_lightning.files import atomic_write
+from owl_lightning.files import atomic_write, jsonl_lines, loads_strict
 from owl_lightning.inference import LoadOptions, OwlAssistant, Request
 
 log = logging.getLogger(__name__)
@@ -63,13 +63,11 @@ class AnswerFile:
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """``(line number, record)`` for every non-blank line; a line that is not a JSON object is an error."""
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, line in jsonl_lines(path):
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise OwlEvalError(f"{path}:{number}: not JSON ({err.msg} at column {err.colno}); each line must be one JSON object") from None
+            record = loads_strict(line)
+        except ValueError as err:
+            raise OwlEvalError(f"{path}:{number}: not JSON ({err}); each line must be one JSON object") from None
         if not isinstance(record, dict):
             raise OwlEvalError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         yield number, record

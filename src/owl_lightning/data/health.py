@@ -15,11 +15,12 @@ message naming the worst shard/file once a skip fraction passes the configured l
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from types import TracebackType
+
+from owl_lightning.files import loads_strict
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +59,11 @@ def parse_json_record(text: str | bytes, what: str) -> object:
     (``"line"``, ``".json member"``). Deep nesting is malformed too: 100,000 ``[`` make the parser raise
     ``RecursionError``, which must cost one record, not the run."""
     try:
-        return json.loads(text)
+        return loads_strict(text)
     except UnicodeDecodeError as err:
         raise SkipSample(BAD_TEXT, f"{what} is not UTF-8: {err}") from None
-    except json.JSONDecodeError as err:
+    except ValueError as err:  # bad JSON, NaN/Infinity, nesting too deep for the parser
         raise SkipSample(MALFORMED_RECORD, f"{what} is not valid JSON: {err}") from None
-    except RecursionError:
-        raise SkipSample(MALFORMED_RECORD, f"{what} is JSON nested too deeply to parse") from None
 
 
 @dataclass

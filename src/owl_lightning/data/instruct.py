@@ -31,6 +31,7 @@ from owl_lightning.config import IMAGE_TOKEN
 from owl_lightning.data.health import MALFORMED_RECORD, MISSING_TEXT, SkipLog, SkipSample, parse_json_record
 from owl_lightning.data.manifest import INSTRUCTION_FORMATS, InstructionSource
 from owl_lightning.data.template import Conversation, Turn
+from owl_lightning.files import jsonl_lines
 
 # Speaker names seen in LLaVA / ShareGPT / Vicuna / Baize exports → our roles.
 SPEAKER_ROLES = {
@@ -97,12 +98,10 @@ def _json_records(path: Path, format: str) -> Iterator[tuple[str, object]]:
         yield f"{path}#{index}", record
 
 
-def _jsonl_lines(path: Path) -> Iterator[tuple[str, object]]:
-    """Raw lines (bytes), so one bad line is one skipped record rather than an unreadable file."""
-    with path.open("rb") as lines:
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                yield f"{path}:{number}", line
+def _jsonl_lines(path: Path) -> Iterator[tuple[str, bytes]]:
+    """Raw lines, so one bad line is one skipped record rather than an unreadable file."""
+    for number, line in jsonl_lines(path):
+        yield f"{path}:{number}", line
 
 
 # ---------------------------------------------------------------------------- record → messages

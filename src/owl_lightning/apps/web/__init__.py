@@ -29,6 +29,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from urllib.parse import parse_qsl, urlsplit
 
+from owl_lightning.files import loads_strict
+
 HOST = "127.0.0.1"
 # The names a browser may use for this machine. Anything else in Host is a DNS name that happens to
 # resolve here (DNS rebinding): a foreign site would then be same-origin with the page.
@@ -88,19 +90,6 @@ def static_file(name: str) -> Binary:
     if "/" in name or suffix not in STATIC_TYPES or not (folder / name).is_file():
         raise HttpError(404, f"no static file {name!r}")
     return Binary((folder / name).read_bytes(), STATIC_TYPES[suffix])
-
-
-def loads_strict(text: str | bytes) -> object:
-    """JSON as RFC 8259 has it: ``NaN`` and ``Infinity`` (which Python's parser accepts) are refused, and so
-    is nesting too deep to parse; every failure is a :class:`ValueError`."""
-
-    def refuse(constant: str) -> object:
-        raise ValueError(f"{constant} is not a JSON number")
-
-    try:
-        return json.loads(text, parse_constant=refuse)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
 
 
 def is_own_address(host: str, port: int) -> bool:

@@ -24,7 +24,8 @@ from pathlib import Path
 from urllib.parse import quote, unquote
 
 from owl_lightning.apps.owleval import CATEGORIES, AnswerFile, Question, conversations, read_answer_files, read_questions
-from owl_lightning.apps.web import Binary, HttpError, WebApp, loads_strict
+from owl_lightning.apps.web import Binary, HttpError, WebApp
+from owl_lightning.files import jsonl_lines, loads_strict
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +77,11 @@ class RatingsFile:
 
     def _read(self) -> str | None:
         """Reads the ratings in; returns the file's slot seed, if it has one."""
-        data = self.path.read_bytes()
-        lines = data.split(b"\n")
-        seed = None
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
+        seed, last_line = None, b"\n"
+        for number, line in jsonl_lines(self.path):
+            last_line = line
             try:  # line by line, so bytes torn mid-character cost only their own line
-                record = loads_strict(line.decode("utf-8"))
+                record = loads_strict(line)
                 if isinstance(record, dict) and "slot_seed" in record:
                     if not isinstance(record["slot_seed"], str):
                         raise ValueError(f"slot_seed {record['slot_seed']!r} is not a string")
@@ -91,7 +89,7 @@ class RatingsFile:
                     continue
                 key, rating = read_rating(record)
             except ValueError as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-                torn = number == len(lines)  # the last line, not ended by a newline
+                torn = not line.endswith(b"\n")  # the last line, not ended by a newline
                 reason = f"cut short, a write interrupted by a crash? ({err})" if torn else f"not a rating ({err})"
                 log.warning("%s:%d: skipped, %s", self.path, number, reason)
                 self.unreadable_lines.append(number)
@@ -99,7 +97,7 @@ class RatingsFile:
             self.ratings[key] = rating
         if self.unreadable_lines:
             log.warning("%s: %d unreadable line(s) skipped, %d rating(s) read", self.path, len(self.unreadable_lines), len(self.ratings))
-        if data and not data.endswith(b"\n"):
+        if not last_line.endswith(b"\n"):
             with open(self.path, "ab") as file:
                 file.write(b"\n")  # so the next rating starts on its own line
         return seed
