@@ -9,7 +9,7 @@ from pathlib import Path
 
 from owl_lightning.apps.eval.captions import caption_bleu, read_captioned_images
 from owl_lightning.apps.eval.qualitative import qualitative_sheet
-from owl_lightning.apps.eval.text import text_retention
+from owl_lightning.apps.eval.text import prose_perplexity, same_task_perplexity
 from owl_lightning.apps.eval.vqa import easy_vqa_accuracy, read_vqa_records
 from owl_lightning.checkpoints import holds_lora, read_checkpoint, resolve_checkpoint, run_folder
 from owl_lightning.inference import LoadOptions, OwlAssistant
@@ -24,7 +24,13 @@ def evaluate(
     batch_size: int = 64,
     progress: bool = True,
     load: LoadOptions | None = None,
+    prose_windows: int = 64,
 ) -> tuple[dict, Path]:
+    """Every metric of a checkpoint into ``<run>/eval.json`` (and TensorBoard); returns the results and the path.
+
+    Text-only ability, each base LLM (LoRA off) against tuned: ``text_same_task`` (perplexity on held-out
+    answers of the training's own text task: task learning) and ``text_unseen_prose`` (perplexity on
+    ``prose_windows`` windows of 256 tokens of English news prose: retention)."""
     run, ckpt_file = run_folder(ckpt), resolve_checkpoint(ckpt)
     data = Path(data_dir)
     for needed in (data / "stage2" / "easyvqa_test.json", data / "stage2" / "text_heldout.json", data / "stage1"):
@@ -38,7 +44,8 @@ def evaluate(
     results["easy_vqa"] = easy_vqa_accuracy(assistant, records, data / "images", batch_size, progress)
     pairs = read_captioned_images(sorted((data / "stage1").glob("val-*.tar")), caption_limit)
     results["captions"] = caption_bleu(assistant, pairs, batch_size, progress)
-    results["text_retention"] = text_retention(assistant, str(data / "stage2" / "text_heldout.json"), text_limit, progress)
+    results["text_same_task"] = same_task_perplexity(assistant, str(data / "stage2" / "text_heldout.json"), text_limit, progress)
+    results["text_unseen_prose"] = prose_perplexity(assistant, prose_windows, progress=progress)
     results["qualitative"] = qualitative_sheet(assistant, run / "eval")
     results["seconds"] = round(time.perf_counter() - started, 1)
     path = run / "eval.json"
@@ -48,16 +55,26 @@ def evaluate(
 
 
 def summary_table(results: dict) -> str:
-    vqa, captions, text = results["easy_vqa"], results["captions"], results["text_retention"]
+    """The results as aligned ``name  value`` rows."""
+    vqa, captions = results["easy_vqa"], results["captions"]
+    same_task, prose = results["text_same_task"], results["text_unseen_prose"]
     rows = [("easy-VQA accuracy", f"{vqa['accuracy']:.1%} of {vqa['count']}")]
     rows += [(f"  {kind}", f"{value:.1%}") for kind, value in vqa["by_type"].items()]
     rows += [
         ("caption BLEU-4", f"{captions['bleu4']:.3f} ({captions['exact_match']:.1%} exact, {captions['count']} images)"),
-        ("text perplexity, base LLM", f"{text['base_perplexity']:.3f}"),
-        ("text perplexity, tuned", f"{text['tuned_perplexity']:.3f} ({text['ratio'] - 1:+.1%})"),
+        ("same-task text perplexity, base -> tuned", _perplexities(same_task) + f" ({same_task['count']} held-out answers)"),
+        (
+            "unseen prose perplexity, base -> tuned",
+            _perplexities(prose) + f" ({'within' if prose['within_target'] else 'outside'} the +{prose['target_ratio'] - 1:.0%} target; "
+            f"{prose['windows']} x {prose['window_tokens']} tokens)",
+        ),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def _perplexities(scores: dict) -> str:
+    return f"{scores['base_perplexity']:.3f} -> {scores['tuned_perplexity']:.3f} ({scores['ratio'] - 1:+.1%})"
 
 
 def _log_to_tensorboard(run: Path, results: dict) -> None:
@@ -69,6 +86,10 @@ def _log_to_tensorboard(run: Path, results: dict) -> None:
         for kind, value in results["easy_vqa"]["by_type"].items():
             writer.add_scalar(f"eval/easy_vqa_{kind}", value, step)
         writer.add_scalar("eval/caption_bleu4", results["captions"]["bleu4"], step)
-        writer.add_scalar("eval/text_perplexity_ratio", results["text_retention"]["ratio"], step)
+        writer.add_scalar("eval/text_same_task_perplexity_ratio", results["text_same_task"]["ratio"], step)
+        prose = results["text_unseen_prose"]
+        writer.add_scalar("eval/prose_base_perplexity", prose["base_perplexity"], step)
+        writer.add_scalar("eval/prose_tuned_perplexity", prose["tuned_perplexity"], step)
+        writer.add_scalar("eval/prose_perplexity_ratio", prose["ratio"], step)
         sheet = "\n".join(f"| {r['photo']} | {r['prompt']} | {r['answer']} |" for r in results["qualitative"])
         writer.add_text("eval/qualitative", "| photo | prompt | answer |\n|---|---|---|\n" + sheet, step)
