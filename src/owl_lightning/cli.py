@@ -182,17 +182,34 @@ def _eval_main(args: list[str]) -> None:
 
     parser = argparse.ArgumentParser(
         prog="owl-lightning eval",
-        description="Evaluate a checkpoint: easy-VQA accuracy, "
-        "caption BLEU, text-only retention, qualitative sheet. Writes <run>/eval.json.",
+        description="Evaluate a checkpoint: easy-VQA accuracy, caption BLEU, text-only ability against the base LLM "
+        "(perplexity on the training's own text task and on unseen English prose; answers to held-out text prompts), "
+        "qualitative sheet. Writes <run>/eval.json.",
     )
     _add_loading_arguments(parser)
     parser.add_argument("--data", default="data/embedded", help="the embedded data folder (make data)")
     parser.add_argument("--vqa-limit", type=int, default=None, help="first N easy-VQA test questions (default: all 9,673)")
-    parser.add_argument("--text-limit", type=int, default=None, help="first N held-out text instructions (default: all)")
+    parser.add_argument("--text-limit", type=int, default=None, help="first N held-out same-task text answers (default: all)")
+    parser.add_argument(
+        "--prose-windows", type=int, default=64, help="256-token windows of unseen English prose to score (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--answer-tokens", type=int, default=128, help="most new tokens per answer to the held-out text prompts (default: %(default)s)"
+    )
     parser.add_argument("--caption-limit", type=int, default=200, help="held-out images to caption")
     parser.add_argument("--batch-size", type=int, default=64)
     ns = parser.parse_args(args)
-    results, path = evaluate(ns.ckpt, ns.data, ns.vqa_limit, ns.text_limit, ns.caption_limit, ns.batch_size, load=_load_options(ns))
+    results, path = evaluate(
+        ns.ckpt,
+        ns.data,
+        ns.vqa_limit,
+        ns.text_limit,
+        ns.caption_limit,
+        ns.batch_size,
+        load=_load_options(ns),
+        prose_windows=ns.prose_windows,
+        answer_tokens=ns.answer_tokens,
+    )
     print(summary_table(results))
     print(path)
 

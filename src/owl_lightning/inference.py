@@ -120,12 +120,23 @@ class OwlAssistant:
         return cls(model, load_tokenizer(model.config.llm), precision=precision, **settings)
 
     @torch.no_grad()
-    def answer(self, requests: list[Request], max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0) -> list[str]:
-        """Continue each conversation with one assistant turn. Greedy when ``temperature`` is 0."""
+    def answer(
+        self,
+        requests: list[Request],
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        template: ConversationTemplate | None = None,
+    ) -> list[str]:
+        """Continue each conversation with one assistant turn. Greedy when ``temperature`` is 0.
+
+        ``template``: prompt with another template than the run's (e.g. the base LLM's own chat
+        template, to compare with the model before tuning)."""
+        template = template or self.template
         samples = []
         for request in requests:
             conversation = Conversation(request.turns, images=[f"image {i}" for i in range(len(request.images))])
-            ids = self.template.encode_prompt(conversation)
+            ids = template.encode_prompt(conversation)
             samples.append(EncodedSample(ids, [IGNORE_INDEX] * len(ids), [self.transform(to_rgb(i)) for i in request.images]))
         return generate(self.model, self.tokenizer, samples, max_new_tokens, temperature, top_p, self.dtype)
 

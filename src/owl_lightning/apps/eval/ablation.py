@@ -72,8 +72,8 @@ def run_ablation(runs: Path, vqa_limit: int | None, only: list[str]) -> dict:
             "vqa_count": metrics["easy_vqa"]["count"],
             "caption_bleu4": metrics["captions"]["bleu4"],
             "caption_exact": metrics["captions"]["exact_match"],
-            "text_perplexity": metrics["text_retention"]["tuned_perplexity"],
-            "base_text_perplexity": metrics["text_retention"]["base_perplexity"],
+            "text_perplexity": metrics["text_same_task"]["tuned_perplexity"],
+            "base_text_perplexity": metrics["text_same_task"]["base_perplexity"],
         }
     return results
 

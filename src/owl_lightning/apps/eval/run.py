@@ -8,8 +8,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from owl_lightning.apps.eval.captions import caption_bleu, read_captioned_images
+from owl_lightning.apps.eval.instructions import instruction_following
 from owl_lightning.apps.eval.qualitative import qualitative_sheet
-from owl_lightning.apps.eval.text import text_retention
+from owl_lightning.apps.eval.text import prose_perplexity, same_task_perplexity
 from owl_lightning.apps.eval.vqa import easy_vqa_accuracy, read_vqa_records
 from owl_lightning.checkpoints import holds_lora, read_checkpoint, resolve_checkpoint, run_folder
 from owl_lightning.inference import LoadOptions, OwlAssistant
@@ -24,7 +25,15 @@ def evaluate(
     batch_size: int = 64,
     progress: bool = True,
     load: LoadOptions | None = None,
+    prose_windows: int = 64,
+    answer_tokens: int = 128,
 ) -> tuple[dict, Path]:
+    """Every metric of a checkpoint into ``<run>/eval.json`` (and TensorBoard); returns the results and the path.
+
+    Text-only ability, each base LLM (LoRA off) against tuned: ``text_same_task`` (perplexity on held-out
+    answers of the training's own text task: task learning), ``text_unseen_prose`` (perplexity on
+    ``prose_windows`` windows of 256 tokens of English news prose: retention) and ``text_instructions``
+    (answers of up to ``answer_tokens`` tokens to held-out general prompts: length, repetition, agreement)."""
     run, ckpt_file = run_folder(ckpt), resolve_checkpoint(ckpt)
     data = Path(data_dir)
     for needed in (data / "stage2" / "easyvqa_test.json", data / "stage2" / "text_heldout.json", data / "stage1"):
@@ -38,7 +47,9 @@ def evaluate(
     results["easy_vqa"] = easy_vqa_accuracy(assistant, records, data / "images", batch_size, progress)
     pairs = read_captioned_images(sorted((data / "stage1").glob("val-*.tar")), caption_limit)
     results["captions"] = caption_bleu(assistant, pairs, batch_size, progress)
-    results["text_retention"] = text_retention(assistant, str(data / "stage2" / "text_heldout.json"), text_limit, progress)
+    results["text_same_task"] = same_task_perplexity(assistant, str(data / "stage2" / "text_heldout.json"), text_limit, progress)
+    results["text_unseen_prose"] = prose_perplexity(assistant, prose_windows, progress=progress)
+    results["text_instructions"] = instruction_following(assistant, max_new_tokens=answer_tokens, batch_size=batch_size)
     results["qualitative"] = qualitative_sheet(assistant, run / "eval")
     results["seconds"] = round(time.perf_counter() - started, 1)
     path = run / "eval.json"
@@ -47,17 +58,50 @@ def evaluate(
     return results, path
 
 
-def summary_table(results: dict) -> str:
-    vqa, captions, text = results["easy_vqa"], results["captions"], results["text_retention"]
+def summary_table(results: dict, examples: int = 3) -> str:
+    """The results as aligned ``name  value`` rows, then ``examples`` prompt/answer pairs of the text prompts."""
+    vqa, captions = results["easy_vqa"], results["captions"]
+    same_task, prose, prompts = results["text_same_task"], results["text_unseen_prose"], results["text_instructions"]
+    base, tuned = prompts["base"], prompts["tuned"]
+    count = prompts["prompts"]
+    length_change = "n/a" if prompts["length_ratio"] is None else f"x{prompts['length_ratio']:.2f}"
     rows = [("easy-VQA accuracy", f"{vqa['accuracy']:.1%} of {vqa['count']}")]
     rows += [(f"  {kind}", f"{value:.1%}") for kind, value in vqa["by_type"].items()]
     rows += [
         ("caption BLEU-4", f"{captions['bleu4']:.3f} ({captions['exact_match']:.1%} exact, {captions['count']} images)"),
-        ("text perplexity, base LLM", f"{text['base_perplexity']:.3f}"),
-        ("text perplexity, tuned", f"{text['tuned_perplexity']:.3f} ({text['ratio'] - 1:+.1%})"),
+        ("same-task text perplexity, base -> tuned", _perplexities(same_task) + f", {same_task['count']} held-out answers"),
+        (
+            "unseen prose perplexity, base -> tuned",
+            _perplexities(prose) + f", {'within' if prose['within_target'] else 'outside'} the +{prose['target_ratio'] - 1:.0%} target, "
+            f"{prose['windows']} x {prose['window_tokens']} tokens",
+        ),
+        ("text prompts: answer tokens, base / tuned", f"{base['mean_tokens']:.1f} / {tuned['mean_tokens']:.1f} ({length_change})"),
+        ("text prompts: degenerate, base / tuned", f"{base['degenerate']} / {tuned['degenerate']} of {count}"),
+        ("text prompts: 3-gram repetition, base / tuned", f"{base['mean_repetition']:.3f} / {tuned['mean_repetition']:.3f}"),
+        ("text prompts: agreement with base (ROUGE-L)", f"{prompts['agreement_rouge_l']:.3f}"),
     ]
     width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+    table = [f"{name:<{width}}  {value}" for name, value in rows]
+    if examples:
+        table += ["", f"text prompts: base LLM (template: {prompts['base_template']}) vs tuned (template: {prompts['tuned_template']})"]
+        for answer in prompts["answers"][:examples]:
+            table += [f"  {_shorten(answer['prompt'])}"]
+            table += [f"    base:  {_shorten(answer['base'])}", f"    tuned: {_shorten(answer['tuned'])}"]
+    return "\n".join(table)
+
+
+def _perplexities(scores: dict) -> str:
+    return f"{scores['base_perplexity']:.3f} -> {scores['tuned_perplexity']:.3f} ({scores['ratio'] - 1:+.1%})"
+
+
+def _shorten(text: str, width: int = 100) -> str:
+    """One line of at most ``width`` characters (an answer's line breaks would break the table)."""
+    line = _one_line(text)
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _log_to_tensorboard(run: Path, results: dict) -> None:
@@ -69,6 +113,22 @@ def _log_to_tensorboard(run: Path, results: dict) -> None:
         for kind, value in results["easy_vqa"]["by_type"].items():
             writer.add_scalar(f"eval/easy_vqa_{kind}", value, step)
         writer.add_scalar("eval/caption_bleu4", results["captions"]["bleu4"], step)
-        writer.add_scalar("eval/text_perplexity_ratio", results["text_retention"]["ratio"], step)
+        writer.add_scalar("eval/text_same_task_perplexity_ratio", results["text_same_task"]["ratio"], step)
+        prose = results["text_unseen_prose"]
+        writer.add_scalar("eval/prose_base_perplexity", prose["base_perplexity"], step)
+        writer.add_scalar("eval/prose_tuned_perplexity", prose["tuned_perplexity"], step)
+        writer.add_scalar("eval/prose_perplexity_ratio", prose["ratio"], step)
+        prompts = results["text_instructions"]
+        writer.add_scalar("eval/prompts_agreement_rouge_l", prompts["agreement_rouge_l"], step)
+        for model in ("base", "tuned"):
+            for name in ("mean_tokens", "mean_repetition", "degenerate_rate"):
+                writer.add_scalar(f"eval/prompts_{model}_{name}", prompts[model][name], step)
+        pairs = "\n".join(f"| {_cell(a['prompt'])} | {_cell(a['base'])} | {_cell(a['tuned'])} |" for a in prompts["answers"])
+        writer.add_text("eval/text_prompts", "| prompt | base LLM | tuned |\n|---|---|---|\n" + pairs, step)
         sheet = "\n".join(f"| {r['photo']} | {r['prompt']} | {r['answer']} |" for r in results["qualitative"])
         writer.add_text("eval/qualitative", "| photo | prompt | answer |\n|---|---|---|\n" + sheet, step)
+
+
+def _cell(text: str) -> str:
+    """Text as one Markdown table cell."""
+    return _one_line(text).replace("|", "\\|")
