@@ -137,3 +137,20 @@ def test_a_disk_without_room_for_one_checkpoint_stops_the_run_before_its_first_s
     with pytest.raises(preflight.OutputNotWritable, match=r"has 0 MiB free, but one checkpoint of this run takes about"):
         fit_saving_to(system, data, tmp_path, tmp_path / "checkpoints")
     assert not steps
+
+
+def test_every_run_ends_with_its_final_state_in_last_ckpt(tmp_path, caption_manifest):
+    """5 steps saving every 2: Lightning's own callback leaves last.ckpt at step 4, ours at step 5."""
+    from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
+
+    from owl_lightning.train.callbacks import ModelCheckpoint as OwlModelCheckpoint
+
+    steps = {}
+    for name, kind in (("lightning", LightningModelCheckpoint), ("owl", OwlModelCheckpoint)):
+        system = tiny_system("stage1", warmup_steps=0)
+        data = CaptionDataModule(manifest=str(caption_manifest), processor=system.processor, batch_size=4, num_workers=0)
+        folder = tmp_path / name
+        checkpoint = kind(dirpath=folder, save_last=True, save_top_k=0, every_n_train_steps=2)
+        fit(system, data, tmp_path / name, steps=5, callbacks=[checkpoint], enable_checkpointing=True)
+        steps[name] = torch.load(folder / "last.ckpt", weights_only=True)["global_step"]
+    assert steps == {"lightning": 4, "owl": 5}
