@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import openai
@@ -22,6 +22,7 @@ from PIL import Image
 from tests.helpers import COLOURS, png_bytes
 
 from owl_lightning.apps.web import TOKEN_HEADER, HttpError, running
+from owl_lightning.apps.web.batching import GenerationBatcher
 from owl_lightning.apps.web.openai_api import OpenAIApp, TextDeltas, fetch_image
 from owl_lightning.cli import main
 from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN
@@ -416,6 +417,22 @@ def test_requests_arriving_during_a_batch_form_the_next_one():
         answers = [future.result().choices[0] for future in [first, *later]]
     assert [len(batch) for batch in assistant.batches] == [1, 4]
     assert [(a.message.content, a.finish_reason) for a in answers] == [(" ".join(["w"] * 50), "length")] + [("w w w", "length")] * 4
+
+
+@pytest.mark.parametrize("preparing", [True, False], ids=["another-being-prepared", "none-coming"])
+def test_a_batch_past_its_window_waits_only_for_requests_being_prepared(preparing):
+    assistant = SlowAssistant()
+    batcher = GenerationBatcher(assistant, max_batch=8, window_s=0.01)
+    sample = assistant.encode(Request.single("x"))
+    try:
+        with batcher.preparing() if preparing else nullcontext():  # the second request decoding its images...
+            first = batcher.submit(sample, Sampling(2))
+            time.sleep(0.2)  # ...for far longer than the window
+            second = batcher.submit(sample, Sampling(2))
+        first.result(), second.result()
+    finally:
+        batcher.close()
+    assert [len(batch) for batch in assistant.batches] == ([2] if preparing else [1, 1])
 
 
 def test_a_client_that_leaves_mid_stream_stops_its_generation():

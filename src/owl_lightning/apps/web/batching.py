@@ -2,8 +2,9 @@
 
 Generating for 8 requests at once costs little more per step than for 1 on a GPU (a step reads every
 weight once, whatever the batch), so requests that arrive together are answered together: the first
-one waits up to ``window_s`` for company, the batch closes at ``max_batch``, and requests that
-arrive while a batch runs form the next one. Each answer still ends on its own (its EOS, its own
+one waits up to ``window_s`` for company, and past it still for requests already being prepared
+(their images decoding: they are milliseconds away); the batch closes at ``max_batch``, and
+requests that arrive while a batch runs form the next one. Each answer still ends on its own (its EOS, its own
 ``max_tokens``) and is handed to its request token by token, so a stream flows as the batch runs
 and a short answer is sent before the long ones beside it finish. Batches are static: a request
 that arrives mid-batch waits for that batch to end (transformers' ``generate`` cannot add rows).
@@ -15,12 +16,18 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from owl_lightning.apps.web import HttpError
 from owl_lightning.data.collate import EncodedSample
 from owl_lightning.inference import Generation, OwlAssistant, Sampling
 
 log = logging.getLogger(__name__)
+
+# How long past its window a batch may wait for requests still being prepared: a safety net, as
+# preparing (decoding a request's images) takes milliseconds.
+PREPARING_GRACE_S = 0.5
 
 
 class PendingAnswer:
@@ -87,6 +94,20 @@ class GenerationBatcher:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._closed = False
+        self._preparing = 0  # requests between their body and submit(): a batch about to close waits for them
+        self._preparing_lock = threading.Lock()
+
+    @contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Around a request's last steps before :meth:`submit` (decoding its images): the batch being gathered
+        waits for it rather than leave a moment before it is submitted."""
+        with self._preparing_lock:
+            self._preparing += 1
+        try:
+            yield
+        finally:
+            with self._preparing_lock:
+                self._preparing -= 1
 
     def submit(self, sample: EncodedSample, sampling: Sampling) -> PendingAnswer:
         """Queue one encoded request (:meth:`~owl_lightning.inference.OwlAssistant.encode`) for the next batch."""
@@ -120,18 +141,23 @@ class GenerationBatcher:
                 pending.fail(stopping)
 
     def _next_batch(self) -> list[PendingAnswer] | None:
-        """The requests for the next batch: the first to come, then whatever arrives within the window, up
-        to ``max_batch``. None once :meth:`close` was called."""
+        """The requests for the next batch: the first to come, then whatever arrives within the window or is
+        being prepared then, up to ``max_batch``. None once :meth:`close` was called."""
         first = self._queue.get()
         if first is None:
             return None
         batch = [first]
         deadline = time.monotonic() + self.window_s
         while len(batch) < self.max_batch:
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                if not self._preparing or wait < -PREPARING_GRACE_S:
+                    break
+                wait = 0.002  # a request being prepared is submitted within milliseconds
             try:
-                pending = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
+                pending = self._queue.get(timeout=wait)
             except queue.Empty:
-                break
+                continue
             if pending is None:
                 self._queue.put(None)  # answer this batch, then stop
                 break

@@ -347,9 +347,11 @@ class OpenAIApp(ChatApp):
         defaults = Sampling(self.defaults["max_new_tokens"], self.defaults["temperature"])
         chat = read_chat_completion_request(body, defaults, self.max_images)
         self._check_model(chat.model)
-        sample = self._encode(chat)
+        uploads = self._image_bytes(chat)
+        with self.batcher.preparing():
+            sample = self._encode(chat, uploads)
+            pending = self.batcher.submit(sample, chat.sampling)
         prompt_tokens = self.assistant.prompt_tokens(sample)
-        pending = self.batcher.submit(sample, chat.sampling)
         if chat.stream:
             return EventStream(self._chunks(chat, pending, prompt_tokens))
         generation = pending.result()
@@ -370,14 +372,17 @@ class OpenAIApp(ChatApp):
     def _head(self, kind: str) -> dict:
         return {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": kind, "created": int(time.time()), "model": self.model_name}
 
-    def _encode(self, chat: ChatCompletionRequest) -> EncodedSample:
-        """The request's images read (fetched, if allowed, within the body's byte cap) and checked against the
-        pixel cap before any is decoded; then the prompt as the model takes it."""
+    def _image_bytes(self, chat: ChatCompletionRequest) -> list[tuple[str, bytes]]:
+        """The request's images, encoded, as ``(name, bytes)``: fetched (if allowed) within the body's byte cap."""
         uploads, bytes_left = [], self.max_body_bytes
         for name, url in chat.images:
             data = image_bytes(url, name, self.allow_image_urls, bytes_left)
             uploads.append((name, data))
             bytes_left -= len(data)
+        return uploads
+
+    def _encode(self, chat: ChatCompletionRequest, uploads: list[tuple[str, bytes]]) -> EncodedSample:
+        """The prompt as the model takes it, once the images' headers show they are within the pixel cap."""
         with self._decode_lock:
             images = decode_uploads(uploads, self.max_pixels)
             try:
