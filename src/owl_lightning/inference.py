@@ -243,7 +243,9 @@ def generate_answers(
     limits = _AnswerLimits(samplings, tokenizer.eos_token_id, listener)
     decodings = {sampling.decoding() for sampling in samplings}
     if len(decodings) > 1:  # transformers' own warpers take one temperature and top-p for the whole batch
-        sampling_kwargs = {"do_sample": True, "logits_processor": LogitsProcessorList([_AnswerSampling(samplings, device)])}
+        # Theirs neutral (a model's generation config may set its own), ours per answer.
+        per_answer = LogitsProcessorList([_AnswerSampling(samplings, device)])
+        sampling_kwargs = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "logits_processor": per_answer}
     else:
         temperature, top_p = decodings.pop()
         sampling_kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
