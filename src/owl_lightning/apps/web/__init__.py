@@ -8,11 +8,11 @@ that need a few JSON endpoints and an image upload. These pages load nothing fro
 in any browser, and the browser tests drive them with plain Selenium.
 
 Both servers listen on 127.0.0.1 only, and since every website the user visits can send requests
-there, each request passes one guard (:func:`check_request`): the Host must name the loopback on our
-port (no DNS rebinding), a foreign Origin is refused, and a POST needs a JSON content type and the
-per-launch token the served page carries (an app may ask other credentials on some paths:
-:meth:`WebApp.authorize`). Bodies need a strict Content-Length under the app's limit; connections time
-out and at most ``max_workers`` are served at once.
+there, each request passes one guard before anything else is read: the Host must name the loopback on
+our port (no DNS rebinding) and a foreign Origin is refused (:func:`check_origin`); then a POST needs a
+JSON content type and the per-launch token the served page carries (:meth:`WebApp.authorize`, where
+an app may ask other credentials on some paths: ``serve``'s API takes a key). Bodies need a strict
+Content-Length under the app's limit; connections time out and at most ``max_workers`` are served at once.
 """
 
 from __future__ import annotations
@@ -140,17 +140,6 @@ def is_own_address(host: str, port: int) -> bool:
     else:
         name, _, port_text = host.rpartition(":")
     return name.lower() in LOOPBACK_NAMES and port_text == str(port)
-
-
-def check_request(method: str, headers: Message, port: int, token: str) -> None:
-    """Refuse (:class:`HttpError`) a request that this server's own page on ``port`` could not have sent.
-
-    Every request: the Host header must name the loopback on our port, and an Origin header, when there is
-    one, must be this server's. State-changing requests (POST) also need a JSON content type and the
-    per-launch ``token`` the page carries. Called before anything else, the body included, is read."""
-    check_origin(headers, port)
-    if method != "GET":
-        check_page_token(headers, token)
 
 
 def check_origin(headers: Message, port: int) -> None:
