@@ -475,5 +475,5 @@ def test_serve_offers_the_api_with_its_flags_and_prints_how_to_reach_it(assistan
     assert f"api_key={drawn.api_key}" in drawn.startup_lines("http://127.0.0.1:7860/")[0]
     assert (fixed.model_name, fixed.allow_image_urls, fixed.api_key) == ("owl", False, "from-the-environment")
     assert fixed.startup_lines("http://127.0.0.1:7860/")[0] == (
-        "OpenAI API: base_url=http://127.0.0.1:7860/v1  api_key=$OWL_LIGHTNING_API_KEY  model=owl"
+        "OpenAI API: base_url=http://127.0.0.1:7860/v1  api_key=(the one given: --api-key or $OWL_LIGHTNING_API_KEY)  model=owl"
     )

@@ -28,6 +28,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from email.message import Message
 from urllib.parse import unquote, urlsplit
 
 from owl_lightning.apps.web import EventStream, HttpError, check_json_content, secret_matches
@@ -301,7 +302,7 @@ class OpenAIApp(ChatApp):
 
     # -- the web package's hooks -------------------------------------------------------------------
 
-    def authorize(self, method: str, path: str, headers, token: str) -> None:
+    def authorize(self, method: str, path: str, headers: Message, token: str) -> None:
         if not path.startswith(API_PREFIX):
             return super().authorize(method, path, headers, token)
         scheme, _, key = headers.get("Authorization", "").partition(" ")
@@ -320,7 +321,7 @@ class OpenAIApp(ChatApp):
         return {"error": {"message": error.message, "type": error_type(error.status), "param": None, "code": error.code}}
 
     def startup_lines(self, url: str) -> list[str]:
-        key = f"${API_KEY_ENV}" if self.api_key_given else self.api_key
+        key = f"(the one given: --api-key or ${API_KEY_ENV})" if self.api_key_given else self.api_key
         images = "data: and http(s) URLs" if self.allow_image_urls else "data: URLs (--allow-image-urls for http(s))"
         return [
             f"OpenAI API: base_url={url}v1  api_key={key}  model={self.model_name}",
