@@ -8,7 +8,7 @@ owl-lightning eval --ckpt RUN_OR_CKPT [--vqa-limit N]
 owl-lightning chat --ckpt RUN_OR_CKPT --image a.jpg [--image b.jpg] [--prompt "..."]
 owl-lightning owleval --ckpt RUN_OR_CKPT --out answers.jsonl [--data ../shared/owleval]
 owl-lightning rate --answers DIR_OR_FILE [--answers ...] [--ratings owleval_ratings.jsonl] [--summary] [--no-blind]
-owl-lightning serve --ckpt RUN_OR_CKPT [--port 7860]
+owl-lightning serve --ckpt RUN_OR_CKPT [--port 7860] [--api-key KEY] [--allow-image-urls] [--max-batch 8]
 owl-lightning export --ckpt RUN_OR_CKPT --out DIR
 owl-lightning convert-official --src OFFICIAL_DIR [--src ADAPTER_DIR] --out DIR [--config owl-llama7b] [--overrides JSON]
 owl-lightning consolidate SHARDED_CKPT_OR_RUN OUT.ckpt
@@ -319,24 +319,67 @@ def _rate_main(args: list[str]) -> None:
 
 
 def _serve_main(args: list[str]) -> None:
+    import os
+
     from owl_lightning.apps.web import serve
-    from owl_lightning.apps.web.demo import ChatApp
+    from owl_lightning.apps.web.openai_api import API_KEY_ENV, OpenAIApp
     from owl_lightning.inference import OwlAssistant
 
     parser = argparse.ArgumentParser(
         prog="owl-lightning serve",
-        description="Chat with a trained model in a browser: upload images, ask over several turns, adjust max tokens and temperature.",
+        description="Chat with a trained model in a browser (upload images, ask over several turns, adjust max tokens and "
+        "temperature), or from any OpenAI client: the same server speaks the chat-completions API under /v1/, "
+        "answering concurrent requests in shared batches.",
     )
     _add_loading_arguments(parser)
     parser.add_argument("--port", type=int, default=7860, help="port on 127.0.0.1 (0: any free port; default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="the page's starting value")
-    parser.add_argument("--temperature", type=float, default=0.0, help="the page's starting value (0: greedy)")
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=128, help="the page's starting value; the API's max_tokens when a request has none"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="the page's starting value; the API's when a request has none (0: greedy)"
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"the key API clients send as 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else a new key printed at "
+        "start; the environment variable keeps it out of the process list)",
+    )
+    parser.add_argument("--model-name", default=None, help="the model name API clients use (default: the --ckpt value)")
+    parser.add_argument(
+        "--allow-image-urls",
+        action="store_true",
+        help="let API requests name images by http(s) URL, which the server then fetches (10 s, within the request's "
+        "64 MiB): only for clients you trust, as it will fetch any address they give, on your network too",
+    )
+    parser.add_argument("--max-batch", type=int, default=8, help="most API requests answered in one batch (default: %(default)s)")
+    parser.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=20.0,
+        help="how long a request waits for others to share its batch (default: %(default)s)",
+    )
     ns = parser.parse_args(args)
+    if ns.max_batch < 1 or ns.batch_window_ms < 0:
+        parser.error("--max-batch must be at least 1 and --batch-window-ms at least 0")
+    if ns.api_key is not None and not ns.api_key.strip():
+        parser.error(f"the API key is empty: pass a non-empty --api-key or ${API_KEY_ENV}, or neither for a new key")
     try:
         assistant = OwlAssistant.from_checkpoint(ns.ckpt, **asdict(_load_options(ns)))
     except FileNotFoundError as err:
         parser.error(str(err))
-    serve(ChatApp(assistant, ns.max_new_tokens, ns.temperature, title=str(ns.ckpt)), ns.port, "chat demo")
+    app = OpenAIApp(
+        assistant,
+        model_name=ns.model_name or str(ns.ckpt),
+        api_key=ns.api_key,
+        allow_image_urls=ns.allow_image_urls,
+        max_batch=ns.max_batch,
+        batch_window_s=ns.batch_window_ms / 1000,
+        max_new_tokens=ns.max_new_tokens,
+        temperature=ns.temperature,
+        title=str(ns.ckpt),
+    )
+    serve(app, ns.port, "chat demo")
 
 
 def _export_main(args: list[str]) -> None:

@@ -6,12 +6,14 @@ Used by ``owl-lightning chat`` and ``eval``; keeps prompts exactly as the model 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from owl_lightning.checkpoints import model_from_checkpoint, read_checkpoint, template_settings
 from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, compute_dtype
@@ -44,18 +46,55 @@ class LoadOptions:
     trust_remote_code: bool = False
 
 
+def user_turn(text: str, image_count: int = 0) -> Turn:
+    """A user message about ``image_count`` images: their placeholders open it, one per image, as in training."""
+    return Turn("user", IMAGE_TOKEN * image_count + ("\n" if image_count else "") + text)
+
+
 @dataclass
 class Request:
     """One conversation to continue: ``turns`` ends with a user turn whose ``<image>``
-    placeholders (in any user turn) match ``images`` in order."""
+    placeholders (in any user turn) match ``images`` in order. ``system`` replaces the
+    template's system line for this conversation (None: the line the model was trained with)."""
 
     turns: list[Turn]
     images: list[Image.Image] = field(default_factory=list)
+    system: str | None = None
 
     @classmethod
     def single(cls, question: str, images: list[Image.Image] = ()) -> Request:
         """A one-turn question about ``images`` (their placeholders go first, one per image)."""
-        return cls([Turn("user", IMAGE_TOKEN * len(images) + ("\n" if images else "") + question)], list(images))
+        return cls([user_turn(question, len(images))], list(images))
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one answer is generated: at most ``max_new_tokens`` tokens; greedy when ``temperature`` is 0,
+    else sampled at that temperature from the smallest set of tokens whose probability reaches ``top_p``."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def decoding(self) -> tuple[float, float]:
+        """What decides the token choice (not the length); every greedy setting is the same choice."""
+        return (self.temperature, self.top_p) if self.temperature > 0 else (0.0, 1.0)
+
+
+@dataclass
+class Generation:
+    """One answer as it is generated: its tokens so far (the EOS that ends it left out), the decoding
+    steps spent on it (EOS included) and, once it has ended, why: ``stop`` (EOS), ``length`` (its
+    ``max_new_tokens``) or ``cancelled`` (its listener asked to stop)."""
+
+    tokens: list[int] = field(default_factory=list)
+    steps: int = 0
+    finish_reason: str | None = None
+
+
+# Called after each decoding step for every answer of the batch still going, and once more as it ends:
+# its row and its Generation (updated in place). Returning False cancels that answer.
+Listener = Callable[[int, Generation], bool]
 
 
 class OwlAssistant:
@@ -119,6 +158,22 @@ class OwlAssistant:
         }
         return cls(model, load_tokenizer(model.config.llm), precision=precision, **settings)
 
+    def encode(self, request: Request, template: ConversationTemplate | None = None) -> EncodedSample:
+        """A request as the model takes it: the prompt's token ids (``template``: None for the run's own)
+        and each image preprocessed (a small uint8 tensor, so the decoded picture can be dropped). Raises
+        ``SkipSample(TOO_LONG)`` past ``max_length``."""
+        conversation = Conversation(request.turns, images=[f"image {i}" for i in range(len(request.images))], system=request.system)
+        ids = (template or self.template).encode_prompt(conversation)
+        return EncodedSample(ids, [IGNORE_INDEX] * len(ids), [self.transform(to_rgb(i)) for i in request.images])
+
+    def prompt_tokens(self, sample: EncodedSample) -> int:
+        """Positions the LLM reads for ``sample``'s prompt: its text tokens and every image's visual tokens."""
+        return self.template.expanded_length(sample.input_ids)
+
+    def decode(self, tokens: list[int]) -> str:
+        """An answer's text, as :meth:`answer` returns it."""
+        return decode_answer(self.tokenizer, tokens)
+
     @torch.no_grad()
     def answer(
         self,
@@ -132,13 +187,13 @@ class OwlAssistant:
 
         ``template``: prompt with another template than the run's (e.g. the base LLM's own chat
         template, to compare with the model before tuning)."""
-        template = template or self.template
-        samples = []
-        for request in requests:
-            conversation = Conversation(request.turns, images=[f"image {i}" for i in range(len(request.images))])
-            ids = template.encode_prompt(conversation)
-            samples.append(EncodedSample(ids, [IGNORE_INDEX] * len(ids), [self.transform(to_rgb(i)) for i in request.images]))
+        samples = [self.encode(request, template) for request in requests]
         return generate(self.model, self.tokenizer, samples, max_new_tokens, temperature, top_p, self.dtype)
+
+    def generate(self, samples: list[EncodedSample], samplings: list[Sampling], listener: Listener | None = None) -> list[Generation]:
+        """Encoded requests (:meth:`encode`) answered in one batch, each with its own :class:`Sampling`;
+        ``listener`` sees every answer grow (see :data:`Listener`)."""
+        return generate_answers(self.model, self.tokenizer, samples, samplings, self.dtype, listener)
 
     def caption(self, images: list[Image.Image], max_new_tokens: int = 20) -> list[str]:
         """Stage-1 style captions, generated from ``BOS <image>``."""
@@ -160,7 +215,6 @@ def generate_captions(
     return generate(model, tokenizer, samples, max_new_tokens, dtype=dtype)
 
 
-@torch.no_grad()
 def generate(
     model: OwlModel,
     tokenizer,
@@ -170,26 +224,110 @@ def generate(
     top_p: float = 1.0,
     dtype: torch.dtype = torch.float32,
 ) -> list[str]:
-    """Prompts (token ids with ``<image>`` tokens, and their image tensors) → decoded continuations.
+    """Prompts (token ids with ``<image>`` tokens, and their image tensors) → decoded continuations,
+    all with the same settings (see :func:`generate_answers`)."""
+    sampling = Sampling(max_new_tokens, temperature, top_p)
+    generations = generate_answers(model, tokenizer, samples, [sampling] * len(samples), dtype)
+    return [decode_answer(tokenizer, generation.tokens) for generation in generations]
 
-    One left-padded batch, generated with the KV cache, under ``dtype`` autocast; greedy when
-    ``temperature`` is 0; each answer stops at EOS."""
+
+def decode_answer(tokenizer, tokens: list[int]) -> str:
+    """Generated token ids → the answer's text (special tokens dropped, surrounding space stripped)."""
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+@torch.no_grad()
+def generate_answers(
+    model: OwlModel,
+    tokenizer,
+    samples: list[EncodedSample],
+    samplings: list[Sampling],
+    dtype: torch.dtype = torch.float32,
+    listener: Listener | None = None,
+) -> list[Generation]:
+    """Prompts (token ids with ``<image>`` tokens, and their image tensors) → one :class:`Generation` each.
+
+    One left-padded batch, generated with the KV cache, under ``dtype`` autocast. Each answer has its
+    own :class:`Sampling`: it ends at EOS or at its own ``max_new_tokens`` (the batch runs until its
+    last answer ends), and is greedy or sampled at its own temperature and top-p."""
+    if len(samplings) != len(samples):
+        raise ValueError(f"{len(samples)} samples but {len(samplings)} samplings: give one Sampling per sample")
     device = next(model.parameters()).device
     batch = collate(samples, tokenizer.pad_token_id, padding_side="left")
     images = None if batch["images"] is None else batch["images"].to(device)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    limits = _AnswerLimits(samplings, tokenizer.eos_token_id, listener)
+    decodings = {sampling.decoding() for sampling in samplings}
+    if len(decodings) > 1:  # transformers' own warpers take one temperature and top-p for the whole batch
+        # Theirs neutral (a model's generation config may set its own), ours per answer.
+        per_answer = LogitsProcessorList([_AnswerSampling(samplings, device)])
+        sampling_kwargs = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "logits_processor": per_answer}
+    else:
+        temperature, top_p = decodings.pop()
+        sampling_kwargs = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     with autocast(device, dtype):
-        generated = model.generate(
+        model.generate(
             batch["input_ids"].to(device),
             batch["sample_ids"].to(device),
             images,
             batch["image_counts"].to(device),
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=max(sampling.max_new_tokens for sampling in samplings),
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
-            **sampling,
+            stopping_criteria=StoppingCriteriaList([limits]),
+            **sampling_kwargs,
         )
-    return [text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+    for generation in limits.generations:  # stopped by transformers for its own reasons (the model's length limit)
+        generation.finish_reason = generation.finish_reason or "length"
+    return limits.generations
+
+
+class _AnswerLimits(StoppingCriteria):
+    """Ends each answer of a batch on its own (at EOS, at its own ``max_new_tokens``, or when its listener
+    cancels it) and keeps its tokens, which is why it runs after every decoding step."""
+
+    def __init__(self, samplings: list[Sampling], eos_token_id: int, listener: Listener | None) -> None:
+        self.limits = [sampling.max_new_tokens for sampling in samplings]
+        self.eos_token_id, self.listener = eos_token_id, listener
+        self.generations = [Generation() for _ in samplings]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        for row, token in enumerate(input_ids[:, -1].tolist()):
+            generation = self.generations[row]
+            if generation.finish_reason is not None:  # transformers keeps padding it until the batch ends
+                continue
+            generation.steps += 1
+            if token == self.eos_token_id:
+                generation.finish_reason = "stop"
+            else:
+                generation.tokens.append(token)
+                if generation.steps >= self.limits[row]:
+                    generation.finish_reason = "length"
+            if self.listener is not None and not self.listener(row, generation) and generation.finish_reason is None:
+                generation.finish_reason = "cancelled"  # the listener already knows: it asked
+        return torch.tensor([g.finish_reason is not None for g in self.generations], device=input_ids.device)
+
+
+class _AnswerSampling(LogitsProcessor):
+    """Temperature and top-p per answer of a batch. A greedy answer (temperature 0) keeps only its best
+    token, so sampling it picks that token: greedy and sampled requests can share one batch."""
+
+    def __init__(self, samplings: list[Sampling], device: torch.device) -> None:
+        decodings = [sampling.decoding() for sampling in samplings]
+        self.temperatures = torch.tensor([temperature for temperature, _ in decodings], device=device)
+        self.top_ps = torch.tensor([top_p for _, top_p in decodings], device=device)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        greedy = self.temperatures == 0
+        scores = scores / torch.where(greedy, 1.0, self.temperatures)[:, None]
+        # The nucleus: tokens in order of probability until their sum reaches top_p; the first always stays.
+        ranked, order = scores.sort(dim=-1, descending=True)
+        probabilities = ranked.softmax(dim=-1)
+        outside_ranked = probabilities.cumsum(dim=-1) - probabilities >= self.top_ps[:, None]
+        outside = torch.zeros_like(outside_ranked).scatter(-1, order, outside_ranked)
+        scores = scores.masked_fill(outside, float("-inf"))
+        best = scores.argmax(dim=-1, keepdim=True)
+        only_best = torch.full_like(scores, float("-inf")).scatter(-1, best, scores.gather(-1, best))
+        return torch.where(greedy[:, None], only_best, scores)
 
 
 class ChatSession:
@@ -203,8 +341,7 @@ class ChatSession:
         self.turns: list[Turn] = []
 
     def ask(self, text: str) -> str:
-        opening = IMAGE_TOKEN * len(self.images) + "\n" if self.images and not self.turns else ""
-        self.turns.append(Turn("user", opening + text))
+        self.turns.append(user_turn(text, 0 if self.turns else len(self.images)))
         reply = self.assistant.answer([Request(list(self.turns), self.images)], self.max_new_tokens, self.temperature)[0]
         self.turns.append(Turn("assistant", reply))
         return reply

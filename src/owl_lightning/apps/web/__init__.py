@@ -1,4 +1,5 @@
-"""Two local web pages: blind rating of OwlEval answers (:mod:`.rate`) and chatting with a model (:mod:`.demo`).
+"""Two local web pages: blind rating of OwlEval answers (:mod:`.rate`) and chatting with a model (:mod:`.demo`),
+which ``serve`` also offers as an OpenAI-compatible API (:mod:`.openai_api`).
 
 Built on the standard library's ``ThreadingHTTPServer`` and plain HTML/JavaScript pages, not on gradio,
 which the official mPLUG-Owl demo used. Gradio would add hundreds of MB of dependencies (FastAPI,
@@ -7,10 +8,11 @@ that need a few JSON endpoints and an image upload. These pages load nothing fro
 in any browser, and the browser tests drive them with plain Selenium.
 
 Both servers listen on 127.0.0.1 only, and since every website the user visits can send requests
-there, each request passes one guard (:func:`check_request`): the Host must name the loopback on our
-port (no DNS rebinding), a foreign Origin is refused, and a POST needs a JSON content type and the
-per-launch token the served page carries. Bodies need a strict Content-Length under the app's limit;
-connections time out and at most ``max_workers`` are served at once.
+there, each request passes one guard before anything else is read: the Host must name the loopback on
+our port (no DNS rebinding) and a foreign Origin is refused (:func:`check_origin`); then a POST needs a
+JSON content type and the per-launch token the served page carries (:meth:`WebApp.authorize`, where
+an app may ask other credentials on some paths: ``serve``'s API takes a key). Bodies need a strict
+Content-Length under the app's limit; connections time out and at most ``max_workers`` are served at once.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import secrets
 import socket
 import threading
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -58,12 +60,23 @@ class Binary:
     content_type: str
 
 
-class HttpError(Exception):
-    """A request the server refuses; ``message`` is shown on the page (and the console), so it says what to do."""
+@dataclass
+class EventStream:
+    """A response sent as server-sent events while ``events`` yields them: each JSON object on its own
+    ``data:`` line, then ``data: [DONE]``. An :class:`HttpError` raised midway is sent as a last event
+    (:meth:`WebApp.error_body`). When the client goes away, ``events`` is closed (``GeneratorExit`` at its
+    ``yield``), so a generator can stop the work it started in a ``finally``."""
 
-    def __init__(self, status: int, message: str) -> None:
+    events: Iterable[object]
+
+
+class HttpError(Exception):
+    """A request the server refuses; ``message`` is shown on the page (and the console), so it says what to do.
+    ``code`` is a short machine-readable name of the problem, for API clients."""
+
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.code = status, message, code
 
 
 class WebApp:
@@ -81,6 +94,23 @@ class WebApp:
 
     def post(self, path: str, body: dict) -> object:
         raise HttpError(404, f"nothing to post to at {path}")
+
+    def authorize(self, method: str, path: str, headers: Message, token: str) -> None:
+        """Refuse (:class:`HttpError`) a request without this app's credentials; the Host and Origin are
+        already checked. The page's: a POST needs a JSON content type and the per-launch ``token``."""
+        if method != "GET":
+            check_page_token(headers, token)
+
+    def error_body(self, path: str, error: HttpError) -> object:
+        """The JSON a refused request to ``path`` gets: what the pages' scripts read."""
+        return {"error": error.message}
+
+    def startup_lines(self, url: str) -> list[str]:
+        """What ``serve`` prints under the page's address ``url`` when it starts."""
+        return []
+
+    def close(self) -> None:
+        """Release what the app holds beyond the server (threads); called when the server stops."""
 
 
 def static_file(name: str) -> Binary:
@@ -101,12 +131,9 @@ def is_own_address(host: str, port: int) -> bool:
     return name.lower() in LOOPBACK_NAMES and port_text == str(port)
 
 
-def check_request(method: str, headers: Message, port: int, token: str) -> None:
-    """Refuse (:class:`HttpError`) a request that this server's own page on ``port`` could not have sent.
-
-    Every request: the Host header must name the loopback on our port, and an Origin header, when there is
-    one, must be this server's. State-changing requests (POST) also need a JSON content type and the
-    per-launch ``token`` the page carries. Called before anything else, the body included, is read."""
+def check_origin(headers: Message, port: int) -> None:
+    """Refuse a request whose Host is not the loopback on ``port`` (DNS rebinding) or that a page of another
+    site sent (its Origin): every request to these servers, whatever its credentials, passes this first."""
     hosts = headers.get_all("Host") or []
     if len(hosts) != 1 or not is_own_address(hosts[0].strip(), port):
         raise HttpError(403, f"this server answers only at http://{HOST}:{port}/ (or localhost), not at Host {', '.join(hosts)!r}")
@@ -116,11 +143,24 @@ def check_request(method: str, headers: Message, port: int, token: str) -> None:
         own = len(origins) == 1 and origin.scheme == "http" and origin.path == "" and is_own_address(origin.netloc, port)
         if not own:
             raise HttpError(403, f"requests from other sites ({', '.join(origins)}) are refused: open http://{HOST}:{port}/ itself")
-    if method != "GET":
-        if headers.get_content_type() != "application/json":
-            raise HttpError(415, f"send the request as application/json (it came as {headers.get('Content-Type') or 'no Content-Type'})")
-        if not hmac.compare_digest(headers.get(TOKEN_HEADER, "").encode(), token.encode()):
-            raise HttpError(403, f"the {TOKEN_HEADER} header does not match this server's: reload the page (the server was restarted?)")
+
+
+def check_json_content(headers: Message) -> None:
+    """Refuse a body that is not declared JSON: a form or text/plain POST is what another site can send without asking."""
+    if headers.get_content_type() != "application/json":
+        raise HttpError(415, f"send the request as application/json (it came as {headers.get('Content-Type') or 'no Content-Type'})")
+
+
+def check_page_token(headers: Message, token: str) -> None:
+    """Refuse a POST that is not JSON or lacks the per-launch ``token`` of the served page."""
+    check_json_content(headers)
+    if not secret_matches(headers.get(TOKEN_HEADER, ""), token):
+        raise HttpError(403, f"the {TOKEN_HEADER} header does not match this server's: reload the page (the server was restarted?)")
+
+
+def secret_matches(given: str, secret: str) -> bool:
+    """Whether ``given`` is ``secret``, compared in constant time (no timing hints to a guesser)."""
+    return hmac.compare_digest(given.encode(), secret.encode())
 
 
 def body_length(headers: Message, limit: int) -> int:
@@ -229,24 +269,60 @@ class _Handler(BaseHTTPRequestHandler):
         return body
 
     def _respond(self, handle: Callable[[], object]) -> None:
+        app, path = self.server.app, urlsplit(self.path).path
         try:
-            check_request(self.command, self.headers, self.server.server_port, self.server.token)
+            check_origin(self.headers, self.server.server_port)
+            app.authorize(self.command, path, self.headers, self.server.token)
             result, status = handle(), 200
-        except HttpError as err:
-            self.log_message("%s %s: %s", self.command, self.path.split("?")[0], err.message)
-            result, status = {"error": err.message}, err.status
         except Exception as err:  # a bug in one request must not take the server, or a rater's work, down
-            traceback.print_exc()
-            result, status = {"error": f"internal error: {err!r} (traceback on the server console)"}, 500
+            result, status = self._refusal(path, err)
+        if isinstance(result, EventStream):
+            self._stream(path, result)
+            return
         body = result if isinstance(result, Binary) else Binary(json.dumps(result, ensure_ascii=False).encode(), "application/json")
+        self._send_head(status, body.content_type, len(body.data))
+        self.wfile.write(body.data)
+
+    def _refusal(self, path: str, err: Exception) -> tuple[object, int]:
+        """The JSON body and status that answer ``err``: an :class:`HttpError` as raised, anything else a 500."""
+        if not isinstance(err, HttpError):
+            traceback.print_exc()
+            err = HttpError(500, f"internal error: {err!r} (traceback on the server console)", "internal_error")
+        self.log_message("%s %s: %s", self.command, path, err.message)
+        return self.server.app.error_body(path, err), err.status
+
+    def _send_head(self, status: int, content_type: str, length: int | None) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", body.content_type)
-        self.send_header("Content-Length", str(len(body.data)))
+        self.send_header("Content-Type", content_type)
+        if length is not None:  # a stream has none: over HTTP/1.0 it ends when the connection closes
+            self.send_header("Content-Length", str(length))
         self.send_header("Cache-Control", "no-store")  # pages and ratings always fresh after a reload
         for name, value in SECURITY_HEADERS.items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body.data)
+
+    def _stream(self, path: str, stream: EventStream) -> None:
+        """Send ``stream`` as server-sent events, each as soon as it is made; stop making them (close the
+        generator) once the client has gone."""
+        self._send_head(200, "text/event-stream; charset=utf-8", None)
+        events = iter(stream.events)
+        try:
+            for event in events:
+                self._send_event(event)
+            self._send_event("[DONE]")
+        except OSError:  # the client went away, or stopped reading until the socket timed out
+            self.log_message("%s %s: the client left before the stream ended", self.command, path)
+        except Exception as err:  # the status line is out: the error travels as the last event
+            with suppress(OSError):
+                self._send_event(self._refusal(path, err)[0])
+        finally:
+            close = getattr(events, "close", None)  # a generator: its finally blocks run now
+            if close is not None:
+                close()
+
+    def _send_event(self, event: object) -> None:
+        data = event if isinstance(event, str) else json.dumps(event, ensure_ascii=False)
+        self.wfile.write(f"data: {data}\n\n".encode())
 
     def log_request(self, code="-", size="-") -> None:
         # Every click is a request: only failures are worth a console line (and they get one above).
@@ -265,6 +341,7 @@ def running(app: WebApp, port: int = 0) -> Iterator[AppServer]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+        app.close()
 
 
 def serve(app: WebApp, port: int, what: str) -> None:
@@ -273,9 +350,11 @@ def serve(app: WebApp, port: int, what: str) -> None:
         server = AppServer(app, port)
     except OSError as err:
         raise SystemExit(f"cannot listen on {HOST}:{port} ({err.strerror}); pass --port 0 for any free port") from None
-    print(f"{what}: {server.url}  (Ctrl-C stops)", flush=True)
+    print("\n".join([f"{what}: {server.url}  (Ctrl-C stops)", *app.startup_lines(server.url)]), flush=True)
     with server:
         try:
             server.serve_forever()
         except KeyboardInterrupt:
             print("stopped", flush=True)
+        finally:
+            app.close()

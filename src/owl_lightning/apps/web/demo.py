@@ -2,7 +2,9 @@
 
 The page keeps the conversation and sends all of it with every message (images as data URLs), so
 the server holds no sessions: a reload starts a new chat, and two tabs never mix their histories.
-A message may carry images; their placeholders open that message, as in training.
+A message may carry images; their placeholders open that message, as in training. ``serve`` also
+answers OpenAI clients from the same model (:mod:`.openai_api`); this module's image checks and
+settings are theirs too.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from owl_lightning.config import IMAGE_TOKEN
 from owl_lightning.data.health import SkipSample
 from owl_lightning.data.images import decode_image
 from owl_lightning.data.template import ROLES, Turn
-from owl_lightning.inference import OwlAssistant, Request
+from owl_lightning.inference import OwlAssistant, Request, user_turn
 
 MAX_NEW_TOKENS_LIMIT = 1024
 MAX_TEMPERATURE = 2.0
@@ -38,13 +40,18 @@ def upload_bytes(upload: object, what: str) -> tuple[str, bytes]:
     if not isinstance(upload, dict) or not isinstance(upload.get("data"), str):
         raise HttpError(400, f"{what} must be an object with a base64 'data' URL")
     name = str(upload.get("name") or what)
-    header, _, payload = upload["data"].partition(",")
+    return name, data_url_bytes(upload["data"], name)
+
+
+def data_url_bytes(url: str, name: str) -> bytes:
+    """The bytes a base64 data URL (``data:image/png;base64,...``) carries."""
+    header, _, payload = url.partition(",")
     if not header.startswith("data:") or not header.endswith(";base64"):
-        raise HttpError(400, f"{name} is not sent as a base64 data URL")
+        raise HttpError(400, f"{name} is not sent as a base64 data URL", "invalid_image_url")
     try:
-        return name, base64.b64decode(payload, validate=True)
+        return base64.b64decode(payload, validate=True)
     except binascii.Error as err:
-        raise HttpError(400, f"{name} is not valid base64 ({err})") from None
+        raise HttpError(400, f"{name} is not valid base64 ({err})", "invalid_image_url") from None
 
 
 def image_pixels(data: bytes, name: str) -> int:
@@ -53,10 +60,15 @@ def image_pixels(data: bytes, name: str) -> int:
         with Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS) as image:
             width, height = image.size
     except Image.DecompressionBombError as err:  # PIL's own ceiling, far above ours
-        raise HttpError(413, f"{name} is too large to decode ({err})") from None
+        raise HttpError(413, f"{name} is too large to decode ({err})", "image_too_large") from None
     except (OSError, ValueError, SyntaxError) as err:
-        raise HttpError(400, f"{name} is not an image the server can read ({err}); upload a PNG, JPEG, GIF or WebP") from None
+        raise unreadable_image(name, err) from None
     return width * height
+
+
+def unreadable_image(name: str, reason: object) -> HttpError:
+    """The refusal of an image that PIL cannot read (or may not: only the upload formats are tried)."""
+    return HttpError(400, f"{name} is not an image the server can read ({reason}); upload a PNG, JPEG, GIF or WebP", "invalid_image")
 
 
 def decode_uploads(uploads: list[tuple[str, bytes]], max_pixels: int = MAX_PIXELS_PER_REQUEST) -> list[Image.Image]:
@@ -66,13 +78,17 @@ def decode_uploads(uploads: list[tuple[str, bytes]], max_pixels: int = MAX_PIXEL
     for name, data in uploads:
         total += image_pixels(data, name)
         if total > max_pixels:
-            raise HttpError(413, f"the images up to {name} hold {total:,} pixels, over the limit of {max_pixels:,}: send smaller images")
+            raise HttpError(
+                413,
+                f"the images up to {name} hold {total:,} pixels, over the limit of {max_pixels:,}: send smaller images",
+                "image_too_large",
+            )
     decoded = []
     for name, data in uploads:
         try:
             decoded.append(decode_image(data))
         except SkipSample as err:
-            raise HttpError(400, f"{name} is not an image the server can read ({err}); upload a PNG, JPEG, GIF or WebP") from None
+            raise unreadable_image(name, err) from None
     return decoded
 
 
@@ -89,7 +105,7 @@ def read_conversation(messages: object, max_images: int = MAX_IMAGES_PER_REQUEST
         text, images = message.get("text", ""), message.get("images") or []
         if IMAGE_TOKEN in text:
             raise HttpError(400, f"message {number} contains {IMAGE_TOKEN}, which stands for an image: reword it")
-        if not _encodable(text):
+        if not is_encodable(text):
             raise HttpError(400, f"message {number} contains a lone surrogate (a broken character): reword it")
         if not isinstance(images, list) or (images and message["role"] != "user"):
             raise HttpError(400, f"message {number}: only the user's messages carry a list of images")
@@ -98,13 +114,13 @@ def read_conversation(messages: object, max_images: int = MAX_IMAGES_PER_REQUEST
         if message["role"] == "user" and not text.strip() and not images:
             raise HttpError(400, f"message {number} is empty: type a question or add an image")
         uploads += [upload_bytes(upload, f"image {k} of message {number}") for k, upload in enumerate(images, start=1)]
-        turns.append(Turn(message["role"], IMAGE_TOKEN * len(images) + ("\n" if images else "") + text))
+        turns.append(user_turn(text, len(images)) if message["role"] == "user" else Turn(message["role"], text))
     if turns[-1].role != "user":
         raise HttpError(400, "the last message must be the user's")
     return Request(turns, decode_uploads(uploads, max_pixels))
 
 
-def _encodable(text: str) -> bool:
+def is_encodable(text: str) -> bool:
     """False for text with a lone surrogate (JSON can carry ``"\\ud800"``), which no tokenizer takes."""
     try:
         text.encode("utf-8")
@@ -113,7 +129,7 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def _number(body: dict, key: str, kind: type[int] | type[float], low: float, high: float, default: float) -> float:
+def read_number(body: dict, key: str, kind: type[int] | type[float], low: float, high: float, default: float) -> float:
     """``body[key]`` (or ``default``) as a JSON number of ``kind`` within [low, high]. Strict: ``true`` is not 1,
     and 2.5 is not a whole number of tokens (NaN and Infinity never get past the JSON parser)."""
     value = body.get(key, default)
@@ -143,7 +159,8 @@ class ChatApp(WebApp):
         self.assistant, self.title = assistant, title
         self.max_images, self.max_pixels = max_images, max_pixels
         self.defaults = {"max_new_tokens": max_new_tokens, "temperature": temperature}
-        self._lock = threading.Lock()  # one generation at a time: the model is shared by every request
+        # One generation at a time: the model is shared by every request (the API's batches take it too).
+        self.generation_lock = threading.Lock()
 
     def get(self, path: str, query: dict[str, str]) -> object:
         if path == "/api/settings":
@@ -153,10 +170,10 @@ class ChatApp(WebApp):
     def post(self, path: str, body: dict) -> object:
         if path != "/api/chat":
             return super().post(path, body)
-        max_new_tokens = _number(body, "max_new_tokens", int, 1, MAX_NEW_TOKENS_LIMIT, self.defaults["max_new_tokens"])
-        temperature = _number(body, "temperature", float, 0.0, MAX_TEMPERATURE, self.defaults["temperature"])
+        max_new_tokens = read_number(body, "max_new_tokens", int, 1, MAX_NEW_TOKENS_LIMIT, self.defaults["max_new_tokens"])
+        temperature = read_number(body, "temperature", float, 0.0, MAX_TEMPERATURE, self.defaults["temperature"])
         # Decoded under the lock too: one request's pixels in memory at a time, however many wait.
-        with self._lock:
+        with self.generation_lock:
             request = read_conversation(body.get("messages"), self.max_images, self.max_pixels)
             started = time.perf_counter()
             try:
