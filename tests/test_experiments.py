@@ -27,6 +27,33 @@ def test_experiment_config_parses(config, capsys):
     assert printed["model"]["recipe"] == {"stage1": asdict(STAGE1), "stage2": asdict(STAGE2)}[stage]
 
 
+@pytest.mark.parametrize(
+    "recipe, expected",
+    [("stage2_full.yaml", {"llm": "full", "llm_lr": 2e-5}), ("stage2_qlora.yaml", {"llm": "lora", "quantization": "nf4"})],
+)
+def test_recipe_configs_stack_on_a_stage(recipe, expected, capsys):
+    stage2 = ROOT / "experiments" / "stage2_smol.yaml"
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "stage2",
+                "fit",
+                "--config",
+                str(BASE),
+                "--config",
+                str(stage2),
+                "--config",
+                str(ROOT / "experiments" / "recipes" / recipe),
+                "--print_config",
+            ]
+        )
+    printed = yaml.safe_load(capsys.readouterr().out)
+    model = printed["model"]
+    got = {"llm": model["recipe"]["llm"], "llm_lr": model["optimizer"]["llm_lr"], "quantization": model["config"]["llm"]["quantization"]}
+    assert {key: got[key] for key in expected} == expected
+    assert model["config"]["name"] == "owl-smol" and printed["trainer"]["default_root_dir"].startswith("runs/stage2_")
+
+
 @pytest.mark.parametrize("name", list_configs())
 def test_model_yamls_are_the_registered_configs(name):
     """experiments/models/*.yaml are what ``describe NAME --yaml`` writes: regenerate them when a config changes."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).parents[1] / "src" / "owl_lightning"
-CORE = ("config", "files", "checkpoints", "export", "inference", "models", "data")
+CORE = ("config", "extras", "files", "checkpoints", "export", "inference", "models", "data")
 
 
 def module_name(path: Path) -> str:
@@ -108,7 +108,7 @@ def test_the_layout_test_sees_every_layer():
 
 
 def test_a_missing_optional_dependency_names_the_extra_that_installs_it():
-    from owl_lightning.apps import require
+    from owl_lightning.extras import require
 
     assert require("json", "eval").dumps([]) == "[]"
     with pytest.raises(ModuleNotFoundError, match=r"pip install 'owl_lightning\[eval\]'"):

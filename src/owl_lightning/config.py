@@ -84,6 +84,9 @@ class LLMConfig:
     dtype: str = "float32"
     # transformers' attention kernel: "sdpa", "eager", "flash_attention_2", ...; None: transformers' default (sdpa).
     attn_implementation: str | None = None
+    # QLoRA: the pretrained weights loaded in 4 bits by bitsandbytes ("nf4" as the QLoRA paper, or "fp4"),
+    # computed in bf16, with LoRA adapters trained on top (recipe llm: lora). None: full precision.
+    quantization: Literal["nf4", "fp4"] | None = None
 
 
 @dataclass

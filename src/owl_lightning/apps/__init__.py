@@ -1,20 +1,3 @@
 """Applications on the library and the trainer: evaluation, OwlEval, the web pages, the official-weights
-converter and the embedded-data builder. Each names the extra that installs what it needs."""
-
-from __future__ import annotations
-
-import importlib
-from types import ModuleType
-
-
-def require(module: str, extra: str) -> ModuleType:
-    """Import an application's optional dependency, or say which extra installs it."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as err:
-        if err.name != module.split(".")[0]:
-            raise
-        raise ModuleNotFoundError(
-            f"{module} is not installed: pip install 'owl_lightning[{extra}]' (or `make install`, which installs every extra)",
-            name=err.name,
-        ) from None
+converter and the embedded-data builder. Each names the extra that installs what it needs
+(:func:`owl_lightning.extras.require`)."""

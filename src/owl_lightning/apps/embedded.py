@@ -38,7 +38,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from owl_lightning.apps import require
+from owl_lightning.extras import require
 from owl_lightning.files import writing_folder
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from owl_lightning.config import BYTE_TOKENIZER, IMAGE_TOKEN, PACKAGED_SMOLLM2, LLMConfig
+from owl_lightning.extras import require
 from owl_lightning.files import writing_folder
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,13 @@ def build_llm(cfg: LLMConfig, load_weights: bool = True) -> PreTrainedModel:
         "attn_implementation": cfg.attn_implementation,
         "trust_remote_code": cfg.trust_remote_code,
     }
+    if cfg.quantization is not None:
+        if not load_weights or cfg.source == "random":
+            raise ValueError(
+                f"llm.quantization={cfg.quantization!r} quantizes pretrained weights as they load: set llm.source to a "
+                "model folder or hub id (a random or meta-device LLM has nothing to quantize)"
+            )
+        kwargs["quantization_config"] = _four_bit(cfg.quantization)
     if load_weights and cfg.source != "random":
         path = _resolve(cfg.source)
         if Path(path).exists() and not (Path(path) / "config.json").exists():
@@ -143,3 +151,15 @@ def build_llm(cfg: LLMConfig, load_weights: bool = True) -> PreTrainedModel:
         arch = dict(cfg.architecture)
         config = AutoConfig.for_model(arch.pop("model_type"), **arch)
     return AutoModelForCausalLM.from_config(config, **kwargs)
+
+
+def _four_bit(quant_type: str):
+    """transformers' bitsandbytes settings for QLoRA: 4-bit ``quant_type`` storage with double quantization
+    (the QLoRA paper's), bf16 compute."""
+    require("bitsandbytes", "qlora")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16
+    )
+

@@ -274,6 +274,11 @@ class OwlModel(nn.Module):
         in eval mode (see ``train``). The one freeze policy: the training system and ``describe`` use it."""
         self.vision.requires_grad_(recipe.vision == "train")
         self.abstractor.requires_grad_(recipe.abstractor == "train")
+        if self.config.llm.quantization is not None and recipe.llm == "full":
+            raise ValueError(
+                f"llm.quantization={self.config.llm.quantization!r} stores the LLM in 4 bits, which cannot be trained: "
+                "use recipe llm: lora (QLoRA), or drop llm.quantization to fine-tune the whole LLM"
+            )
         if recipe.llm == "lora":
             self.add_lora(self.config.lora)  # peft freezes the base weights and trains the adapters
         else:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from owl_lightning.apps import require
+from owl_lightning.extras import require
 from owl_lightning.inference import OwlAssistant, Request
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")

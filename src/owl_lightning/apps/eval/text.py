@@ -19,12 +19,12 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from owl_lightning.apps import require
 from owl_lightning.config import IGNORE_INDEX
 from owl_lightning.data.collate import EncodedSample, collate
 from owl_lightning.data.health import SkipLog
 from owl_lightning.data.instruct import read_conversations
 from owl_lightning.data.manifest import InstructionSource
+from owl_lightning.extras import require
 from owl_lightning.inference import OwlAssistant
 from owl_lightning.models.owl import OwlModel
 
