@@ -235,7 +235,7 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
         window's last backward reduce-scatters their sum once.
 
         The price is memory: between micro-batches every rank holds an unsharded fp32 gradient of the
-        trainable parameters (0.4B of them in ``owl-llama7b`` stage 1: 1.6 GB), not its shard of one.
+        trainable parameters (0.38B of them in ``owl-llama7b`` stage 1: 1.5 GB), not its shard of one.
         """
         units = [module for module in self.lightning_module.modules() if isinstance(module, FSDPModule)]
         for unit in units:
