@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from PIL import Image
+from torch.distributed.tensor import DTensor
 
 from owl_lightning.config import IGNORE_INDEX, STAGE1, STAGE2, TrainRecipe, get_config
 from owl_lightning.train.optim import OptimizerConfig
@@ -93,3 +94,62 @@ class InterruptAt(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             raise Interrupted
+
+
+class OptimizerStepReport(Callback):
+    """What each micro-batch's training sent between the ranks, and the weights after each optimizer step.
+
+    Per rank: the gradient collectives each micro-batch ran (reduce-scatters under FSDP2, counted at
+    ``torch.distributed.reduce_scatter_single``; bucket all-reduces under DDP, counted by a comm hook),
+    and whether it ended with an optimizer step; after every optimizer step, the trainable weights whole
+    (gathered from their shards); each micro-batch's supervised tokens. Written at the end of training
+    to ``<out>/rank<N>.pt``.
+    """
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+        self.collectives = 0
+        self.micro_batches: list[dict] = []  # {"collectives": int, "stepped": bool, "supervised": tokens}
+        self.weights: list[dict[str, torch.Tensor]] = []  # after optimizer steps 1, 2, ...
+        self._collectives_before = 0
+        self._steps_before = 0
+        self._unpatched = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._unpatched = torch.distributed.reduce_scatter_single
+
+        def counted_reduce_scatter(*args, **kwargs):
+            self.collectives += 1
+            return self._unpatched(*args, **kwargs)
+
+        torch.distributed.reduce_scatter_single = counted_reduce_scatter
+        if isinstance(trainer.strategy.model, torch.nn.parallel.DistributedDataParallel):
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            def counted_all_reduce(state, bucket):
+                self.collectives += 1
+                return allreduce_hook(state, bucket)
+
+            trainer.strategy.model.register_comm_hook(None, counted_all_reduce)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._collectives_before, self._steps_before = self.collectives, trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stepped = trainer.global_step > self._steps_before
+        collectives = self.collectives - self._collectives_before
+        self.micro_batches.append({"collectives": collectives, "stepped": stepped, "supervised": batch["layout"].num_supervised})
+        if stepped:  # full_tensor is a collective: every rank gathers, in the same order
+            trained = {name: p for name, p in pl_module.model.named_parameters() if p.requires_grad}
+            self.weights.append({name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for name, p in trained.items()})
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        torch.distributed.reduce_scatter_single = self._unpatched
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.save({"micro_batches": self.micro_batches, "weights": self.weights}, self.out / f"rank{trainer.global_rank}.pt")
+
+
+def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """The largest absolute difference between same-named tensors (which must name the same tensors)."""
+    assert a.keys() == b.keys()
+    return max(float((a[name] - b[name]).abs().max()) for name in a)

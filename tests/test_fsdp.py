@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.strategies import ModelParallelStrategy
-from tests.helpers import TINY_YAML, fit, tiny_system
+from tests.helpers import TINY_YAML, fit, largest_difference, tiny_system
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
@@ -104,9 +104,18 @@ def mixed_units(model: torch.nn.Module) -> list[list[str]]:
 
 
 def run(
-    stage: str, tmp_path: Path, manifest: Path, devices: int, max_steps: int, report: str, *extra: str, captions: bool = False
+    stage: str,
+    tmp_path: Path,
+    manifest: Path,
+    devices: int,
+    max_steps: int,
+    report: str,
+    *extra: str,
+    captions: bool = False,
+    callbacks: tuple[dict, ...] = (),
 ) -> list[dict]:
-    """``owl-lightning <stage> fit`` on ``devices`` CPU processes; returns each rank's start and end reports."""
+    """``owl-lightning <stage> fit`` on ``devices`` CPU processes; returns each rank's start and end reports.
+    ``callbacks``: more trainer callbacks, as the YAML names them."""
     root = tmp_path / stage
     config = {
         "seed_everything": 0,
@@ -132,6 +141,7 @@ def run(
                 {"class_path": "test_fsdp.ShardReport", "init_args": {"out": str(tmp_path / report)}},
                 {"class_path": "owl_lightning.train.callbacks.StepThroughput", "init_args": {"peak_flops": 1e11}},
                 *([{"class_path": "owl_lightning.train.callbacks.CaptionSamples", "init_args": {"num_images": 2}}] if captions else []),
+                *callbacks,
             ],
         },
         "model": {"config": str(TINY_YAML), "optimizer": {"lr": 1e-2, "warmup_steps": 0}},
@@ -457,3 +467,49 @@ def test_validation_ends_together_on_uneven_shards(tmp_path, caption_manifest):
         "2",
     )
     assert [r["end"]["val_batches"] for r in two] == [3, 3]
+
+
+def accumulation_runs(tmp_path: Path, manifest: Path, *extra: str) -> dict[str, list[dict]]:
+    """Stage 1 on 2 processes, each rank training on the same 18 samples in optimizer steps 1-3: in
+    micro-batches of 2 accumulated 3 at a time ("accumulated"; 10 micro-batches an epoch, so step 4 is the
+    epoch's last window, of one micro-batch), and in batches of 6 ("large"). Returns each run's
+    ``OptimizerStepReport`` per rank (``tests/helpers.py``)."""
+    reports = {}
+    for name, batch_size, accumulate, batches_per_epoch in (("accumulated", 2, 3, 10), ("large", 6, 1, 4)):
+        folder = tmp_path / name
+        folder.mkdir()
+        settings = {
+            "--data.batch_size": batch_size,
+            "--data.batches_per_epoch": batches_per_epoch,
+            "--trainer.accumulate_grad_batches": accumulate,
+            # AdamW's eps at 1e-3: see OPTIMIZER in test_accumulation.py (float32 rounding against the tolerance).
+            "--model.optimizer.eps": 1e-3,
+        }
+        arguments = [str(item) for pair in settings.items() for item in pair]
+        steps = {"class_path": "helpers.OptimizerStepReport", "init_args": {"out": str(folder / "steps")}}
+        run("stage1", folder, manifest, 2, 4, "shards", *arguments, *extra, callbacks=(steps,))
+        reports[name] = [torch.load(folder / "steps" / f"rank{rank}.pt") for rank in range(2)]
+    return reports
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_accumulation_syncs_gradients_once_per_optimizer_step_and_trains_as_a_larger_batch(tmp_path, caption_manifest, strategy):
+    """Under FSDP2 every micro-batch of a window but the last keeps its unsharded gradients (no
+    reduce-scatter); under DDP Lightning's no_sync skips the all-reduces. The weights after each step equal
+    those of the larger batch within 1e-6, and the epoch's last, shorter window syncs too."""
+    extra = ["--trainer.strategy", "ddp"] if strategy == "ddp" else []
+    runs = accumulation_runs(tmp_path, caption_manifest, *extra)
+    accumulated, large = runs["accumulated"], runs["large"]
+    per_backward = large[0]["micro_batches"][0]["collectives"]  # reduce-scatters (FSDP2) or bucket all-reduces (DDP)
+    assert per_backward > 0
+    for rank in range(2):
+        assert [m["stepped"] for m in accumulated[rank]["micro_batches"]] == [False, False, True] * 3 + [True]
+        assert [m["collectives"] for m in large[rank]["micro_batches"]] == [per_backward] * 4
+        assert [m["collectives"] for m in accumulated[rank]["micro_batches"]] == [0, 0, per_backward] * 3 + [per_backward]
+        # Micro-batches of one step differ in supervised tokens: weighing them equally would show.
+        assert len({m["supervised"] for m in accumulated[rank]["micro_batches"][:3]}) > 1
+        for step in range(3):
+            difference = largest_difference(accumulated[rank]["weights"][step], large[rank]["weights"][step])
+            assert difference <= 1e-6, f"rank {rank}, step {step + 1}: {difference}"
+        assert largest_difference(accumulated[rank]["weights"][3], accumulated[0]["weights"][3]) == 0  # ranks in step
+    assert largest_difference(accumulated[0]["weights"][0], accumulated[0]["weights"][2]) > 1e-3  # it trained

@@ -107,10 +107,17 @@ class OutputPreflight(Callback):
         strategy = trainer.strategy
         if isinstance(strategy, ModelParallelStrategy):
             if not isinstance(strategy, AtomicModelParallelStrategy):
+                accumulation = (
+                    f", and with accumulate_grad_batches {trainer.accumulate_grad_batches} it reduce-scatters the gradients "
+                    "of every micro-batch instead of once per optimizer step"
+                    if trainer.accumulate_grad_batches > 1
+                    else ""
+                )
                 log.warning(
                     "%s writes each sharded checkpoint over the previous one: a run killed while saving leaves a mix of "
-                    "two saves. Use strategy class_path owl_lightning.train.parallel.AtomicModelParallelStrategy (same arguments)",
+                    "two saves%s. Use strategy class_path owl_lightning.train.parallel.AtomicModelParallelStrategy (same arguments)",
                     type(strategy).__name__,
+                    accumulation,
                 )
         elif not isinstance(strategy.checkpoint_io, SafeCheckpointIO):
             log.warning(

@@ -1,7 +1,8 @@
 """FSDP2 (``fully_shard``) for the Owl model, applied in ``configure_model`` when Lightning's
 ``ModelParallelStrategy`` hands the system a device mesh; activation checkpointing and
-``torch.compile`` per block; saving sharded checkpoints so that a kill cannot corrupt them
-(:class:`AtomicModelParallelStrategy`), and reading them.
+``torch.compile`` per block; saving sharded checkpoints so that a kill cannot corrupt them, and
+reading them; one reduce-scatter per optimizer step under gradient accumulation
+(:class:`AtomicModelParallelStrategy`).
 
 The FSDP units, built bottom-up (each is all-gathered before its forward and freed after):
 
@@ -20,6 +21,8 @@ BatchNorm running statistics (EfficientNet) stay per rank and rank 0's are saved
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,7 @@ from torch import nn
 from torch.distributed._composable import checkpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import PreTrainedModel
 
@@ -206,8 +209,9 @@ def assert_sharded(model: nn.Module) -> None:
 
 
 class AtomicModelParallelStrategy(ModelParallelStrategy):
-    """Lightning's ``ModelParallelStrategy`` (FSDP2), whose sharded saves a kill cannot corrupt and whose
-    loads run no code from the checkpoint.
+    """Lightning's ``ModelParallelStrategy`` (FSDP2), whose sharded saves a kill cannot corrupt, whose
+    loads run no code from the checkpoint, and whose gradient accumulation reduce-scatters once per
+    optimizer step.
 
     Saving: Lightning writes a save's shards straight into the checkpoint folder, over the previous
     save's. A run killed mid-save then leaves some new shards beside old ones under the old ``meta.pt``:
@@ -218,7 +222,29 @@ class AtomicModelParallelStrategy(ModelParallelStrategy):
 
     Loading: torch's reader unpickles DCP's ``.metadata`` with plain ``pickle`` and non-tensor items with
     ``weights_only=False``; here both go through :mod:`owl_lightning.checkpoints`' safe reader.
+
+    Accumulation (``--trainer.accumulate_grad_batches N``): see :meth:`block_backward_sync`.
     """
+
+    @contextmanager
+    def block_backward_sync(self) -> Iterator[None]:
+        """Lightning runs every micro-batch of an accumulation window but the last inside this context
+        (the last one, and the last of a shorter window at an epoch's end, outside it). Lightning's own
+        version knows only DDP's ``no_sync``, so under FSDP2 every micro-batch's backward would
+        reduce-scatter. Here each FSDP unit keeps adding its unsharded gradients up instead, and the
+        window's last backward reduce-scatters their sum once.
+
+        The price is memory: between micro-batches every rank holds an unsharded fp32 gradient of the
+        trainable parameters (0.38B of them in ``owl-llama7b`` stage 1: 1.5 GB), not its shard of one.
+        """
+        units = [module for module in self.lightning_module.modules() if isinstance(module, FSDPModule)]
+        for unit in units:
+            unit.set_requires_gradient_sync(False, recurse=False)
+        try:
+            yield
+        finally:
+            for unit in units:
+                unit.set_requires_gradient_sync(True, recurse=False)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path, storage_options: Any = None) -> None:
         if not self._save_distributed_checkpoint:

@@ -94,7 +94,8 @@ class OwlSystem(L.LightningModule):
         self.empty_batches = 0
         self.nonfinite_steps = 0  # skipped for a non-finite loss or gradient, in all
         self._nonfinite_in_a_row = 0
-        self._step_losses: list[torch.Tensor] = []  # of the micro-batches of the coming optimizer step
+        self._step_loss_sums: list[torch.Tensor] = []  # loss x supervised tokens, per micro-batch of the coming optimizer step
+        self._tokens_per_loss_unit: float | None = None  # see training_step
         self._step_samples = 0
         self._step_supervised = 0
         self._step_sources: list[str] = []
@@ -180,7 +181,18 @@ class OwlSystem(L.LightningModule):
         self.log(name, torch.tensor(float(value)), **kwargs)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """The micro-batch's loss summed over its supervised tokens (in units of ``_tokens_per_loss_unit``
+        tokens); ``on_before_optimizer_step`` divides the gradients by the tokens supervised in the whole
+        optimizer step, over every micro-batch and rank.
+
+        So an optimizer step's gradient is that of the mean loss over its supervised tokens however its
+        batch is split into ranks and accumulated micro-batches: N micro-batches of b samples train exactly
+        as one batch of N x b. (A mean per micro-batch, which Lightning would then average, would give a
+        micro-batch with few supervised tokens the weight of one with many; and DDP/FSDP average the ranks.)
+        """
         out = self(batch)
+        if self._tokens_per_loss_unit is None:
+            self._tokens_per_loss_unit = self._agree_on_tokens_per_loss_unit(out.num_supervised)
         batch_size = len(batch["source"])  # samples; a packed batch has fewer rows
         self._step_sources = list(batch["source"])
         self._step_samples += batch_size
@@ -191,28 +203,49 @@ class OwlSystem(L.LightningModule):
             self.empty_batches += 1
             self.log_number("train/empty_batches", self.empty_batches, batch_size=batch_size)
         else:
-            self._step_losses.append(out.loss.detach())  # checked with the gradients, before the update
+            self._step_loss_sums.append(out.loss.detach() * out.num_supervised)  # checked with the gradients, before the update
             self.log_number("train/supervised_tokens", out.num_supervised, batch_size=batch_size)
-        return out.loss
+        return out.loss * (out.num_supervised / self._tokens_per_loss_unit)
+
+    def _agree_on_tokens_per_loss_unit(self, num_supervised: int) -> float:
+        """The power of two nearest the most tokens any rank supervises in its first micro-batch.
+
+        The summed loss is divided by it so that the backward carries the magnitudes of a mean loss (a
+        sum over thousands of tokens overflows float16), and the same on every rank: gradients are
+        reduced across ranks before ``on_before_optimizer_step`` can undo it. A power of two changes no
+        bit of the resulting gradient, so recomputing it after a resume changes nothing.
+        """
+        most = float(num_supervised)
+        if self.trainer.world_size > 1:  # the run's one read back from the accelerator outside the optimizer-step hook
+            most = float(self.trainer.strategy.reduce(torch.tensor(most, device=self.device), reduce_op="max"))
+        return 2.0 ** round(math.log2(max(most, 1.0)))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Drop the update of a step whose loss or gradients are not finite on any rank, or that
-        had nothing supervised on every rank: AdamW leaves parameters without a gradient alone."""
+        """Turn the accumulated gradients into those of the mean loss over the step's supervised tokens
+        (see ``training_step``); drop the update of a step whose loss or gradients are not finite on any
+        rank, or that had nothing supervised on every rank: AdamW leaves parameters without a gradient alone."""
         strategy = self.trainer.strategy
         finite = gradients_finite(self.model).to(self.device)
-        loss = torch.zeros((), device=self.device)
-        if self._step_losses:
-            losses = torch.stack(self._step_losses)
-            finite, loss = finite & torch.isfinite(losses).all(), losses.mean()
-        # Ranks whose losses and gradients are finite, ranks with something supervised: one all-reduce,
-        # and the step's one read back from the accelerator (with this rank's loss for the log).
-        flags = strategy.reduce(torch.stack([finite, torch.full_like(finite, self._step_supervised > 0)]).int(), reduce_op="sum")
-        finite_ranks, supervised_ranks, loss = torch.cat([flags.float(), loss.float()[None]]).tolist()
-        finite, supervised = finite_ranks == strategy.world_size, supervised_ranks > 0
-        if self._step_losses and math.isfinite(loss):
-            self.log_number("train/loss", loss, prog_bar=True, batch_size=self._step_samples)
-        self._step_losses, self._step_samples, self._step_supervised = [], 0, 0
-        if not (finite and supervised):
+        loss_sum = torch.zeros((), device=self.device)
+        if self._step_loss_sums:
+            loss_sums = torch.stack(self._step_loss_sums)
+            finite, loss_sum = finite & torch.isfinite(loss_sums).all(), loss_sums.sum()
+        # Ranks whose losses and gradients are finite, tokens supervised on all ranks: one all-reduce, and
+        # the step's one read back from the accelerator (with this rank's loss for the log).
+        counts = strategy.reduce(
+            torch.stack([finite.long(), torch.full_like(finite, self._step_supervised, dtype=torch.long)]), reduce_op="sum"
+        )
+        finite_ranks, supervised_tokens, loss_sum = torch.cat([counts.double(), loss_sum.double()[None]]).tolist()
+        finite, supervised = finite_ranks == strategy.world_size, supervised_tokens > 0
+        if self._step_loss_sums and math.isfinite(loss_sum):
+            self.log_number("train/loss", loss_sum / self._step_supervised, prog_bar=True, batch_size=self._step_samples)
+        self._step_loss_sums, self._step_samples, self._step_supervised = [], 0, 0
+        if finite and supervised:
+            # Lightning divided each micro-batch's loss by accumulate_grad_batches, DDP/FSDP averaged the ranks.
+            scale = self.trainer.accumulate_grad_batches * self.trainer.world_size * self._tokens_per_loss_unit / supervised_tokens
+            for gradient in local_gradients(self.model):
+                gradient.mul_(scale)
+        else:
             optimizer.zero_grad(set_to_none=True)
         if finite:
             self._nonfinite_in_a_row = 0
@@ -300,5 +333,9 @@ def gradients_finite(model: torch.nn.Module) -> torch.Tensor:
     when every element is (and its float32 sum of squares does not overflow, which takes elements
     near 1e19: such a step is dropped as well).
     """
-    local = [g.to_local() if isinstance(g, DTensor) else g for g in (p.grad for p in model.parameters()) if g is not None]
-    return torch.isfinite(torch.nn.utils.get_total_norm(local))
+    return torch.isfinite(torch.nn.utils.get_total_norm(local_gradients(model)))
+
+
+def local_gradients(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The gradients this process holds (its local shards of sharded ones): changing them in place changes the model's."""
+    return [g.to_local() if isinstance(g, DTensor) else g for g in (p.grad for p in model.parameters()) if g is not None]
