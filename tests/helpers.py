@@ -10,7 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from PIL import Image
 from torch.distributed.tensor import DTensor
 
@@ -42,10 +42,19 @@ def png_bytes(colour, size=32) -> bytes:
     return buffer.getvalue()
 
 
-def fit(system, datamodule, tmp_path, steps=2, **trainer_kwargs):
-    settings = {"limit_val_batches": 0, "logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+def fit(system, datamodule, tmp_path, steps=2, ckpt_path=None, **trainer_kwargs):
+    """``steps`` training steps on the CPU, quietly: no validation, logger or checkpoints unless asked for
+    (a ``ModelCheckpoint`` in ``callbacks`` turns checkpointing on)."""
+    callbacks = trainer_kwargs.get("callbacks", [])
+    settings = {
+        "limit_val_batches": 0,
+        "logger": False,
+        "enable_checkpointing": any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        "enable_progress_bar": False,
+        "check_val_every_n_epoch": None if "val_check_interval" in trainer_kwargs else 1,
+    }
     trainer = L.Trainer(max_steps=steps, default_root_dir=tmp_path, accelerator="cpu", **{**settings, **trainer_kwargs})
-    trainer.fit(system, datamodule)
+    trainer.fit(system, datamodule, ckpt_path=ckpt_path)
     return trainer
 
 

@@ -169,8 +169,7 @@ def test_validation_skips_are_kept_apart_and_never_stop_the_run(tmp_path):
 
 
 def test_validation_skips_are_logged_under_val_in_a_run(tmp_path):
-    import lightning as L
-    from tests.helpers import tiny_system
+    from tests.helpers import fit, tiny_system
 
     system = tiny_system("stage2", warmup_steps=0)
     data = InstructionDataModule(
@@ -180,17 +179,7 @@ def test_validation_skips_are_logged_under_val_in_a_run(tmp_path):
         num_workers=0,
         max_length=256,
     )
-    trainer = L.Trainer(
-        max_steps=2,
-        val_check_interval=2,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        accelerator="cpu",
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(system, data)
+    trainer = fit(system, data, tmp_path, steps=2, val_check_interval=2, limit_val_batches=1)
     assert trainer.callback_metrics["val/data/skipped/malformed_record"] == 20
     assert "data/skipped/malformed_record" not in trainer.callback_metrics
     assert data.health.skipped == 0 and "alpaca_val" not in data.health.read_by_source

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
-from tests.helpers import InterruptAt, Interrupted, tiny_system
+from tests.helpers import InterruptAt, Interrupted, fit, tiny_system
 from tests.hostile_corpus import LIMITS, write_hostile_instructions, write_hostile_shards, write_outside
 
 from owl_lightning.data.health import EMPTY_SOURCE, OVERSIZED_SHARD, PATH_OUTSIDE_ROOT, TOO_LONG, TRUNCATED_TAR
@@ -64,20 +64,7 @@ SKIP_LIMITS = pytest.mark.parametrize("skip_limit", [{"max_skip_fraction": 1.0},
 
 
 def train(system, data, tmp_path, steps: int) -> L.Trainer:
-    trainer = L.Trainer(
-        max_steps=steps,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        val_check_interval=steps,
-        check_val_every_n_epoch=None,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        accelerator="cpu",
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(system, data)
-    return trainer
+    return fit(system, data, tmp_path, steps, limit_val_batches=1, num_sanity_val_steps=0, val_check_interval=steps)
 
 
 def never_opened_outside(opened: list[str], outside: Path) -> None:
@@ -151,19 +138,8 @@ def test_a_resumed_run_counts_every_skip_once(tmp_path, monkeypatch, stage, inte
         module, options = (CaptionDataModule, {"shuffle_buffer": 4}) if stage == "stage1" else (InstructionDataModule, {"max_length": 256})
         data = module(manifest=str(manifest), processor=system.processor, batch_size=4, num_workers=0, **options)
         callbacks = [ModelCheckpoint(dirpath=folder, save_last=True, save_top_k=0, every_n_train_steps=1)]
-        trainer = L.Trainer(
-            max_steps=steps,
-            val_check_interval=3,
-            check_val_every_n_epoch=None,
-            limit_val_batches=1,
-            num_sanity_val_steps=1,
-            logger=False,
-            enable_progress_bar=False,
-            accelerator="cpu",
-            default_root_dir=folder,
-            callbacks=callbacks + ([InterruptAt(interrupt_at)] if interrupt else []),
-        )
-        trainer.fit(system, data, ckpt_path=ckpt_path)
+        callbacks += [InterruptAt(interrupt_at)] if interrupt else []
+        fit(system, data, folder, steps, ckpt_path, val_check_interval=3, limit_val_batches=1, num_sanity_val_steps=1, callbacks=callbacks)
         return data
 
     straight = run(tmp_path / "straight")

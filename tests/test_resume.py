@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from tests.helpers import InterruptAt, Interrupted, tiny_system
+from tests.helpers import InterruptAt, Interrupted, fit, tiny_system
 
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
 
@@ -30,19 +30,9 @@ def train(stage, manifest, workers, folder, interrupt_at=None, ckpt_path=None):
     if interrupt_at is not None:
         callbacks.append(InterruptAt(interrupt_at))
     # Validation in the middle too: it must not disturb the training stream or the RNG.
-    trainer = L.Trainer(
-        max_steps=STEPS,
-        val_check_interval=2,
-        check_val_every_n_epoch=None,
-        limit_val_batches=1,
-        num_sanity_val_steps=1,
-        logger=False,
-        enable_progress_bar=False,
-        accelerator="cpu",
-        default_root_dir=folder,
-        callbacks=callbacks,
+    trainer = fit(
+        system, data, folder, STEPS, ckpt_path, val_check_interval=2, limit_val_batches=1, num_sanity_val_steps=1, callbacks=callbacks
     )
-    trainer.fit(system, data, ckpt_path=ckpt_path)
     return system, trainer
 
 
