@@ -119,7 +119,7 @@ class ResumableLoader(DataLoader):
             "batches_done": self.batches_taken,
             "world_size": self.trainer.world_size,
             "num_workers": self.num_workers,
-            "stream_cursors": _from_every_rank(self.stream_cursors),
+            "stream_cursors": _from_every_rank(list(self.stream_cursors)),  # as they are now, not as later batches move them
         }
 
     def load_state_dict(self, state: dict) -> None:
