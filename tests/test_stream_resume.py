@@ -1,9 +1,10 @@
 """Stage-1 resume from stream cursors: a resumed stream is the uninterrupted one, nothing consumed is
-decoded again, finished shards are not opened again, every rank keeps its own cursors, and a state
-saved with another worker count or world size is refused by name."""
+decoded (or even parsed) again, every rank keeps its own cursors, and a state saved with another worker
+count or world size is refused by name."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import multiprocessing
 import os
@@ -24,15 +25,23 @@ ONE_PROCESS = SimpleNamespace(current_epoch=0, world_size=1, global_rank=0)  # w
 BATCH = 3
 
 
-def mixed_sources(folder: Path) -> list[ShardSource]:
+def mixed_sources(folder: Path, suffix: str = "tar") -> list[ShardSource]:
     """Two sources mixed 1:2 in small shards, the second with corrupt images among good ones: a resume
-    crosses shard draws, restores shuffle buffers holding samples of several draws, and meets skips."""
-    good = write_good_shards(folder / "a", "a", shards=3, per_shard=5)
+    crosses shard draws, restores shuffle buffers holding samples of several draws, and meets skips.
+    ``suffix="tar.gz"``: gzipped shards, which a resume reads through instead of seeking in."""
+    write_good_shards(folder / "a", "a", shards=3, per_shard=5)
     write_good_shards(folder / "b", "b", shards=2, per_shard=6)
     samples = [img2dataset_sample(key, f"b 2 {key}", rgb_png(key)) for key in range(4)]
     samples[1:1] = [img2dataset_sample(100 + key, f"b bad {key}", b"\x89PNG not an image") for key in range(2)]
     write_shard(folder / "b" / "b-000002.tar", samples)
-    return [ShardSource("a", good, weight=1.0), ShardSource("b", str(folder / "b" / "b-{000000..000002}.tar"), weight=2.0)]
+    if suffix == "tar.gz":
+        for tar in folder.glob("*/*.tar"):
+            tar.with_suffix(".tar.gz").write_bytes(gzip.compress(tar.read_bytes()))
+            tar.unlink()
+    return [
+        ShardSource("a", str(folder / "a" / f"a-{{000000..000002}}.{suffix}"), weight=1.0),
+        ShardSource("b", str(folder / "b" / f"b-{{000000..000002}}.{suffix}"), weight=2.0),
+    ]
 
 
 def loader_over(sources: list[ShardSource], workers: int, trainer=ONE_PROCESS, allow_new_layout: bool = False, **kw) -> ResumableLoader:
@@ -73,9 +82,10 @@ def decode_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.parametrize("suffix", ["tar", "tar.gz"])
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_resumed_stream_goes_on_exactly_and_decodes_nothing_consumed(tmp_path, decode_calls, workers):
-    sources = mixed_sources(tmp_path)
+def test_a_resumed_stream_goes_on_exactly_and_decodes_nothing_consumed(tmp_path, decode_calls, workers, suffix):
+    sources = mixed_sources(tmp_path, suffix)
     straight = take(loader_over(sources, workers))
     assert any(skips for _, skips in straight[10:])  # the resumed part meets corrupt images too
 
@@ -124,26 +134,45 @@ def test_a_state_without_cursors_resumes_by_rebuilding_the_consumed_batches(tmp_
     assert decode_calls.value >= BATCH * len(straight)
 
 
-def test_a_resume_opens_only_the_shards_it_still_needs(tmp_path, monkeypatch):
+def test_a_resume_parses_only_the_samples_it_still_needs(tmp_path, monkeypatch):
+    """Finished shard draws are not opened, and of the others only the samples the shuffle buffer held (each
+    reached by a seek) and the last one read are parsed again: not the samples consumed before them."""
     sources = [ShardSource("s", write_good_shards(tmp_path, "s", shards=8, per_shard=4))]
-    opened = []
+    parsed = []
     read_tar = shards._tar_samples
-    monkeypatch.setattr(shards, "_tar_samples", lambda url, limits: opened.append(url) or read_tar(url, limits))
+
+    def counted(url: str, limits, start: int = 0):
+        for sample in read_tar(url, limits, start):
+            parsed.append(sample["__key__"])
+            yield sample
+
+    monkeypatch.setattr(shards, "_tar_samples", counted)
     kw = {"batch_size": 4, "batches_per_epoch": 40}
     interrupted = loader_over(sources, 0, **kw)
     take(interrupted, 30)
-    draws_read = len(opened)
+    assert len(parsed) > 120
     state = saved(interrupted.state_dict())
 
-    opened.clear()
+    parsed.clear()
     resumed = loader_over(sources, 0, **kw)
     resumed.load_state_dict(state)
     take(resumed, 1)
-    cursor = state["stream_cursors"][0][0]["sources"][0]
-    reread = {draw for draw, _ in cursor["buffer"].tolist()} | {cursor["read"][0]}
-    # The draws holding buffered samples and the one being read, then at most the new ones that 4 samples reach.
-    assert len(reread) <= len(opened) <= len(reread) + 2
-    assert draws_read >= 25
+    buffered = len(state["stream_cursors"][0][0]["sources"][0]["buffer"])
+    # The buffer's samples and the last one read again, then new ones: at most two per sample yielded.
+    assert buffered < len(parsed) <= buffered + 1 + 2 * 4
+
+
+def test_rereads_seek_to_each_run_of_buffered_samples_or_read_through_once():
+    """``(first index, its offset, stop)`` stretches: consecutive buffered samples share one; the one holding
+    the last sample read goes on to the shard's end; a stream that cannot seek is read through from the first."""
+    buffered = {3: 30, 4: 40, 7: 70}
+    assert shards._Reread(buffered, onward=(9, 90)).spans(seekable=True) == [(3, 30, 5), (7, 70, 8), (9, 90, None)]
+    assert shards._Reread(buffered, onward=(8, 80)).spans(seekable=True) == [(3, 30, 5), (7, 70, None)]
+    assert shards._Reread(buffered, onward=(7, 70)).spans(seekable=True) == [(3, 30, 5), (7, 70, None)]
+    assert shards._Reread(buffered).spans(seekable=True) == [(3, 30, 5), (7, 70, 8)]
+    assert shards._Reread(buffered, onward=(9, 90)).spans(seekable=False) == [(3, 30, None)]
+    assert shards._Reread(buffered).spans(seekable=False) == [(3, 30, 8)]
+    assert shards._Reread({}, onward=(2, 20)).spans(seekable=False) == [(2, 20, None)]
 
 
 def test_a_changed_worker_count_or_world_size_is_refused_by_name(tmp_path):

@@ -39,16 +39,18 @@ pipeline is built, from ``RANK``/``WORLD_SIZE`` or the initialised process group
 DataModule's ``setup``, not in ``__init__``.
 
 Resuming mid-epoch: every training batch carries its worker's *stream cursor* (``batch["stream_cursor"]``,
-see :meth:`_WeightedMix.cursor`): per source, the origin of the last raw sample read and the origins of the
-raw samples waiting in the shuffle buffer, with the shuffle's and the mix's RNG states: all that decides
-what comes next, and nothing that needs decoding. The training loader keeps the cursor of the last batch
-training took from each worker and saves them in the checkpoint; :meth:`ShardPipeline.resume_at` hands
-them back (:mod:`~owl_lightning.data.resume` says which worker continues which stream). Each worker then
-passes over the shard draws it had finished without opening them, reads again (bytes, no decoding) the
-samples its shuffle buffer held and the draw it was in, and goes on exactly where it stopped: the same
-batches and skips as the interrupted run, at a cost that does not grow with the epoch. Shards must not
-change between a checkpoint and its resume. A checkpoint without cursors (from an older version) resumes
-by rebuilding the consumed batches and dropping them.
+see :meth:`_WeightedMix.cursor`): per source, the origin (shard draw, index and byte offset in the shard)
+of the last raw sample read and of each raw sample waiting in the shuffle buffer, with the shuffle's and
+the mix's RNG states: all that decides what comes next, and nothing that needs decoding. The training
+loader keeps the cursor of the last batch training took from each worker and saves them in the
+checkpoint; :meth:`ShardPipeline.resume_at` hands them back (:mod:`~owl_lightning.data.resume` says which
+worker continues which stream). Each worker then passes over the shard draws it had finished without
+opening them, reads again (bytes, no decoding) the samples its shuffle buffer held and the last one it
+read — reached by a seek in a plain tar on disk, by reading through to them in a compressed or streamed
+one — and goes on exactly where it stopped: the same batches and skips as the interrupted run, at a cost
+that does not grow with the epoch. Shards must not change between a checkpoint and its resume. A
+checkpoint without cursors (from an older version) resumes by rebuilding the consumed batches and
+dropping them.
 """
 
 from __future__ import annotations
@@ -366,31 +368,46 @@ class _ShardDraws(torch.utils.data.IterableDataset):
 
 @dataclass(frozen=True)
 class _Reread:
-    """The raw samples of one shard draw that a resumed stream reads again: those at ``indices`` (waiting in
-    the shuffle buffer) and, unless ``onward`` is None, every one from index ``onward`` on (the draw that
-    was being read)."""
+    """The raw samples of one shard draw that a resumed stream reads again: those in ``buffered`` (waiting in
+    the shuffle buffer; index in the shard → byte offset where it starts) and, with ``onward`` (the index and
+    offset of the last sample read), every sample after that one."""
 
-    indices: frozenset[int]
-    onward: int | None = None
+    buffered: dict[int, int]
+    onward: tuple[int, int] | None = None
 
     def wants(self, index: int) -> bool:
-        return index in self.indices or (self.onward is not None and index >= self.onward)
+        return index in self.buffered or (self.onward is not None and index > self.onward[0])
 
-    def end(self) -> int | None:
-        """The index from which no sample is wanted; None: read to the end of the shard."""
-        return None if self.onward is not None else max(self.indices, default=-1) + 1
+    def spans(self, seekable: bool) -> list[tuple[int, int, int | None]]:
+        """``(first index, its byte offset, stop index or None: to the shard's end)`` of each stretch to read,
+        in order, not overlapping. ``seekable``: one stretch per run of consecutive wanted samples, each
+        reached by a seek; otherwise one from the first wanted sample on (a stream can only be read through)."""
+        starts = sorted(self.buffered.items())
+        if self.onward is not None and self.onward[0] not in self.buffered:
+            starts.append(self.onward)  # where reading on starts; the sample there is read, not wanted
+        spans: list[tuple[int, int, int | None]] = []
+        for index, offset in starts:
+            if spans and (not seekable or spans[-1][2] == index):
+                first, first_offset, _ = spans.pop()
+                spans.append((first, first_offset, index + 1))
+            else:
+                spans.append((index, offset, index + 1))
+        if self.onward is not None:
+            first, first_offset, _ = spans.pop()  # the last stretch holds the onward sample: it goes on to the end
+            spans.append((first, first_offset, None))
+        return spans
 
 
 def _rereads(cursor: dict | None) -> tuple[dict[int, _Reread], int]:
     """From one source's saved cursor: ``({draw: what of it to read again}, the first draw to read whole)``."""
     if cursor is None:
         return {}, 0
-    read_draw, read_index = cursor["read"]
-    buffered: defaultdict[int, set[int]] = defaultdict(set)
-    for draw, index in cursor["buffer"].tolist():
-        buffered[draw].add(index)
-    rereads = {draw: _Reread(frozenset(indices)) for draw, indices in buffered.items()}
-    rereads[read_draw] = _Reread(frozenset(buffered[read_draw]), onward=read_index + 1)
+    read_draw, read_index, read_offset = cursor["read"]
+    buffered: defaultdict[int, dict[int, int]] = defaultdict(dict)
+    for draw, index, offset in cursor["buffer"].tolist():
+        buffered[draw][index] = offset
+    rereads = {draw: _Reread(samples) for draw, samples in buffered.items()}
+    rereads[read_draw] = _Reread(buffered[read_draw], onward=(read_index, read_offset))
     return rereads, read_draw + 1
 
 
@@ -412,31 +429,56 @@ def _every_nth(samples: Iterable[dict], start: int, step: int) -> Iterator[dict]
 
 
 def _read_shards(shards: Iterable[dict], skips: SkipLog, stall_limit: int, limits: TarLimits) -> Iterator[dict]:
-    """``{"url", "source"}`` shards → raw samples ``{"__key__", "__url__", "__source__", ext: bytes}``; with
-    ``"draw"`` (training) each sample also gets ``"__origin__"``: ``(draw, its index in the shard)``. Of a
-    shard with ``"reread"`` (a resume) only the samples it wants are yielded, and reading stops after the last.
+    """``{"url", "source"}`` shards → raw samples ``{"__key__", "__url__", "__source__", "__offset__", ext: bytes}``;
+    with ``"draw"`` (training) each sample also gets ``"__origin__"``: ``(draw, its index in the shard, its
+    byte offset)``. Of a shard with ``"reread"`` (a resume) only the samples it wants are read.
 
     A shard that fails part-way (truncated, not a tar, past ``limits.max_shard_bytes``, or a failure
     nobody foresaw) is recorded against its URL and left: a tar stream cannot resync past a broken
     header. The samples read before the failure are kept."""
     for shard in shards:
-        url, reread = shard["url"], shard.get("reread")
-        end = None if reread is None else reread.end()
-        with closing(_tar_samples(url, limits)) as samples:
-            for index in count():
-                if index == end:  # the rest is never read, so a failure further on is not met (and counted) twice
-                    break
+        url = shard["url"]
+        with closing(_indexed_samples(url, limits, shard.get("reread"))) as samples:
+            while True:
                 with skips.catch(url) as reading:
-                    sample = next(samples, None)
-                if reading.skip is not None or sample is None:
+                    indexed = next(samples, None)
+                if reading.skip is not None or indexed is None:
                     break
-                if reread is None or reread.wants(index):
-                    sample["__source__"] = shard["source"]
-                    if "draw" in shard:
-                        sample["__origin__"] = (shard["draw"], index)
-                    yield sample
+                index, sample = indexed
+                sample["__source__"] = shard["source"]
+                if "draw" in shard:
+                    sample["__origin__"] = (shard["draw"], index, sample["__offset__"])
+                yield sample
                 _check_stall(skips, stall_limit, shard["source"])
         _check_stall(skips, stall_limit, shard["source"])  # also after a shard that gave nothing
+
+
+def _indexed_samples(url: str, limits: TarLimits, reread: _Reread | None) -> Iterator[tuple[int, dict]]:
+    """``(index in the shard, raw sample)`` of every sample of the shard at ``url``, or of those ``reread``
+    wants. Those are reached by seeks where the shard is a plain tar on disk, else by reading through from
+    the first (bytes only: nothing is decoded here). A stretch stops before the sample after its last
+    wanted one, so a failure further on is not met again (and counted twice)."""
+    if reread is None:
+        yield from enumerate(_tar_samples(url, limits))
+        return
+    for first, offset, stop in reread.spans(seekable=_plain_local_tar(url)):
+        with closing(_tar_samples(url, limits, start=offset)) as samples:
+            stretch = samples if stop is None else islice(samples, stop - first)
+            for index, sample in enumerate(stretch, start=first):
+                if reread.wants(index):
+                    yield index, sample
+
+
+def _plain_local_tar(url: str) -> bool:
+    """Whether the shard at ``url`` is an uncompressed tar on disk, where a sample is one seek away."""
+    if not _is_local(url):
+        return False
+    try:
+        with open(url, "rb") as file:
+            head = file.read(max(len(magic) for magic in _DECOMPRESSORS))
+    except OSError:
+        return False
+    return not any(head.startswith(magic) for magic in _DECOMPRESSORS)
 
 
 @dataclass(frozen=True)
@@ -447,13 +489,15 @@ class TarLimits:
     max_shard_bytes: int
 
 
-def _tar_samples(url: str, limits: TarLimits) -> Iterator[dict]:
-    """One shard's samples ``{"__key__", "__url__", ext: bytes}``: consecutive members sharing a key
-    (``000123.jpg``, ``000123.txt``), grouped as webdataset groups them. A sample with a member over the
-    size limit, or with two members of one name, carries ``"__skip__"``: the SkipSample its encoding raises."""
+def _tar_samples(url: str, limits: TarLimits, start: int = 0) -> Iterator[dict]:
+    """One shard's samples ``{"__key__", "__url__", "__offset__", ext: bytes}`` from byte ``start`` (where a
+    sample begins) on: consecutive members sharing a key (``000123.jpg``, ``000123.txt``), grouped as
+    webdataset groups them; ``__offset__`` is where the sample's first member begins. A sample with a member
+    over the size limit, or with two members of one name, carries ``"__skip__"``: the SkipSample its encoding
+    raises."""
     sample: dict | None = None
     try:
-        for name, data in _tar_members(url, limits):
+        for offset, name, data in _tar_members(url, limits, start):
             key, extension = wds.tariterators.base_plus_ext(name)
             if key is None:  # no extension: not part of any sample
                 continue
@@ -461,7 +505,7 @@ def _tar_samples(url: str, limits: TarLimits) -> Iterator[dict]:
             if sample is None or key != sample["__key__"]:
                 if sample is not None:
                     yield sample
-                sample = {"__key__": key, "__url__": url}
+                sample = {"__key__": key, "__url__": url, "__offset__": offset}
             if isinstance(data, SkipSample):
                 sample.setdefault("__skip__", data)
             elif extension in sample:
@@ -478,24 +522,37 @@ def _tar_samples(url: str, limits: TarLimits) -> Iterator[dict]:
         yield sample
 
 
-def _tar_members(url: str, limits: TarLimits) -> Iterator[tuple[str, bytes | SkipSample]]:
-    """``(name, bytes)`` of each regular member of the tar at ``url`` (plain, .gz, .bz2 or .xz), in order;
-    for a member over ``limits.max_member_bytes``, ``(name, SkipSample)`` instead: its bytes are never read.
+def _tar_members(url: str, limits: TarLimits, start: int = 0) -> Iterator[tuple[int, str, bytes | SkipSample]]:
+    """``(offset, name, bytes)`` of each regular member of the tar at ``url`` (plain, .gz, .bz2 or .xz), in
+    order, from byte ``start`` of the (decompressed) tar on, which must be where a member's headers begin;
+    ``offset``: where this member's headers begin. For a member over ``limits.max_member_bytes``,
+    ``(offset, name, SkipSample)`` instead: its bytes are never read.
 
     Raises ``SkipSample``: ``TRUNCATED_TAR`` when the tar cannot be read on, ``OVERSIZED_SHARD`` once it
     has expanded past ``limits.max_shard_bytes``."""
     try:
         with closing(wds.gopen(url)) as raw:
-            expanded = _CountedReads(_decompressed(raw), limits.max_shard_bytes)
+            stream = _decompressed(raw)
+            if start and isinstance(stream, _Prepended) and getattr(raw, "seekable", lambda: False)():
+                raw.seek(start)  # a plain tar in a file: straight there
+                expanded = _CountedReads(raw, limits.max_shard_bytes, bytes_read=start)
+            else:  # compressed, or a stream: read through to there (bytes, not headers: fast)
+                expanded = _CountedReads(stream, limits.max_shard_bytes)
+                while expanded.bytes_read < start and expanded.read(min(1 << 20, start - expanded.bytes_read)):
+                    pass
             tar = tarfile.open(fileobj=expanded, mode="r|")
             for member in tar:
-                if member.offset_data + member.size > limits.max_shard_bytes:  # stop before reading (expanding) it
+                if start + member.offset_data + member.size > limits.max_shard_bytes:  # stop before reading (expanding) it
                     raise SkipSample(OVERSIZED_SHARD, _shard_too_big(limits.max_shard_bytes))
                 if member.isreg() and not _METADATA_MEMBER.match(member.name):
                     if member.size > limits.max_member_bytes:
-                        yield member.name, SkipSample(OVERSIZED_MEMBER, _member_too_big(member, limits.max_member_bytes))
+                        yield (
+                            start + member.offset,
+                            member.name,
+                            SkipSample(OVERSIZED_MEMBER, _member_too_big(member, limits.max_member_bytes)),
+                        )
                     else:
-                        yield member.name, tar.extractfile(member).read()
+                        yield start + member.offset, member.name, tar.extractfile(member).read()
                 tar.members = []  # a shard has thousands of members: keep none of their headers
     except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as err:
         raise SkipSample(TRUNCATED_TAR, f"{type(err).__name__}: {err}. Re-create or re-download this shard.") from None
@@ -546,11 +603,12 @@ class _Prepended:
 
 
 class _CountedReads:
-    """Reads of ``stream`` that raise ``SkipSample(OVERSIZED_SHARD)`` once more than ``limit`` bytes came out."""
+    """Reads of ``stream`` that raise ``SkipSample(OVERSIZED_SHARD)`` once more than ``limit`` bytes came out
+    (``bytes_read``: those before the stream's position, for a stream that starts mid-shard)."""
 
-    def __init__(self, stream: BinaryIO, limit: int) -> None:
+    def __init__(self, stream: BinaryIO, limit: int, bytes_read: int = 0) -> None:
         self.stream, self.limit = stream, limit
-        self.bytes_read = 0
+        self.bytes_read = bytes_read
 
     def read(self, size: int = -1) -> bytes:
         data = self.stream.read(size)
@@ -619,9 +677,10 @@ class _SeededShuffle(wds.PipelineStage):
             yield wds.filters.pick(live.buffer, live.rng)
 
     def cursor(self) -> dict | None:
-        """``{"read": [draw, index] of the last raw sample taken in, "buffer": int64 [n, 2] origins of the
-        samples waiting, in buffer order, "shuffle_rng": int64 [625]}``. Not read yet in this pass: the
-        cursor the pass resumed from (None: the start)."""
+        """``{"read": origin of the last raw sample taken in, "buffer": int64 [n, 3] origins of the samples
+        waiting, in buffer order, "shuffle_rng": int64 [625]}``; an origin is ``(draw, index in the shard,
+        byte offset in the shard)``. Not read yet in this pass: the cursor the pass resumed from (None: the
+        start)."""
         if self.live is None:
             return self.position.resumed_source(self.source_index)
         return self.live.cursor()
@@ -633,20 +692,20 @@ class _ShuffleState:
 
     buffer: list[dict]
     rng: random.Random
-    read: tuple[int, int] | None
+    read: tuple[int, int, int] | None
 
     def take(self, sample: dict) -> None:
         self.buffer.append(sample)
         self.read = sample["__origin__"]
 
     def cursor(self) -> dict:
-        origins = torch.tensor([sample["__origin__"] for sample in self.buffer], dtype=torch.int64).reshape(-1, 2)
+        origins = torch.tensor([sample["__origin__"] for sample in self.buffer], dtype=torch.int64).reshape(-1, 3)
         return {"read": list(self.read), "buffer": origins, "shuffle_rng": _rng_state(self.rng)}
 
 
 def _refilled_buffer(samples: Iterator[dict], origins: torch.Tensor) -> list[dict]:
     """The saved shuffle buffer again, in its saved order: the first ``len(origins)`` samples ``samples``
-    yields, which must be the samples at ``origins`` (``[n, 2]``: draw, index)."""
+    yields, which must be the samples at ``origins`` (``[n, 3]``: draw, index, offset)."""
     slots = {tuple(origin): slot for slot, origin in enumerate(origins.tolist())}
     buffer: list[dict | None] = [None] * len(slots)
     for sample in islice(samples, len(slots)):
@@ -656,7 +715,7 @@ def _refilled_buffer(samples: Iterator[dict], origins: torch.Tensor) -> list[dic
         buffer[slot] = sample
     missing = [origin for origin, slot in slots.items() if buffer[slot] is None]
     if missing:
-        draw, index = missing[0]
+        draw, index, _ = missing[0]
         raise RuntimeError(
             f"cannot resume the training stream exactly: sample {index} of shard draw {draw} (and {len(missing) - 1} more) "
             "was not found again. A shard changed or went missing since the checkpoint (see the skip warnings above); "
