@@ -74,3 +74,11 @@ def test_resume_after_a_different_batch_sees_different_data(tmp_path, caption_ma
     rewound, _ = train("stage1", caption_manifest, 0, tmp_path / "resumed", ckpt_path=tmp_path / "rewound.ckpt")
     expected, got = trained_weights(straight), trained_weights(rewound)
     assert any(not torch.allclose(got[name], expected[name], rtol=0, atol=1e-6) for name in expected)
+
+
+def test_stage1_resume_with_another_worker_count_is_refused_by_name(tmp_path, caption_manifest):
+    """Each DataLoader worker reads a stream of its own: the checkpoint records how many there were."""
+    with pytest.raises(Interrupted):
+        train("stage1", caption_manifest, 0, tmp_path / "resumed", interrupt_at=3)
+    with pytest.raises(ValueError, match=r"num_workers=0 per process, this run has num_workers=2.*--data\.num_workers 0"):
+        train("stage1", caption_manifest, 2, tmp_path / "resumed", ckpt_path=tmp_path / "resumed" / "last.ckpt")

@@ -10,6 +10,11 @@ starts again at worker 0. So on resume worker ``w`` plays the part of worker ``(
 and yields that worker's remaining positions. Positions keep their order, and every batch holds
 exactly what it held in the uninterrupted run, provided ``W`` is unchanged (a different worker
 count changes the streams of a streamed dataset; the stage-2 mixture does not care).
+
+A streamed dataset (stage 1) also needs to know where each role's stream stood: every batch carries
+its worker's cursor, and the training loader saves, per rank and role, the cursor of the last batch
+training took. Such a state only fits the world size and worker count it was saved with; resuming it
+under others is refused with :func:`world_size_changed` / :func:`worker_count_changed`.
 """
 
 from __future__ import annotations
@@ -40,3 +45,28 @@ def role_positions(role: int, num_workers: int, batches_done: int) -> tuple[int,
 def batches_consumed_by_role(role: int, num_workers: int, batches_done: int) -> int:
     """How many of the first ``batches_done`` positions belonged to ``role`` (its batches to replay)."""
     return len(range(role, batches_done, num_workers))
+
+
+# The way out named by both refusals: the data state is dropped, the rest of the epoch is read afresh.
+_NEW_LAYOUT_FIX = (
+    "or pass --data.allow_new_layout true to go on with fresh streams for the rest of the epoch "
+    "(not the batches the interrupted run would have seen)"
+)
+
+
+def worker_count_changed(saved: int, now: int) -> str:
+    """Why a streamed dataset saved with ``saved`` DataLoader workers per process cannot resume with ``now``."""
+    return (
+        f"the checkpoint read its training data with num_workers={saved} per process, this run has num_workers={now}: "
+        "each DataLoader worker reads a stream of its own, so the batches after the resume would differ from the "
+        f"interrupted run's. Resume with --data.num_workers {saved}, {_NEW_LAYOUT_FIX}"
+    )
+
+
+def world_size_changed(saved: int, now: int) -> str:
+    """Why a streamed dataset saved by ``saved`` processes cannot resume on ``now``."""
+    return (
+        f"the checkpoint was saved by {saved} training process(es) (world size), this run has {now}: each process reads "
+        "streams of its own, so the batches after the resume would differ from the interrupted run's. Resume on "
+        f"{saved} process(es) (devices × nodes), {_NEW_LAYOUT_FIX}"
+    )

@@ -27,6 +27,7 @@ from owl_lightning.data.instruct import read_conversations
 from owl_lightning.data.manifest import load_manifest
 from owl_lightning.data.mixture import InstructionMixture
 from owl_lightning.data.processor import OwlProcessor
+from owl_lightning.data.resume import worker_count_changed, world_size_changed
 from owl_lightning.data.shards import build_shard_pipeline
 from owl_lightning.data.template import Conversation, ConversationTemplate
 from owl_lightning.data.transfer import send_batches_by_value
@@ -65,42 +66,110 @@ class EndTogether:
 
 class ResumableLoader(DataLoader):
     """The training DataLoader, with the state Lightning saves in every checkpoint (it calls
-    ``state_dict`` when saving and ``load_state_dict`` before iterating a resumed run): the epoch and
-    how many of its batches training has taken. The dataset (``resume_at``) then continues right
-    after them with the very batches the interrupted run would have seen next.
+    ``state_dict`` when saving and ``load_state_dict`` before iterating a resumed run): the epoch, how
+    many of its batches training has taken, the world size and worker count, and for a dataset that
+    reads a stream per worker (stage 1) the stream cursor of the last batch training took from each
+    worker role, for every rank. The dataset (``resume_at``) then continues right after them with the
+    very batches the interrupted run would have seen next.
 
     Batches are counted as training takes them (:meth:`took_batch`, called by the data module just
     before a batch moves to the device), not as workers produce them: Lightning prefetches one ahead.
+
+    Args:
+        allow_new_layout: a streamed state saved with another world size or worker count cannot be continued
+            exactly; refused unless this is set, which drops its cursors: the rest of the epoch is read from
+            fresh streams.
     """
 
-    def __init__(self, dataset, num_workers: int, trainer: L.Trainer) -> None:
+    def __init__(self, dataset, num_workers: int, trainer: L.Trainer, allow_new_layout: bool = False) -> None:
         super().__init__(dataset, **_loader_settings(num_workers))
         self.trainer = trainer
+        self.allow_new_layout = allow_new_layout
         self.epoch, self.batches_taken = 0, 0
-        self._resumed_at: tuple[int, int] | None = None
+        self.stream_cursors = self._no_cursors()
+        self._resumed_at: tuple[int, int, list[dict | None] | None] | None = None
+
+    def _no_cursors(self) -> list[dict | None]:
+        """One empty slot per worker role (the main process, with no workers, reads one stream)."""
+        return [None] * max(1, self.num_workers)
 
     def __iter__(self) -> Iterator[dict]:
         # The one place the epoch is set: streams reshuffle per epoch, and each epoch's iterator pickles
         # the dataset afresh for its workers. (Lightning may start a resumed epoch's iterator before
         # on_train_epoch_start.)
         self.epoch = self.trainer.current_epoch
-        resumed_epoch, resumed_batches = self._resumed_at or (None, 0)
-        self.batches_taken = resumed_batches if resumed_epoch == self.epoch else 0
+        resumed = self._resumed_at if self._resumed_at is not None and self._resumed_at[0] == self.epoch else None
         self._resumed_at = None
+        self.batches_taken = resumed[1] if resumed else 0
+        # A role that delivers nothing before the next save still stands where the resume put it.
+        self.stream_cursors = list(resumed[2]) if resumed and resumed[2] is not None else self._no_cursors()
         self.dataset.set_epoch(self.epoch)
         return super().__iter__()
 
-    def took_batch(self) -> None:
+    def took_batch(self, stream_cursor: dict | None) -> None:
+        """Count a batch training took; ``stream_cursor``: where its worker's stream stood after it (stage 1)."""
         self.batches_taken += 1
+        if stream_cursor is not None:
+            self.stream_cursors[stream_cursor["role"]] = stream_cursor
 
     def state_dict(self) -> dict:
         # Saved after a training step: the batch of that step is counted, the prefetched next one is not.
-        return {"epoch": self.epoch, "batches_done": self.batches_taken}
+        return {
+            "epoch": self.epoch,
+            "batches_done": self.batches_taken,
+            "world_size": self.trainer.world_size,
+            "num_workers": self.num_workers,
+            "stream_cursors": _from_every_rank(list(self.stream_cursors)),  # as they are now, not as later batches move them
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self._resumed_at = (state["epoch"], state["batches_done"])
-        self.dataset.resume_at(state["epoch"], state["batches_done"])
-        log.info("resuming the training data at epoch %d, after batch %d", state["epoch"], state["batches_done"])
+        epoch, batches_done = state["epoch"], state["batches_done"]
+        if getattr(self.dataset, "streams_per_worker", False):
+            cursors = self._cursors_to_resume(state)
+            self.dataset.resume_at(epoch, batches_done, cursors)
+        else:  # batches that are a function of their index (stage 2) need no cursor
+            cursors = None
+            self.dataset.resume_at(epoch, batches_done)
+        self._resumed_at = (epoch, batches_done, cursors)
+        log.info("resuming the training data at epoch %d, after batch %d", epoch, batches_done)
+
+    def _cursors_to_resume(self, state: dict) -> list[dict | None] | None:
+        """This rank's saved cursors, one per worker role, when the state fits this run's world size and
+        worker count; None: none were saved (a checkpoint from an older version)."""
+        if "stream_cursors" not in state:
+            return None
+        world_size, saved_world_size = self.trainer.world_size, state["world_size"]
+        saved_workers = state["num_workers"]
+        changes = []
+        if saved_world_size != world_size:
+            changes.append(world_size_changed(saved_world_size, world_size))
+        if max(1, saved_workers) != max(1, self.num_workers):  # 0 workers and 1 read the same single stream
+            changes.append(worker_count_changed(saved_workers, self.num_workers))
+        if not changes:
+            return state["stream_cursors"][self.trainer.global_rank]
+        if not self.allow_new_layout:
+            raise ValueError("\n".join(changes))
+        log.warning(
+            "the training data state was saved with world size %d and num_workers=%d, this run has %d and %d "
+            "(allow_new_layout): the rest of epoch %d is read from fresh streams",
+            saved_world_size,
+            saved_workers,
+            world_size,
+            self.num_workers,
+            state["epoch"],
+        )
+        return self._no_cursors()
+
+
+def _from_every_rank(item: object) -> list:
+    """``item`` of every rank, in rank order (``[item]`` without a process group). Lightning builds a
+    checkpoint on every rank and writes rank 0's, so a rank's own state must travel to rank 0 to be saved.
+    A collective: every rank calls it."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [item]
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, item)
+    return gathered
 
 
 class _OwlDataModule(L.LightningDataModule):
@@ -143,12 +212,12 @@ class _OwlDataModule(L.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _loader(self, dataset, workers: int | None = None, train: bool = False) -> DataLoader:
+    def _loader(self, dataset, workers: int | None = None, train: bool = False, allow_new_layout: bool = False) -> DataLoader:
         """Batches are built in the workers (not persistent ones: each epoch's iterator pickles the dataset
         afresh, so the epoch :class:`ResumableLoader` sets reaches them)."""
         workers = self.hparams.num_workers if workers is None else workers
         if train and self.trainer is not None:
-            self._train_loader = ResumableLoader(dataset, workers, self.trainer)
+            self._train_loader = ResumableLoader(dataset, workers, self.trainer, allow_new_layout=allow_new_layout)
             return self._train_loader
         return DataLoader(dataset, **_loader_settings(workers))
 
@@ -160,11 +229,12 @@ class _OwlDataModule(L.LightningDataModule):
         return EndTogether(loader, self.trainer.strategy, on_pass_start=self.val_health.clear_stream_counts)
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        stream_cursor = batch.pop("stream_cursor", None)  # the loader's to keep, not the model's
         if self.trainer is not None:
             health = self.health if self.trainer.training else self.val_health  # sanity check included
             health.update(batch["source"], batch["skipped"])
             if self.trainer.training and self._train_loader is not None:
-                self._train_loader.took_batch()
+                self._train_loader.took_batch(stream_cursor)
         return batch
 
     def state_dict(self) -> dict:
@@ -186,6 +256,9 @@ class CaptionDataModule(_OwlDataModule):
         batches_per_epoch: per process; default: the manifest's ``num_samples`` over the global batch.
         val_batches: limit validation to this many batches (None: the whole val split).
         seed: shard and sample order. max_skip_fraction: stop when more of the data is bad.
+        allow_new_layout: resume a checkpoint saved with another world size or ``num_workers`` (refused
+            otherwise: each process and worker reads a stream of its own); the rest of the interrupted
+            epoch is then read from fresh streams, not the batches the interrupted run would have seen.
     """
 
     def __init__(
@@ -199,6 +272,7 @@ class CaptionDataModule(_OwlDataModule):
         batches_per_epoch: int | None = None,
         seed: int = 0,
         max_skip_fraction: float = 0.1,
+        allow_new_layout: bool = False,
     ) -> None:
         super().__init__(manifest, processor, batch_size, num_workers, max_length, seed, max_skip_fraction)
 
@@ -226,7 +300,7 @@ class CaptionDataModule(_OwlDataModule):
         return max(1, math.ceil(samples / (self.hparams.batch_size * world)))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self._pipeline(self.manifest.train, train=True), train=True)
+        return self._loader(self._pipeline(self.manifest.train, train=True), train=True, allow_new_layout=self.hparams.allow_new_layout)
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.manifest.val:
