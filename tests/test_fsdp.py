@@ -277,6 +277,22 @@ def test_stage2_lora_units_bf16_activation_checkpointing_and_resume(tmp_path, in
     assert_resumed_from(one[0], two[0], steps=2)
 
 
+def test_stage2_full_fine_tuning_shards_the_llm_and_its_optimizer_state_and_checkpoints_it(tmp_path, instruction_manifest):
+    """The whole LLM trains (recipe llm: full, its own learning rate): every LLM weight sharded and moved,
+    and the sharded checkpoint holds the LLM, which a one-process resume starts from."""
+    extra = ["--data.max_length", "256", "--model.recipe.llm", "full", "--model.optimizer.llm_lr", "1e-3"]
+    two = run("stage2", tmp_path, instruction_manifest, 2, 2, "two", *extra)
+    assert_sharded_and_in_agreement(two)
+    llm = {n for n in two[0]["end"]["params"] if n.startswith("llm.")}
+    assert llm and not any("lora_" in n for n in llm)
+    changed = moved(two[0])
+    # Every LLM matrix moves (the tied embeddings included); the frozen vision encoder does not.
+    assert {n for n in llm if two[0]["end"]["params"][n]["dim0"] > 1} <= changed
+    assert not any(n.startswith("vision.") for n in changed)
+    one = run("stage2", tmp_path, instruction_manifest, 1, 4, "one", *extra)
+    assert_resumed_from(one[0], two[0], steps=2)
+
+
 def test_a_sharded_save_killed_midway_leaves_the_previous_checkpoint_whole(
     tmp_path, caption_manifest, own_process_group, monkeypatch, caplog
 ):
