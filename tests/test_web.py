@@ -314,21 +314,18 @@ def test_a_torn_or_foreign_line_in_the_ratings_file_costs_only_itself(tmp_path, 
     assert RatingsFile(tmp_path / "empty.jsonl").unreadable_lines == []
 
 
+def rate_arguments(owleval_folder: Path, ratings: Path, *extra: str) -> list[str]:
+    """``owl-lightning rate`` on the test's OwlEval folder and its answer files."""
+    return ["rate", "--data", str(owleval_folder), "--answers", str(owleval_folder / "answer"), "--ratings", str(ratings), *extra]
+
+
 def test_rate_starts_despite_a_torn_ratings_file_and_says_so(owleval_folder, tmp_path, monkeypatch, capsys):
     import owl_lightning.apps.web
 
     (tmp_path / "ratings.jsonl").write_bytes(b'{"question_id": 1, "model_id": "alpha", "rating": "A"}\n{"question_id": 2, "mod\xe2\x82')
     served = []
     monkeypatch.setattr(owl_lightning.apps.web, "serve", lambda app, port, what: served.append((app, what)))
-    arguments = [
-        "rate",
-        "--data",
-        str(owleval_folder),
-        "--answers",
-        str(owleval_folder / "answer"),
-        "--ratings",
-        str(tmp_path / "ratings.jsonl"),
-    ]
+    arguments = rate_arguments(owleval_folder, tmp_path / "ratings.jsonl")
     main(arguments)
     ((app, what),) = served
     assert app.ratings.ratings == {(1, "alpha"): "A"} and what.endswith("(1 unreadable line(s) skipped, see above)")
@@ -390,18 +387,7 @@ def test_rate_refuses_a_malformed_answers_file_with_its_line(owleval_folder, tmp
     with open(owleval_folder / "answer" / "beta.jsonl", "a") as file:
         file.write('{"image": "red.png", "question_id": 1, "answer": "again"}\n')
     with pytest.raises(SystemExit) as exit:
-        main(
-            [
-                "rate",
-                "--data",
-                str(owleval_folder),
-                "--answers",
-                str(owleval_folder / "answer"),
-                "--ratings",
-                str(tmp_path / "ratings.jsonl"),
-                "--summary",
-            ]
-        )
+        main(rate_arguments(owleval_folder, tmp_path / "ratings.jsonl", "--summary"))
     assert exit.value.code == 2
     assert "beta.jsonl:4: missing question, model_id; the official answer format has" in capsys.readouterr().err
 
