@@ -10,7 +10,7 @@ from tests.helpers import InterruptAt, Interrupted, fit, tiny_system
 
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
 
-STEPS = 8
+STEPS = 14
 
 
 def build(stage: str, manifest, workers: int):
@@ -41,12 +41,13 @@ def trained_weights(system) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("stage, interrupt_at", [("stage1", 3), ("stage2", 3), ("stage2", 7)])
+@pytest.mark.parametrize("stage, interrupt_at", [("stage1", 3), ("stage1", 12), ("stage2", 3), ("stage2", 6), ("stage2", 7)])
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(
     tmp_path, caption_manifest, instruction_manifest, stage, interrupt_at, workers
 ):
-    """Stage 1: 12 batches per epoch, so step 3 is mid-epoch. Stage 2: 6 per epoch, so step 7 is
-    mid-way through the second epoch (the mixture reshuffles per epoch)."""
+    """Stage 1: 12 batches per epoch, so step 3 is mid-epoch and step 12 the first of the second. Stage 2:
+    6 per epoch, so step 7 is mid-way through the second epoch (the mixture reshuffles per epoch). A
+    checkpoint saved on an epoch's last batch (steps 12 and 6) goes on with the next epoch."""
     manifest = caption_manifest if stage == "stage1" else instruction_manifest
     straight, _ = train(stage, manifest, workers, tmp_path / "straight")
 

@@ -182,9 +182,18 @@ class ShardPipeline(wds.DataPipeline):
     # worker count it was saved with (the training loader checks them).
     streams_per_worker = True
 
-    def __init__(self, *stages, position: StreamPosition) -> None:
+    def __init__(self, *stages, position: StreamPosition, batches_per_epoch: int | None = None) -> None:
         super().__init__(*stages)
         self.position = position
+        self.batches_per_epoch = batches_per_epoch
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank. Lightning needs the number to resume a checkpoint saved on an
+        epoch's last batch into the next epoch (without it, it counts that epoch as done too and skips it).
+        An endless stream or a validation pass has none (TypeError, as ``len`` of an iterable)."""
+        if self.batches_per_epoch is None:
+            raise TypeError("this shard pipeline has no fixed number of batches per epoch")
+        return self.batches_per_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.position.epoch.value = epoch
@@ -300,7 +309,9 @@ def build_shard_pipeline(
             for index, source in enumerate(sources)
         ]
         mix = _WeightedMix(streams, shuffles, [source.weight for source in sources], partial(seeds, _MIX_SALT), position)
-        return ShardPipeline(mix, batch, partial(_with_stream_cursor, mix=mix), share, position=position)
+        return ShardPipeline(
+            mix, batch, partial(_with_stream_cursor, mix=mix), share, position=position, batches_per_epoch=batches_per_epoch
+        )
 
     shards = [{"url": url, "source": source} for source in sources for url in shard_lists[source.name]]
     if len(shards) >= world_size:

@@ -95,11 +95,10 @@ class ResumableLoader(DataLoader):
 
     def __iter__(self) -> Iterator[dict]:
         # The one place the epoch is set: streams reshuffle per epoch, and each epoch's iterator pickles
-        # the dataset afresh for its workers. (Lightning may start a resumed epoch's iterator before
-        # on_train_epoch_start.)
-        self.epoch = self.trainer.current_epoch
-        resumed = self._resumed_at if self._resumed_at is not None and self._resumed_at[0] == self.epoch else None
-        self._resumed_at = None
+        # the dataset afresh for its workers. A resumed run's first iterator is made before Lightning moves
+        # its epoch on from the checkpoint's (and before on_train_epoch_start): it takes the resumed epoch.
+        resumed, self._resumed_at = self._resumed_at, None
+        self.epoch = resumed[0] if resumed else self.trainer.current_epoch
         self.batches_taken = resumed[1] if resumed else 0
         # A role that delivers nothing before the next save still stands where the resume put it.
         self.stream_cursors = list(resumed[2]) if resumed and resumed[2] is not None else self._no_cursors()
@@ -124,7 +123,12 @@ class ResumableLoader(DataLoader):
 
     def load_state_dict(self, state: dict) -> None:
         epoch, batches_done = state["epoch"], state["batches_done"]
-        if getattr(self.dataset, "streams_per_worker", False):
+        if batches_done >= self._batches_per_epoch():
+            # Saved on the epoch's last batch: Lightning goes on with the next epoch, whose streams start afresh.
+            epoch, batches_done = epoch + 1, 0
+            self.dataset.resume_at(epoch, 0)
+            cursors = None
+        elif getattr(self.dataset, "streams_per_worker", False):
             cursors = self._cursors_to_resume(state)
             self.dataset.resume_at(epoch, batches_done, cursors)
         else:  # batches that are a function of their index (stage 2) need no cursor
@@ -132,6 +136,13 @@ class ResumableLoader(DataLoader):
             self.dataset.resume_at(epoch, batches_done)
         self._resumed_at = (epoch, batches_done, cursors)
         log.info("resuming the training data at epoch %d, after batch %d", epoch, batches_done)
+
+    def _batches_per_epoch(self) -> float:
+        """This rank's batches per epoch; infinite for an endless stream."""
+        try:
+            return len(self.dataset)
+        except TypeError:
+            return math.inf
 
     def _cursors_to_resume(self, state: dict) -> list[dict | None] | None:
         """This rank's saved cursors, one per worker role, when the state fits this run's world size and
