@@ -1,7 +1,6 @@
 """FLOP counting (owl_lightning.train.flops) against the config's shapes and against torch's FlopCounterMode."""
 
 import torch
-from tests.helpers import caption_batch, fit, tiny_system
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from owl_lightning.config import IGNORE_INDEX, TrainRecipe
@@ -9,6 +8,7 @@ from owl_lightning.models.owl import build_owl
 from owl_lightning.train.callbacks import StepThroughput
 from owl_lightning.train.datamodules import CaptionDataModule
 from owl_lightning.train.flops import StepFlops, measure_matmul_flops, sequence_lengths
+from tests.helpers import caption_batch, fit, tiny_system
 
 
 def tiny(tiny_config, tiny_tokenizer, vision=True, abstractor=True, llm=False, lora=False):

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 from PIL import Image
-from tests.helpers import COLOURS, tiny_system
 
 from owl_lightning.apps.eval.vqa import easy_vqa_accuracy, normalise
 from owl_lightning.data.template import Turn
 from owl_lightning.inference import ChatSession, OwlAssistant, Request
 from owl_lightning.train.callbacks import CaptionSamples
+from tests.helpers import COLOURS, tiny_system
 
 
 @pytest.fixture
