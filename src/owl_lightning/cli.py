@@ -135,7 +135,7 @@ def describe(name: str) -> dict:
         "total_params": sum(params.values()),
         "params": params,
         "trainable_params": trainable,
-        "visual_tokens_per_image": config.visual_tokens_per_image,
+        "visual_tokens_per_image": model.visual_tokens_per_image,
     }
 
 

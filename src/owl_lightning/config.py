@@ -119,16 +119,21 @@ STAGE2 = TrainRecipe(vision="frozen", abstractor="train", llm="lora")  # the pap
 
 @dataclass
 class OwlConfig:
+    """A whole model: encoder, connector, LLM and the LoRA used when the recipe asks for it.
+
+    ``connector``: what turns the encoder's features into the LLM's visual tokens — ``abstractor`` (the
+    paper's visual abstractor, configured by ``abstractor``: ``num_queries + 1`` tokens per image) or
+    ``mlp`` (LLaVA-1.5's two-layer MLP over every encoder token). Either sits in the model's
+    ``abstractor`` slot: its checkpoint keys, the recipe's ``abstractor`` field and the export's
+    ``abstractor.safetensors`` name that slot whichever fills it.
+    """
+
     name: str
     vision: VisionConfig = field(default_factory=VisionConfig)
     abstractor: AbstractorConfig = field(default_factory=AbstractorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
-
-    @property
-    def visual_tokens_per_image(self) -> int:
-        """Queries plus the learned end-of-image token."""
-        return self.abstractor.num_queries + 1
+    connector: Literal["abstractor", "mlp"] = "abstractor"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

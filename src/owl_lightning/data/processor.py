@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from owl_lightning.config import OwlConfig
 from owl_lightning.data.template import ConversationTemplate, resolve_system_prompt
 from owl_lightning.models.llm import load_tokenizer
+from owl_lightning.models.owl import visual_tokens_per_image
 from owl_lightning.models.vision import image_transform
 
 
@@ -42,5 +43,5 @@ class OwlProcessor:
             style=style,
             system_prompt=resolve_system_prompt(style, system_prompt),
             max_length=max_length,
-            visual_tokens_per_image=self.config.visual_tokens_per_image,
+            visual_tokens_per_image=visual_tokens_per_image(self.config),
         )

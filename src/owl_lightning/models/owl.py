@@ -18,7 +18,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, LoRAConfig, OwlConfig, TrainRecipe
 from owl_lightning.models.abstractor import VisualAbstractor
 from owl_lightning.models.llm import build_llm, load_tokenizer
-from owl_lightning.models.vision import VisionEncoder
+from owl_lightning.models.projector import MLPProjector
+from owl_lightning.models.vision import VisionEncoder, encoder_tokens
 
 
 @dataclass
@@ -162,11 +163,27 @@ def packed_positions(mask: torch.Tensor) -> torch.Tensor:
     return index - torch.where(starts, index, 0).cummax(1).values
 
 
+def visual_tokens_per_image(config: OwlConfig) -> int:
+    """``V``, the LLM positions one image takes: the abstractor's queries plus its end-of-image token, or
+    every encoder token under the MLP connector. From the config alone (data workers have no model)."""
+    if config.connector == "mlp":
+        return encoder_tokens(config.vision)
+    return config.abstractor.num_queries + 1
+
+
 class OwlModel(nn.Module):
-    """vision ``[M, 3, H, W] → [M, N, Dv]`` → abstractor ``→ [M, V, Dllm]`` → spliced into the LLM."""
+    """vision ``[M, 3, H, W] → [M, N, Dv]`` → connector ``→ [M, V, Dllm]`` → spliced into the LLM.
+
+    The connector (``config.connector``) is the visual abstractor or LLaVA's MLP projector; either is
+    held as ``abstractor`` (see :class:`~owl_lightning.config.OwlConfig`)."""
 
     def __init__(
-        self, config: OwlConfig, vision: VisionEncoder, abstractor: VisualAbstractor, llm: PreTrainedModel, image_token_id: int
+        self,
+        config: OwlConfig,
+        vision: VisionEncoder,
+        abstractor: VisualAbstractor | MLPProjector,
+        llm: PreTrainedModel,
+        image_token_id: int,
     ) -> None:
         super().__init__()
         self.config = config
@@ -180,7 +197,7 @@ class OwlModel(nn.Module):
         return self.abstractor.num_tokens
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """``[M, 3, H, W]`` → visual tokens ``[M, V, Dllm]``."""
+        """``[M, 3, H, W]`` → visual tokens ``[M, V, Dllm]`` (encoder, then the connector)."""
         return self.abstractor(self.vision(images))
 
     def layout(
@@ -317,8 +334,12 @@ def build_owl(config: OwlConfig, pretrained: bool = True, tokenizer: PreTrainedT
         vocab = image_token_id = llm.config.vocab_size
         vocab += 1
     _resize_vocabulary(llm, vocab)
-    abstractor = VisualAbstractor(config.abstractor, vision.num_features, llm.get_input_embeddings().embedding_dim)
-    return OwlModel(config, vision, abstractor, llm, image_token_id)
+    llm_width = llm.get_input_embeddings().embedding_dim
+    if config.connector == "mlp":
+        connector = MLPProjector(visual_tokens_per_image(config), vision.num_features, llm_width)
+    else:
+        connector = VisualAbstractor(config.abstractor, vision.num_features, llm_width)
+    return OwlModel(config, vision, connector, llm, image_token_id)
 
 
 def _resize_vocabulary(llm: PreTrainedModel, vocab: int) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.util
+import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import timm
@@ -66,6 +70,20 @@ class VisionEncoder(nn.Module):
 
     def data_config(self) -> dict:
         return vision_data_config(self.cfg, self.model)
+
+
+def encoder_tokens(cfg: VisionConfig) -> int:
+    """``N``: the feature tokens :class:`VisionEncoder` gives per image of the configured size, found by
+    running the architecture on the ``meta`` device (no weights, no compute), once per config."""
+    return _encoder_tokens(json.dumps(dataclasses.asdict(cfg), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _encoder_tokens(config_json: str) -> int:
+    cfg = VisionConfig(**json.loads(config_json))
+    with torch.device("meta"):
+        encoder = VisionEncoder(replace(cfg, weights=None), pretrained=False)
+        return encoder(torch.empty(1, *encoder.input_size, dtype=torch.uint8)).shape[1]
 
 
 class _Float32OnCPU:
