@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from owl_lightning.apps.eval.vqa import easy_vqa_accuracy, normalise
+from owl_lightning.apps.eval.benchmarks.easy_vqa import EasyVQA, first_word
+from owl_lightning.apps.eval.benchmarks.harness import read_questions, run_task
 from owl_lightning.data.template import Turn
 from owl_lightning.inference import ChatSession, OwlAssistant, Request
 from owl_lightning.train.callbacks import CaptionSamples
@@ -73,10 +74,10 @@ def test_chat_keeps_the_history(assistant, monkeypatch):
     assert len(prompts[-1].turns) == 1 and prompts[-1].turns[0].content.startswith("<image>")
 
 
-def test_normalise_matches_answers_loosely():
-    assert normalise("Blue.") == normalise(" blue ") == "blue"
-    assert normalise("Yes, it is") == "yes"
-    assert normalise("") == ""
+def test_easy_vqa_matches_answers_by_their_first_word():
+    assert first_word("Blue.") == first_word(" blue ") == "blue"
+    assert first_word("Yes, it is") == "yes"
+    assert first_word("") == ""
 
 
 class ScriptedAssistant:
@@ -90,15 +91,23 @@ class ScriptedAssistant:
 
 
 def test_easy_vqa_accuracy_by_type(tmp_path):
-    Image.new("RGB", (8, 8)).save(tmp_path / "0.png")
-    records = [
-        {"image": "0.png", "question": "what shape?", "answer": "circle", "type": "shape"},
-        {"image": "0.png", "question": "what color?", "answer": "red", "type": "color"},
-        {"image": "0.png", "question": "is it red?", "answer": "yes", "type": "yes_no"},
-        {"image": "0.png", "question": "is it blue?", "answer": "no", "type": "yes_no"},
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "0.png")
+    asked = [
+        ("what shape?", "circle", "shape"),
+        ("what color?", "red", "color"),
+        ("is it red?", "yes", "yes_no"),
+        ("is it blue?", "no", "yes_no"),
     ]
-    result = easy_vqa_accuracy(ScriptedAssistant(["Circle.", "blue", "yes", "yes"]), records, tmp_path, batch_size=3, progress=False)
-    assert result["accuracy"] == 0.5
+    records = [
+        {"image": "0.png", "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}], "question_type": t}
+        for q, a, t in asked
+    ]
+    (tmp_path / "stage2").mkdir()
+    (tmp_path / "stage2" / "easyvqa_test.json").write_text(json.dumps(records))
+    task = EasyVQA(tmp_path)
+    result = run_task(ScriptedAssistant(["Circle.", "blue", "yes", "yes"]), task, *read_questions(task), batch_size=3, progress=False)
+    assert result["accuracy"] == 0.5 and result["count"] == 4
     assert result["by_type"] == {"color": 0.0, "shape": 1.0, "yes_no": 0.5}
     assert [m["predicted"] for m in result["mistakes"]] == ["blue", "yes"]
     json.dumps(result)  # eval.json must be able to hold it

@@ -1,0 +1,149 @@
+"""Multiple-choice benchmarks: ScienceQA-IMG, SEED-Bench (image questions), MMBench (circular evaluation).
+
+Each question's options are lettered A, B, … in the order given; the harness answers with a letter
+(by generation or likelihood ranking, see :mod:`~owl_lightning.apps.eval.benchmarks.harness`).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import sys
+from collections import defaultdict
+from collections.abc import Iterator
+
+from owl_lightning.apps.eval.benchmarks._task import Answered, Question, Task, each_record
+from owl_lightning.apps.eval.benchmarks.answers import LETTERS
+from owl_lightning.apps.eval.benchmarks.metrics import accuracy_by
+from owl_lightning.data.health import MALFORMED_RECORD, SkipLog, SkipSample
+
+# The TSV holds each image inline as base64: cells far past csv's 128 KiB default.
+csv.field_size_limit(sys.maxsize)
+
+
+def options_of(values: list) -> tuple[str, ...]:
+    """The option texts: the values up to the first empty one (``""``, None or pandas' ``"nan"``), at least
+    two, and none after the gap."""
+    texts = ["" if value is None or str(value).strip() == "nan" else str(value).strip() for value in values]
+    count = next((i for i, text in enumerate(texts) if not text), len(texts))
+    if count < 2 or any(texts[count:]):
+        raise SkipSample(MALFORMED_RECORD, f"options {values!r}: need two or more texts, with no gap")
+    return tuple(texts[:count])
+
+
+def letter_of(index: int, options: tuple[str, ...]) -> str:
+    if not 0 <= index < len(options):
+        raise SkipSample(MALFORMED_RECORD, f"answer {index} is not one of the {len(options)} options")
+    return LETTERS[index]
+
+
+def choice_accuracy(answered: list[Answered], group: str) -> dict:
+    """Accuracy of the chosen letters against the reference's ``(letter, group name)``."""
+    return accuracy_by(((a.question.reference[1], float(a.answer == a.question.reference[0])) for a in answered), group)
+
+
+class ScienceQA(Task):
+    """ScienceQA test split, questions with an image: ``problems.json`` (``{pid: problem}``, ``answer``
+    an index into ``choices``), images at ``test/<pid>/image.png``. Accuracy by subject."""
+
+    name = "scienceqa_img"
+    source = "https://scienceqa.github.io/ (the data/scienceqa folder of github.com/lupantech/ScienceQA)"
+    PROBLEMS = "problems.json"
+
+    def questions(self, skips: SkipLog) -> Iterator[Question]:
+        def build(item: tuple[str, dict]) -> Question | None:
+            pid, problem = item
+            if problem.get("split") != "test" or not problem.get("image"):
+                return None  # another split, or a text-only question: not part of ScienceQA-IMG
+            options = options_of(problem["choices"])
+            hint = problem.get("hint") or ""
+            text = f"Context: {hint}\n{problem['question']}" if hint.strip() else problem["question"]
+            reference = (letter_of(problem["answer"], options), problem.get("subject", "all"))
+            return Question(pid, text, self.root / "test" / pid / problem["image"], options, reference, max_new_tokens=4)
+
+        yield from each_record(self.files.read_json(self.PROBLEMS).items(), str(self.root / self.PROBLEMS), skips, build)
+
+    def score(self, answered: list[Answered]) -> dict:
+        return choice_accuracy(answered, "subject")
+
+
+class SEEDBench(Task):
+    """SEED-Bench v1 image questions: ``SEED-Bench.json`` (``questions`` with ``choice_a``..``choice_d`` and
+    an answer letter; ``question_type`` names the type ids), images in ``SEED-Bench-image/``. Accuracy by type."""
+
+    name = "seed_bench"
+    source = "https://huggingface.co/datasets/AILab-CVC/SEED-Bench"
+    QUESTIONS = "SEED-Bench.json"
+
+    def questions(self, skips: SkipLog) -> Iterator[Question]:
+        data = self.files.read_json(self.QUESTIONS)
+        type_names = {number: name for name, number in data.get("question_type", {}).items()}
+
+        def build(record: dict) -> Question | None:
+            if record.get("data_type") != "image":
+                return None  # video questions: not part of the image benchmark
+            options = options_of([record[f"choice_{letter}"] for letter in "abcd"])
+            answer = record["answer"]
+            if answer not in LETTERS[: len(options)]:
+                raise SkipSample(MALFORMED_RECORD, f"answer {answer!r} is not one of A-D")
+            reference = (answer, type_names.get(record.get("question_type_id"), str(record.get("question_type_id"))))
+            image = self.root / "SEED-Bench-image" / record["data_id"]
+            return Question(str(record["question_id"]), record["question"], image, options, reference, max_new_tokens=4)
+
+        yield from each_record(data["questions"], str(self.root / self.QUESTIONS), skips, build)
+
+    def score(self, answered: list[Answered]) -> dict:
+        return choice_accuracy(answered, "question_type")
+
+
+class MMBench(Task):
+    """MMBench dev (English) TSV: ``index``, ``question``, ``hint``, options ``A``–``D``, ``answer``,
+    ``category``, ``image`` (base64, or the index of the row that holds it).
+
+    Circular evaluation: a question with k options is asked k times, its options rotated one place
+    each time; it counts as right only when every rotation is."""
+
+    name = "mmbench"
+    source = "https://github.com/open-compass/MMBench (MMBench_DEV_EN.tsv)"
+    TABLE = "MMBench_DEV_EN.tsv"
+
+    def questions(self, skips: SkipLog) -> Iterator[Question]:
+        path = self.files.path(self.TABLE)
+        with path.open(newline="") as table:
+            rows = list(csv.DictReader(table, delimiter="\t"))
+        images = {row.get("index"): row.get("image", "") for row in rows}
+        letters = [letter for letter in LETTERS[:8] if rows and letter in rows[0]]
+
+        def build(row: dict) -> Iterator[Question]:
+            options = options_of([row[letter] for letter in letters])
+            answer = LETTERS.index(row["answer"]) if row["answer"] in LETTERS[: len(options)] else -1
+            letter_of(answer, options)
+            encoded = row["image"] if len(row["image"]) > 64 else images.get(row["image"], "")
+            image = base64.b64decode(encoded, validate=True)
+            hint = row.get("hint") or ""
+            text = f"{hint}\n{row['question']}" if hint.strip() and hint != "nan" else row["question"]
+            for shift in range(len(options)):
+                rotated = options[shift:] + options[:shift]
+                reference = (row["index"], LETTERS[(answer - shift) % len(options)], row.get("category", "all"), len(options))
+                yield Question(f"{row['index']}/{shift}", text, image, rotated, reference, max_new_tokens=4)
+
+        for rotations in each_record(rows, str(path), skips, lambda row: list(build(row))):
+            yield from rotations
+
+    def score(self, answered: list[Answered]) -> dict:
+        """``accuracy``: circular, by category too; ``single_pass``: the unrotated questions alone."""
+        rotations: dict[str, list[Answered]] = defaultdict(list)
+        for a in answered:
+            rotations[a.question.reference[0]].append(a)
+        circular = (
+            (
+                asked[0].question.reference[2],
+                float(len(asked) == asked[0].question.reference[3] and all(a.answer == a.question.reference[1] for a in asked)),
+            )
+            for asked in rotations.values()
+        )
+        single = [a for a in answered if a.question.key.endswith("/0")]
+        return {
+            **accuracy_by(circular, "category"),
+            "single_pass": sum(a.answer == a.question.reference[1] for a in single) / max(len(single), 1),
+        }
