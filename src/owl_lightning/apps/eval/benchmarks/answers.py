@@ -57,8 +57,8 @@ def normalise_vqa_answer(answer: str) -> str:
 
 def vqa_soft_accuracy(answer: str, human_answers: Sequence[str]) -> float:
     """``answer`` against the 10 human answers: for each human left out, min(matches among the other 9 / 3, 1);
-    the mean of those 10. Both sides go through :func:`normalise_vqa_answer`. Agreeing with 3 or more
-    humans scores 1; with 2 of 10, 0.6 (8 subsets count 2, 2 subsets count 1: (8 × 2/3 + 2 × 1/3) / 10)."""
+    the mean of those 10. Both sides go through :func:`normalise_vqa_answer`. Agreeing with 4 or more
+    humans scores 1; with 3, 0.9 ((7 × 1 + 3 × 2/3) / 10); with 2, 0.6 ((8 × 2/3 + 2 × 1/3) / 10)."""
     answer = normalise_vqa_answer(answer)
     humans = [normalise_vqa_answer(human) for human in human_answers]
     matches = sum(human == answer for human in humans)

@@ -7,6 +7,7 @@ Each question's options are lettered A, B, … in the order given; the harness a
 from __future__ import annotations
 
 import base64
+import binascii
 import csv
 import sys
 from collections import defaultdict
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from owl_lightning.apps.eval.benchmarks._task import Answered, Question, Task, each_record
 from owl_lightning.apps.eval.benchmarks.answers import LETTERS
 from owl_lightning.apps.eval.benchmarks.metrics import accuracy_by
-from owl_lightning.data.health import MALFORMED_RECORD, SkipLog, SkipSample
+from owl_lightning.data.health import CORRUPT_IMAGE, MALFORMED_RECORD, SkipLog, SkipSample
 
 # The TSV holds each image inline as base64: cells far past csv's 128 KiB default.
 csv.field_size_limit(sys.maxsize)
@@ -119,7 +120,10 @@ class MMBench(Task):
             answer = LETTERS.index(row["answer"]) if row["answer"] in LETTERS[: len(options)] else -1
             letter_of(answer, options)
             encoded = row["image"] if len(row["image"]) > 64 else images.get(row["image"], "")
-            image = base64.b64decode(encoded, validate=True)
+            try:
+                image = base64.b64decode(encoded, validate=True)
+            except binascii.Error as err:
+                raise SkipSample(CORRUPT_IMAGE, f"index {row['index']}: the image cell is not base64 ({err})") from None
             hint = row.get("hint") or ""
             text = f"{hint}\n{row['question']}" if hint.strip() and hint != "nan" else row["question"]
             for shift in range(len(options)):
