@@ -7,10 +7,12 @@ import math
 import re
 
 import pytest
+import torch
 from tests.helpers import png_bytes
 
 from owl_lightning.apps.eval.benchmarks import TASKS
 from owl_lightning.apps.eval.benchmarks.answers import (
+    LETTERS,
     chosen_letter,
     normalise_vqa_answer,
     pope_yes_or_no,
@@ -18,9 +20,14 @@ from owl_lightning.apps.eval.benchmarks.answers import (
     yes_or_no,
 )
 from owl_lightning.apps.eval.benchmarks.caption_scores import bleu4, caption_tokens, cider_d
-from owl_lightning.apps.eval.benchmarks.harness import LETTER_INSTRUCTION, read_questions, run_task
+from owl_lightning.apps.eval.benchmarks.harness import LETTER_INSTRUCTION, _most_likely_option, read_questions, run_task
 from owl_lightning.apps.eval.benchmarks.metrics import yes_no_metrics
-from owl_lightning.inference import Request
+from owl_lightning.cli import main
+from owl_lightning.data.collate import EncodedSample, collate
+from owl_lightning.data.images import decode_image
+from owl_lightning.data.template import Conversation, Turn
+from owl_lightning.export import write_export
+from owl_lightning.inference import OwlAssistant, Request
 
 
 class ScriptedAssistant:
@@ -381,3 +388,56 @@ def test_a_missing_image_is_a_counted_skip(tmp_path):
     (tmp_path / "val2014" / "COCO_val2014_000000000042.jpg").unlink()
     result = score("vqav2", tmp_path, {"": "2"})
     assert result["count"] == 0 and result["skipped"] == {"malformed_record": 1, "missing_image": 3}
+
+
+# ------------------------------------------------------------------------------ on owl-tiny
+
+
+def test_likelihood_ranking_picks_the_option_of_highest_total_log_probability_wherever_it_is_listed(tiny_model, tiny_tokenizer):
+    assistant = OwlAssistant(tiny_model, tiny_tokenizer, precision="fp32")
+    options = ("red", "a small green square", "blue")
+    request = Request.single("What colour is the square?", [decode_image(png_bytes("red"))])
+
+    def total_log_probability(option: str) -> float:
+        """The option's reply tokens' summed log-probability: the mean loss of a batch of one times its tokens."""
+        conversation = Conversation([*request.turns, Turn("assistant", option)], images=["image 0"])
+        input_ids, labels, _ = assistant.template.encode(conversation)
+        batch = collate([EncodedSample(input_ids, labels, assistant.encode(request).images)], tiny_tokenizer.pad_token_id)
+        with torch.no_grad():
+            out = tiny_model(batch["input_ids"], batch["sample_ids"], batch["labels"], batch["images"], batch["image_counts"])
+        return -float(out.loss) * out.num_supervised
+
+    best = max(options, key=total_log_probability)
+    for shift in range(len(options)):
+        rotated = options[shift:] + options[:shift]
+        assert rotated[LETTERS.index(_most_likely_option(assistant, request, rotated))] == best
+
+
+def test_eval_tasks_on_owl_tiny_writes_eval_json_tensorboard_and_a_table(tmp_path, tiny_model, tiny_tokenizer, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    export = write_export(tiny_model, tiny_tokenizer, {"template": "owl", "system_prompt": None}, tmp_path / "run")
+    write_scienceqa(tmp_path / "sqa")
+    (tmp_path / "mme").mkdir()
+    write_mme(tmp_path / "mme")
+    common = ["eval", "--ckpt", str(export), "--device", "cpu", "--precision", "fp32", "--batch-size", "4"]
+    main([*common, "--tasks", "scienceqa_img,mme", "--root", f"scienceqa_img={tmp_path / 'sqa'}", "--root", f"mme={tmp_path / 'mme'}"])
+    results = json.loads((export / "eval.json").read_text())
+    assert {"scienceqa_img", "mme", "checkpoint"} <= set(results)
+    assert results["scienceqa_img"]["count"] == 2 and results["scienceqa_img"]["choice"] == "generate"
+    assert results["mme"]["count"] == 8 and set(results["mme"]["subtasks"]) == {"existence", "artwork", "code_reasoning"}
+    assert 0 <= results["mme"]["perception"] <= 400 and 0 <= results["scienceqa_img"]["accuracy"] <= 1
+    table = capsys.readouterr().out
+    assert re.search(r"^scienceqa_img\s+accuracy\s+", table, re.MULTILINE) and re.search(r"^mme\s+perception\s+", table, re.MULTILINE)
+
+    main([*common, "--tasks", "scienceqa_img", "--root", f"scienceqa_img={tmp_path / 'sqa'}", "--choice", "likelihood"])
+    results = json.loads((export / "eval.json").read_text())
+    assert results["scienceqa_img"]["choice"] == "likelihood" and "mme" in results  # the same checkpoint's other task stays
+    scalars = set(EventAccumulator(str(export)).Reload().Tags()["scalars"])
+    assert {"eval/scienceqa_img/accuracy", "eval/mme/perception", "eval/mme/subtasks/existence/acc_plus"} <= scalars
+
+
+def test_eval_tasks_refuses_an_unknown_task_before_loading_anything(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--ckpt", str(tmp_path), "--tasks", "vqav3"])
+    assert "unknown task(s) ['vqav3']" in capsys.readouterr().err
