@@ -343,7 +343,7 @@ def test_mmbench_circular_evaluation(tmp_path):
     task = TASKS["mmbench"](tmp_path)
     result = run_task(assistant, task, *read_questions(task), progress=False)
     # 3 rotations each: animal right in all (counts), colour right in 1 of 3 (does not): circular 1/2; unrotated 2/2
-    assert result["accuracy"] == 0.5 and result["single_pass"] == 1.0
+    assert result["accuracy"] == 0.5 and result["single_pass"] == 1.0 and result["questions"] == 2
     assert result["by_category"] == {"attribute": 0.0, "recognition": 1.0}
     assert result["count"] == 6 and result["skipped"] == {"corrupt_image": 1}  # the row whose image is not base64
     colour_prompts = [p for p in assistant.prompts if "colour" in p]
@@ -353,6 +353,9 @@ def test_mmbench_circular_evaluation(tmp_path):
         ["A. blue", "B. green", "C. red"],
     ]
     assert colour_prompts[0].startswith("Look closely.\nWhat colour is it?\n")
+
+    cut = run_task(ScriptedAssistant({"animal": "cat", "colour": "green"}), task, *read_questions(task, limit=4), progress=False)
+    assert cut["count"] == 4 and cut["questions"] == 1 and cut["accuracy"] == 1.0  # the colour question's 1 of 3 rotations: left out
 
 
 def test_coco_captions(tmp_path):

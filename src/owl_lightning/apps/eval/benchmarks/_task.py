@@ -20,14 +20,16 @@ class Question:
     ``key``: the record it comes from, as its file names it (``"262148000"``, ``"1523/2"`` for MMBench's
     third rotation). ``text``: an open question's whole prompt, or a multiple-choice question (its hint
     first) without its options. ``image``: an image file, or its encoded bytes. ``options``: the option
-    texts in the order they are lettered A, B, …; empty for an open question. ``reference``: whatever
-    the task needs to score the answer (never shown to the model)."""
+    texts in the order they are lettered A, B, …; empty for an open question. ``truth``: what the answer
+    is scored against (a text, the right option's letter, the human answers or reference captions; never
+    shown to the model). ``group``: what the task reports accuracy by (answer type, subject, split, subtask)."""
 
     key: str
     text: str
     image: Path | bytes
     options: tuple[str, ...] = ()
-    reference: Any = None
+    truth: str | list[str] = ""
+    group: str = "all"
     max_new_tokens: int = 16
 
 

@@ -39,8 +39,8 @@ def letter_of(index: int, options: tuple[str, ...]) -> str:
 
 
 def choice_accuracy(answered: list[Answered], group: str) -> dict:
-    """Accuracy of the chosen letters against the reference's ``(letter, group name)``."""
-    return accuracy_by(((a.question.reference[1], float(a.answer == a.question.reference[0])) for a in answered), group)
+    """Accuracy of the chosen letters against the right ones (``truth``), overall and by ``group``."""
+    return accuracy_by(((a.question.group, float(a.answer == a.question.truth)) for a in answered), group)
 
 
 class ScienceQA(Task):
@@ -59,8 +59,9 @@ class ScienceQA(Task):
             options = options_of(problem["choices"])
             hint = problem.get("hint") or ""
             text = f"Context: {hint}\n{problem['question']}" if hint.strip() else problem["question"]
-            reference = (letter_of(problem["answer"], options), problem.get("subject", "all"))
-            return Question(pid, text, self.root / "test" / pid / problem["image"], options, reference, max_new_tokens=4)
+            image = self.root / "test" / pid / problem["image"]
+            truth = letter_of(problem["answer"], options)
+            return Question(pid, text, image, options, truth, problem.get("subject", "all"), max_new_tokens=4)
 
         yield from each_record(self.files.read_json(self.PROBLEMS).items(), str(self.root / self.PROBLEMS), skips, build)
 
@@ -87,9 +88,9 @@ class SEEDBench(Task):
             answer = record["answer"]
             if answer not in LETTERS[: len(options)]:
                 raise SkipSample(MALFORMED_RECORD, f"answer {answer!r} is not one of A-D")
-            reference = (answer, type_names.get(record.get("question_type_id"), str(record.get("question_type_id"))))
+            question_type = type_names.get(record.get("question_type_id"), str(record.get("question_type_id")))
             image = self.root / "SEED-Bench-image" / record["data_id"]
-            return Question(str(record["question_id"]), record["question"], image, options, reference, max_new_tokens=4)
+            return Question(str(record["question_id"]), record["question"], image, options, answer, question_type, max_new_tokens=4)
 
         yield from each_record(data["questions"], str(self.root / self.QUESTIONS), skips, build)
 
@@ -128,26 +129,20 @@ class MMBench(Task):
             text = f"{hint}\n{row['question']}" if hint.strip() and hint != "nan" else row["question"]
             for shift in range(len(options)):
                 rotated = options[shift:] + options[:shift]
-                reference = (row["index"], LETTERS[(answer - shift) % len(options)], row.get("category", "all"), len(options))
-                yield Question(f"{row['index']}/{shift}", text, image, rotated, reference, max_new_tokens=4)
+                truth = LETTERS[(answer - shift) % len(options)]
+                yield Question(f"{row['index']}/{shift}", text, image, rotated, truth, row.get("category", "all"), max_new_tokens=4)
 
         for rotations in each_record(rows, str(path), skips, lambda row: list(build(row))):
             yield from rotations
 
     def score(self, answered: list[Answered]) -> dict:
-        """``accuracy``: circular, by category too; ``single_pass``: the unrotated questions alone."""
-        rotations: dict[str, list[Answered]] = defaultdict(list)
+        """``accuracy``: circular, by category too; ``single_pass``: the unrotated questions alone. A question
+        some of whose rotations were not asked (``--limit`` cut them off) is left out of both."""
+        rotations: dict[str, dict[str, Answered]] = defaultdict(dict)
         for a in answered:
-            rotations[a.question.reference[0]].append(a)
-        circular = (
-            (
-                asked[0].question.reference[2],
-                float(len(asked) == asked[0].question.reference[3] and all(a.answer == a.question.reference[1] for a in asked)),
-            )
-            for asked in rotations.values()
-        )
-        single = [a for a in answered if a.question.key.endswith("/0")]
-        return {
-            **accuracy_by(circular, "category"),
-            "single_pass": sum(a.answer == a.question.reference[1] for a in single) / max(len(single), 1),
-        }
+            index, _, shift = a.question.key.rpartition("/")  # keys are "<index>/<shift>"
+            rotations[index][shift] = a
+        complete = [asked for asked in rotations.values() if len(asked) == len(asked["0"].question.options)]
+        circular = ((asked["0"].question.group, float(all(a.answer == a.question.truth for a in asked.values()))) for asked in complete)
+        unrotated = [asked["0"].answer == asked["0"].question.truth for asked in complete]
+        return {**accuracy_by(circular, "category"), "single_pass": sum(unrotated) / max(len(unrotated), 1), "questions": len(complete)}

@@ -29,7 +29,7 @@ class COCOCaptions(Task):
             if not references:
                 raise SkipSample(MALFORMED_RECORD, f"image {record.get('cocoid')} has no reference caption")
             image = self.root / record["filepath"] / record["filename"]
-            return Question(str(record["cocoid"]), CAPTION_PROMPT, image, reference=references, max_new_tokens=32)
+            return Question(str(record["cocoid"]), CAPTION_PROMPT, image, truth=references, max_new_tokens=32)
 
         yield from each_record(self.files.read_json(self.SPLIT_FILE)["images"], str(self.root / self.SPLIT_FILE), skips, build)
 
@@ -37,8 +37,6 @@ class COCOCaptions(Task):
         """Both metrics over the images answered (CIDEr-D's idf counts their references only)."""
         if not answered:
             return {"cider_d": 0.0, "bleu4": 0.0, "examples": []}
-        captions, references = [a.answer for a in answered], [a.question.reference for a in answered]
-        examples = [
-            {"image": a.question.key, "generated": a.answer, "reference": a.question.reference[0]} for a in answered[:EXAMPLES_KEPT]
-        ]
+        captions, references = [a.answer for a in answered], [a.question.truth for a in answered]
+        examples = [{"image": a.question.key, "generated": a.answer, "reference": a.question.truth[0]} for a in answered[:EXAMPLES_KEPT]]
         return {"cider_d": cider_d(captions, references), "bleu4": bleu4(captions, references), "examples": examples}

@@ -39,20 +39,21 @@ class EasyVQA(Task):
                 record.get("id", record["image"]),
                 text,
                 self.root / "images" / record["image"],
-                reference=(answer, record.get("question_type", "all")),
+                truth=answer,
+                group=record.get("question_type", "all"),
                 max_new_tokens=5,
             )
 
         yield from each_record(self.files.read_json(self.QUESTIONS), str(self.root / self.QUESTIONS), skips, build)
 
     def score(self, answered: list[Answered]) -> dict:
-        right = [first_word(a.answer) == first_word(a.question.reference[0]) for a in answered]
+        right = [first_word(a.answer) == first_word(a.question.truth) for a in answered]
         mistakes = [
-            {"question": a.question.text, "answer": a.question.reference[0], "type": a.question.reference[1], "predicted": a.answer}
+            {"question": a.question.text, "answer": a.question.truth, "type": a.question.group, "predicted": a.answer}
             for a, correct in zip(answered, right)
             if not correct
         ]
         return {
-            **accuracy_by(((a.question.reference[1], float(c)) for a, c in zip(answered, right)), "type"),
+            **accuracy_by(((a.question.group, float(c)) for a, c in zip(answered, right)), "type"),
             "mistakes": mistakes[:MISTAKES_KEPT],
         }

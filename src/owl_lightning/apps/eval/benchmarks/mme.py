@@ -56,8 +56,7 @@ class MME(Task):
         question, _, truth = line.rstrip("\n").rpartition("\t")
         if truth.strip().lower() not in ("yes", "no") or not question:
             raise SkipSample(MALFORMED_RECORD, f"expected 'question<TAB>Yes|No', got {line[:80]!r}")
-        reference = (subtask, image.name, truth.strip().lower())
-        return Question(f"{subtask}/{image.name}/{question}", question, image, reference=reference, max_new_tokens=8)
+        return Question(f"{subtask}/{image.name}/{question}", question, image, truth=truth.strip().lower(), group=subtask, max_new_tokens=8)
 
     def score(self, answered: list[Answered]) -> dict:
         """Per subtask: ``acc`` (questions right, %), ``acc_plus`` (images with both questions right, %),
@@ -66,8 +65,7 @@ class MME(Task):
         nor no is wrong."""
         by_image: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
         for a in answered:
-            subtask, image, truth = a.question.reference
-            by_image[subtask][image].append(yes_or_no(a.answer) == truth)
+            by_image[a.question.group][str(a.question.image)].append(yes_or_no(a.answer) == a.question.truth)
         subtasks = {}
         for subtask, images in sorted(by_image.items()):
             questions = [right for answers in images.values() for right in answers]

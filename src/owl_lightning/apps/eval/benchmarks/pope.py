@@ -22,7 +22,9 @@ class POPE(Task):
 
     def split_files(self) -> dict[str, str]:
         present = {split: f"coco_pope_{split}.json" for split in SPLITS if (self.root / f"coco_pope_{split}.json").is_file()}
-        return present or {SPLITS[0]: self.files.path(f"coco_pope_{SPLITS[0]}.json").name}  # raises, naming the file
+        if not present:
+            self.files.path(f"coco_pope_{SPLITS[0]}.json")  # raises, naming the file and where to get it
+        return present
 
     def questions(self, skips: SkipLog) -> Iterator[Question]:
         for split, filename in self.split_files().items():
@@ -36,11 +38,11 @@ class POPE(Task):
         if record.get("label") not in ("yes", "no"):
             raise SkipSample(MALFORMED_RECORD, f"label is {record.get('label')!r}, not 'yes' or 'no'")
         image = self.root / "val2014" / record["image"]
-        return Question(f"{split}/{record['question_id']}", record["text"], image, reference=(split, record["label"]), max_new_tokens=8)
+        return Question(f"{split}/{record['question_id']}", record["text"], image, truth=record["label"], group=split, max_new_tokens=8)
 
     def score(self, answered: list[Answered]) -> dict:
-        splits = sorted({a.question.reference[0] for a in answered})
+        splits = sorted({a.question.group for a in answered})
         return {
-            split: yes_no_metrics((pope_yes_or_no(a.answer), a.question.reference[1]) for a in answered if a.question.reference[0] == split)
+            split: yes_no_metrics((pope_yes_or_no(a.answer), a.question.truth) for a in answered if a.question.group == split)
             for split in splits
         }

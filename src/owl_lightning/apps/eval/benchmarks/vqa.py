@@ -28,9 +28,8 @@ def human_answers(answers: list) -> list[str]:
 
 
 def soft_accuracy_scores(answered: list[Answered]) -> dict:
-    """Mean :func:`vqa_soft_accuracy`, overall and by the reference's answer type. Reference:
-    ``(human answers, answer type)``."""
-    return accuracy_by(((a.question.reference[1], vqa_soft_accuracy(a.answer, a.question.reference[0])) for a in answered), "answer_type")
+    """Mean :func:`vqa_soft_accuracy` against the human answers (``truth``), overall and by answer type (``group``)."""
+    return accuracy_by(((a.question.group, vqa_soft_accuracy(a.answer, a.question.truth)) for a in answered), "answer_type")
 
 
 class VQAv2(Task):
@@ -49,8 +48,14 @@ class VQAv2(Task):
             if annotation is None:
                 raise SkipSample(MALFORMED_RECORD, f"question_id {record['question_id']} has no record in {self.ANNOTATIONS}")
             image = self.root / "val2014" / f"COCO_val2014_{int(record['image_id']):012d}.jpg"
-            reference = (human_answers(annotation["answers"]), annotation.get("answer_type", "all"))
-            return Question(str(record["question_id"]), short_answer_prompt(record["question"]), image, reference=reference)
+            prompt = short_answer_prompt(record["question"])
+            return Question(
+                str(record["question_id"]),
+                prompt,
+                image,
+                truth=human_answers(annotation["answers"]),
+                group=annotation.get("answer_type", "all"),
+            )
 
         yield from each_record(self.files.read_json(self.QUESTIONS)["questions"], str(self.root / self.QUESTIONS), skips, build)
 
@@ -68,8 +73,9 @@ class TextVQA(Task):
     def questions(self, skips: SkipLog) -> Iterator[Question]:
         def build(record: dict) -> Question:
             image = self.root / "train_images" / f"{record['image_id']}.jpg"
-            reference = (human_answers(record["answers"]), "all")
-            return Question(str(record["question_id"]), short_answer_prompt(record["question"]), image, reference=reference)
+            return Question(
+                str(record["question_id"]), short_answer_prompt(record["question"]), image, truth=human_answers(record["answers"])
+            )
 
         yield from each_record(self.files.read_json(self.QUESTIONS)["data"], str(self.root / self.QUESTIONS), skips, build)
 
@@ -96,12 +102,12 @@ class GQA(Task):
                 raise SkipSample(MALFORMED_RECORD, f"question {key}: answer is {record.get('answer')!r}, not a text")
             structural = record.get("types", {}).get("structural", "all")
             image = self.root / "images" / f"{record['imageId']}.jpg"
-            return Question(key, short_answer_prompt(record["question"]), image, reference=(record["answer"], structural))
+            return Question(key, short_answer_prompt(record["question"]), image, truth=record["answer"], group=structural)
 
         yield from each_record(self.files.read_json(self.QUESTIONS).items(), str(self.root / self.QUESTIONS), skips, build)
 
     def score(self, answered: list[Answered]) -> dict:
         return accuracy_by(
-            ((a.question.reference[1], float(gqa_normalise(a.answer) == gqa_normalise(a.question.reference[0]))) for a in answered),
+            ((a.question.group, float(gqa_normalise(a.answer) == gqa_normalise(a.question.truth))) for a in answered),
             "structural_type",
         )
