@@ -20,26 +20,33 @@ from owl_lightning.apps.eval.benchmarks.answers import (
     yes_or_no,
 )
 from owl_lightning.apps.eval.benchmarks.caption_scores import bleu4, caption_tokens, cider_d
-from owl_lightning.apps.eval.benchmarks.harness import LETTER_INSTRUCTION, _most_likely_option, read_questions, run_task
+from owl_lightning.apps.eval.benchmarks.harness import CHOICE_MODES, LETTER_INSTRUCTION, _most_likely_option, read_questions, run_task
 from owl_lightning.apps.eval.benchmarks.metrics import yes_no_metrics
 from owl_lightning.cli import main
 from owl_lightning.data.collate import EncodedSample, collate
 from owl_lightning.data.images import decode_image
 from owl_lightning.data.template import Conversation, Turn
 from owl_lightning.export import write_export
-from owl_lightning.inference import OwlAssistant, Request
+from owl_lightning.inference import Generation, OwlAssistant, Request, Sampling
 
 
 class ScriptedAssistant:
     """Answers by the question asked: ``answers`` maps a phrase of the question to the reply. For a
-    multiple-choice question whose reply is one of the listed options' texts, it answers that option's letter."""
+    multiple-choice question whose reply is one of the listed options' texts, it answers that option's letter.
+    Its "encoded samples" are the prompts, its "tokens" the replies."""
 
     def __init__(self, answers: dict[str, str]) -> None:
         self.answers = answers
         self.prompts: list[str] = []
 
-    def answer(self, requests: list[Request], max_new_tokens: int) -> list[str]:
-        return [self._reply(request.turns[-1].content.removeprefix("<image>\n")) for request in requests]
+    def encode(self, request: Request) -> str:
+        return request.turns[-1].content.removeprefix("<image>\n")
+
+    def generate(self, prompts: list[str], samplings: list[Sampling]) -> list[Generation]:
+        return [Generation(tokens=self._reply(prompt)) for prompt in prompts]
+
+    def decode(self, reply: str) -> str:
+        return reply
 
     def _reply(self, prompt: str) -> str:
         self.prompts.append(prompt)
@@ -413,7 +420,20 @@ def test_likelihood_ranking_picks_the_option_of_highest_total_log_probability_wh
     best = max(options, key=total_log_probability)
     for shift in range(len(options)):
         rotated = options[shift:] + options[:shift]
-        assert rotated[LETTERS.index(_most_likely_option(assistant, request, rotated))] == best
+        pixels = assistant.encode(request).images
+        assert rotated[LETTERS.index(_most_likely_option(assistant, request, pixels, rotated))] == best
+
+
+def test_a_prompt_too_long_for_the_model_is_a_counted_skip(tmp_path, tiny_model, tiny_tokenizer):
+    write_scienceqa(tmp_path)
+    problems = json.loads((tmp_path / "problems.json").read_text())
+    problems["1"]["hint"] = "Whales breathe air. " * 200
+    write_json(tmp_path / "problems.json", problems)
+    assistant = OwlAssistant(tiny_model, tiny_tokenizer, precision="fp32", max_length=1024)
+    for choice in CHOICE_MODES:
+        task = TASKS["scienceqa_img"](tmp_path)
+        result = run_task(assistant, task, *read_questions(task), choice=choice, progress=False)
+        assert result["count"] == 1 and result["skipped"] == {"too_long": 1, "malformed_record": 1}, choice
 
 
 def test_eval_tasks_on_owl_tiny_writes_eval_json_tensorboard_and_a_table(tmp_path, tiny_model, tiny_tokenizer, capsys):

@@ -9,7 +9,7 @@ from PIL import Image
 from owl_lightning.apps.eval.benchmarks.easy_vqa import EasyVQA, first_word
 from owl_lightning.apps.eval.benchmarks.harness import read_questions, run_task
 from owl_lightning.data.template import Turn
-from owl_lightning.inference import ChatSession, OwlAssistant, Request
+from owl_lightning.inference import ChatSession, Generation, OwlAssistant, Request
 from owl_lightning.train.callbacks import CaptionSamples
 from tests.helpers import COLOURS, tiny_system
 
@@ -81,13 +81,20 @@ def test_easy_vqa_matches_answers_by_their_first_word():
 
 
 class ScriptedAssistant:
-    """Returns fixed answers, so the metric is checked against hand-computed values."""
+    """Returns fixed answers in order (its tokens are the answers' texts), so the metric is checked
+    against hand-computed values."""
 
     def __init__(self, answers):
         self.answers = iter(answers)
 
-    def answer(self, requests, max_new_tokens):
-        return [next(self.answers) for _ in requests]
+    def encode(self, request):
+        return request
+
+    def generate(self, samples, samplings):
+        return [Generation(tokens=next(self.answers)) for _ in samples]
+
+    def decode(self, tokens):
+        return tokens
 
 
 def test_easy_vqa_accuracy_by_type(tmp_path):

@@ -12,14 +12,16 @@ import csv
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
+from functools import partial
 
 from owl_lightning.apps.eval.benchmarks._task import Answered, Question, Task, each_record
 from owl_lightning.apps.eval.benchmarks.answers import LETTERS
 from owl_lightning.apps.eval.benchmarks.metrics import accuracy_by
 from owl_lightning.data.health import CORRUPT_IMAGE, MALFORMED_RECORD, SkipLog, SkipSample
 
-# The TSV holds each image inline as base64: cells far past csv's 128 KiB default.
-csv.field_size_limit(sys.maxsize)
+# MMBench's TSV stores each image once; a later row with the same image holds that row's index instead,
+# a cell far shorter than any base64 image.
+IMAGE_REFERENCE_CHARACTERS = 64
 
 
 def options_of(values: list) -> tuple[str, ...]:
@@ -33,9 +35,17 @@ def options_of(values: list) -> tuple[str, ...]:
 
 
 def letter_of(index: int, options: tuple[str, ...]) -> str:
-    if not 0 <= index < len(options):
-        raise SkipSample(MALFORMED_RECORD, f"answer {index} is not one of the {len(options)} options")
+    """The letter of option ``index`` (ScienceQA's answers are indices)."""
+    if not isinstance(index, int) or not 0 <= index < len(options):
+        raise SkipSample(MALFORMED_RECORD, f"answer {index!r} is not one of the {len(options)} options")
     return LETTERS[index]
+
+
+def checked_letter(letter: str, options: tuple[str, ...]) -> str:
+    """``letter`` if it names one of the options (SEED-Bench's and MMBench's answers are letters)."""
+    if letter not in LETTERS[: len(options)]:
+        raise SkipSample(MALFORMED_RECORD, f"answer {letter!r} is not one of the letters of the {len(options)} options")
+    return letter
 
 
 def choice_accuracy(answered: list[Answered], group: str) -> dict:
@@ -85,9 +95,7 @@ class SEEDBench(Task):
             if record.get("data_type") != "image":
                 return None  # video questions: not part of the image benchmark
             options = options_of([record[f"choice_{letter}"] for letter in "abcd"])
-            answer = record["answer"]
-            if answer not in LETTERS[: len(options)]:
-                raise SkipSample(MALFORMED_RECORD, f"answer {answer!r} is not one of A-D")
+            answer = checked_letter(record["answer"], options)
             question_type = type_names.get(record.get("question_type_id"), str(record.get("question_type_id")))
             image = self.root / "SEED-Bench-image" / record["data_id"]
             return Question(str(record["question_id"]), record["question"], image, options, answer, question_type, max_new_tokens=4)
@@ -111,29 +119,39 @@ class MMBench(Task):
 
     def questions(self, skips: SkipLog) -> Iterator[Question]:
         path = self.files.path(self.TABLE)
+        csv.field_size_limit(sys.maxsize)  # base64 images are cells far past csv's 128 KiB default
         with path.open(newline="") as table:
-            rows = list(csv.DictReader(table, delimiter="\t"))
-        images = {row.get("index"): row.get("image", "") for row in rows}
-        letters = [letter for letter in LETTERS[:8] if rows and letter in rows[0]]
-
-        def build(row: dict) -> Iterator[Question]:
-            options = options_of([row[letter] for letter in letters])
-            answer = LETTERS.index(row["answer"]) if row["answer"] in LETTERS[: len(options)] else -1
-            letter_of(answer, options)
-            encoded = row["image"] if len(row["image"]) > 64 else images.get(row["image"], "")
-            try:
-                image = base64.b64decode(encoded, validate=True)
-            except binascii.Error as err:
-                raise SkipSample(CORRUPT_IMAGE, f"index {row['index']}: the image cell is not base64 ({err})") from None
-            hint = row.get("hint") or ""
-            text = f"{hint}\n{row['question']}" if hint.strip() and hint != "nan" else row["question"]
-            for shift in range(len(options)):
-                rotated = options[shift:] + options[:shift]
-                truth = LETTERS[(answer - shift) % len(options)]
-                yield Question(f"{row['index']}/{shift}", text, image, rotated, truth, row.get("category", "all"), max_new_tokens=4)
-
-        for rotations in each_record(rows, str(path), skips, lambda row: list(build(row))):
+            reader = csv.DictReader(table, delimiter="\t")
+            rows = list(reader)
+        letters = [letter for letter in LETTERS if letter in (reader.fieldnames or [])]
+        images = {row.get("index"): row.get("image") or "" for row in rows}
+        for rotations in each_record(rows, str(path), skips, partial(self._rotations, letters, images)):
             yield from rotations
+
+    @staticmethod
+    def _rotations(letters: list[str], images: dict[str, str], row: dict) -> list[Question]:
+        """A row's question once per rotation of its options (keys ``"<index>/<shift>"``)."""
+        options = options_of([row[letter] for letter in letters])
+        answer = LETTERS.index(checked_letter(row["answer"], options))
+        encoded = row["image"] if len(row["image"]) > IMAGE_REFERENCE_CHARACTERS else images.get(row["image"], "")
+        try:
+            image = base64.b64decode(encoded, validate=True)
+        except binascii.Error as err:
+            raise SkipSample(CORRUPT_IMAGE, f"index {row['index']}: the image cell is not base64 ({err})") from None
+        hint = row.get("hint") or ""
+        text = f"{hint}\n{row['question']}" if hint.strip() and hint != "nan" else row["question"]
+        return [
+            Question(
+                f"{row['index']}/{shift}",
+                text,
+                image,
+                options[shift:] + options[:shift],
+                LETTERS[(answer - shift) % len(options)],
+                row.get("category", "all"),
+                max_new_tokens=4,
+            )
+            for shift in range(len(options))
+        ]
 
     def score(self, answered: list[Answered]) -> dict:
         """``accuracy``: circular, by category too; ``single_pass``: the unrotated questions alone. A question

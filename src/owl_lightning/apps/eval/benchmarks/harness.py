@@ -24,7 +24,7 @@ from owl_lightning.data.collate import EncodedSample, collate
 from owl_lightning.data.health import SkipLog
 from owl_lightning.data.images import decode_image
 from owl_lightning.data.template import Conversation, Turn
-from owl_lightning.inference import OwlAssistant, Request
+from owl_lightning.inference import OwlAssistant, Request, Sampling
 
 CHOICE_MODES = ("generate", "likelihood")
 LETTER_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -47,18 +47,23 @@ def run_task(
     progress: bool = True,
 ) -> dict:
     """The task's metrics (:meth:`Task.score`) over the answers to ``questions`` (:func:`read_questions`), plus
-    ``count`` (questions answered) and ``skipped`` (records left out, by reason: unreadable records and images)."""
+    ``count`` (questions answered) and ``skipped`` (records left out, by reason: unreadable records, images
+    that cannot be decoded, prompts too long for the model)."""
     if choice not in CHOICE_MODES:
         raise ValueError(f"choice must be one of {CHOICE_MODES}, got {choice!r}")
     answered: list[Answered] = []
     for start in tqdm(range(0, len(questions), batch_size), desc=task.name, disable=not progress, unit="batch"):
-        pairs = list(_requests(questions[start : start + batch_size], choice, skips, task.name))
-        if choice == "likelihood":
-            answered += [Answered(q, _most_likely_option(assistant, r, q.options)) for q, r in pairs if q.options]
-            pairs = [(q, r) for q, r in pairs if not q.options]
-        if pairs:
-            texts = assistant.answer([r for _, r in pairs], max_new_tokens=max(q.max_new_tokens for q, _ in pairs))
-            answered += [Answered(q, chosen_letter(t, q.options) if q.options else t) for (q, _), t in zip(pairs, texts)]
+        encoded = list(_encoded(assistant, questions[start : start + batch_size], choice, skips, task.name))
+        generated = [(question, sample) for question, request, sample in encoded if not (question.options and choice == "likelihood")]
+        for question, request, sample in encoded:
+            if question.options and choice == "likelihood":
+                with skips.catch(f"{task.name}:{question.key}"):
+                    answered.append(Answered(question, _most_likely_option(assistant, request, sample.images, question.options)))
+        if generated:
+            samplings = [Sampling(max_new_tokens=question.max_new_tokens) for question, _ in generated]
+            for (question, _), generation in zip(generated, assistant.generate([sample for _, sample in generated], samplings)):
+                text = assistant.decode(generation.tokens)
+                answered.append(Answered(question, chosen_letter(text, question.options) if question.options else text))
     return {**task.score(answered), "count": len(answered), "skipped": dict(Counter(reason for reason, _ in skips.drain()))}
 
 
@@ -70,19 +75,23 @@ def prompt(question: Question, choice: str) -> str:
     return f"{question.text}\n{listed}\n{LETTER_INSTRUCTION}"
 
 
-def _requests(questions: list[Question], choice: str, skips: SkipLog, task: str) -> Iterator[tuple[Question, Request]]:
-    """Each question with its image decoded; one whose image cannot be read is a counted skip."""
+def _encoded(
+    assistant: OwlAssistant, questions: list[Question], choice: str, skips: SkipLog, task: str
+) -> Iterator[tuple[Question, Request, EncodedSample]]:
+    """Each question as a request and as the model takes it; one whose image cannot be decoded or whose
+    prompt is too long for the model is a counted skip."""
     for question in questions:
         with skips.catch(f"{task}:{question.key}"):
-            yield question, Request.single(prompt(question, choice), [decode_image(question.image)])
+            request = Request.single(prompt(question, choice), [decode_image(question.image)])
+            yield question, request, assistant.encode(request)
 
 
 @torch.no_grad()
-def _most_likely_option(assistant: OwlAssistant, request: Request, options: tuple[str, ...]) -> str:
-    """The letter of the option whose text, as the assistant's reply, has the highest log-probability.
+def _most_likely_option(assistant: OwlAssistant, request: Request, pixels: list[torch.Tensor], options: tuple[str, ...]) -> str:
+    """The letter of the option whose text, as the assistant's reply to ``request`` (its images preprocessed:
+    ``pixels``), has the highest total log-probability.
 
     One forward per option: the model's loss is a mean over the batch, and a sum per option is needed."""
-    pixels = assistant.encode(request).images
     placeholders = [f"image {i}" for i in range(len(request.images))]
     device = assistant.device
     scores = []
