@@ -8,7 +8,6 @@ import re
 
 import pytest
 import torch
-from tests.helpers import png_bytes
 
 from owl_lightning.apps.eval.benchmarks import TASKS
 from owl_lightning.apps.eval.benchmarks.answers import (
@@ -28,6 +27,7 @@ from owl_lightning.data.images import decode_image
 from owl_lightning.data.template import Conversation, Turn
 from owl_lightning.export import write_export
 from owl_lightning.inference import Generation, OwlAssistant, Request, Sampling
+from tests.helpers import png_bytes
 
 
 class ScriptedAssistant:
