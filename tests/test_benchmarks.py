@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from owl_lightning.apps.eval.benchmarks import TASKS
+from owl_lightning.apps.eval.benchmarks import TASKS, BenchmarkFileError
 from owl_lightning.apps.eval.benchmarks.answers import (
     LETTERS,
     chosen_letter,
@@ -391,6 +391,13 @@ def test_a_missing_benchmark_file_names_the_file_and_where_to_get_it(tmp_path):
     task = TASKS["gqa"](tmp_path / "gqa")
     with pytest.raises(FileNotFoundError, match=r"gqa: .*testdev_balanced_questions.json not found.*stanford.*--root gqa=DIR"):
         read_questions(task)
+
+
+def test_a_file_of_another_schema_is_refused_naming_what_was_expected(tmp_path):
+    write_vqav2(tmp_path)
+    write_json(tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json", [{"question_id": 1}])  # a bare list
+    with pytest.raises(BenchmarkFileError, match=r"vqav2: .*questions.json does not hold a list under 'questions': is it the official"):
+        read_questions(TASKS["vqav2"](tmp_path))
 
 
 def test_a_missing_image_is_a_counted_skip(tmp_path):

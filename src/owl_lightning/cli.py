@@ -180,7 +180,7 @@ def _data_main(args: list[str]) -> None:
 
 
 def _eval_main(args: list[str]) -> None:
-    from owl_lightning.apps.eval.benchmarks import TASKS
+    from owl_lightning.apps.eval.benchmarks import TASKS, BenchmarkFileError
     from owl_lightning.apps.eval.benchmarks.harness import CHOICE_MODES
     from owl_lightning.apps.eval.run import UnknownTask, evaluate, evaluate_tasks, summary_table, tasks_table
 
@@ -223,7 +223,7 @@ def _eval_main(args: list[str]) -> None:
         roots = dict(root.split("=", 1) for root in ns.root)
         try:
             results, path = evaluate_tasks(ns.ckpt, names, roots, ns.choice, ns.batch_size, ns.limit, load=_load_options(ns))
-        except (FileNotFoundError, UnknownTask) as err:  # a benchmark not downloaded or misnamed: the message says what to do
+        except (FileNotFoundError, BenchmarkFileError, UnknownTask) as err:  # the message names the file or task and the fix
             parser.exit(2, f"owl-lightning eval: {err}\n")
         print(tasks_table(results, names))
         print(path)

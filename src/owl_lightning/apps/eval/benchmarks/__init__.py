@@ -6,7 +6,7 @@ the file layout expected under its root folder, and its metric.
 
 from __future__ import annotations
 
-from owl_lightning.apps.eval.benchmarks._task import Answered, Question, Task
+from owl_lightning.apps.eval.benchmarks._task import Answered, BenchmarkFileError, Question, Task
 from owl_lightning.apps.eval.benchmarks.choice import MMBench, ScienceQA, SEEDBench
 from owl_lightning.apps.eval.benchmarks.coco import COCOCaptions
 from owl_lightning.apps.eval.benchmarks.easy_vqa import EasyVQA
@@ -18,4 +18,4 @@ TASKS: dict[str, type[Task]] = {
     task.name: task for task in (VQAv2, TextVQA, GQA, POPE, ScienceQA, MME, MMBench, SEEDBench, COCOCaptions, EasyVQA)
 }
 
-__all__ = ["TASKS", "Answered", "Question", "Task"]
+__all__ = ["TASKS", "Answered", "BenchmarkFileError", "Question", "Task"]

@@ -80,6 +80,10 @@ def each_record(records: Iterable[Any], where: str, skips: SkipLog, build: Calla
                 yield built
 
 
+class BenchmarkFileError(ValueError):
+    """A benchmark file that is not JSON, or not of the benchmark's schema."""
+
+
 @dataclass
 class TaskFiles:
     """Where a task's files are and where users get them, for the errors that name both."""
@@ -98,10 +102,16 @@ class TaskFiles:
             )
         return path
 
-    def read_json(self, name: str) -> Any:
-        """A whole JSON file; a file that is not JSON is the user's to fix, not a record to skip."""
+    def read_json(self, name: str, shape: type = list, field: str | None = None) -> Any:
+        """A whole JSON file, or its top-level ``field``, which must be a ``shape`` (``list`` or ``dict``). A file
+        that is not JSON, or not of the benchmark's schema, is the user's to fix, not a record to skip."""
         path = self.path(name)
         try:
-            return loads_strict(path.read_bytes())
+            data = loads_strict(path.read_bytes())
         except ValueError as err:
-            raise ValueError(f"{self.task}: {path} is not valid JSON ({err}); download it again from {self.source}") from None
+            raise BenchmarkFileError(f"{self.task}: {path} is not valid JSON ({err}); download it again from {self.source}") from None
+        part = data.get(field) if field is not None and isinstance(data, dict) else data if field is None else None
+        if not isinstance(part, shape):
+            what = f"a {shape.__name__}" + (f" under {field!r}" if field else "")
+            raise BenchmarkFileError(f"{self.task}: {path} does not hold {what}: is it the official {name} from {self.source}?")
+        return part

@@ -73,7 +73,7 @@ class ScienceQA(Task):
             truth = letter_of(problem["answer"], options)
             return Question(pid, text, image, options, truth, problem.get("subject", "all"), max_new_tokens=4)
 
-        yield from each_record(self.files.read_json(self.PROBLEMS).items(), str(self.root / self.PROBLEMS), skips, build)
+        yield from each_record(self.files.read_json(self.PROBLEMS, dict).items(), str(self.root / self.PROBLEMS), skips, build)
 
     def score(self, answered: list[Answered]) -> dict:
         return choice_accuracy(answered, "subject")
@@ -88,8 +88,9 @@ class SEEDBench(Task):
     QUESTIONS = "SEED-Bench.json"
 
     def questions(self, skips: SkipLog) -> Iterator[Question]:
-        data = self.files.read_json(self.QUESTIONS)
-        type_names = {number: name for name, number in data.get("question_type", {}).items()}
+        # The file is read twice, once a part: it is some 20 MB, and each part's schema is checked on the way.
+        type_ids = self.files.read_json(self.QUESTIONS, dict, "question_type")
+        type_names = {number: name for name, number in type_ids.items()}
 
         def build(record: dict) -> Question | None:
             if record.get("data_type") != "image":
@@ -100,7 +101,7 @@ class SEEDBench(Task):
             image = self.root / "SEED-Bench-image" / record["data_id"]
             return Question(str(record["question_id"]), record["question"], image, options, answer, question_type, max_new_tokens=4)
 
-        yield from each_record(data["questions"], str(self.root / self.QUESTIONS), skips, build)
+        yield from each_record(self.files.read_json(self.QUESTIONS, list, "questions"), str(self.root / self.QUESTIONS), skips, build)
 
     def score(self, answered: list[Answered]) -> dict:
         return choice_accuracy(answered, "question_type")

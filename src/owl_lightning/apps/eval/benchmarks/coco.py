@@ -31,7 +31,7 @@ class COCOCaptions(Task):
             image = self.root / record["filepath"] / record["filename"]
             return Question(str(record["cocoid"]), CAPTION_PROMPT, image, truth=references, max_new_tokens=32)
 
-        yield from each_record(self.files.read_json(self.SPLIT_FILE)["images"], str(self.root / self.SPLIT_FILE), skips, build)
+        yield from each_record(self.files.read_json(self.SPLIT_FILE, list, "images"), str(self.root / self.SPLIT_FILE), skips, build)
 
     def score(self, answered: list[Answered]) -> dict:
         """Both metrics over the images answered (CIDEr-D's idf counts their references only)."""

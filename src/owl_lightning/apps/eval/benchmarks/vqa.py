@@ -40,7 +40,7 @@ class VQAv2(Task):
     QUESTIONS, ANNOTATIONS = "v2_OpenEnded_mscoco_val2014_questions.json", "v2_mscoco_val2014_annotations.json"
 
     def questions(self, skips: SkipLog) -> Iterator[Question]:
-        annotations = self.files.read_json(self.ANNOTATIONS)["annotations"]
+        annotations = self.files.read_json(self.ANNOTATIONS, list, "annotations")
         by_question = {a["question_id"]: a for a in annotations if isinstance(a, dict) and "question_id" in a}
 
         def build(record: dict) -> Question:
@@ -57,7 +57,7 @@ class VQAv2(Task):
                 group=annotation.get("answer_type", "all"),
             )
 
-        yield from each_record(self.files.read_json(self.QUESTIONS)["questions"], str(self.root / self.QUESTIONS), skips, build)
+        yield from each_record(self.files.read_json(self.QUESTIONS, list, "questions"), str(self.root / self.QUESTIONS), skips, build)
 
     def score(self, answered: list[Answered]) -> dict:
         return soft_accuracy_scores(answered)
@@ -77,7 +77,7 @@ class TextVQA(Task):
                 str(record["question_id"]), short_answer_prompt(record["question"]), image, truth=human_answers(record["answers"])
             )
 
-        yield from each_record(self.files.read_json(self.QUESTIONS)["data"], str(self.root / self.QUESTIONS), skips, build)
+        yield from each_record(self.files.read_json(self.QUESTIONS, list, "data"), str(self.root / self.QUESTIONS), skips, build)
 
     def score(self, answered: list[Answered]) -> dict:
         return soft_accuracy_scores(answered)
@@ -104,7 +104,7 @@ class GQA(Task):
             image = self.root / "images" / f"{record['imageId']}.jpg"
             return Question(key, short_answer_prompt(record["question"]), image, truth=record["answer"], group=structural)
 
-        yield from each_record(self.files.read_json(self.QUESTIONS).items(), str(self.root / self.QUESTIONS), skips, build)
+        yield from each_record(self.files.read_json(self.QUESTIONS, dict).items(), str(self.root / self.QUESTIONS), skips, build)
 
     def score(self, answered: list[Answered]) -> dict:
         return accuracy_by(
