@@ -400,6 +400,20 @@ def test_a_file_of_another_schema_is_refused_naming_what_was_expected(tmp_path):
         read_questions(TASKS["vqav2"](tmp_path))
 
 
+def test_image_names_stay_inside_their_folder_which_may_be_a_link(tmp_path):
+    shared = tmp_path / "coco" / "val2014"  # one COCO folder linked into a task's root, as docs/evaluation.md suggests
+    write_png(shared / "COCO_val2014_000000000001.jpg")
+    write_png(tmp_path / "pope" / "secret.jpg")
+    (tmp_path / "pope" / "val2014").symlink_to(shared)
+    lines = [
+        {"question_id": 1, "image": "COCO_val2014_000000000001.jpg", "text": "Is there a dog?", "label": "yes"},
+        {"question_id": 2, "image": "../secret.jpg", "text": "Is there a cat?", "label": "no"},
+    ]
+    (tmp_path / "pope" / "coco_pope_random.json").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = score("pope", tmp_path / "pope", {"dog": "yes"})
+    assert result["count"] == 1 and result["skipped"] == {"path_outside_root": 1}
+
+
 def test_a_missing_image_is_a_counted_skip(tmp_path):
     write_vqav2(tmp_path)
     (tmp_path / "val2014" / "COCO_val2014_000000000042.jpg").unlink()

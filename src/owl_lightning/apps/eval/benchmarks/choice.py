@@ -18,6 +18,7 @@ from owl_lightning.apps.eval.benchmarks._task import Answered, Question, Task, e
 from owl_lightning.apps.eval.benchmarks.answers import LETTERS
 from owl_lightning.apps.eval.benchmarks.metrics import accuracy_by
 from owl_lightning.data.health import CORRUPT_IMAGE, MALFORMED_RECORD, SkipLog, SkipSample
+from owl_lightning.data.images import resolve_under_root
 
 # MMBench's TSV stores each image once; a later row with the same image holds that row's index instead,
 # a cell far shorter than any base64 image.
@@ -69,7 +70,7 @@ class ScienceQA(Task):
             options = options_of(problem["choices"])
             hint = problem.get("hint") or ""
             text = f"Context: {hint}\n{problem['question']}" if hint.strip() else problem["question"]
-            image = self.root / "test" / pid / problem["image"]
+            image = resolve_under_root(f"{pid}/{problem['image']}", self.root / "test")
             truth = letter_of(problem["answer"], options)
             return Question(pid, text, image, options, truth, problem.get("subject", "all"), max_new_tokens=4)
 
@@ -98,7 +99,7 @@ class SEEDBench(Task):
             options = options_of([record[f"choice_{letter}"] for letter in "abcd"])
             answer = checked_letter(record["answer"], options)
             question_type = type_names.get(record.get("question_type_id"), str(record.get("question_type_id")))
-            image = self.root / "SEED-Bench-image" / record["data_id"]
+            image = resolve_under_root(record["data_id"], self.root / "SEED-Bench-image")
             return Question(str(record["question_id"]), record["question"], image, options, answer, question_type, max_new_tokens=4)
 
         yield from each_record(self.files.read_json(self.QUESTIONS, list, "questions"), str(self.root / self.QUESTIONS), skips, build)

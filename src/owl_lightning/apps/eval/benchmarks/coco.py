@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 from owl_lightning.apps.eval.benchmarks._task import Answered, Question, Task, each_record
 from owl_lightning.apps.eval.benchmarks.caption_scores import bleu4, cider_d
-from owl_lightning.data.health import MALFORMED_RECORD, SkipLog, SkipSample
+from owl_lightning.data.health import MALFORMED_RECORD, PATH_OUTSIDE_ROOT, SkipLog, SkipSample
+from owl_lightning.data.images import resolve_under_root
 
 # lmms-eval's COCO caption prompt: one sentence, as the references are.
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
@@ -28,7 +30,10 @@ class COCOCaptions(Task):
             references = [sentence["raw"] for sentence in record["sentences"] if isinstance(sentence.get("raw"), str)]
             if not references:
                 raise SkipSample(MALFORMED_RECORD, f"image {record.get('cocoid')} has no reference caption")
-            image = self.root / record["filepath"] / record["filename"]
+            folder = record["filepath"]
+            if Path(folder).name != folder or folder in (".", ".."):  # one folder under the root (val2014), which may be a link
+                raise SkipSample(PATH_OUTSIDE_ROOT, f"filepath {folder!r} is not a folder name")
+            image = resolve_under_root(record["filename"], self.root / folder)
             return Question(str(record["cocoid"]), CAPTION_PROMPT, image, truth=references, max_new_tokens=32)
 
         yield from each_record(self.files.read_json(self.SPLIT_FILE, list, "images"), str(self.root / self.SPLIT_FILE), skips, build)

@@ -10,6 +10,7 @@ from owl_lightning.apps.eval.benchmarks._task import Answered, Question, Task, e
 from owl_lightning.apps.eval.benchmarks.metrics import accuracy_by
 from owl_lightning.config import IMAGE_TOKEN
 from owl_lightning.data.health import SkipLog
+from owl_lightning.data.images import resolve_under_root
 
 MISTAKES_KEPT = 10
 
@@ -38,7 +39,7 @@ class EasyVQA(Task):
             return Question(
                 record.get("id", record["image"]),
                 text,
-                self.root / "images" / record["image"],
+                resolve_under_root(record["image"], self.root / "images"),
                 truth=answer,
                 group=record.get("question_type", "all"),
                 max_new_tokens=5,

@@ -9,6 +9,7 @@ from owl_lightning.apps.eval.benchmarks._task import Answered, Question, Task, e
 from owl_lightning.apps.eval.benchmarks.answers import pope_yes_or_no
 from owl_lightning.apps.eval.benchmarks.metrics import yes_no_metrics
 from owl_lightning.data.health import MALFORMED_RECORD, SkipLog, SkipSample, parse_json_record
+from owl_lightning.data.images import resolve_under_root
 
 SPLITS = ("adversarial", "popular", "random")
 
@@ -37,7 +38,7 @@ class POPE(Task):
         record = parse_json_record(line, "line")
         if record.get("label") not in ("yes", "no"):
             raise SkipSample(MALFORMED_RECORD, f"label is {record.get('label')!r}, not 'yes' or 'no'")
-        image = self.root / "val2014" / record["image"]
+        image = resolve_under_root(record["image"], self.root / "val2014")
         return Question(f"{split}/{record['question_id']}", record["text"], image, truth=record["label"], group=split, max_new_tokens=8)
 
     def score(self, answered: list[Answered]) -> dict:

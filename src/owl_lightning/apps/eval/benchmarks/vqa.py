@@ -8,6 +8,7 @@ from owl_lightning.apps.eval.benchmarks._task import Answered, Question, Task, e
 from owl_lightning.apps.eval.benchmarks.answers import vqa_soft_accuracy
 from owl_lightning.apps.eval.benchmarks.metrics import accuracy_by
 from owl_lightning.data.health import MALFORMED_RECORD, SkipLog, SkipSample
+from owl_lightning.data.images import resolve_under_root
 
 # LLaVA's prompt for short-answer VQA: the references are a word or two.
 SHORT_ANSWER = "Answer the question using a single word or phrase."
@@ -72,7 +73,7 @@ class TextVQA(Task):
 
     def questions(self, skips: SkipLog) -> Iterator[Question]:
         def build(record: dict) -> Question:
-            image = self.root / "train_images" / f"{record['image_id']}.jpg"
+            image = resolve_under_root(f"{record['image_id']}.jpg", self.root / "train_images")
             return Question(
                 str(record["question_id"]), short_answer_prompt(record["question"]), image, truth=human_answers(record["answers"])
             )
@@ -101,7 +102,7 @@ class GQA(Task):
             if not isinstance(record.get("answer"), str):
                 raise SkipSample(MALFORMED_RECORD, f"question {key}: answer is {record.get('answer')!r}, not a text")
             structural = record.get("types", {}).get("structural", "all")
-            image = self.root / "images" / f"{record['imageId']}.jpg"
+            image = resolve_under_root(f"{record['imageId']}.jpg", self.root / "images")
             return Question(key, short_answer_prompt(record["question"]), image, truth=record["answer"], group=structural)
 
         yield from each_record(self.files.read_json(self.QUESTIONS, dict).items(), str(self.root / self.QUESTIONS), skips, build)
