@@ -21,7 +21,7 @@ import time
 import torch
 from PIL import Image
 
-from common import record
+from common import record, synchronize
 from gpu_stage1 import MODELS
 from owl_lightning.config import get_config
 from owl_lightning.inference import OwlAssistant, Request, Sampling
@@ -39,11 +39,6 @@ def requests(count: int, size: int, seed: int = 0) -> list[Request]:
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.randint(0, 256, (count, size, size, 3), dtype=torch.uint8, generator=generator).numpy()
     return [Request.single("Describe the image in detail.", [Image.fromarray(image)]) for image in pixels]
-
-
-def synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -69,10 +64,10 @@ def main() -> None:
 
     seconds, tokens = [], []
     for repeat in range(1 + args.repeats):  # the first batch warms up kernels and the allocator
-        synchronise(device)
+        synchronize(device)
         start = time.perf_counter()
         generations = assistant.generate(samples, samplings)
-        synchronise(device)
+        synchronize(device)
         if repeat:
             seconds.append(time.perf_counter() - start)
             tokens.append(sum(len(generation.tokens) for generation in generations))
