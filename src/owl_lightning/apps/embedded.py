@@ -394,9 +394,10 @@ def build_embedded(out: str | Path = "data/embedded") -> dict[str, int]:
     return build_once(out, BUILD_VERSION, _build_into)
 
 
-def build_once(out: str | Path, version: int, build_into: Callable[[Path], dict[str, int]]) -> dict[str, int]:
+def build_once(out: str | Path, version: int | dict[str, int], build_into: Callable[[Path], dict[str, int]]) -> dict[str, int]:
     """Run ``build_into(staging folder)`` and publish the folder at ``out`` with a :data:`MARKER` naming
-    ``version`` and the counts it returned; skipped when ``out`` holds a build of this version."""
+    ``version`` and the counts it returned; skipped when ``out`` holds a build of this version. A
+    ``version`` dict also names the build's parameters: a build with other parameters is redone."""
     out = Path(out)
     marker = out / MARKER
     if marker.is_file():
@@ -456,7 +457,9 @@ def _build_into(root: Path) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog="The harder scenes task: owl-lightning data scenes --help (docs/scenes.md)."
+    )
     parser.add_argument("--out", default="data/embedded", help="output folder (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
