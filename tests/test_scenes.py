@@ -20,6 +20,7 @@ import yaml
 from PIL import Image
 
 from owl_lightning.apps import scenes
+from owl_lightning.apps.eval.vqa import easy_vqa_accuracy, read_vqa_records
 from owl_lightning.cli import main as cli_main
 from owl_lightning.config import get_config
 from owl_lightning.data.health import SkipLog
@@ -201,6 +202,7 @@ def test_captions_name_every_object_and_the_word(build):
         for obj in spec["objects"]:
             assert f"{obj['size']} {obj['colour']} {obj['shape']}" in text
         assert f"the word {spec['word']}" in text
+        assert scenes.caption(scenes.Scene.from_json(spec)) == text  # the spec files are all a caption needs
 
 
 HELD_PAIRS = {("red", "triangle"), ("green", "diamond"), ("blue", "circle"), ("yellow", "square")}  # docs/scenes.md
@@ -304,3 +306,23 @@ def test_the_scenes_experiments_swap_only_the_data_and_the_run_folder(stage, cap
     assert on_scenes["trainer"]["default_root_dir"] == f"runs/{stage}_scenes"
     assert on_scenes["model"] == smol["model"] and on_scenes["trainer"]["max_steps"] == smol["trainer"]["max_steps"]
     assert os.path.isfile(ROOT / on_scenes["data"]["manifest"])
+
+
+class ScriptedAssistant:
+    """Answers with given texts, in order: checks the scorer, not a model."""
+
+    def __init__(self, answers: list[str]) -> None:
+        self.answers = iter(answers)
+
+    def answer(self, requests, max_new_tokens):
+        return [next(self.answers) for _ in requests]
+
+
+def test_the_easy_vqa_scorer_reads_and_scores_the_single_image_test_questions(build):
+    """Every answer survives the scorer's normalisation (counts are words: it keeps letters only)."""
+    records = [r for r in read_vqa_records(build / "stage2" / "scenes_test.json") if isinstance(r["image"], str)]
+    right = ScriptedAssistant([f"{r['answer'].capitalize()}." for r in records])
+    result = easy_vqa_accuracy(right, records, build / "images", batch_size=16, progress=False)
+    assert result["by_type"] == {"binding": 1.0, "count": 1.0, "ocr": 1.0, "spatial": 1.0}
+    always_one = easy_vqa_accuracy(ScriptedAssistant(["one"] * len(records)), records, build / "images", progress=False)
+    assert always_one["by_type"]["count"] < 1.0 and always_one["by_type"]["ocr"] == 0.0

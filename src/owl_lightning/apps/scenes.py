@@ -395,12 +395,6 @@ PAIR_FORMS = {
 }
 
 
-def pair_questions(first: Scene, second: Scene) -> list[Question]:
-    """Every question on the two scenes together: which has more of something, which has a given
-    object, whether the word is the same, whether a shape alone in each has the same colour."""
-    return [question for form in PAIR_FORMS for question in form(first, second)]
-
-
 def _pair_question(first: int, scenes: list[Scene], rng: random.Random, allow_held_out: bool) -> tuple[int, Question]:
     """A second scene and a question on the two: the form and the answer are drawn first, then scenes
     are tried until one gives that answer, so yes/no and first/second come out balanced."""
@@ -470,6 +464,8 @@ def _test_records(scenes: list[Scene], rng: random.Random) -> list[dict]:
     for index, scene in enumerate(scenes):
         image = f"test/{index}.png"
         for kind, candidates in scene_questions(scene).items():
+            # Never both empty: every scene has a count, a binding and an OCR question, and two shapes kept
+            # apart differ by 2 × 9 + GAP pixels on some axis, more than RELATION_MARGIN: a spatial one.
             held_out = [q for q in candidates if q.held_out]
             seen = [q for q in candidates if not q.held_out]
             prefer_held_out = held_out and (not seen or rng.random() < HELDOUT_SHARE)
