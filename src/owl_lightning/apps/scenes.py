@@ -57,7 +57,8 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 # pixels per feature cell (owl-smol sees 128×128 as 4×4 cells of 32 pixels).
 SIZES = {"small": 9, "large": 15}
 MIN_OBJECTS, MAX_OBJECTS = 2, 5
-GAP = 4  # pixels kept free between any two bounding boxes, so shapes never touch
+PLACEMENT_TRIES = 50  # places tried for one shape before the whole scene is redrawn
+GAP = 4  # the least distance between two bounding boxes' edges (3 free pixels), so shapes never touch
 # Nouns of 2–5 letters that are neither a colour, a shape nor an answer word of another question type.
 WORDS = (
     "GO", "HI", "OX", "UP",
@@ -185,7 +186,7 @@ def sample_scene(rng: random.Random, pairs: list[tuple[str, str]]) -> Scene:
         for colour, shape in rng.sample(pairs, rng.randint(MIN_OBJECTS, MAX_OBJECTS)):
             size = rng.choice(list(SIZES))
             half = SIZES[size]
-            for _ in range(50):
+            for _ in range(PLACEMENT_TRIES):
                 obj = SceneObject(
                     colour, shape, size, rng.randint(GAP + half, IMAGE_SIZE - GAP - half), rng.randint(GAP + half, IMAGE_SIZE - GAP - half)
                 )
@@ -234,8 +235,8 @@ def _place(x: float, y: float) -> str:
 
 
 def caption(scene: Scene) -> str:
-    """ "a large red circle at the top left, a small blue square on the right and ...; the word CAT at the
-    bottom": every object, left to right, then the word."""
+    """Every object left to right, then the word: "a large red circle at the top left, a small blue square
+    on the right and ...; the word CAT at the bottom"."""
     described = [f"a {obj.size} {obj.name} {_place(obj.x, obj.y)}" for obj in sorted(scene.objects, key=lambda o: (o.x, o.y))]
     listed = ", ".join(described[:-1]) + f" and {described[-1]}"
     left, top, right, bottom = scene.word_box
