@@ -97,9 +97,9 @@ SHARDS = {"train": 8, "val": 4}
 class SceneSizes:
     """How many scenes each split holds, and the seed they are drawn from.
 
-    The defaults fit the default recipe's ~30 CPU minutes: stage 1 reads 300 × 32 = 9,600 captions and
-    stage 2 ~600 × 8 conversations, so 8,000 training scenes are each seen about once (nothing to
-    memorise) and 1,000 test scenes give ~1,000 questions per type (a 95% interval of about ±2 points).
+    The defaults fit the default recipe's ~30 CPU minutes: its stage 1 reads 300 × 32 = 9,600 captions,
+    each of 8,000 training scenes about once (nothing to memorise, nothing unread), and 1,000 test scenes
+    give 1,000 questions per type (a 95% interval of about ±2 points). docs/scenes.md has the reasoning.
     """
 
     train: int = 8000
