@@ -20,13 +20,15 @@ import yaml
 from PIL import Image
 
 from owl_lightning.apps import scenes
-from owl_lightning.apps.eval.vqa import easy_vqa_accuracy, read_vqa_records
+from owl_lightning.apps.eval.benchmarks import Answered, EasyVQA
+from owl_lightning.apps.eval.benchmarks.harness import read_questions, run_task
 from owl_lightning.cli import main as cli_main
 from owl_lightning.config import get_config
 from owl_lightning.data.health import SkipLog
 from owl_lightning.data.instruct import read_conversations
 from owl_lightning.data.manifest import load_manifest
 from owl_lightning.data.processor import OwlProcessor
+from owl_lightning.inference import OwlAssistant
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +55,14 @@ def load(build: Path, name: str) -> list[dict]:
 
 def specs_by_image(build: Path) -> dict[str, dict]:
     return {spec["image"]: spec for split in ("train", "val", "test") for spec in load(build, f"specs/{split}.json")}
+
+
+TEST_FILES = ("scenes_test", "scenes_test_two_image")
+
+
+def load_test(build: Path) -> list[dict]:
+    """Every test question: the one-image ones, then the two-image ones."""
+    return [record for name in TEST_FILES for record in load(build, f"stage2/{name}.json")]
 
 
 def qa_pairs(record: dict) -> list[tuple[str, str]]:
@@ -161,12 +171,13 @@ def test_a_build_with_other_sizes_is_redone_not_reused(build, tmp_path):
 def test_every_answer_is_right_by_construction(build):
     specs = specs_by_image(build)
     checked = Counter()
-    for name in ("scenes_train", "scenes_val", "scenes_test"):
+    for name in ("scenes_train", "scenes_val", *TEST_FILES):
         for record in load(build, f"stage2/{name}.json"):
             for question, answer in qa_pairs(record):
                 assert normalised(answer) == expected_answer(record, question, specs), (record["id"], question)
                 checked[name] += 1
-    assert checked["scenes_test"] == 5 * SMALL.test and checked["scenes_train"] > 6 * SMALL.train
+    assert checked["scenes_test"] == 4 * SMALL.test and checked["scenes_test_two_image"] == SMALL.test
+    assert checked["scenes_train"] > 6 * SMALL.train
 
 
 def test_the_specifications_are_what_the_images_show(build):
@@ -232,8 +243,9 @@ def test_held_out_compositions_are_absent_from_training_and_present_in_test(buil
                 assert vertical_shapes(question, answer) not in HELD_VERTICAL, question
 
     specs = specs_by_image(build)
-    test = load(build, "stage2/scenes_test.json")
-    assert load(build, "stage2/scenes_test_heldout.json") == [record for record in test if record["held_out"]]
+    one_image = load(build, "stage2/scenes_test.json")
+    assert load(build, "stage2/scenes_test_heldout.json") == [record for record in one_image if record["held_out"]]
+    test = load_test(build)
     for record in test:
         ((question, answer),) = qa_pairs(record)
         images = record["image"] if isinstance(record["image"], list) else [record["image"]]
@@ -245,11 +257,12 @@ def test_held_out_compositions_are_absent_from_training_and_present_in_test(buil
         if record["held_out"]:
             assert in_scene & HELD_PAIRS or named & HELD_PAIRS or held_vertical, question
     kinds = {record["question_type"] for record in test if record["held_out"]}
-    assert kinds >= {"binding", "spatial", "count"} and "ocr" not in kinds
+    assert kinds >= {"binding", "spatial", "count", "two_image"} and "ocr" not in kinds
 
 
 def test_test_questions_are_one_per_type_per_scene_with_short_answers(build):
-    test = load(build, "stage2/scenes_test.json")
+    test = load_test(build)
+    assert all(isinstance(r["image"], str) for r in load(build, "stage2/scenes_test.json"))
     assert Counter(record["question_type"] for record in test) == {kind: SMALL.test for kind in scenes.QUESTION_TYPES}
     words = set(NUMBER) | {"yes", "no", "first", "second"} | set(scenes.COLOURS) | set(scenes.SHAPES) | {w.lower() for w in scenes.WORDS}
     answers = Counter(answer for record in test for _, answer in qa_pairs(record))
@@ -308,21 +321,26 @@ def test_the_scenes_experiments_swap_only_the_data_and_the_run_folder(stage, cap
     assert os.path.isfile(ROOT / on_scenes["data"]["manifest"])
 
 
-class ScriptedAssistant:
-    """Answers with given texts, in order: checks the scorer, not a model."""
+class ScenesTest(EasyVQA):
+    """owl-lightning eval's easy-VQA task on the scenes' one-image test questions, as docs/scenes.md runs it."""
 
-    def __init__(self, answers: list[str]) -> None:
-        self.answers = iter(answers)
-
-    def answer(self, requests, max_new_tokens):
-        return [next(self.answers) for _ in requests]
+    name = "scenes"
+    QUESTIONS = "stage2/scenes_test.json"
 
 
-def test_the_easy_vqa_scorer_reads_and_scores_the_single_image_test_questions(build):
-    """Every answer survives the scorer's normalisation (counts are words: it keeps letters only)."""
-    records = [r for r in read_vqa_records(build / "stage2" / "scenes_test.json") if isinstance(r["image"], str)]
-    right = ScriptedAssistant([f"{r['answer'].capitalize()}." for r in records])
-    result = easy_vqa_accuracy(right, records, build / "images", batch_size=16, progress=False)
-    assert result["by_type"] == {"binding": 1.0, "count": 1.0, "ocr": 1.0, "spatial": 1.0}
-    always_one = easy_vqa_accuracy(ScriptedAssistant(["one"] * len(records)), records, build / "images", progress=False)
+def test_the_eval_harness_reads_and_scores_the_one_image_test_questions(build):
+    """Every answer survives easy-VQA's scoring (counts are words: it keeps letters only)."""
+    task = ScenesTest(build)
+    questions, skips = read_questions(task)
+    assert len(questions) == 4 * SMALL.test and not skips.pending
+    right = task.score([Answered(question, f"{question.truth.capitalize()}.") for question in questions])
+    assert right["by_type"] == {"binding": 1.0, "count": 1.0, "ocr": 1.0, "spatial": 1.0}
+    always_one = task.score([Answered(question, "one") for question in questions])
     assert always_one["by_type"]["count"] < 1.0 and always_one["by_type"]["ocr"] == 0.0
+
+
+def test_a_model_answers_the_test_questions_through_the_harness(build, tiny_model, tiny_tokenizer):
+    task = ScenesTest(build)
+    questions, skips = read_questions(task, limit=8)
+    result = run_task(OwlAssistant(tiny_model, tiny_tokenizer, precision="fp32"), task, questions, skips, batch_size=4, progress=False)
+    assert result["count"] == 8 and result["skipped"] == {}

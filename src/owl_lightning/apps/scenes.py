@@ -11,8 +11,9 @@ over two scenes at once. ``owl-lightning data scenes [--out data/scenes]`` write
     specs/{train,val,test}.json         every scene's objects, sizes, centres and word: the ground truth
     stage2/scenes_train.json            LLaVA: up to 3 questions per conversation, and two-image questions
     stage2/scenes_val.json              the same over the validation scenes
-    stage2/scenes_test.json             LLaVA: single questions with question_type and held_out
-    stage2/scenes_test_heldout.json     the test questions on compositions never seen in training
+    stage2/scenes_test.json             LLaVA: single one-image questions with question_type and held_out
+    stage2/scenes_test_heldout.json     those on compositions never seen in training
+    stage2/scenes_test_two_image.json   LLaVA: single two-image questions, with question_type and held_out
 
 The split is by scene, and some compositions exist only in the test scenes and questions
 (:data:`HELDOUT_PAIRS`, :data:`HELDOUT_VERTICAL`; docs/scenes.md has the rule and the counts). The build
@@ -512,18 +513,22 @@ def _build_into(root: Path, sizes: SceneSizes) -> dict[str, int]:
     stage2.mkdir()
     rng = random.Random(f"scenes/{sizes.seed}/questions")
     test = _test_records(splits["test"], rng)
+    one_image = [record for record in test if record["question_type"] != "two_image"]
     outputs = {
         "scenes_train": _training_records("train", splits["train"], rng),
         "scenes_val": _training_records("val", splits["val"], rng),
-        "scenes_test": test,
-        "scenes_test_heldout": [record for record in test if record["held_out"]],
+        # The two-image questions apart: a scorer that opens one image per question (owl-lightning eval's
+        # easy-VQA task) reads the others as they are.
+        "scenes_test": one_image,
+        "scenes_test_heldout": [record for record in one_image if record["held_out"]],
+        "scenes_test_two_image": [record for record in test if record["question_type"] == "two_image"],
     }
     for name, records in outputs.items():
         (stage2 / f"{name}.json").write_text(json.dumps(records, indent=1))
         counts[f"{name}_records"] = len(records)
     for kind in QUESTION_TYPES:
         counts[f"test_{kind}"] = sum(record["question_type"] == kind for record in test)
-        counts[f"test_{kind}_held_out"] = sum(record["question_type"] == kind for record in outputs["scenes_test_heldout"])
+        counts[f"test_{kind}_held_out"] = sum(record["question_type"] == kind and record["held_out"] for record in test)
     counts["train_turns"] = sum(len(record["conversations"]) // 2 for record in outputs["scenes_train"])
     return counts
 
@@ -542,7 +547,7 @@ def main(argv: list[str] | None = None) -> None:
     counts = build_scenes(args.out, SceneSizes(args.train_scenes, args.val_scenes, args.test_scenes, args.seed))
     log.info("scenes in %s (%.1f s):", args.out, time.perf_counter() - start)
     for name, count in counts.items():
-        log.info("  %-28s %d", name, count)
+        log.info("  %-30s %d", name, count)
 
 
 if __name__ == "__main__":
