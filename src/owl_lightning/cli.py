@@ -4,6 +4,7 @@ owl-lightning stage1 fit --config experiments/stage1_smol.yaml [--ckpt_path last
 owl-lightning stage2 fit --config experiments/stage2_smol.yaml [--ckpt_path last]
 owl-lightning describe owl-llama7b [--json]
 owl-lightning data [--out data/embedded]
+owl-lightning data scenes [--out data/scenes] [--train-scenes N] [--seed S]
 owl-lightning eval --ckpt RUN_OR_CKPT [--vqa-limit N]
 owl-lightning eval --ckpt RUN_OR_CKPT --tasks vqav2,pope[,...] [--root pope=DIR] [--choice likelihood] [--limit N]
 owl-lightning chat --ckpt RUN_OR_CKPT --image a.jpg [--image b.jpg] [--prompt "..."]
@@ -174,6 +175,11 @@ def _describe_main(args: list[str]) -> None:
 
 
 def _data_main(args: list[str]) -> None:
+    if args[:1] == ["scenes"]:
+        from owl_lightning.apps.scenes import main as build_scenes
+
+        build_scenes(args[1:])
+        return
     from owl_lightning.apps.embedded import main as build_embedded
 
     build_embedded(args)
