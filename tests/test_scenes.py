@@ -20,7 +20,8 @@ import yaml
 from PIL import Image
 
 from owl_lightning.apps import scenes
-from owl_lightning.apps.eval.benchmarks import Answered, EasyVQA
+from owl_lightning.apps.eval.benchmarks import Answered
+from owl_lightning.apps.eval.benchmarks.easy_vqa import Scenes
 from owl_lightning.apps.eval.benchmarks.harness import read_questions, run_task
 from owl_lightning.cli import main as cli_main
 from owl_lightning.config import get_config
@@ -321,26 +322,25 @@ def test_the_scenes_experiments_swap_only_the_data_and_the_run_folder(stage, cap
     assert os.path.isfile(ROOT / on_scenes["data"]["manifest"])
 
 
-class ScenesTest(EasyVQA):
-    """owl-lightning eval's easy-VQA task on the scenes' one-image test questions, as docs/scenes.md runs it."""
-
-    name = "scenes"
-    QUESTIONS = "stage2/scenes_test.json"
-
-
-def test_the_eval_harness_reads_and_scores_the_one_image_test_questions(build):
-    """Every answer survives easy-VQA's scoring (counts are words: it keeps letters only)."""
-    task = ScenesTest(build)
+def test_the_scenes_task_reads_and_scores_every_test_question_with_the_held_out_ones(build):
+    """Every answer survives easy-VQA's scoring (counts are words: it keeps letters only); two-image questions
+    carry both images; the held-out compositions are scored apart."""
+    task = Scenes(build)
     questions, skips = read_questions(task)
-    assert len(questions) == 4 * SMALL.test and not skips.pending
+    assert len(questions) == 5 * SMALL.test and not skips.pending
+    pairs = [question for question in questions if question.group == "two_image"]
+    assert pairs and all(len(question.images) == 2 for question in pairs)
+    assert all(len(question.images) == 1 for question in questions if question.group != "two_image")
     right = task.score([Answered(question, f"{question.truth.capitalize()}.") for question in questions])
-    assert right["by_type"] == {"binding": 1.0, "count": 1.0, "ocr": 1.0, "spatial": 1.0}
+    assert right["by_type"] == {"binding": 1.0, "count": 1.0, "ocr": 1.0, "spatial": 1.0, "two_image": 1.0}
+    assert right["held_out"]["count"] == len(task.held_out) > 0 and right["held_out"]["accuracy"] == 1.0
     always_one = task.score([Answered(question, "one") for question in questions])
     assert always_one["by_type"]["count"] < 1.0 and always_one["by_type"]["ocr"] == 0.0
 
 
-def test_a_model_answers_the_test_questions_through_the_harness(build, tiny_model, tiny_tokenizer):
-    task = ScenesTest(build)
-    questions, skips = read_questions(task, limit=8)
-    result = run_task(OwlAssistant(tiny_model, tiny_tokenizer, precision="fp32"), task, questions, skips, batch_size=4, progress=False)
+def test_a_model_answers_one_and_two_image_questions_through_the_harness(build, tiny_model, tiny_tokenizer):
+    task = Scenes(build)
+    questions, skips = read_questions(task)
+    some = [q for q in questions if q.group != "two_image"][:4] + [q for q in questions if q.group == "two_image"][:4]
+    result = run_task(OwlAssistant(tiny_model, tiny_tokenizer, precision="fp32"), task, some, skips, batch_size=4, progress=False)
     assert result["count"] == 8 and result["skipped"] == {}

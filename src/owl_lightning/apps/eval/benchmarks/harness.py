@@ -90,7 +90,7 @@ def _encoded(
     image cannot be decoded or whose prompt is too long for the model is a counted skip."""
     for position, question in questions:
         with skips.catch(f"{task}:{question.key}"):
-            request = Request.single(prompt(question, choice), [decode_image(question.image)])
+            request = Request.single(prompt(question, choice), [decode_image(image) for image in question.images])
             yield position, request, assistant.encode(request)
 
 
