@@ -188,11 +188,12 @@ def assert_resumed_from(resumed: dict, saved: dict, steps: int) -> None:
 
 def test_stage1_shards_resumes_on_one_process_and_consolidates(tmp_path, caption_manifest):
     # Validation at step 2 generates captions: ranks must stay in step through generation too.
-    # One validation shard for two ranks: each reads it and keeps every other sample.
-    validation = ["--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2"]
+    # One validation shard of 12 samples for two ranks: each reads it and keeps every other sample, 6, in
+    # batches of 4: 4 and 2. The whole pass (1.0: a bare "1" parses as 1.0 too, not as one batch).
+    validation = ["--trainer.limit_val_batches", "1.0", "--trainer.val_check_interval", "2"]
     two = run("stage1", tmp_path, caption_manifest, 2, 2, "two", *validation, captions=True)
     assert_sharded_and_in_agreement(two)
-    assert [r["end"]["val_batches"] for r in two] == [1, 1]
+    assert [r["end"]["val_batches"] for r in two] == [2, 2]
     assert all(r["end"]["world_size"] == 2 and r["end"]["global_step"] == 2 for r in two)
     changed = moved(two[0])
     assert any(n.startswith("vision.") for n in changed) and any(n.startswith("abstractor.") for n in changed)
