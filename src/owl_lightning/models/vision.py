@@ -46,6 +46,8 @@ class VisionEncoder(nn.Module):
         float32_large_depthwise_on_cpu(self.model)
         if pretrained and cfg.weights not in (None, "timm"):
             load_vision_weights(self.model, cfg.weights)
+        if cfg.image_size is not None:
+            resample_position_embeddings(self.model, cfg.image_size)
         data = vision_data_config(cfg)
         self.input_size: tuple[int, int, int] = tuple(data["input_size"])  # (3, H, W) the transform gives
         # Not saved in checkpoints: they follow from the config.
@@ -66,6 +68,22 @@ class VisionEncoder(nn.Module):
 
     def data_config(self) -> dict:
         return vision_data_config(self.cfg, self.model)
+
+
+def resample_position_embeddings(model: nn.Module, image_size: int) -> bool:
+    """Make a ViT built (and pretrained) for another input size take ``image_size`` px images; returns
+    whether it changed. timm's ``set_input_size`` resamples the absolute position embeddings (bicubic,
+    the class token's kept as is) and resizes the patch grid: 336 px on a 224 px ViT-L/14 turns 16×16
+    patches into 24×24 (257 → 577 features). CNNs take any size as they are: unchanged.
+
+    Runs after the pretrained weights are loaded, so they are what gets resampled; a checkpoint of the
+    resampled encoder then loads into the rebuilt one as saved.
+    """
+    patch_embed = getattr(model, "patch_embed", None)
+    if not hasattr(model, "set_input_size") or getattr(patch_embed, "img_size", None) in (None, (image_size, image_size)):
+        return False
+    model.set_input_size(img_size=(image_size, image_size))
+    return True
 
 
 class _Float32OnCPU:
