@@ -1,9 +1,17 @@
 """OwlModel: the vision encoder, the abstractor and the LLM as one module tree.
 
 Text carries one ``<image>`` token per image. ``embed`` replaces each of them with that
-image's ``V = num_queries + 1`` visual tokens, in order — adjacent placeholders stay
-separate images — and re-aligns the attention mask and labels to the expanded sequence.
-A batch may mix text-only and multimodal samples.
+image's visual tokens, in order — adjacent placeholders stay separate images — and re-aligns
+the attention mask and labels to the expanded sequence. A batch may mix text-only and
+multimodal samples.
+
+An image is one view (``V = num_queries + 1`` tokens: the queries, then the end-of-image token)
+or, under AnyRes (docs/high_resolution.md), a global view and a ``rows × cols`` grid of tiles.
+Every view goes through the encoder and the abstractor; the image's tokens are then::
+
+    global view's Q queries | row 1: tile 1's Q … tile cols' Q, separator | … | row rows: …, separator | end
+
+``Q = V − 1``; ``V + (V − 1)·rows·cols + rows`` in all (``config.visual_tokens_of_grid``).
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, LoRAConfig, OwlConfig, TrainRecipe
+from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, LoRAConfig, OwlConfig, TrainRecipe, visual_tokens_of_grid
 from owl_lightning.models.abstractor import VisualAbstractor
 from owl_lightning.models.llm import build_llm, load_tokenizer
 from owl_lightning.models.vision import VisionEncoder
@@ -30,21 +38,23 @@ class OwlOutput:
 
 @dataclass
 class TokenLayout:
-    """Where a batch's tokens go in the LLM's input once every ``<image>`` is its image's V visual tokens.
+    """Where a batch's tokens go in the LLM's input once every ``<image>`` is its image's visual tokens.
 
     Index arithmetic only, done on the device the token ids are on. The trainer makes it on the host,
     before a batch moves to the accelerator (``OwlSystem.transfer_batch_to_device``): made there,
     the step reads nothing back from the accelerator, where each ``nonzero`` or ``.item()`` would
     stall the host until the accelerator had finished all the work queued before it.
 
-    ``L = max_b (real tokens_b + images_b × (V − 1))``: padding is dropped and re-added at one side.
+    ``L = max_b (real tokens_b + Σ_images (tokens_i − 1))``: padding is dropped and re-added at one side.
+    ``P``: the batch's visual tokens, ``T``: its views (one an image, ``1 + rows·cols`` under AnyRes).
     """
 
     text_rows: torch.Tensor  # [K] batch row of each real text token
     text_cols: torch.Tensor  # [K] its column in ``input_ids``
     text_positions: torch.Tensor  # [K] its position in the expanded sequence
-    image_rows: torch.Tensor  # [M] batch row of each image, sample-major in placeholder order
-    image_positions: torch.Tensor  # [M, V] positions of its visual tokens
+    image_rows: torch.Tensor  # [P] batch row of each visual token, sample-major in placeholder order
+    image_positions: torch.Tensor  # [P] its position in the expanded sequence
+    visual_index: torch.Tensor  # [P] its row in the views' tokens [T·V] (row T·V: the row separator)
     mask: torch.Tensor  # [B, L] the input's mask values (1, or a packed row's sample numbers 1, 2, …; 0: padding)
     labels: torch.Tensor | None  # [B, L] with IGNORE_INDEX at image and padding positions
     position_ids: torch.Tensor  # [B, L] the LLM's positions (restarting with every packed sample)
@@ -65,11 +75,13 @@ class TokenLayout:
         labels: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
         padding_side: str = "right",
+        image_grids: torch.Tensor | None = None,
     ) -> TokenLayout:
         """The layout of ``input_ids``/``sample_ids``/``labels`` ``[B, T]`` with ``num_images`` images
         (``image_counts`` ``[B]``, optional, names the sample whose placeholders and images disagree).
-        ``padding_side``: where the expanded batch is padded (``left`` for generation)."""
-        width = visual_tokens_per_image
+        ``padding_side``: where the expanded batch is padded (``left`` for generation). ``image_grids``
+        ``[M, 2]``: each image's (rows, cols) of AnyRes tiles, ``(0, 0)`` for one view; None: all one view.
+        ``visual_tokens_per_image``: V, the tokens of one view."""
         real = sample_ids.bool()
         is_image = (input_ids == image_token_id) & real
         placeholders = is_image.sum(1)
@@ -81,21 +93,28 @@ class TokenLayout:
                 )
         if int(placeholders.sum()) != num_images:
             raise ValueError(f"the batch has {int(placeholders.sum())} {IMAGE_TOKEN} placeholders but {num_images} images")
-        # Each real token occupies 1 position, each image V.
-        spans = torch.where(real, 1 + is_image.long() * (width - 1), 0)
+        if image_grids is None:
+            image_grids = input_ids.new_zeros(num_images, 2)
+        grid_rows, grid_cols = image_grids.to(input_ids.device).unbind(1)
+        widths = visual_tokens_of_grid(visual_tokens_per_image, grid_rows, grid_cols)  # [M]
+        # Each real token occupies 1 position, each image its visual tokens.
+        spans = real.long()
+        spans[is_image] = widths  # nonzero order: row-major = sample-major, placeholder order = the images' order
         lengths = spans.sum(1)
         total = int(lengths.max())
         offset = (total - lengths) if padding_side == "left" else torch.zeros_like(lengths)
         start = spans.cumsum(1) - spans + offset[:, None]  # first expanded position of each token
 
         text_rows, text_cols = (real & ~is_image).nonzero(as_tuple=True)
-        image_rows, image_cols = is_image.nonzero(as_tuple=True)  # row-major = sample-major, placeholder order
+        image_rows, image_cols = is_image.nonzero(as_tuple=True)
         text_positions = start[text_rows, text_cols]
-        image_positions = start[image_rows, image_cols][:, None] + torch.arange(width, device=input_ids.device)
-        image_rows_per_token = image_rows[:, None].expand_as(image_positions)
+        owner = torch.arange(num_images, device=input_ids.device).repeat_interleave(widths)  # [P] image of each visual token
+        within = torch.arange(len(owner), device=input_ids.device) - (widths.cumsum(0) - widths)[owner]
+        image_positions = start[image_rows, image_cols][owner] + within
+        visual_index = _visual_index(visual_tokens_per_image, grid_rows, grid_cols, owner, within)
         mask = sample_ids.new_zeros(len(input_ids), total)
         mask[text_rows, text_positions] = sample_ids[text_rows, text_cols]
-        mask[image_rows_per_token, image_positions] = sample_ids[image_rows, image_cols][:, None]
+        mask[image_rows[owner], image_positions] = sample_ids[image_rows, image_cols][owner]
 
         packed = bool(mask.max() > 1)
         if packed:
@@ -121,8 +140,9 @@ class TokenLayout:
             text_rows,
             text_cols,
             text_positions,
-            image_rows,
+            image_rows[owner],
             image_positions,
+            visual_index,
             mask,
             out_labels,
             position_ids,
@@ -133,13 +153,21 @@ class TokenLayout:
             int((mask > 0).sum()),
         )
 
+    def visual_sequence(self, view_tokens: torch.Tensor, row_separator: torch.Tensor | None = None) -> torch.Tensor:
+        """The abstractor's tokens of every view ``[T, V, D]`` (and the learned ``row_separator`` ``[1, D]``
+        when some image is tiled) → the batch's visual tokens in layout order ``[P, D]``."""
+        table = view_tokens.flatten(0, 1)
+        if row_separator is not None:
+            table = torch.cat([table, row_separator.to(table.dtype)])
+        return table[self.visual_index]
+
     def splice(self, text_embeds: torch.Tensor, visual_tokens: torch.Tensor) -> torch.Tensor:
         """``text_embeds`` ``[B, T, D]`` (the LLM's embeddings of ``input_ids``) and ``visual_tokens``
-        ``[M, V, D]`` → the LLM's input embeddings ``[B, L, D]``; padding positions are zero."""
+        ``[P, D]`` (:meth:`visual_sequence`; or ``[M, V, D]`` when every image is one view) → the LLM's
+        input embeddings ``[B, L, D]``; padding positions are zero."""
         embeds = text_embeds.new_zeros(*self.mask.shape, text_embeds.shape[-1])
         embeds[self.text_rows, self.text_positions] = text_embeds[self.text_rows, self.text_cols]
-        rows = self.image_rows[:, None].expand_as(self.image_positions)
-        embeds[rows, self.image_positions] = visual_tokens.to(embeds.dtype)
+        embeds[self.image_rows, self.image_positions] = visual_tokens.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
         return embeds
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TokenLayout:
@@ -152,6 +180,28 @@ class TokenLayout:
             if isinstance(value := getattr(self, f.name), torch.Tensor)
         }
         return replace(self, **moved)
+
+
+def _visual_index(
+    tokens_per_view: int, grid_rows: torch.Tensor, grid_cols: torch.Tensor, owner: torch.Tensor, within: torch.Tensor
+) -> torch.Tensor:
+    """``[P]`` row of each visual token in the views' tokens ``[T·V]`` (row ``T·V``: the row separator).
+
+    ``grid_rows``/``grid_cols`` ``[M]`` each image's tiles; ``owner`` ``[P]`` the image a visual token
+    belongs to, ``within`` its place among that image's tokens (order in the module docstring).
+    """
+    queries = tokens_per_view - 1
+    views = 1 + grid_rows * grid_cols
+    first_view = (views.cumsum(0) - views)[owner]  # [P] the image's global view
+    rows, cols = grid_rows[owner], grid_cols[owner]
+    # Past the global view's queries, each row of tiles is cols·Q tile tokens and one separator.
+    tiled = within - queries
+    row, in_row = tiled.div(cols * queries + 1, rounding_mode="floor"), tiled.remainder(cols * queries + 1)
+    tile_view = first_view + 1 + row * cols + in_row.div(queries, rounding_mode="floor")
+    index = torch.where(in_row == cols * queries, int(views.sum()) * tokens_per_view, tile_view * tokens_per_view + in_row % queries)
+    index = torch.where(within < queries, first_view * tokens_per_view + within, index)
+    last = within == visual_tokens_of_grid(tokens_per_view, rows, cols) - 1
+    return torch.where(last, first_view * tokens_per_view + queries, index)  # the global view's end-of-image token
 
 
 def packed_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -180,7 +230,7 @@ class OwlModel(nn.Module):
         return self.abstractor.num_tokens
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """``[M, 3, H, W]`` → visual tokens ``[M, V, Dllm]``."""
+        """Views ``[T, 3, H, W]`` → visual tokens ``[T, V, Dllm]``."""
         return self.abstractor(self.vision(images))
 
     def layout(
@@ -191,11 +241,27 @@ class OwlModel(nn.Module):
         labels: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
         padding_side: str = "right",
+        image_grids: torch.Tensor | None = None,
     ) -> TokenLayout:
-        """The :class:`TokenLayout` of a batch (``[B, T]`` tensors, ``images`` ``[M, 3, H, W]``), on their device."""
-        num_images = 0 if images is None else images.shape[0]
+        """The :class:`TokenLayout` of a batch (``[B, T]`` tensors, ``images`` ``[T, 3, H, W]`` views,
+        ``image_grids`` ``[M, 2]`` as :func:`~owl_lightning.data.collate.collate` gives them), on their device."""
+        num_views = 0 if images is None else images.shape[0]
+        num_images = num_views if image_grids is None else len(image_grids)
+        if image_grids is not None and int((1 + image_grids.prod(1)).sum()) != num_views:
+            raise ValueError(
+                f"the batch has {num_views} image views but its image_grids {image_grids.tolist()} make "
+                f"{int((1 + image_grids.prod(1)).sum())}; pass collate's images and image_grids together"
+            )
         return TokenLayout.of(
-            input_ids, sample_ids, num_images, self.visual_tokens_per_image, self.image_token_id, labels, image_counts, padding_side
+            input_ids,
+            sample_ids,
+            num_images,
+            self.visual_tokens_per_image,
+            self.image_token_id,
+            labels,
+            image_counts,
+            padding_side,
+            image_grids,
         )
 
     def embed(
@@ -206,20 +272,21 @@ class OwlModel(nn.Module):
         labels: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
         padding_side: str = "right",
+        image_grids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Token ids ``[B, T]`` (+ images) → LLM input embeddings ``[B, L, D]``, mask and labels ``[B, L]``."""
-        layout = self.layout(input_ids, sample_ids, images, labels, image_counts, padding_side)
+        layout = self.layout(input_ids, sample_ids, images, labels, image_counts, padding_side, image_grids)
         return self.input_embeddings(input_ids, images, layout), layout.mask, layout.labels
 
     def input_embeddings(self, input_ids: torch.Tensor, images: torch.Tensor | None, layout: TokenLayout) -> torch.Tensor:
-        """``input_ids`` ``[B, T]`` and ``images`` ``[M, 3, H, W]`` (or None) → the LLM's input embeddings ``[B, L, D]``."""
+        """``input_ids`` ``[B, T]`` and ``images`` ``[T, 3, H, W]`` views (or None) → the LLM's input embeddings ``[B, L, D]``."""
         text_embeds = self.llm.get_input_embeddings()(input_ids)
         if images is None:
             images = torch.zeros(0, *self.vision.input_size, dtype=torch.uint8, device=input_ids.device)
         # A batch without images still runs the encoder and abstractor (on zero images) and ties their
-        # output to the loss: under FSDP/DDP every rank must run the same collectives (all-gathers,
-        # gradient reductions) whether or not its batch holds images.
-        visual = self.encode_images(images)
+        # output (and the row separator) to the loss: under FSDP/DDP every rank must run the same
+        # collectives (all-gathers, gradient reductions) whether or not its batch holds images.
+        visual = layout.visual_sequence(self.encode_images(images), self.abstractor.row_separator)
         embeds = layout.splice(text_embeds, visual)
         return embeds if visual.shape[0] else embeds + visual.sum()
 
@@ -231,13 +298,14 @@ class OwlModel(nn.Module):
         images: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
         layout: TokenLayout | None = None,
+        image_grids: torch.Tensor | None = None,
     ) -> OwlOutput:
         """Next-token loss over the supervised positions of ``labels`` (``[B, T]``, aligned with ``input_ids``).
 
         ``sample_ids`` is 1 on real tokens, or numbers the samples packed in a row 1, 2, … (see
         :func:`~owl_lightning.data.collate.collate`); 0 on padding. ``layout``: the batch's
         :meth:`layout`, if already made (on the host, so that this step needs no host sync)."""
-        layout = layout or self.layout(input_ids, sample_ids, images, labels, image_counts)
+        layout = layout or self.layout(input_ids, sample_ids, images, labels, image_counts, image_grids=image_grids)
         embeds = self.input_embeddings(input_ids, images, layout)
         # With nothing supervised the forward still runs (keep is empty) and the loss is a zero with a
         # graph: under DDP/FSDP every rank must run the same forward and backward collectives.
@@ -258,13 +326,14 @@ class OwlModel(nn.Module):
         sample_ids: torch.Tensor,
         images: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
+        image_grids: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.Tensor:
         """Prompts ``[B, T]`` (any padding side) → generated token ids ``[B, new]`` (prompt not included).
 
         Eager even where blocks were compiled for training: every new length and cache state would recompile."""
         with torch.compiler.set_stance("force_eager"):
-            embeds, mask, _ = self.embed(input_ids, sample_ids, images, image_counts=image_counts, padding_side="left")
+            embeds, mask, _ = self.embed(input_ids, sample_ids, images, None, image_counts, "left", image_grids)
             return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
 
     # Freeze policies -------------------------------------------------------------------------------
@@ -317,7 +386,9 @@ def build_owl(config: OwlConfig, pretrained: bool = True, tokenizer: PreTrainedT
         vocab = image_token_id = llm.config.vocab_size
         vocab += 1
     _resize_vocabulary(llm, vocab)
-    abstractor = VisualAbstractor(config.abstractor, vision.num_features, llm.get_input_embeddings().embedding_dim)
+    abstractor = VisualAbstractor(
+        config.abstractor, vision.num_features, llm.get_input_embeddings().embedding_dim, row_separator=config.image.mode == "anyres"
+    )
     return OwlModel(config, vision, abstractor, llm, image_token_id)
 
 
