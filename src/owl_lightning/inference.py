@@ -18,11 +18,11 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from owl_lightning.checkpoints import model_from_checkpoint, read_checkpoint, template_settings
 from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, compute_dtype
 from owl_lightning.data.collate import EncodedSample, collate
+from owl_lightning.data.highres import TiledImage, image_preprocess, visual_tokens_of
 from owl_lightning.data.images import to_rgb
 from owl_lightning.data.template import OWL_SYSTEM_PROMPT, Conversation, ConversationTemplate, Turn, resolve_system_prompt
 from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.owl import OwlModel
-from owl_lightning.models.vision import image_transform
 
 
 def default_device() -> str:
@@ -125,7 +125,7 @@ class OwlAssistant:
             max_length=max_length,
             visual_tokens_per_image=model.visual_tokens_per_image,
         )
-        self.transform = image_transform(model.config.vision)
+        self.transform = image_preprocess(model.config)
         self.device = next(model.parameters()).device
         self.dtype = compute_dtype(precision)
 
@@ -163,12 +163,16 @@ class OwlAssistant:
         and each image preprocessed (a small uint8 tensor, so the decoded picture can be dropped). Raises
         ``SkipSample(TOO_LONG)`` past ``max_length``."""
         conversation = Conversation(request.turns, images=[f"image {i}" for i in range(len(request.images))], system=request.system)
-        ids = (template or self.template).encode_prompt(conversation)
-        return EncodedSample(ids, [IGNORE_INDEX] * len(ids), [self.transform(to_rgb(i)) for i in request.images])
+        images = [self.transform(to_rgb(image)) for image in request.images]
+        ids = (template or self.template).encode_prompt(conversation, self._image_tokens(images))
+        return EncodedSample(ids, [IGNORE_INDEX] * len(ids), images)
 
     def prompt_tokens(self, sample: EncodedSample) -> int:
         """Positions the LLM reads for ``sample``'s prompt: its text tokens and every image's visual tokens."""
-        return self.template.expanded_length(sample.input_ids)
+        return self.template.expanded_length(sample.input_ids, self._image_tokens(sample.images))
+
+    def _image_tokens(self, images: list[torch.Tensor | TiledImage]) -> list[int]:
+        return [visual_tokens_of(image, self.model.visual_tokens_per_image) for image in images]
 
     def decode(self, tokens: list[int]) -> str:
         """An answer's text, as :meth:`answer` returns it."""
@@ -205,11 +209,11 @@ def generate_captions(
     model: OwlModel,
     tokenizer,
     template: ConversationTemplate,
-    pixels: list[torch.Tensor],
+    pixels: list[torch.Tensor | TiledImage],
     max_new_tokens: int,
     dtype: torch.dtype = torch.float32,
 ) -> list[str]:
-    """Greedy captions of preprocessed images (uint8 ``[3, H, W]`` each), from the stage-1 prompt ``BOS <image>``."""
+    """Greedy captions of preprocessed images (uint8 ``[3, H, W]`` each, or AnyRes tiles), from the stage-1 prompt ``BOS <image>``."""
     prompt = template.caption_prompt()
     samples = [EncodedSample(prompt, [IGNORE_INDEX] * len(prompt), [image]) for image in pixels]
     return generate(model, tokenizer, samples, max_new_tokens, dtype=dtype)
@@ -270,6 +274,7 @@ def generate_answers(
             batch["sample_ids"].to(device),
             images,
             batch["image_counts"].to(device),
+            batch["image_grids"].to(device),
             max_new_tokens=max(sampling.max_new_tokens for sampling in samplings),
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
