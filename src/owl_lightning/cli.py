@@ -136,6 +136,8 @@ def describe(name: str) -> dict:
         "params": params,
         "trainable_params": trainable,
         "visual_tokens_per_image": config.visual_tokens_per_image,
+        "max_visual_tokens_per_image": config.max_visual_tokens_per_image,
+        "image_mode": config.image.mode,
     }
 
 
@@ -165,7 +167,10 @@ def _describe_main(args: list[str]) -> None:
     if ns.json:
         print(json.dumps(info, indent=2))
         return
-    print(f"{info['name']}: {info['total_params'] / 1e9:.3f}B parameters, {info['visual_tokens_per_image']} visual tokens per image")
+    tokens = info["visual_tokens_per_image"]
+    if info["max_visual_tokens_per_image"] != tokens:  # AnyRes: a view's tokens up to the largest tile grid's
+        tokens = f"{tokens}–{info['max_visual_tokens_per_image']} ({info['image_mode']})"
+    print(f"{info['name']}: {info['total_params'] / 1e9:.3f}B parameters, {tokens} visual tokens per image")
     for part, n in info["params"].items():
         print(f"  {part:<11} {n:>15,}")
     for stage, n in info["trainable_params"].items():

@@ -18,7 +18,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from owl_lightning.checkpoints import model_from_checkpoint, read_checkpoint, template_settings
 from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, compute_dtype
 from owl_lightning.data.collate import EncodedSample, collate
-from owl_lightning.data.highres import TiledImage, image_preprocess, visual_tokens_of
+from owl_lightning.data.highres import TiledImage, image_preprocess, image_token_counter, visual_tokens_of
 from owl_lightning.data.images import to_rgb
 from owl_lightning.data.template import OWL_SYSTEM_PROMPT, Conversation, ConversationTemplate, Turn, resolve_system_prompt
 from owl_lightning.models.llm import load_tokenizer
@@ -126,6 +126,7 @@ class OwlAssistant:
             visual_tokens_per_image=model.visual_tokens_per_image,
         )
         self.transform = image_preprocess(model.config)
+        self._count_image_tokens = image_token_counter(model.config)
         self.device = next(model.parameters()).device
         self.dtype = compute_dtype(precision)
 
@@ -170,6 +171,12 @@ class OwlAssistant:
     def prompt_tokens(self, sample: EncodedSample) -> int:
         """Positions the LLM reads for ``sample``'s prompt: its text tokens and every image's visual tokens."""
         return self.template.expanded_length(sample.input_ids, self._image_tokens(sample.images))
+
+    def image_tokens(self, image: Image.Image) -> int:
+        """Visual tokens ``image`` takes in a prompt: one view's, or under AnyRes its tiles' (by its size)."""
+        if self._count_image_tokens is None:
+            return self.model.visual_tokens_per_image
+        return self._count_image_tokens(image)
 
     def _image_tokens(self, images: list[torch.Tensor | TiledImage]) -> list[int]:
         return [visual_tokens_of(image, self.model.visual_tokens_per_image) for image in images]
