@@ -11,6 +11,7 @@ import yaml
 from PIL import Image
 from tests.helpers import fit, tiny_system
 
+from owl_lightning.checkpoints import load_model_weights
 from owl_lightning.config import IGNORE_INDEX, LLAVA_NEXT_TILE_GRIDS, OwlConfig, get_config, visual_tokens_of_grid
 from owl_lightning.data.collate import EncodedSample, collate
 from owl_lightning.data.health import SkipSample
@@ -334,3 +335,13 @@ def test_describe_shows_the_token_range(capsys):
 
     main(["describe", "owl-tiny-anyres"])
     assert "5–23 (anyres) visual tokens per image" in capsys.readouterr().out
+
+
+def test_a_checkpoint_trained_at_another_size_continues_at_this_one(anyres_tokenizer):
+    trained = build_owl(get_config("owl-tiny"), tokenizer=anyres_tokenizer)  # 32 px: 4×4 patches + CLS
+    state = {f"model.{key}": value for key, value in trained.state_dict().items() if key.startswith(("vision.", "abstractor."))}
+    larger = build_owl(get_config("owl-tiny-anyres", {"vision.image_size": 48}), tokenizer=anyres_tokenizer)  # 6×6 + CLS
+    load_model_weights(larger, state, "stage1.ckpt")
+    assert larger.vision.model.pos_embed.shape == (1, 37, 48)
+    assert torch.equal(larger.vision.model.pos_embed[0, 0], trained.vision.model.pos_embed[0, 0])  # the class token's as trained
+    assert torch.equal(larger.abstractor.queries, trained.abstractor.queries)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from timm.data.transforms import MaybePILToTensor
-from timm.layers import Conv2dSame
+from timm.layers import Conv2dSame, resample_abs_pos_embed
 from torch import nn
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
@@ -84,6 +84,12 @@ def resample_position_embeddings(model: nn.Module, image_size: int) -> bool:
         return False
     model.set_input_size(img_size=(image_size, image_size))
     return True
+
+
+def position_embedding_for(model: nn.Module, pos_embed: torch.Tensor) -> torch.Tensor:
+    """A ViT's absolute position embedding ``[1, prefix + h·w, D]`` trained at another input size, resampled
+    to ``model``'s patch grid by timm (e.g. a stage-1 checkpoint at 224 px into an AnyRes run at 336 px)."""
+    return resample_abs_pos_embed(pos_embed, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=model.num_prefix_tokens)
 
 
 class _Float32OnCPU:
