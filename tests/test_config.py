@@ -5,7 +5,7 @@ import torch
 
 from owl_lightning.cli import describe, main
 from owl_lightning.config import OwlConfig, get_config, list_configs
-from owl_lightning.models.owl import build_owl
+from owl_lightning.models.owl import build_owl, visual_tokens_per_image
 
 
 def test_registry_lists_the_three_configs():
@@ -19,7 +19,7 @@ def test_unknown_config_lists_known_ones():
 
 def test_overrides_apply_and_unknown_keys_fail():
     cfg = get_config("owl-smol", {"abstractor.num_queries": 32, "lora.r": 16})
-    assert cfg.visual_tokens_per_image == 33 and cfg.lora.r == 16
+    assert visual_tokens_per_image(cfg) == 33 and cfg.lora.r == 16
     assert get_config("owl-smol").abstractor.num_queries == 16  # the registry is not mutated
     with pytest.raises(KeyError, match="abstractor.nope"):
         get_config("owl-smol", {"abstractor.nope": 1})
@@ -51,6 +51,24 @@ def test_describe_owl_llama7b_counts():
     lora = 32 * 2 * 8 * (4096 + 4096)  # r=8 on q_proj and v_proj of 32 layers
     assert info["trainable_params"]["stage2"] == info["params"]["abstractor"] + lora
     assert info["trainable_params"]["stage1"] == info["params"]["vision"] + info["params"]["abstractor"]
+
+
+def test_the_mlp_connector_at_the_papers_scale_keeps_every_encoder_token():
+    """LLaVA-1.5's connector on the paper's ViT-L/14: 257 visual tokens per image (256 patches + CLS)
+    against the abstractor's 65, and two matrices (1024 → 4096 → 4096) against six layers."""
+    config = get_config("owl-llama7b", {"connector": "mlp"})
+    with torch.device("meta"):
+        model = build_owl(config, pretrained=False)
+    assert visual_tokens_per_image(config) == model.visual_tokens_per_image == 257
+    assert model.abstractor.fc1.weight.shape == (4096, 1024) and model.abstractor.fc2.weight.shape == (4096, 4096)
+    info = describe("owl-llama7b")
+    mlp_params = sum(p.numel() for p in model.abstractor.parameters())
+    assert mlp_params == 1024 * 4096 + 4096 + 4096 * 4096 + 4096 < info["params"]["abstractor"]
+
+
+def test_an_unknown_connector_fails_by_name():
+    with pytest.raises(ValueError, match=r"owl_config.connector must be one of \['abstractor', 'mlp'\]"):
+        OwlConfig.from_dict({**get_config("owl-tiny").to_dict(), "connector": "qformer"})
 
 
 def test_describe_cli_prints_json(capsys):

@@ -28,20 +28,25 @@ def test_experiment_config_parses(config, capsys):
 
 
 @pytest.mark.parametrize(
-    "recipe, expected",
-    [("stage2_full.yaml", {"llm": "full", "llm_lr": 2e-5}), ("stage2_qlora.yaml", {"llm": "lora", "quantization": "nf4"})],
+    "stage, recipe, expected",
+    [
+        ("stage2", "stage2_full.yaml", {"llm": "full", "llm_lr": 2e-5}),
+        ("stage2", "stage2_qlora.yaml", {"llm": "lora", "quantization": "nf4"}),
+        ("stage1", "connector_mlp.yaml", {"connector": "mlp", "llm": "frozen"}),
+        ("stage2", "connector_mlp.yaml", {"connector": "mlp", "llm": "lora"}),
+    ],
 )
-def test_recipe_configs_stack_on_a_stage(recipe, expected, capsys):
-    stage2 = ROOT / "experiments" / "stage2_smol.yaml"
+def test_recipe_configs_stack_on_a_stage(stage, recipe, expected, capsys):
+    stage_config = ROOT / "experiments" / f"{stage}_smol.yaml"
     with pytest.raises(SystemExit):
         main(
             [
-                "stage2",
+                stage,
                 "fit",
                 "--config",
                 str(BASE),
                 "--config",
-                str(stage2),
+                str(stage_config),
                 "--config",
                 str(ROOT / "experiments" / "recipes" / recipe),
                 "--print_config",
@@ -49,9 +54,14 @@ def test_recipe_configs_stack_on_a_stage(recipe, expected, capsys):
         )
     printed = yaml.safe_load(capsys.readouterr().out)
     model = printed["model"]
-    got = {"llm": model["recipe"]["llm"], "llm_lr": model["optimizer"]["llm_lr"], "quantization": model["config"]["llm"]["quantization"]}
+    got = {
+        "llm": model["recipe"]["llm"],
+        "llm_lr": model["optimizer"]["llm_lr"],
+        "quantization": model["config"]["llm"]["quantization"],
+        "connector": model["config"]["connector"],
+    }
     assert {key: got[key] for key in expected} == expected
-    assert model["config"]["name"] == "owl-smol" and printed["trainer"]["default_root_dir"].startswith("runs/stage2_")
+    assert model["config"]["name"] == "owl-smol" and printed["trainer"]["default_root_dir"].startswith(f"runs/{stage}_")
 
 
 @pytest.mark.parametrize("name", list_configs())

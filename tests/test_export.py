@@ -13,7 +13,6 @@ import torch
 from peft import PeftModel
 from PIL import Image
 from safetensors.torch import load_file
-from tests.helpers import COLOURS, fit, tiny_system
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from owl_lightning.checkpoints import export_checkpoint, is_base_llm_weight, load_owl
@@ -26,6 +25,7 @@ from owl_lightning.models.abstractor import VisualAbstractor
 from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.owl import build_owl
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
+from tests.helpers import COLOURS, fit, tiny_system
 
 # owl-tiny with 10x the LLM's random-init scale: its greedy answers then differ with the prompt and the
 # image (at the default scale every answer is blanks), so equal answers mean something.

@@ -1,8 +1,7 @@
 """Exactly the right parameters train in each recipe."""
 
-from tests.helpers import tiny_system
-
 from owl_lightning.config import TrainRecipe
+from tests.helpers import tiny_system
 
 
 def trainable(system):

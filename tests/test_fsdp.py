@@ -22,7 +22,6 @@ import pytest
 import torch
 import yaml
 from lightning.pytorch.strategies import ModelParallelStrategy
-from tests.helpers import TINY_YAML, fit, largest_difference, tiny_system
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
@@ -34,6 +33,7 @@ from owl_lightning.models.llm import build_llm, load_tokenizer
 from owl_lightning.models.owl import build_owl
 from owl_lightning.train.datamodules import CaptionDataModule
 from owl_lightning.train.parallel import AtomicModelParallelStrategy, assert_sharded, checkpoint_activations, llm_blocks, shard_owl
+from tests.helpers import TINY_YAML, fit, largest_difference, tiny_system
 
 pytestmark = pytest.mark.slow  # multi-process runs
 

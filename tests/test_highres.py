@@ -9,7 +9,6 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from tests.helpers import fit, tiny_system
 
 from owl_lightning.checkpoints import load_model_weights
 from owl_lightning.config import IGNORE_INDEX, LLAVA_NEXT_TILE_GRIDS, OwlConfig, get_config, visual_tokens_of_grid
@@ -19,10 +18,11 @@ from owl_lightning.data.highres import AnyResTiles, PadToSquare, TiledImage, ima
 from owl_lightning.data.template import Conversation, ConversationTemplate, Turn
 from owl_lightning.inference import OwlAssistant, Request
 from owl_lightning.models.llm import load_tokenizer
-from owl_lightning.models.owl import TokenLayout, build_owl
+from owl_lightning.models.owl import TokenLayout, build_owl, max_visual_tokens_per_image, visual_tokens_per_image
 from owl_lightning.models.vision import VisionEncoder, resample_position_embeddings
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
 from owl_lightning.train.flops import StepFlops, sequence_lengths
+from tests.helpers import fit, tiny_system
 
 IMG = 99
 RED, BLUE = (220, 30, 30), (30, 30, 220)
@@ -74,8 +74,8 @@ def test_best_grid_keeps_the_most_pixels_then_wastes_the_least(size, grid):
 
 @pytest.mark.parametrize(
     ("size", "grid", "tokens"),
-    # owl-tiny-anyres: 32 px tiles, 4 queries (V = 5): V + 4·rows·cols + rows tokens.
-    [((64, 32), (1, 2), 5 + 8 + 1), ((32, 64), (2, 1), 5 + 8 + 2), ((64, 64), (2, 2), 5 + 16 + 2), ((20, 10), (1, 2), 14)],
+    # owl-tiny-anyres: 32 px tiles, 4 queries + the end token (V = 5) a view: 5·(1 + rows·cols) + rows tokens.
+    [((64, 32), (1, 2), 15 + 1), ((32, 64), (2, 1), 15 + 2), ((64, 64), (2, 2), 25 + 2), ((20, 10), (1, 2), 16)],
 )
 def test_anyres_tiles_and_tokens_follow_the_image_size(size, grid, tokens):
     config = get_config("owl-tiny-anyres")
@@ -83,8 +83,8 @@ def test_anyres_tiles_and_tokens_follow_the_image_size(size, grid, tokens):
     rows, cols = grid
     assert isinstance(tiled, TiledImage) and (tiled.rows, tiled.cols) == grid
     assert tiled.views.shape == (1 + rows * cols, 3, 32, 32) and tiled.views.dtype == torch.uint8
-    assert visual_tokens_of_grid(config.visual_tokens_per_image, rows, cols) == tokens
-    assert config.max_visual_tokens_per_image == 23
+    assert visual_tokens_of_grid(visual_tokens_per_image(config), rows, cols) == tokens
+    assert max_visual_tokens_per_image(config) == 27
 
 
 def test_tiles_are_the_grid_canvas_cut_row_major_and_the_global_view_comes_first():
@@ -98,9 +98,11 @@ def test_tiles_are_the_grid_canvas_cut_row_major_and_the_global_view_comes_first
 
 def test_paper_scale_token_costs():
     config = get_config("owl-llama7b-anyres336")
-    counts = {tuple(grid): visual_tokens_of_grid(config.visual_tokens_per_image, *grid) for grid in config.image.tile_grids}
-    assert counts == {(2, 1): 195, (1, 2): 194, (2, 2): 323, (3, 1): 260, (1, 3): 258}
-    assert config.max_visual_tokens_per_image == 323 and get_config("owl-llama7b-pad336").max_visual_tokens_per_image == 65
+    counts = {tuple(grid): visual_tokens_of_grid(visual_tokens_per_image(config), *grid) for grid in config.image.tile_grids}
+    assert counts == {(2, 1): 197, (1, 2): 196, (2, 2): 327, (3, 1): 263, (1, 3): 261}
+    assert max_visual_tokens_per_image(config) == 327 and max_visual_tokens_per_image(get_config("owl-llama7b-pad336")) == 65
+    mlp = get_config("owl-llama7b-anyres336", {"connector": "mlp"})  # LLaVA-NeXT's pairing: every encoder token of every view
+    assert visual_tokens_per_image(mlp) == 577 and max_visual_tokens_per_image(mlp) == 577 * 5 + 2
 
 
 # -- pad to square -----------------------------------------------------------------------------------
@@ -134,39 +136,41 @@ def test_crop_stays_the_default():
 
 
 def test_visual_tokens_are_global_view_then_rows_of_tiles_each_ended_by_a_separator():
-    v = 3  # 2 queries + the end token per view
-    ids = torch.tensor([[1, IMG, 7, IMG, 8]])
-    grids = torch.tensor([[2, 2], [0, 0]])  # a 2×2 AnyRes image, then a single-view one: 6 views
-    layout = TokenLayout.of(ids, torch.ones_like(ids), 2, v, IMG, image_grids=grids)
-    views = torch.arange(6 * v, dtype=torch.float).view(6, v, 1) * 10  # view k's token j is 10·(3k + j)
+    v = 2  # tokens per view
+    ids = torch.tensor([[1, IMG, 7, IMG, 8, IMG]])
+    grids = torch.tensor([[2, 2], [0, 0], [1, 3]])  # a 2×2 AnyRes image, a single view, a 1×3 one: 10 views
+    layout = TokenLayout.of(ids, torch.ones_like(ids), 3, v, IMG, image_grids=grids)
+    views = torch.arange(10 * v, dtype=torch.float).view(10, v, 1) + 10  # view k's token j is 10 + 2k + j
     separator = torch.full((1, 1), -1.0)
     embeds = layout.splice(ids.float()[..., None], layout.visual_sequence(views, separator))
     tokens = embeds[0, :, 0].tolist()
-    first = [0, 10]  # global view's queries (view 0)
-    row1 = [30, 40, 60, 70, -1]  # tiles 1 and 2 (views 1, 2), separator
-    row2 = [90, 100, 120, 130, -1]  # tiles 3 and 4
-    end = [20]  # the global view's end-of-image token
-    assert tokens == [1, *first, *row1, *row2, *end, 7, 150, 160, 170, 8]
-    assert len(tokens) == 3 + visual_tokens_of_grid(v, 2, 2) + v
+    square = [10, 11] + [12, 13, 14, 15, -1] + [16, 17, 18, 19, -1]  # global view; tiles 1, 2, separator; tiles 3, 4, separator
+    single = [20, 21]
+    wide = [22, 23] + [24, 25, 26, 27, 28, 29, -1]
+    assert tokens == [1, *square, 7, *single, 8, *wide]
+    assert len(square) == visual_tokens_of_grid(v, 2, 2) and len(wide) == visual_tokens_of_grid(v, 1, 3)
 
 
-def test_model_puts_its_learned_separator_after_every_row_and_trains_it(anyres_model, anyres_tokenizer):
-    tiles = AnyResTiles(anyres_model.config.vision, anyres_model.config.image.tile_grids)
-    image = tiles(halves(64, 64))  # 2×2
+@pytest.mark.parametrize(("connector", "v"), [("abstractor", 5), ("mlp", 17)])  # 4 queries + end; every encoder token
+def test_model_puts_its_learned_separator_after_every_row_and_trains_it(anyres_tokenizer, connector, v):
+    model = build_owl(get_config("owl-tiny-anyres", {"connector": connector}), tokenizer=anyres_tokenizer)
+    image = AnyResTiles(model.config.vision, model.config.image.tile_grids)(halves(64, 64))  # 2×2
     image_id = anyres_tokenizer.convert_tokens_to_ids("<image>")
     batch = collate([EncodedSample([1, image_id, 65], [IGNORE_INDEX, IGNORE_INDEX, 65], [image])], pad_token_id=0)
     assert batch["image_grids"].tolist() == [[2, 2]] and batch["images"].shape == (5, 3, 32, 32)
-    embeds, mask, _ = anyres_model.embed(batch["input_ids"], batch["sample_ids"], batch["images"], image_grids=batch["image_grids"])
-    assert embeds.shape[1] == 2 + 23
-    separator = anyres_model.abstractor.row_separator[0]
+    embeds, mask, _ = model.embed(batch["input_ids"], batch["sample_ids"], batch["images"], image_grids=batch["image_grids"])
+    assert embeds.shape[1] == 2 + 5 * v + 2
+    separator = model.abstractor.row_separator[0]
     is_separator = [bool(torch.equal(embeds[0, position], separator)) for position in range(embeds.shape[1])]
-    # BOS, then 4 global + 8 (row 1) → separator at 1 + 12; 8 more (row 2) → at 1 + 21; then END and the text.
-    assert [p for p, hit in enumerate(is_separator) if hit] == [13, 22]
-    out = anyres_model(
+    # BOS, the global view's V, row 1's 2V → separator; row 2's 2V → separator; then the text.
+    assert [p for p, hit in enumerate(is_separator) if hit] == [1 + 3 * v, 2 + 5 * v]
+    views = model.encode_images(batch["images"])  # [5, V, D]
+    assert torch.equal(embeds[0, 1 : 1 + v], views[0]) and torch.equal(embeds[0, 1 + v : 1 + 3 * v], views[1:3].flatten(0, 1))
+    out = model(
         batch["input_ids"], batch["sample_ids"], batch["labels"], batch["images"], batch["image_counts"], image_grids=batch["image_grids"]
     )
     out.loss.backward()
-    assert anyres_model.abstractor.row_separator.grad.abs().sum() > 0
+    assert model.abstractor.row_separator.grad.abs().sum() > 0
 
 
 def test_views_that_do_not_match_the_grids_are_refused_with_the_fix(anyres_model):
@@ -221,8 +225,8 @@ def test_owl_llama7b_anyres336_builds_on_meta_and_counts_its_tiles():
         "image_counts": torch.tensor([1, 1]),
         "image_grids": torch.tensor([[2, 2], [1, 3]]),
     }
-    assert sequence_lengths(batch, flops.visual_tokens_per_image, image).tolist() == [3 + 323, 2 + 258]
-    text = flops.per_token * (326 + 260) + flops.per_causal_pair * (326 * 327 + 260 * 261) / 2
+    assert sequence_lengths(batch, flops.visual_tokens_per_image, image).tolist() == [3 + 327, 2 + 261]
+    text = flops.per_token * (330 + 263) + flops.per_causal_pair * (330 * 331 + 263 * 264) / 2
     assert flops.step(batch, 0) == pytest.approx(9 * flops.per_view + text)  # 1 + 4 and 1 + 3 views
 
 
@@ -232,31 +236,31 @@ def test_owl_llama7b_anyres336_builds_on_meta_and_counts_its_tiles():
 def test_the_template_fits_text_around_each_images_own_token_count(anyres_tokenizer):
     template = ConversationTemplate(anyres_tokenizer, system_prompt=None, visual_tokens_per_image=5, max_length=40)
     caption = "a red and blue picture " * 4
-    ids, labels = template.encode_caption(caption, image_tokens=23)
-    assert template.expanded_length(ids, [23]) == 40 and ids.count(template.image_token_id) == 1
+    ids, labels = template.encode_caption(caption, image_tokens=27)
+    assert template.expanded_length(ids, [27]) == 40 and ids.count(template.image_token_id) == 1
     single, _ = template.encode_caption(caption)
-    assert len(single) - len(ids) == 23 - 5
+    assert len(single) - len(ids) == 27 - 5
     conversation = Conversation([Turn("user", "<image>\n<image>\nWhich is wider?"), Turn("assistant", "the first")], ["a", "b"])
 
     def template(max_length: int) -> ConversationTemplate:
         return ConversationTemplate(anyres_tokenizer, system_prompt=None, visual_tokens_per_image=5, max_length=max_length)
 
-    ids, _, kept = template(1000).encode(conversation, [14, 23])
-    full = template(1000).expanded_length(ids, [14, 23])
-    assert kept == 2 and full == template(1000).expanded_length(ids) + 9 + 18
+    ids, _, kept = template(1000).encode(conversation, [16, 27])
+    full = template(1000).expanded_length(ids, [16, 27])
+    assert kept == 2 and full == template(1000).expanded_length(ids) + 11 + 22
     prompt_only = full - len("the first") - 1  # the answer and its EOS cut off
     assert template(prompt_only).encode(conversation)[2] == 2  # at 5 tokens an image, the answer still fits
-    with pytest.raises(SkipSample, match=f"max_length={prompt_only}"):  # at the tiles' 14 and 23 it does not
-        template(prompt_only).encode(conversation, [14, 23])
+    with pytest.raises(SkipSample, match=f"max_length={prompt_only}"):  # at the tiles' 16 and 27 it does not
+        template(prompt_only).encode(conversation, [16, 27])
 
 
 def test_packing_counts_tiled_images_at_their_size():
     tiles = AnyResTiles(get_config("owl-tiny-anyres").vision, [[1, 2], [2, 2]])
-    wide, square = tiles(halves(64, 32)), tiles(halves(64, 64))  # 14 and 23 tokens at V = 5
+    wide, square = tiles(halves(64, 32)), tiles(halves(64, 64))  # 16 and 27 tokens at V = 5
     samples = [EncodedSample([1, IMG, 2], [IGNORE_INDEX, 2, 3], [image]) for image in (wide, square, wide)]
     batch = collate(samples, pad_token_id=0, pack_visual_tokens_per_image=5)
     lengths = sorted(sequence_lengths(batch, 5, IMG).tolist())
-    assert lengths == [16, 16, 25]  # 2 text tokens each plus 14, 14, 23 visual tokens
+    assert lengths == [18, 18, 29]  # 2 text tokens each plus 16, 16, 27 visual tokens
     assert batch["images"].shape == (3 + 3 + 5, 3, 32, 32) and batch["images"].is_contiguous(memory_format=torch.channels_last)
     assert batch["image_grids"].tolist() in ([[2, 2], [1, 2], [1, 2]], [[1, 2], [2, 2], [1, 2]], [[1, 2], [1, 2], [2, 2]])
 
@@ -313,8 +317,8 @@ def test_assistant_answers_about_images_of_different_shapes(anyres_model, anyres
     requests = [Request.single("What shape?", [halves(64, 32)]), Request.single("And this?", [halves(32, 64)])]
     samples = [assistant.encode(request) for request in requests]
     assert [(image.rows, image.cols) for sample in samples for image in sample.images] == [(1, 2), (2, 1)]
-    assert assistant.prompt_tokens(samples[0]) == len(samples[0].input_ids) - 1 + 14
-    assert [assistant.image_tokens(image) for image in (halves(64, 32), halves(64, 64))] == [14, 23]
+    assert assistant.prompt_tokens(samples[0]) == len(samples[0].input_ids) - 1 + 16
+    assert [assistant.image_tokens(image) for image in (halves(64, 32), halves(64, 64))] == [16, 27]
     answers = assistant.answer(requests, max_new_tokens=4)
     assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
 
@@ -324,7 +328,7 @@ def test_stage1_captions_leave_room_for_the_tiles(tmp_path, caption_manifest):
     data = CaptionDataModule(manifest=str(caption_manifest), processor=system.processor, batch_size=4, num_workers=0, max_length=20)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
-    # 32 px squares: every grid keeps all their pixels, 1×2 and 2×1 waste the least, 1×2 is listed first: 14 tokens
+    # 32 px squares: every grid keeps all their pixels, 1×2 and 2×1 waste the least, 1×2 is listed first: 16 tokens
     assert batch["image_grids"].tolist() == [[1, 2]] * 4 and batch["images"].shape == (12, 3, 32, 32)
     assert sequence_lengths(batch, 5, system.processor.tokenizer.convert_tokens_to_ids("<image>")).max() <= 20
     fit(system, data, tmp_path, steps=2)
@@ -334,7 +338,7 @@ def test_describe_shows_the_token_range(capsys):
     from owl_lightning.cli import main
 
     main(["describe", "owl-tiny-anyres"])
-    assert "5–23 (anyres) visual tokens per image" in capsys.readouterr().out
+    assert "5–27 (anyres) visual tokens per image" in capsys.readouterr().out
 
 
 def test_a_checkpoint_trained_at_another_size_continues_at_this_one(anyres_tokenizer):

@@ -8,10 +8,10 @@ operators (``_local_scalar_dense`` under ``item``/``int``/``bool``, and ``nonzer
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from tests.helpers import caption_batch, fit, tiny_system
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from owl_lightning.train.datamodules import CaptionDataModule
+from tests.helpers import caption_batch, fit, tiny_system
 
 aten = torch.ops.aten
 READS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.equal.default}

@@ -10,11 +10,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
-from tests.helpers import InterruptAt, Interrupted, fit, tiny_system
-from tests.hostile_corpus import LIMITS, write_hostile_instructions, write_hostile_shards, write_outside
 
 from owl_lightning.data.health import EMPTY_SOURCE, OVERSIZED_SHARD, PATH_OUTSIDE_ROOT, TOO_LONG, TRUNCATED_TAR
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
+from tests.helpers import InterruptAt, Interrupted, fit, tiny_system
+from tests.hostile_corpus import LIMITS, write_hostile_instructions, write_hostile_shards, write_outside
 
 _opened: list[str] = []
 _recording = [False]

@@ -5,12 +5,13 @@ import json
 import pytest
 import torch
 from PIL import Image
-from tests.helpers import COLOURS, tiny_system
 
-from owl_lightning.apps.eval.vqa import easy_vqa_accuracy, normalise
+from owl_lightning.apps.eval.benchmarks.easy_vqa import EasyVQA, first_word
+from owl_lightning.apps.eval.benchmarks.harness import read_questions, run_task
 from owl_lightning.data.template import Turn
-from owl_lightning.inference import ChatSession, OwlAssistant, Request
+from owl_lightning.inference import ChatSession, Generation, OwlAssistant, Request
 from owl_lightning.train.callbacks import CaptionSamples
+from tests.helpers import COLOURS, tiny_system
 
 
 @pytest.fixture
@@ -73,32 +74,47 @@ def test_chat_keeps_the_history(assistant, monkeypatch):
     assert len(prompts[-1].turns) == 1 and prompts[-1].turns[0].content.startswith("<image>")
 
 
-def test_normalise_matches_answers_loosely():
-    assert normalise("Blue.") == normalise(" blue ") == "blue"
-    assert normalise("Yes, it is") == "yes"
-    assert normalise("") == ""
+def test_easy_vqa_matches_answers_by_their_first_word():
+    assert first_word("Blue.") == first_word(" blue ") == "blue"
+    assert first_word("Yes, it is") == "yes"
+    assert first_word("") == ""
 
 
 class ScriptedAssistant:
-    """Returns fixed answers, so the metric is checked against hand-computed values."""
+    """Returns fixed answers in order (its tokens are the answers' texts), so the metric is checked
+    against hand-computed values."""
 
     def __init__(self, answers):
         self.answers = iter(answers)
 
-    def answer(self, requests, max_new_tokens):
-        return [next(self.answers) for _ in requests]
+    def encode(self, request):
+        return request
+
+    def generate(self, samples, samplings):
+        return [Generation(tokens=next(self.answers)) for _ in samples]
+
+    def decode(self, tokens):
+        return tokens
 
 
 def test_easy_vqa_accuracy_by_type(tmp_path):
-    Image.new("RGB", (8, 8)).save(tmp_path / "0.png")
-    records = [
-        {"image": "0.png", "question": "what shape?", "answer": "circle", "type": "shape"},
-        {"image": "0.png", "question": "what color?", "answer": "red", "type": "color"},
-        {"image": "0.png", "question": "is it red?", "answer": "yes", "type": "yes_no"},
-        {"image": "0.png", "question": "is it blue?", "answer": "no", "type": "yes_no"},
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "0.png")
+    asked = [
+        ("what shape?", "circle", "shape"),
+        ("what color?", "red", "color"),
+        ("is it red?", "yes", "yes_no"),
+        ("is it blue?", "no", "yes_no"),
     ]
-    result = easy_vqa_accuracy(ScriptedAssistant(["Circle.", "blue", "yes", "yes"]), records, tmp_path, batch_size=3, progress=False)
-    assert result["accuracy"] == 0.5
+    records = [
+        {"image": "0.png", "conversations": [{"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}], "question_type": t}
+        for q, a, t in asked
+    ]
+    (tmp_path / "stage2").mkdir()
+    (tmp_path / "stage2" / "easyvqa_test.json").write_text(json.dumps(records))
+    task = EasyVQA(tmp_path)
+    result = run_task(ScriptedAssistant(["Circle.", "blue", "yes", "yes"]), task, *read_questions(task), batch_size=3, progress=False)
+    assert result["accuracy"] == 0.5 and result["count"] == 4
     assert result["by_type"] == {"color": 0.0, "shape": 1.0, "yes_no": 0.5}
     assert [m["predicted"] for m in result["mistakes"]] == ["blue", "yes"]
     json.dumps(result)  # eval.json must be able to hold it

@@ -10,9 +10,9 @@ import time
 
 import pytest
 import torch
-from tests.helpers import TINY_YAML
 
 from owl_lightning.checkpoints import read_checkpoint
+from tests.helpers import TINY_YAML
 
 pytestmark = pytest.mark.slow  # real training processes killed and resumed
 

@@ -4,13 +4,13 @@ run with a message naming the step and where its batch came from."""
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from tests.helpers import fit, tiny_system
 
 from owl_lightning.checkpoints import read_checkpoint
 from owl_lightning.config import get_config
 from owl_lightning.data.processor import OwlProcessor
 from owl_lightning.train.datamodules import CaptionDataModule
 from owl_lightning.train.system import OwlSystem, gradients_finite
+from tests.helpers import fit, tiny_system
 
 
 class Snapshots(Callback):

@@ -19,7 +19,6 @@ import openai
 import pytest
 import torch
 from PIL import Image
-from tests.helpers import COLOURS, png_bytes
 
 from owl_lightning.apps.web import TOKEN_HEADER, HttpError, running
 from owl_lightning.apps.web.batching import GenerationBatcher
@@ -28,6 +27,7 @@ from owl_lightning.cli import main
 from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN
 from owl_lightning.data.collate import EncodedSample
 from owl_lightning.inference import Generation, OwlAssistant, Request, Sampling, _AnswerSampling
+from tests.helpers import COLOURS, png_bytes
 
 MODEL = "owl-tiny-test"
 KEY = "test-key"

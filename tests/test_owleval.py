@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from tests.helpers import SUBSET, write_owleval
 
 from owl_lightning.apps.owleval import (
     ANSWER_KEYS,
@@ -22,6 +21,7 @@ from owl_lightning.apps.owleval import (
 )
 from owl_lightning.data.template import Conversation, Turn
 from owl_lightning.inference import OwlAssistant
+from tests.helpers import SUBSET, write_owleval
 
 PUBLISHED = Path(__file__).resolve().parents[1] / ".." / "shared" / "owleval"
 

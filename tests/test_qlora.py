@@ -3,12 +3,12 @@
 import bitsandbytes as bnb
 import pytest
 import torch
-from tests.helpers import fit, tiny_system
 
 from owl_lightning.checkpoints import load_owl
 from owl_lightning.config import TrainRecipe, get_config
 from owl_lightning.models.llm import build_llm
 from owl_lightning.train.datamodules import InstructionDataModule
+from tests.helpers import fit, tiny_system
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from tests.helpers import InterruptAt, Interrupted, fit, tiny_system
 
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
+from tests.helpers import InterruptAt, Interrupted, fit, tiny_system
 
 STEPS = 14
 

@@ -2,13 +2,13 @@
 
 import torch
 from PIL import Image
-from tests.helpers import TINY_YAML, fit, tiny_system
 
 from owl_lightning.checkpoints import load_owl, read_checkpoint
 from owl_lightning.cli import main
 from owl_lightning.config import get_config
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
 from owl_lightning.train.system import OwlSystem
+from tests.helpers import TINY_YAML, fit, tiny_system
 
 
 def snapshot(system):

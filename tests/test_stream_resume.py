@@ -14,12 +14,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from tests.test_shards import build, captions_of, img2dataset_sample, rgb_png, write_good_shards, write_shard
 
 from owl_lightning.data import shards
 from owl_lightning.data.health import CORRUPT_IMAGE
 from owl_lightning.data.manifest import ShardSource
 from owl_lightning.train.datamodules import ResumableLoader
+from tests.test_shards import build, captions_of, img2dataset_sample, rgb_png, write_good_shards, write_shard
 
 ONE_PROCESS = SimpleNamespace(current_epoch=0, world_size=1, global_rank=0)  # what ResumableLoader reads of a Trainer
 BATCH = 3

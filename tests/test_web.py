@@ -21,7 +21,6 @@ from urllib.parse import quote
 
 import pytest
 from PIL import Image
-from tests.helpers import SUBSET, png_bytes, write_owleval
 
 from owl_lightning.apps.owleval import read_questions, write_answers
 from owl_lightning.apps.web import TOKEN_HEADER, running
@@ -29,6 +28,7 @@ from owl_lightning.apps.web.demo import ChatApp, read_conversation
 from owl_lightning.apps.web.rate import RatingsFile, open_rating
 from owl_lightning.cli import main
 from owl_lightning.inference import OwlAssistant
+from tests.helpers import SUBSET, png_bytes, write_owleval
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 SYSTEMS = ("alpha", "beta", "gamma")

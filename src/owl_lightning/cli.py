@@ -5,6 +5,7 @@ owl-lightning stage2 fit --config experiments/stage2_smol.yaml [--ckpt_path last
 owl-lightning describe owl-llama7b [--json]
 owl-lightning data [--out data/embedded]
 owl-lightning eval --ckpt RUN_OR_CKPT [--vqa-limit N]
+owl-lightning eval --ckpt RUN_OR_CKPT --tasks vqav2,pope[,...] [--root pope=DIR] [--choice likelihood] [--limit N]
 owl-lightning chat --ckpt RUN_OR_CKPT --image a.jpg [--image b.jpg] [--prompt "..."]
 owl-lightning owleval --ckpt RUN_OR_CKPT --out answers.jsonl [--data ../shared/owleval]
 owl-lightning rate --answers DIR_OR_FILE [--answers ...] [--ratings owleval_ratings.jsonl] [--summary] [--no-blind]
@@ -118,7 +119,7 @@ def describe(name: str) -> dict:
     """Parameter counts of a named config, built on the ``meta`` device (no download, no memory), and
     what each recipe trains."""
     from owl_lightning.config import STAGE1, STAGE2, TrainRecipe
-    from owl_lightning.models.owl import build_owl
+    from owl_lightning.models.owl import build_owl, max_visual_tokens_per_image
 
     config = get_config(name)
     recipes = {"stage1": STAGE1, "stage2": STAGE2, "stage2_full": TrainRecipe(vision="frozen", abstractor="train", llm="full")}
@@ -135,8 +136,8 @@ def describe(name: str) -> dict:
         "total_params": sum(params.values()),
         "params": params,
         "trainable_params": trainable,
-        "visual_tokens_per_image": config.visual_tokens_per_image,
-        "max_visual_tokens_per_image": config.max_visual_tokens_per_image,
+        "visual_tokens_per_image": model.visual_tokens_per_image,
+        "max_visual_tokens_per_image": max_visual_tokens_per_image(config),
         "image_mode": config.image.mode,
     }
 
@@ -184,15 +185,30 @@ def _data_main(args: list[str]) -> None:
 
 
 def _eval_main(args: list[str]) -> None:
-    from owl_lightning.apps.eval.run import evaluate, summary_table
+    from owl_lightning.apps.eval.benchmarks import TASKS, BenchmarkFileError
+    from owl_lightning.apps.eval.benchmarks.harness import CHOICE_MODES
+    from owl_lightning.apps.eval.run import UnknownTask, evaluate, evaluate_tasks, summary_table, tasks_table
 
     parser = argparse.ArgumentParser(
         prog="owl-lightning eval",
-        description="Evaluate a checkpoint: easy-VQA accuracy, caption BLEU, text-only ability against the base LLM "
-        "(perplexity on the training's own text task and on unseen English prose; answers to held-out text prompts), "
-        "qualitative sheet. Writes <run>/eval.json.",
+        description="Evaluate a checkpoint. Without --tasks: easy-VQA accuracy, caption BLEU, text-only ability against the "
+        "base LLM (perplexity on the training's own text task and on unseen English prose; answers to held-out text prompts), "
+        "qualitative sheet. With --tasks: those benchmarks, from local copies in their official formats (docs/evaluation.md). "
+        "Writes <run>/eval.json.",
     )
     _add_loading_arguments(parser)
+    parser.add_argument("--tasks", default=None, help=f"comma-separated benchmarks: {', '.join(TASKS)}")
+    parser.add_argument(
+        "--root",
+        action="append",
+        default=[],
+        metavar="TASK=DIR",
+        help="a task's folder (repeat for several; default: benchmarks/TASK, and data/embedded for easy_vqa)",
+    )
+    parser.add_argument(
+        "--choice", default="generate", choices=CHOICE_MODES, help="how multiple-choice questions are answered (default: %(default)s)"
+    )
+    parser.add_argument("--limit", type=int, default=None, help="with --tasks: the first N questions of each task (default: all)")
     parser.add_argument("--data", default="data/embedded", help="the embedded data folder (make data)")
     parser.add_argument("--vqa-limit", type=int, default=None, help="first N easy-VQA test questions (default: all 9,673)")
     parser.add_argument("--text-limit", type=int, default=None, help="first N held-out same-task text answers (default: all)")
@@ -205,6 +221,18 @@ def _eval_main(args: list[str]) -> None:
     parser.add_argument("--caption-limit", type=int, default=200, help="held-out images to caption")
     parser.add_argument("--batch-size", type=int, default=64)
     ns = parser.parse_args(args)
+    if ns.tasks is not None:
+        names = [name.strip() for name in ns.tasks.split(",") if name.strip()]
+        if malformed := [root for root in ns.root if "=" not in root]:
+            parser.error(f"--root takes TASK=DIR, got {malformed}")
+        roots = dict(root.split("=", 1) for root in ns.root)
+        try:
+            results, path = evaluate_tasks(ns.ckpt, names, roots, ns.choice, ns.batch_size, ns.limit, load=_load_options(ns))
+        except (FileNotFoundError, BenchmarkFileError, UnknownTask) as err:  # the message names the file or task and the fix
+            parser.exit(2, f"owl-lightning eval: {err}\n")
+        print(tasks_table(results, names))
+        print(path)
+        return
     results, path = evaluate(
         ns.ckpt,
         ns.data,

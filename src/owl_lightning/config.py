@@ -85,10 +85,10 @@ class ImageConfig:
 
 
 def visual_tokens_of_grid(tokens_per_view: int, rows: int = 0, cols: int = 0) -> int:
-    """LLM positions one image takes: ``V = tokens_per_view`` (num_queries + the end-of-image token) for a
-    single view (``rows = cols = 0``); for an AnyRes image of ``rows × cols`` tiles, the global view's
-    ``V − 1`` query tokens, each tile's ``V − 1``, one row separator per row of tiles, and one end token."""
-    return tokens_per_view + (tokens_per_view - 1) * rows * cols + rows
+    """LLM positions one image takes: ``V = tokens_per_view`` (the connector's tokens of one view) for a
+    single view (``rows = cols = 0``); for an AnyRes image of ``rows × cols`` tiles, ``V`` for the global
+    view and for each tile, and one row separator per row of tiles."""
+    return tokens_per_view * (1 + rows * cols) + rows
 
 
 @dataclass
@@ -153,24 +153,22 @@ STAGE2 = TrainRecipe(vision="frozen", abstractor="train", llm="lora")  # the pap
 
 @dataclass
 class OwlConfig:
+    """A whole model: encoder, connector, LLM and the LoRA used when the recipe asks for it.
+
+    ``connector``: what turns the encoder's features into the LLM's visual tokens — ``abstractor`` (the
+    paper's visual abstractor, configured by ``abstractor``: ``num_queries + 1`` tokens per image) or
+    ``mlp`` (LLaVA-1.5's two-layer MLP over every encoder token). Either sits in the model's
+    ``abstractor`` slot: its checkpoint keys, the recipe's ``abstractor`` field and the export's
+    ``abstractor.safetensors`` name that slot whichever fills it.
+    """
+
     name: str
     vision: VisionConfig = field(default_factory=VisionConfig)
     abstractor: AbstractorConfig = field(default_factory=AbstractorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
-
-    @property
-    def visual_tokens_per_image(self) -> int:
-        """Queries plus the learned end-of-image token: the tokens of one view (a whole image unless ``anyres``)."""
-        return self.abstractor.num_queries + 1
-
-    @property
-    def max_visual_tokens_per_image(self) -> int:
-        """The most LLM positions one image can take: under ``anyres``, at the largest tile grid."""
-        if self.image.mode != "anyres":
-            return self.visual_tokens_per_image
-        return max(visual_tokens_of_grid(self.visual_tokens_per_image, rows, cols) for rows, cols in self.image.tile_grids)
+    connector: Literal["abstractor", "mlp"] = "abstractor"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -23,6 +23,7 @@ from timm.data.transforms import str_to_interp_mode
 from torchvision.transforms.v2 import functional as TF
 
 from owl_lightning.config import OwlConfig, VisionConfig, visual_tokens_of_grid
+from owl_lightning.models.owl import visual_tokens_per_image
 from owl_lightning.models.vision import image_transform, vision_data_config
 
 
@@ -148,10 +149,10 @@ def image_preprocess(config: OwlConfig) -> Callable[[Image.Image], torch.Tensor 
 
 def image_token_counter(config: OwlConfig) -> Callable[[Image.Image], int] | None:
     """Where an image's LLM positions depend on its size (``anyres``): decoded image → its visual tokens.
-    ``None`` where every image takes ``config.visual_tokens_per_image``."""
+    ``None`` where every image takes ``visual_tokens_per_image(config)``."""
     if config.image.mode != "anyres":
         return None
-    return _AnyResTokenCounter(AnyResTiles(config.vision, config.image.tile_grids), config.visual_tokens_per_image)
+    return _AnyResTokenCounter(AnyResTiles(config.vision, config.image.tile_grids), visual_tokens_per_image(config))
 
 
 class _AnyResTokenCounter:

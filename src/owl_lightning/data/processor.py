@@ -18,6 +18,7 @@ from owl_lightning.config import OwlConfig
 from owl_lightning.data.highres import TiledImage, image_preprocess, image_token_counter
 from owl_lightning.data.template import ConversationTemplate, resolve_system_prompt
 from owl_lightning.models.llm import load_tokenizer
+from owl_lightning.models.owl import visual_tokens_per_image
 
 
 class OwlProcessor:
@@ -39,7 +40,7 @@ class OwlProcessor:
     @cached_property
     def image_tokens(self) -> Callable[[Image.Image], int] | None:
         """Decoded image → its visual tokens where they depend on its size (anyres); None where every
-        image takes ``config.visual_tokens_per_image``."""
+        image takes ``visual_tokens_per_image(config)``."""
         return image_token_counter(self.config)
 
     def template(self, max_length: int = 1024, style: str = "owl", system_prompt: str | None = None) -> ConversationTemplate:
@@ -49,5 +50,5 @@ class OwlProcessor:
             style=style,
             system_prompt=resolve_system_prompt(style, system_prompt),
             max_length=max_length,
-            visual_tokens_per_image=self.config.visual_tokens_per_image,
+            visual_tokens_per_image=visual_tokens_per_image(self.config),
         )

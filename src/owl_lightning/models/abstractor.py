@@ -10,9 +10,6 @@ sequence of visual tokens in the LLM's embedding space::
         x   = q + out_proj(att)                                       # residual on the normed queries, as the official code
         x   = x + SwiGLU(LN_ffn(x))                                   # SwiGLU with an inner LayerNorm
     → proj to the LLM width [B, Q, Dllm] → append one learned end-of-image token → [B, Q + 1, Dllm]
-
-Under AnyRes (docs/high_resolution.md) it also holds the learned row separator that follows each
-row of an image's tiles; the model places it (``TokenLayout.visual_sequence``).
 """
 
 from __future__ import annotations
@@ -73,12 +70,9 @@ class _AbstractorLayer(nn.Module):
 
 
 class VisualAbstractor(nn.Module):
-    """Visual features ``[B, N, vision_width]`` → visual tokens ``[B, num_queries + 1, llm_width]``.
+    """Visual features ``[B, N, vision_width]`` → visual tokens ``[B, num_queries + 1, llm_width]``."""
 
-    ``row_separator``: hold a learned ``[1, llm_width]`` token that ends each row of AnyRes tiles.
-    """
-
-    def __init__(self, cfg: AbstractorConfig, vision_width: int, llm_width: int, row_separator: bool = False) -> None:
+    def __init__(self, cfg: AbstractorConfig, vision_width: int, llm_width: int) -> None:
         super().__init__()
         self.cfg = cfg
         h = cfg.hidden_size
@@ -90,8 +84,6 @@ class VisualAbstractor(nn.Module):
         self.layers = nn.ModuleList(_AbstractorLayer(cfg) for _ in range(cfg.num_layers))
         self.proj = nn.Linear(h, llm_width)
         self.end_token = nn.Parameter(torch.randn(1, 1, llm_width) * 0.02)
-        # Only in AnyRes models: a crop or pad model's checkpoints keep the paper's (and official) keys.
-        self.row_separator = nn.Parameter(torch.randn(1, llm_width) * 0.02) if row_separator else None
 
     @property
     def num_tokens(self) -> int:

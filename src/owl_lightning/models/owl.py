@@ -5,13 +5,14 @@ image's visual tokens, in order — adjacent placeholders stay separate images �
 the attention mask and labels to the expanded sequence. A batch may mix text-only and
 multimodal samples.
 
-An image is one view (``V = num_queries + 1`` tokens: the queries, then the end-of-image token)
-or, under AnyRes (docs/high_resolution.md), a global view and a ``rows × cols`` grid of tiles.
-Every view goes through the encoder and the abstractor; the image's tokens are then::
+An image is one view (``V`` tokens from the connector: the abstractor's queries and end-of-image
+token, or every encoder token under the MLP connector) or, under AnyRes (docs/high_resolution.md),
+a global view and a ``rows × cols`` grid of tiles. Every view goes through the encoder and the
+connector; the image's tokens are then::
 
-    global view's Q queries | row 1: tile 1's Q … tile cols' Q, separator | … | row rows: …, separator | end
+    global view's V | row 1: tile 1's V … tile cols' V, separator | … | row rows: …, separator
 
-``Q = V − 1``; ``V + (V − 1)·rows·cols + rows`` in all (``config.visual_tokens_of_grid``).
+``V·(1 + rows·cols) + rows`` in all (``config.visual_tokens_of_grid``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, LoRAConfig, OwlConfig, TrainRecipe, visual_tokens_of_grid
 from owl_lightning.models.abstractor import VisualAbstractor
 from owl_lightning.models.llm import build_llm, load_tokenizer
-from owl_lightning.models.vision import VisionEncoder
+from owl_lightning.models.projector import MLPProjector
+from owl_lightning.models.vision import VisionEncoder, encoder_tokens
 
 
 @dataclass
@@ -190,18 +192,15 @@ def _visual_index(
     ``grid_rows``/``grid_cols`` ``[M]`` each image's tiles; ``owner`` ``[P]`` the image a visual token
     belongs to, ``within`` its place among that image's tokens (order in the module docstring).
     """
-    queries = tokens_per_view - 1
     views = 1 + grid_rows * grid_cols
     first_view = (views.cumsum(0) - views)[owner]  # [P] the image's global view
-    rows, cols = grid_rows[owner], grid_cols[owner]
-    # Past the global view's queries, each row of tiles is cols·Q tile tokens and one separator.
-    tiled = within - queries
-    row, in_row = tiled.div(cols * queries + 1, rounding_mode="floor"), tiled.remainder(cols * queries + 1)
-    tile_view = first_view + 1 + row * cols + in_row.div(queries, rounding_mode="floor")
-    index = torch.where(in_row == cols * queries, int(views.sum()) * tokens_per_view, tile_view * tokens_per_view + in_row % queries)
-    index = torch.where(within < queries, first_view * tokens_per_view + within, index)
-    last = within == visual_tokens_of_grid(tokens_per_view, rows, cols) - 1
-    return torch.where(last, first_view * tokens_per_view + queries, index)  # the global view's end-of-image token
+    cols = grid_cols[owner]
+    # Past the global view's V tokens, each row of tiles is cols·V tile tokens and one separator.
+    tiled = within - tokens_per_view
+    row, in_row = tiled.div(cols * tokens_per_view + 1, rounding_mode="floor"), tiled.remainder(cols * tokens_per_view + 1)
+    tile_token = (first_view + 1 + row * cols) * tokens_per_view + in_row  # the row's tiles' tokens lie end to end
+    index = torch.where(in_row == cols * tokens_per_view, int(views.sum()) * tokens_per_view, tile_token)
+    return torch.where(within < tokens_per_view, first_view * tokens_per_view + within, index)
 
 
 def packed_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -212,11 +211,34 @@ def packed_positions(mask: torch.Tensor) -> torch.Tensor:
     return index - torch.where(starts, index, 0).cummax(1).values
 
 
+def max_visual_tokens_per_image(config: OwlConfig) -> int:
+    """The most LLM positions one image can take: ``V``, or under ``anyres`` at the largest tile grid."""
+    if config.image.mode != "anyres":
+        return visual_tokens_per_image(config)
+    return max(visual_tokens_of_grid(visual_tokens_per_image(config), rows, cols) for rows, cols in config.image.tile_grids)
+
+
+def visual_tokens_per_image(config: OwlConfig) -> int:
+    """``V``, the LLM positions one image takes: the abstractor's queries plus its end-of-image token, or
+    every encoder token under the MLP connector. From the config alone (data workers have no model)."""
+    if config.connector == "mlp":
+        return encoder_tokens(config.vision)
+    return config.abstractor.num_queries + 1
+
+
 class OwlModel(nn.Module):
-    """vision ``[M, 3, H, W] → [M, N, Dv]`` → abstractor ``→ [M, V, Dllm]`` → spliced into the LLM."""
+    """vision ``[M, 3, H, W] → [M, N, Dv]`` → connector ``→ [M, V, Dllm]`` → spliced into the LLM.
+
+    The connector (``config.connector``) is the visual abstractor or LLaVA's MLP projector; either is
+    held as ``abstractor`` (see :class:`~owl_lightning.config.OwlConfig`)."""
 
     def __init__(
-        self, config: OwlConfig, vision: VisionEncoder, abstractor: VisualAbstractor, llm: PreTrainedModel, image_token_id: int
+        self,
+        config: OwlConfig,
+        vision: VisionEncoder,
+        abstractor: VisualAbstractor | MLPProjector,
+        llm: PreTrainedModel,
+        image_token_id: int,
     ) -> None:
         super().__init__()
         self.config = config
@@ -230,7 +252,7 @@ class OwlModel(nn.Module):
         return self.abstractor.num_tokens
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Views ``[T, 3, H, W]`` → visual tokens ``[T, V, Dllm]``."""
+        """Views ``[T, 3, H, W]`` → visual tokens ``[T, V, Dllm]`` (encoder, then the connector)."""
         return self.abstractor(self.vision(images))
 
     def layout(
@@ -386,10 +408,17 @@ def build_owl(config: OwlConfig, pretrained: bool = True, tokenizer: PreTrainedT
         vocab = image_token_id = llm.config.vocab_size
         vocab += 1
     _resize_vocabulary(llm, vocab)
-    abstractor = VisualAbstractor(
-        config.abstractor, vision.num_features, llm.get_input_embeddings().embedding_dim, row_separator=config.image.mode == "anyres"
-    )
-    return OwlModel(config, vision, abstractor, llm, image_token_id)
+    llm_width = llm.get_input_embeddings().embedding_dim
+    if config.connector == "mlp":
+        connector = MLPProjector(visual_tokens_per_image(config), vision.num_features, llm_width)
+    else:
+        connector = VisualAbstractor(config.abstractor, vision.num_features, llm_width)
+    # AnyRes's learned row separator lives in the connector's slot, whichever connector fills it: it trains
+    # with it (the recipe's abstractor field) and is saved under its keys. Absent otherwise: crop and pad
+    # checkpoints keep the paper's (and the official) keys.
+    separator = nn.Parameter(torch.randn(1, llm_width) * 0.02) if config.image.mode == "anyres" else None
+    connector.register_parameter("row_separator", separator)
+    return OwlModel(config, vision, connector, llm, image_token_id)
 
 
 def _resize_vocabulary(llm: PreTrainedModel, vocab: int) -> None:

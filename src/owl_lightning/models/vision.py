@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib.util
+import json
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import timm
@@ -90,6 +94,20 @@ def position_embedding_for(model: nn.Module, pos_embed: torch.Tensor) -> torch.T
     """A ViT's absolute position embedding ``[1, prefix + h·w, D]`` trained at another input size, resampled
     to ``model``'s patch grid by timm (e.g. a stage-1 checkpoint at 224 px into an AnyRes run at 336 px)."""
     return resample_abs_pos_embed(pos_embed, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=model.num_prefix_tokens)
+
+
+def encoder_tokens(cfg: VisionConfig) -> int:
+    """``N``: the feature tokens :class:`VisionEncoder` gives per image of the configured size, found by
+    running the architecture on the ``meta`` device (no weights, no compute), once per config."""
+    return _encoder_tokens(json.dumps(dataclasses.asdict(cfg), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=16)
+def _encoder_tokens(config_json: str) -> int:
+    cfg = VisionConfig(**json.loads(config_json))
+    with torch.device("meta"):
+        encoder = VisionEncoder(replace(cfg, weights=None), pretrained=False)
+        return encoder(torch.empty(1, *encoder.input_size, dtype=torch.uint8)).shape[1]
 
 
 class _Float32OnCPU:

@@ -150,6 +150,7 @@ class OwlSystem(L.LightningModule):
             model.llm.generation_config = GenerationConfig.from_dict(rank0_llm[1])
         if self.hparams.init_from and pretrained:
             checkpoint = read_checkpoint(self.hparams.init_from)
+            _check_same_connector(checkpoint, self.owl_config, self.hparams.init_from)
             load_model_weights(model, checkpoint["state_dict"], self.hparams.init_from)
             log.info("initialised from %s", self.hparams.init_from)
         model.apply_recipe(self.recipe)
@@ -324,6 +325,16 @@ class OwlSystem(L.LightningModule):
         weights = sum(t.numel() * t.element_size() for t in self.state_dict().values())  # base LLM left out by the hook
         moments = 2 * 4 * sum(p.numel() for p in self.parameters() if p.requires_grad)
         return weights + moments
+
+
+def _check_same_connector(checkpoint: dict, config: OwlConfig, path: str) -> None:
+    """A run starting from a checkpoint whose connector differs from its own config's cannot take its weights."""
+    saved = (checkpoint.get("owl_config") or {}).get("connector", "abstractor")
+    if saved != config.connector:
+        raise ValueError(
+            f"--model.init_from {path} was trained with connector {saved!r}, this run's model config has {config.connector!r}: "
+            f"set --model.config.connector {saved} (for mlp: stack experiments/recipes/connector_mlp.yaml)"
+        )
 
 
 def _without_base_llm(module: torch.nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:

@@ -1,4 +1,8 @@
-"""``owl-lightning eval``: every metric of a checkpoint into ``<run>/eval.json``, a table, and TensorBoard."""
+"""``owl-lightning eval``: every metric of a checkpoint into ``<run>/eval.json``, a table, and TensorBoard.
+
+Without ``--tasks``: the embedded data's checks (easy-VQA, captions, text-only ability, a qualitative
+sheet). With ``--tasks``: those benchmarks (:mod:`owl_lightning.apps.eval.benchmarks`), read from local copies.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from owl_lightning.apps.eval.benchmarks import TASKS
+from owl_lightning.apps.eval.benchmarks.easy_vqa import EasyVQA
+from owl_lightning.apps.eval.benchmarks.harness import numeric_leaves, read_questions, run_task
 from owl_lightning.apps.eval.captions import caption_bleu, read_captioned_images
 from owl_lightning.apps.eval.instructions import instruction_following
 from owl_lightning.apps.eval.qualitative import qualitative_sheet
 from owl_lightning.apps.eval.text import prose_perplexity, same_task_perplexity
-from owl_lightning.apps.eval.vqa import easy_vqa_accuracy, read_vqa_records
 from owl_lightning.checkpoints import holds_lora, read_checkpoint, resolve_checkpoint, run_folder
 from owl_lightning.inference import LoadOptions, OwlAssistant
 
@@ -43,8 +49,8 @@ def evaluate(
     assistant = OwlAssistant.from_checkpoint(ckpt_file, **asdict(load or LoadOptions()))
     stage = "stage2" if holds_lora(read_checkpoint(ckpt_file)["state_dict"]) else "stage1"
     results: dict = {"checkpoint": str(ckpt_file), "stage": stage}
-    records = read_vqa_records(data / "stage2" / "easyvqa_test.json", vqa_limit)
-    results["easy_vqa"] = easy_vqa_accuracy(assistant, records, data / "images", batch_size, progress)
+    easy_vqa = EasyVQA(data)
+    results["easy_vqa"] = run_task(assistant, easy_vqa, *read_questions(easy_vqa, vqa_limit), batch_size=batch_size, progress=progress)
     pairs = read_captioned_images(sorted((data / "stage1").glob("val-*.tar")), caption_limit)
     results["captions"] = caption_bleu(assistant, pairs, batch_size, progress)
     results["text_same_task"] = same_task_perplexity(assistant, str(data / "stage2" / "text_heldout.json"), text_limit, progress)
@@ -56,6 +62,52 @@ def evaluate(
     path.write_text(json.dumps(results, indent=2) + "\n")
     _log_to_tensorboard(run, results)
     return results, path
+
+
+class UnknownTask(ValueError):
+    pass
+
+
+def evaluate_tasks(
+    ckpt: str,
+    names: list[str],
+    roots: dict[str, str] | None = None,
+    choice: str = "generate",
+    batch_size: int = 16,
+    limit: int | None = None,
+    progress: bool = True,
+    load: LoadOptions | None = None,
+) -> tuple[dict, Path]:
+    """Benchmarks ``names`` (keys of :data:`TASKS`) into ``<run>/eval.json`` (and TensorBoard); returns the results and the path.
+
+    ``roots``: task name → its folder (default: each task's ``default_root``); ``choice``: how multiple-choice
+    questions are answered (``generate`` or ``likelihood``); ``limit``: the first N questions of each task.
+    Each task's results sit under its name, beside what an earlier eval of the same checkpoint wrote there."""
+    unknown = sorted(set(names) - set(TASKS)) + sorted(set(roots or {}) - set(TASKS))
+    if unknown:
+        raise UnknownTask(f"unknown task(s) {unknown}: the tasks are {', '.join(TASKS)}")
+    tasks = [TASKS[name]((roots or {}).get(name)) for name in names]
+    run, ckpt_file = run_folder(ckpt), resolve_checkpoint(ckpt)
+    started = time.perf_counter()
+    questions = {task.name: read_questions(task, limit) for task in tasks}
+    assistant = OwlAssistant.from_checkpoint(ckpt_file, **asdict(load or LoadOptions()))
+    path = run / "eval.json"
+    earlier = json.loads(path.read_text()) if path.is_file() else {}
+    results = earlier if earlier.get("checkpoint") == str(ckpt_file) else {"checkpoint": str(ckpt_file)}
+    for task in tasks:
+        scores = run_task(assistant, task, *questions[task.name], choice, batch_size, progress)
+        results[task.name] = {**scores, "choice": choice, "root": str(task.root)}
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    _log_tasks_to_tensorboard(run, results, names)
+    return results, path
+
+
+def tasks_table(results: dict, names: list[str]) -> str:
+    """``task  metric  value`` rows of every number in each task's results."""
+    rows = [(name, leaf, f"{value:.4g}") for name in names for leaf, value in numeric_leaves(results[name])]
+    width = [max(len(row[i]) for row in rows) for i in range(2)] if rows else [0, 0]
+    return "\n".join(f"{task:<{width[0]}}  {leaf:<{width[1]}}  {value}" for task, leaf, value in rows)
 
 
 def summary_table(results: dict, examples: int = 3) -> str:
@@ -127,6 +179,17 @@ def _log_to_tensorboard(run: Path, results: dict) -> None:
         writer.add_text("eval/text_prompts", "| prompt | base LLM | tuned |\n|---|---|---|\n" + pairs, step)
         sheet = "\n".join(f"| {r['photo']} | {r['prompt']} | {r['answer']} |" for r in results["qualitative"])
         writer.add_text("eval/qualitative", "| photo | prompt | answer |\n|---|---|---|\n" + sheet, step)
+
+
+def _log_tasks_to_tensorboard(run: Path, results: dict, names: list[str]) -> None:
+    """Every number of each task's results as ``eval/<task>/<metric>`` (``eval/pope/random/f1``)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    step = read_checkpoint(results["checkpoint"]).get("global_step", 0)
+    with SummaryWriter(str(run)) as writer:
+        for name in names:
+            for tag, value in numeric_leaves(results[name], f"eval/{name}/"):
+                writer.add_scalar(tag, value, step)
 
 
 def _cell(text: str) -> str:
