@@ -164,3 +164,17 @@ def largest_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
     """The largest absolute difference between same-named tensors (which must name the same tensors)."""
     assert a.keys() == b.keys()
     return max(float((a[name] - b[name]).abs().max()) for name in a)
+
+
+def reply_log_probability(assistant, request, reply: str) -> float:
+    """``reply``'s tokens (and the end of the answer) as the assistant's answer to ``request``, summed
+    log-probability by the training loss's own path: the mean loss of a batch of one times its tokens."""
+    from owl_lightning.data.collate import EncodedSample, collate
+    from owl_lightning.data.template import Conversation, Turn
+
+    conversation = Conversation([*request.turns, Turn("assistant", reply)], images=[f"image {i}" for i in range(len(request.images))])
+    input_ids, labels, _ = assistant.template.encode(conversation)
+    batch = collate([EncodedSample(input_ids, labels, assistant.encode(request).images)], assistant.tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = assistant.model(batch["input_ids"], batch["sample_ids"], batch["labels"], batch["images"], batch["image_counts"])
+    return -float(out.loss) * out.num_supervised

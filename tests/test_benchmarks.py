@@ -6,7 +6,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from owl_lightning.apps.eval.benchmarks import TASKS, BenchmarkFileError
 from owl_lightning.apps.eval.benchmarks.answers import (
@@ -21,12 +20,10 @@ from owl_lightning.apps.eval.benchmarks.caption_scores import bleu4, caption_tok
 from owl_lightning.apps.eval.benchmarks.harness import CHOICE_MODES, LETTER_INSTRUCTION, _most_likely_option, read_questions, run_task
 from owl_lightning.apps.eval.benchmarks.metrics import yes_no_metrics
 from owl_lightning.cli import main
-from owl_lightning.data.collate import EncodedSample, collate
 from owl_lightning.data.images import decode_image
-from owl_lightning.data.template import Conversation, Turn
 from owl_lightning.export import write_export
 from owl_lightning.inference import Generation, OwlAssistant, Request, Sampling
-from tests.helpers import png_bytes
+from tests.helpers import png_bytes, reply_log_probability
 
 
 class ScriptedAssistant:
@@ -432,20 +429,10 @@ def test_likelihood_ranking_picks_the_option_of_highest_total_log_probability_wh
     options = ("red", "a small green square", "blue")
     request = Request.single("What colour is the square?", [decode_image(png_bytes("red"))])
 
-    def total_log_probability(option: str) -> float:
-        """The option's reply tokens' summed log-probability: the mean loss of a batch of one times its tokens."""
-        conversation = Conversation([*request.turns, Turn("assistant", option)], images=["image 0"])
-        input_ids, labels, _ = assistant.template.encode(conversation)
-        batch = collate([EncodedSample(input_ids, labels, assistant.encode(request).images)], tiny_tokenizer.pad_token_id)
-        with torch.no_grad():
-            out = tiny_model(batch["input_ids"], batch["sample_ids"], batch["labels"], batch["images"], batch["image_counts"])
-        return -float(out.loss) * out.num_supervised
-
-    best = max(options, key=total_log_probability)
+    best = max(options, key=lambda option: reply_log_probability(assistant, request, option))
     for shift in range(len(options)):
         rotated = options[shift:] + options[:shift]
-        pixels = assistant.encode(request).images
-        assert rotated[LETTERS.index(_most_likely_option(assistant, request, pixels, rotated))] == best
+        assert rotated[LETTERS.index(_most_likely_option(assistant, request, rotated))] == best
 
 
 def test_a_prompt_too_long_for_the_model_is_a_counted_skip(tmp_path, tiny_model, tiny_tokenizer):

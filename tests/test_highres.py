@@ -321,6 +321,8 @@ def test_assistant_answers_about_images_of_different_shapes(anyres_model, anyres
     assert [assistant.image_tokens(image) for image in (halves(64, 32), halves(64, 64))] == [16, 27]
     answers = assistant.answer(requests, max_new_tokens=4)
     assert len(answers) == 2 and all(isinstance(answer, str) for answer in answers)
+    scores = assistant.reply_likelihoods(requests[0], ["wide", "tall"])  # multiple choice over the same tiles
+    assert len(scores) == 2 and all(math.isfinite(total) and total < 0 for total, _ in scores)
 
 
 def test_stage1_captions_leave_room_for_the_tiles(tmp_path, caption_manifest):

@@ -15,7 +15,7 @@ from PIL import Image
 
 from owl_lightning.checkpoints import export_checkpoint
 from owl_lightning.inference import OwlAssistant, Request
-from tests.helpers import COLOURS
+from tests.helpers import COLOURS, reply_log_probability
 from tests.test_export import stage2_checkpoint
 
 datasets = pytest.importorskip("datasets")
@@ -165,3 +165,33 @@ def test_a_task_with_videos_is_refused_by_name():
 
     with pytest.raises(TypeError, match=r"task 'videomme', document 3: owl_lightning takes images, this task gives a str"):
         _images(["/data/clip.mp4"], "videomme", 3)
+
+
+def test_likelihood_requests_score_the_continuation_as_the_reply(tmp_path):
+    """lmms-eval's loglikelihood requests: each continuation's summed log-probability as the reply (and the
+    end of the answer) equals minus the training loss's sum over the same supervised tokens."""
+    from lmms_eval.api.instance import Instance
+
+    from owl_lightning.apps.eval.lmms_eval_model import OwlLightningModel
+
+    torch.manual_seed(0)
+    export = export_checkpoint(stage2_checkpoint(tmp_path / "run.ckpt", system_prompt=None), tmp_path / "export")
+    model = OwlLightningModel(ckpt=str(export), device="cpu", precision="fp32")
+    image = Image.new("RGB", (32, 32), COLOURS["red"])
+    model.task_dict = {"colours": {"test": [{"image": image}]}}
+    continuations = ["red", "blue", "a green square"]
+    requests = [
+        Instance(
+            "loglikelihood",
+            ("What colour?", continuation, lambda doc: [doc["image"]], 0, "colours", "test"),
+            idx=index,
+            metadata={"task": "colours", "doc_id": 0, "repeats": 1},
+        )
+        for index, continuation in enumerate(continuations)
+    ]
+    scores = model.loglikelihood(requests)
+
+    request = Request.single("What colour?", [image])
+    for continuation, (score, greedy) in zip(continuations, scores):
+        assert score == pytest.approx(reply_log_probability(model.assistant, request, continuation), rel=1e-5)
+        assert greedy is False  # owl-tiny's random LLM writes none of these

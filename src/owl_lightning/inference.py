@@ -201,6 +201,31 @@ class OwlAssistant:
         samples = [self.encode(request, template) for request in requests]
         return generate(self.model, self.tokenizer, samples, max_new_tokens, temperature, top_p, self.dtype)
 
+    @torch.no_grad()
+    def reply_likelihoods(self, request: Request, replies: list[str]) -> list[tuple[float, bool]]:
+        """Each reply scored as the assistant's answer to ``request``, in one batch: the total log-probability
+        of its tokens and of the end of the answer (so a reply that is a prefix of another gains nothing),
+        and whether greedy decoding would give exactly it. Ranks multiple-choice options; lmms-eval's
+        ``loglikelihood`` requests."""
+        placeholders = [f"image {i}" for i in range(len(request.images))]
+        pixels = [self.transform(to_rgb(image)) for image in request.images]
+        samples = []
+        for reply in replies:
+            conversation = Conversation([*request.turns, Turn("assistant", reply)], images=placeholders, system=request.system)
+            input_ids, labels, _ = self.template.encode(conversation, self._image_tokens(pixels))
+            samples.append(EncodedSample(input_ids, labels, pixels))
+        batch = collate(samples, self.tokenizer.pad_token_id)
+        with self.autocast():
+            totals, greedy = self.model.supervised_log_likelihood(
+                batch["input_ids"].to(self.device),
+                batch["sample_ids"].to(self.device),
+                batch["labels"].to(self.device),
+                None if batch["images"] is None else batch["images"].to(self.device),
+                batch["image_counts"].to(self.device),
+                batch["image_grids"].to(self.device),
+            )
+        return list(zip(totals.tolist(), greedy.tolist()))
+
     def generate(self, samples: list[EncodedSample], samplings: list[Sampling], listener: Listener | None = None) -> list[Generation]:
         """Encoded requests (:meth:`encode`) answered in one batch, each with its own :class:`Sampling`;
         ``listener`` sees every answer grow (see :data:`Listener`)."""

@@ -328,18 +328,41 @@ class OwlModel(nn.Module):
         :func:`~owl_lightning.data.collate.collate`); 0 on padding. ``layout``: the batch's
         :meth:`layout`, if already made (on the host, so that this step needs no host sync)."""
         layout = layout or self.layout(input_ids, sample_ids, images, labels, image_counts, image_grids=image_grids)
-        embeds = self.input_embeddings(input_ids, images, layout)
         # With nothing supervised the forward still runs (keep is empty) and the loss is a zero with a
         # graph: under DDP/FSDP every rank must run the same forward and backward collectives.
-        logits = self.llm(
-            inputs_embeds=embeds,
+        logits = self._supervised_logits(input_ids, images, layout)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), layout.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return OwlOutput(loss=loss / max(layout.num_supervised, 1), num_supervised=layout.num_supervised, num_tokens=layout.num_tokens)
+
+    @torch.no_grad()
+    def supervised_log_likelihood(
+        self,
+        input_ids: torch.Tensor,
+        sample_ids: torch.Tensor,
+        labels: torch.Tensor,
+        images: torch.Tensor | None = None,
+        image_counts: torch.Tensor | None = None,
+        image_grids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per sample of ``[B, T]`` inputs (not packed): the summed log-probability of its supervised tokens
+        ``[B]`` (float32), and whether greedy decoding picks every one of them ``[B]`` (bool)."""
+        layout = self.layout(input_ids, sample_ids, images, labels, image_counts, image_grids=image_grids)
+        logits = self._supervised_logits(input_ids, images, layout).float()  # [B, K', vocab]
+        supervised = layout.targets != IGNORE_INDEX  # [B, K']
+        targets = layout.targets.clamp(min=0)
+        log_probs = logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+        greedy = (logits.argmax(-1) == targets) | ~supervised
+        return (log_probs * supervised).sum(1), greedy.all(1)
+
+    def _supervised_logits(self, input_ids: torch.Tensor, images: torch.Tensor | None, layout: TokenLayout) -> torch.Tensor:
+        """The LLM's logits ``[B, K', vocab]`` at the positions some sample's labels supervise (``layout.keep``)."""
+        return self.llm(
+            inputs_embeds=self.input_embeddings(input_ids, images, layout),
             attention_mask=layout.llm_mask,
             position_ids=layout.position_ids,
             logits_to_keep=layout.keep,
             use_cache=False,
         ).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), layout.targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        return OwlOutput(loss=loss / max(layout.num_supervised, 1), num_supervised=layout.num_supervised, num_tokens=layout.num_tokens)
 
     @torch.no_grad()
     def generate(

@@ -32,9 +32,9 @@ MODEL_ID = "owl_lightning"
 
 
 class OwlLightningModel(lmms):
-    """An owl_lightning checkpoint answering lmms-eval's ``generate_until`` requests (single-turn, images
-    and text). Likelihood and multi-round requests are refused with the reason, so a task that needs them
-    fails at once rather than scoring nothing."""
+    """An owl_lightning checkpoint answering lmms-eval's single-round requests about images and text:
+    ``generate_until`` (batched generation) and ``loglikelihood`` (a continuation scored as the reply).
+    Multi-round requests are refused with the reason, so a task that needs them fails at once."""
 
     is_simple = True
 
@@ -58,7 +58,7 @@ class OwlLightningModel(lmms):
         )
         self.batch_size_per_process = int(batch_size)
         self.default_max_new_tokens = int(max_new_tokens)
-        self.too_long = 0  # requests answered with "" because the prompt does not fit the model
+        self.too_long = 0  # requests whose prompt does not fit the model: answered "" or scored -inf
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         answers: list[str] = []
@@ -67,8 +67,7 @@ class OwlLightningModel(lmms):
             answers += self._answer_chunk(chunk)
             progress.update(len(chunk))
         progress.close()
-        if self.too_long:
-            log.warning("%d of %d prompts were longer than the model takes and were answered with ''", self.too_long, len(requests))
+        self._report_too_long()
         return answers
 
     def _answer_chunk(self, chunk: list[Instance]) -> list[str]:
@@ -101,10 +100,28 @@ class OwlLightningModel(lmms):
         )
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        raise NotImplementedError(
-            "owl_lightning answers lmms-eval tasks by generation (output_type: generate_until); "
-            "for likelihood-ranked multiple choice use `owl-lightning eval --tasks ... --choice likelihood`"
-        )
+        """Each continuation scored as the assistant's reply to its context (the run's template; the end of
+        the answer counted too, as ``owl-lightning eval --choice likelihood`` ranks options): ``(log-probability,
+        whether greedy decoding gives it)``. A context too long for the model scores ``(-inf, False)``."""
+        scores: list[tuple[float, bool]] = []
+        for instance in tqdm(requests, desc="owl_lightning scoring", disable=self.rank != 0):
+            context, target, doc_to_visual, doc_id, task, split = instance.args
+            document = self.task_dict[task][split][doc_id]
+            continuation = target if isinstance(target, str) else target(document)
+            try:
+                (score,) = self.assistant.reply_likelihoods(
+                    Request.single(context, _images(doc_to_visual(document), task, doc_id)), [continuation]
+                )
+            except SkipSample:
+                self.too_long += 1
+                score = (float("-inf"), False)
+            scores.append(score)
+        self._report_too_long()
+        return scores
+
+    def _report_too_long(self) -> None:
+        if self.too_long:
+            log.warning("%d prompts so far were longer than the model takes (answered '' or scored -inf)", self.too_long)
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError("owl_lightning answers single-round lmms-eval tasks (output_type: generate_until)")

@@ -15,15 +15,13 @@ from collections import Counter
 from collections.abc import Iterator
 from itertools import islice
 
-import torch
 from tqdm import tqdm
 
 from owl_lightning.apps.eval.benchmarks._task import Answered, Question, Task
 from owl_lightning.apps.eval.benchmarks.answers import LETTERS, chosen_letter
-from owl_lightning.data.collate import EncodedSample, collate
+from owl_lightning.data.collate import EncodedSample
 from owl_lightning.data.health import SkipLog
 from owl_lightning.data.images import decode_image
-from owl_lightning.data.template import Conversation, Turn
 from owl_lightning.inference import OwlAssistant, Request, Sampling
 
 CHOICE_MODES = ("generate", "likelihood")
@@ -55,10 +53,10 @@ def run_task(
     for start in tqdm(range(0, len(questions), batch_size), desc=task.name, disable=not progress, unit="batch"):
         encoded = list(_encoded(assistant, questions[start : start + batch_size], choice, skips, task.name))
         generated = [(question, sample) for question, request, sample in encoded if not (question.options and choice == "likelihood")]
-        for question, request, sample in encoded:
+        for question, request, _ in encoded:
             if question.options and choice == "likelihood":
                 with skips.catch(f"{task.name}:{question.key}"):
-                    answered.append(Answered(question, _most_likely_option(assistant, request, sample.images, question.options)))
+                    answered.append(Answered(question, _most_likely_option(assistant, request, question.options)))
         if generated:
             samplings = [Sampling(max_new_tokens=question.max_new_tokens) for question, _ in generated]
             for (question, _), generation in zip(generated, assistant.generate([sample for _, sample in generated], samplings)):
@@ -86,28 +84,9 @@ def _encoded(
             yield question, request, assistant.encode(request)
 
 
-@torch.no_grad()
-def _most_likely_option(assistant: OwlAssistant, request: Request, pixels: list[torch.Tensor], options: tuple[str, ...]) -> str:
-    """The letter of the option whose text, as the assistant's reply to ``request`` (its images preprocessed:
-    ``pixels``), has the highest total log-probability.
-
-    One forward per option: the model's loss is a mean over the batch, and a sum per option is needed."""
-    placeholders = [f"image {i}" for i in range(len(request.images))]
-    device = assistant.device
-    scores = []
-    with assistant.autocast():
-        for option in options:
-            conversation = Conversation([*request.turns, Turn("assistant", option)], images=placeholders, system=request.system)
-            input_ids, labels, _ = assistant.template.encode(conversation)
-            batch = collate([EncodedSample(input_ids, labels, pixels)], assistant.tokenizer.pad_token_id)
-            out = assistant.model(
-                batch["input_ids"].to(device),
-                batch["sample_ids"].to(device),
-                batch["labels"].to(device),
-                batch["images"].to(device),
-                batch["image_counts"].to(device),
-            )
-            scores.append(-float(out.loss) * out.num_supervised)
+def _most_likely_option(assistant: OwlAssistant, request: Request, options: tuple[str, ...]) -> str:
+    """The letter of the option whose text, as the assistant's reply to ``request``, is the most likely."""
+    scores = [log_likelihood for log_likelihood, _ in assistant.reply_likelihoods(request, list(options))]
     return LETTERS[max(range(len(options)), key=scores.__getitem__)]
 
 
