@@ -127,9 +127,14 @@ def test_pad_to_square_at_paper_scale_uses_clips_mean():
     assert (pixels[:, :, 42:294] == torch.tensor(RED, dtype=torch.uint8).view(3, 1, 1)).all()
 
 
-def test_crop_stays_the_default():
+def test_crop_stays_the_default(anyres_tokenizer):
     assert all(get_config(name).image.mode == "crop" for name in ("owl-tiny", "owl-smol", "owl-llama7b"))
     assert not isinstance(image_preprocess(get_config("owl-smol")), PadToSquare)
+    model = build_owl(get_config("owl-tiny"), tokenizer=anyres_tokenizer)
+    assert model.abstractor.row_separator is None and "abstractor.row_separator" not in model.state_dict()
+    ids = torch.tensor([[1, model.image_token_id, 7, model.image_token_id]])
+    layout = model.layout(ids, torch.ones_like(ids), torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    assert layout.visual_index.tolist() == list(range(2 * 5))  # each image's own V tokens, in order
 
 
 # -- the token order ---------------------------------------------------------------------------------
