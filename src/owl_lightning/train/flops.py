@@ -5,7 +5,7 @@ Model FLOPs (PaLM's convention): what the step must compute. Activation-checkpoi
 the padding positions a batch carries are not counted, so MFU falls when they cost time.
 
 Forward FLOPs ``F``, per image view and per sequence of ``L`` real tokens (text plus each image's
-visual tokens: ``V``, or under AnyRes ``V + (V − 1)·rows·cols + rows`` for ``1 + rows·cols`` views):
+visual tokens: ``V``, or under AnyRes ``V·(1 + rows·cols) + rows`` for ``1 + rows·cols`` views):
 
     vision encoder, abstractor   counted per view (an image, or an AnyRes image's global view or one
                                  of its tiles) by running them once on a fake view under
