@@ -37,9 +37,11 @@ describe: install
 clean-venv:
 	rm -rf $(VENV)
 
-# The embedded dataset (easy-VQA shards, instructions, stdlib text): built once, skipped when present.
+# The embedded datasets, each built once and skipped when present: easy-VQA shards, instructions and
+# stdlib text (data/embedded), and the harder scenes task (data/scenes, docs/scenes.md).
 data: install
 	$(OWL) data --out data/embedded
+	$(OWL) data scenes --out data/scenes
 
 BASE_CONFIG ?= experiments/base.yaml
 STAGE1_CONFIG ?= experiments/stage1_smol.yaml

@@ -33,3 +33,9 @@ def record(name: str, entry: dict) -> None:
 def rss_kib(field: str) -> int:
     """This process's ``/proc/self/status`` memory figure ``field`` (``VmRSS``, ``VmHWM``: the peak) in KiB."""
     return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work (timings must include it); nothing on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -7,7 +7,9 @@
 #   gpu_stage1_b192/_b256  192 images per step (256 where the GPU has over 120 GB: an H200), more device
 #                          work per step against the same host work
 #   gpu_stage1_host_floor  the same layers at tiny widths: the host's share of a step (Python, hooks, launches)
-# About 5 minutes on an H200 (each run builds the model and compiles its blocks). One run by hand:
+#   generation_1b_b32/_7b_b32  batched generation (bench/generation.py): tokens/s and images/s of 32 one-image
+#                          requests answered together, at ~1.5B and at the paper's 7.2B
+# About 7 minutes on an H200 (each training run builds the model and compiles its blocks). One run by hand:
 #   bash bench/gpu.sh --batch-size 96 --no-compile --record-as my_run
 # Other GPUs: pass their dense bf16 peak, e.g. --peak-flops 312e12 for an A100.
 set -uo pipefail
@@ -23,4 +25,6 @@ status=0
 "$PY" bench/gpu_stage1.py --profile bench/gpu_profile.txt || status=1
 "$PY" bench/gpu_stage1.py --batch-size $large --record-as gpu_stage1_b$large || status=1
 "$PY" bench/gpu_stage1.py --model 1b-narrow --steps 20 --record-as gpu_stage1_host_floor || status=1
+"$PY" bench/generation.py --model 1b --batch-size 32 || status=1
+"$PY" bench/generation.py --model 7b --batch-size 32 || status=1
 exit $status

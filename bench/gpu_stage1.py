@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from common import record
+from common import record, synchronize
 from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, STAGE1, get_config
 from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.vision import vision_data_config
@@ -130,7 +130,7 @@ class TimedWindow(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.first:
-            _synchronize(pl_module.device)
+            synchronize(pl_module.device)
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -140,7 +140,7 @@ class TimedWindow(L.Callback):
         self.tokens += batch["layout"].num_tokens
         self.samples += batch["input_ids"].shape[0]
         if batch_idx == self.last:
-            _synchronize(pl_module.device)
+            synchronize(pl_module.device)
             self.end = time.perf_counter()
 
 
@@ -160,7 +160,7 @@ class ProfiledWindow(L.Callback):
         self.steps += batch_idx >= self.first
 
     def on_train_end(self, trainer, pl_module) -> None:
-        _synchronize(pl_module.device)
+        synchronize(pl_module.device)
         self.profiler.stop()
         table = self.profiler.key_averages()
         # As the table's "Self CUDA time total": the device's own events (kernels, copies), each once.
@@ -180,11 +180,6 @@ class ProfiledWindow(L.Callback):
             )
         )
         print(f"profile written to {self.path}: device busy {self.device_busy_s_per_step * 1e3:.1f} ms a step", flush=True)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ owl-lightning stage1 fit --config experiments/stage1_smol.yaml [--ckpt_path last
 owl-lightning stage2 fit --config experiments/stage2_smol.yaml [--ckpt_path last]
 owl-lightning describe owl-llama7b [--json]
 owl-lightning data [--out data/embedded]
+owl-lightning data scenes [--out data/scenes] [--train-scenes N] [--seed S]
 owl-lightning eval --ckpt RUN_OR_CKPT [--vqa-limit N]
 owl-lightning eval --ckpt RUN_OR_CKPT --tasks vqav2,pope[,...] [--root pope=DIR] [--choice likelihood] [--limit N]
 owl-lightning chat --ckpt RUN_OR_CKPT --image a.jpg [--image b.jpg] [--prompt "..."]
@@ -179,6 +180,11 @@ def _describe_main(args: list[str]) -> None:
 
 
 def _data_main(args: list[str]) -> None:
+    if args[:1] == ["scenes"]:
+        from owl_lightning.apps.scenes import main as build_scenes
+
+        build_scenes(args[1:])
+        return
     from owl_lightning.apps.embedded import main as build_embedded
 
     build_embedded(args)
@@ -187,6 +193,7 @@ def _data_main(args: list[str]) -> None:
 def _eval_main(args: list[str]) -> None:
     from owl_lightning.apps.eval.benchmarks import TASKS, BenchmarkFileError
     from owl_lightning.apps.eval.benchmarks.harness import CHOICE_MODES
+    from owl_lightning.apps.eval.processes import Processes
     from owl_lightning.apps.eval.run import UnknownTask, evaluate, evaluate_tasks, summary_table, tasks_table
 
     parser = argparse.ArgumentParser(
@@ -221,17 +228,21 @@ def _eval_main(args: list[str]) -> None:
     parser.add_argument("--caption-limit", type=int, default=200, help="held-out images to caption")
     parser.add_argument("--batch-size", type=int, default=64)
     ns = parser.parse_args(args)
+    processes = Processes.from_environment()  # torchrun --nproc-per-node N: each answers its share
     if ns.tasks is not None:
         names = [name.strip() for name in ns.tasks.split(",") if name.strip()]
         if malformed := [root for root in ns.root if "=" not in root]:
             parser.error(f"--root takes TASK=DIR, got {malformed}")
         roots = dict(root.split("=", 1) for root in ns.root)
         try:
-            results, path = evaluate_tasks(ns.ckpt, names, roots, ns.choice, ns.batch_size, ns.limit, load=_load_options(ns))
+            results, path = evaluate_tasks(
+                ns.ckpt, names, roots, ns.choice, ns.batch_size, ns.limit, load=_load_options(ns), processes=processes
+            )
         except (FileNotFoundError, BenchmarkFileError, UnknownTask) as err:  # the message names the file or task and the fix
             parser.exit(2, f"owl-lightning eval: {err}\n")
-        print(tasks_table(results, names))
-        print(path)
+        if processes.is_main:
+            print(tasks_table(results, names))
+            print(path)
         return
     results, path = evaluate(
         ns.ckpt,
@@ -243,7 +254,10 @@ def _eval_main(args: list[str]) -> None:
         load=_load_options(ns),
         prose_windows=ns.prose_windows,
         answer_tokens=ns.answer_tokens,
+        processes=processes,
     )
+    if not processes.is_main:
+        return
     print(summary_table(results))
     print(path)
 
@@ -291,6 +305,7 @@ def _chat_main(args: list[str]) -> None:
 
 
 def _owleval_main(args: list[str]) -> None:
+    from owl_lightning.apps.eval.processes import Processes
     from owl_lightning.apps.owleval import DEFAULT_DATA, OwlEvalError, run_owleval
 
     parser = argparse.ArgumentParser(
@@ -307,11 +322,23 @@ def _owleval_main(args: list[str]) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ns = parser.parse_args(args)
+    processes = Processes.from_environment()  # torchrun --nproc-per-node N: each answers its share
     try:
-        path = run_owleval(ns.ckpt, ns.data, ns.out, ns.model_id, ns.batch_size, ns.max_new_tokens, ns.temperature, load=_load_options(ns))
+        path = run_owleval(
+            ns.ckpt,
+            ns.data,
+            ns.out,
+            ns.model_id,
+            ns.batch_size,
+            ns.max_new_tokens,
+            ns.temperature,
+            load=_load_options(ns),
+            processes=processes,
+        )
     except (OwlEvalError, FileNotFoundError) as err:
         parser.error(str(err))
-    print(f"answers: {path}\nrate them blind beside the published ones: owl-lightning rate --answers {ns.data}/answer --answers {path}")
+    if processes.is_main:
+        print(f"answers: {path}\nrate them blind beside the published ones: owl-lightning rate --answers {ns.data}/answer --answers {path}")
 
 
 def _rate_main(args: list[str]) -> None:

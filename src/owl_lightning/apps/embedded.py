@@ -23,6 +23,7 @@ import argparse
 import hashlib
 import importlib
 import inspect
+import io
 import json
 import logging
 import random
@@ -31,13 +32,15 @@ import shutil
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from owl_lightning.config import IMAGE_TOKEN
 from owl_lightning.extras import require
 from owl_lightning.files import writing_folder
 
@@ -238,57 +241,73 @@ def _captions(split: str, by_image: dict[int, list[tuple[str, str]]], paths: dic
 # Stage 1: image–caption shards in img2dataset's layout
 
 
-def _write_shards(pattern: str, per_shard: int, paths: dict[int, Path], captions: dict[int, str]) -> list[str]:
-    """Write ``%09d``-keyed samples (PNG bytes as they are, ``.txt``, ``.json``); returns the shard files."""
+@dataclass(frozen=True)
+class ShardSample:
+    """One image–caption pair for :func:`write_shards`: ``metadata`` adds fields to its ``.json``."""
+
+    key: str
+    png: bytes
+    caption: str
+    metadata: dict = field(default_factory=dict)
+
+
+def write_shards(pattern: str, per_shard: int, samples: Iterable[ShardSample]) -> list[str]:
+    """Write samples in img2dataset's layout (PNG bytes as they are, ``.txt``, ``.json``); returns the shard files."""
     written: list[str] = []
     # A fixed mtime makes the tars byte-identical from build to build.
     with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0, post=written.append, mtime=0) as writer:
-        for image_id, caption in captions.items():
-            png = paths[image_id].read_bytes()  # lossless as it is: the colours are the labels
-            with Image.open(paths[image_id]) as image:
+        for sample in samples:
+            with Image.open(io.BytesIO(sample.png)) as image:  # reads the header only
                 width, height = image.size
-            key = f"{image_id:09d}"
-            metadata = {"key": key, "caption": caption, "width": width, "height": height, "status": "success", "easyvqa_image_id": image_id}
-            writer.write({"__key__": key, "png": png, "txt": caption, "json": json.dumps(metadata)})
+            metadata = {"key": sample.key, "caption": sample.caption, "width": width, "height": height, "status": "success"}
+            metadata.update(sample.metadata)
+            writer.write({"__key__": sample.key, "png": sample.png, "txt": sample.caption, "json": json.dumps(metadata)})
     return written
+
+
+def _easyvqa_samples(paths: dict[int, Path], captions: dict[int, str]) -> Iterator[ShardSample]:
+    for image_id, caption in captions.items():
+        # Lossless as it is: the colours are the labels.
+        yield ShardSample(f"{image_id:09d}", paths[image_id].read_bytes(), caption, {"easyvqa_image_id": image_id})
 
 
 # ---------------------------------------------------------------------------------------------
 # Stage 2: LLaVA conversations and Alpaca text
 
 
-def _conversation(pairs: list[tuple[str, str]]) -> list[dict[str, str]]:
-    """Question–answer pairs → LLaVA turns; the image placeholder opens the first question."""
+def llava_turns(pairs: list[tuple[str, str]], images: int = 1) -> list[dict[str, str]]:
+    """Question–answer pairs → LLaVA turns; one image placeholder per image opens the first question."""
     turns = []
     for index, (question, answer) in enumerate(pairs):
-        turns.append({"from": "human", "value": f"<image>\n{question}" if index == 0 else question})
+        turns.append({"from": "human", "value": f"{IMAGE_TOKEN}\n" * images + question if index == 0 else question})
         turns.append({"from": "gpt", "value": answer})
     return turns
 
 
-def _multi_turn_records(by_image: dict[int, list[tuple[str, str]]], rng: random.Random) -> list[dict]:
+def llava_record(record_id: str, image: str | list[str], pairs: list[tuple[str, str]], **fields: object) -> dict:
+    """One LLaVA record about ``image`` (a path, or a list of paths in placeholder order), plus ``fields``."""
+    images = 1 if isinstance(image, str) else len(image)
+    return {"id": record_id, "image": image, "conversations": llava_turns(pairs, images), **fields}
+
+
+def multi_turn_records(items: Iterable[tuple[str, str | list[str], list[tuple[str, str]]]], rng: random.Random) -> list[dict]:
+    """``(record id, image(s), question–answer pairs)`` → conversations of up to
+    :data:`QUESTIONS_PER_CONVERSATION` shuffled pairs each, with ids ``<record id>-<part>``."""
     records = []
-    for image_id, pairs in by_image.items():
+    for record_id, image, pairs in items:
         shuffled = rng.sample(pairs, len(pairs))  # no fixed question order for the model to learn
         for part, start in enumerate(range(0, len(shuffled), QUESTIONS_PER_CONVERSATION)):
-            records.append(
-                {
-                    "id": f"easyvqa-train-{image_id}-{part}",
-                    "image": f"train/{image_id}.png",
-                    "conversations": _conversation(shuffled[start : start + QUESTIONS_PER_CONVERSATION]),
-                }
-            )
+            records.append(llava_record(f"{record_id}-{part}", image, shuffled[start : start + QUESTIONS_PER_CONVERSATION]))
     return records
 
 
-def _single_turn_records(by_image: dict[int, list[tuple[str, str]]]) -> list[dict]:
+def _easyvqa_multi_turn_records(by_image: dict[int, list[tuple[str, str]]], rng: random.Random) -> list[dict]:
+    return multi_turn_records(((f"easyvqa-train-{image_id}", f"train/{image_id}.png", pairs) for image_id, pairs in by_image.items()), rng)
+
+
+def _easyvqa_single_turn_records(by_image: dict[int, list[tuple[str, str]]]) -> list[dict]:
     return [
-        {
-            "id": f"easyvqa-test-{image_id}-{index}",
-            "image": f"test/{image_id}.png",
-            "conversations": _conversation([(question, answer)]),
-            "question_type": question_type(answer),
-        }
+        llava_record(f"easyvqa-test-{image_id}-{index}", f"test/{image_id}.png", [(question, answer)], question_type=question_type(answer))
         for image_id, pairs in by_image.items()
         for index, (question, answer) in enumerate(pairs)
     ]
@@ -372,19 +391,26 @@ def _is_heldout(record: dict[str, str]) -> bool:
 
 def build_embedded(out: str | Path = "data/embedded") -> dict[str, int]:
     """Build the embedded dataset into ``out`` unless a build of this version is there; returns its counts."""
+    return build_once(out, BUILD_VERSION, _build_into)
+
+
+def build_once(out: str | Path, version: int | dict[str, int], build_into: Callable[[Path], dict[str, int]]) -> dict[str, int]:
+    """Run ``build_into(staging folder)`` and publish the folder at ``out`` with a :data:`MARKER` naming
+    ``version`` and the counts it returned; skipped when ``out`` holds a build of this version. A
+    ``version`` dict also names the build's parameters: a build with other parameters is redone."""
     out = Path(out)
     marker = out / MARKER
     if marker.is_file():
         built = json.loads(marker.read_text())
-        if built.get("version") == BUILD_VERSION:
+        if built.get("version") == version:
             return built["counts"]
     elif out.exists() and any(out.iterdir()):
         raise FileExistsError(
             f"{out} is not empty and holds no {MARKER}: not an embedded-data build. Choose another --out, or remove that folder."
         )
     with writing_folder(out) as staging:
-        counts = _build_into(staging)
-        (staging / MARKER).write_text(json.dumps({"version": BUILD_VERSION, "counts": counts}, indent=1))
+        counts = build_into(staging)
+        (staging / MARKER).write_text(json.dumps({"version": version, "counts": counts}, indent=1))
     return counts
 
 
@@ -403,7 +429,7 @@ def _build_into(root: Path) -> dict[str, int]:
     for split, shard_prefix in (("train", "train"), ("test", "val")):
         by_image, paths = splits[split]
         pattern = str(stage1 / f"{shard_prefix}-%06d.tar")
-        shards = _write_shards(pattern, SHARD_SIZE[shard_prefix], paths, _captions(split, by_image, paths))
+        shards = write_shards(pattern, SHARD_SIZE[shard_prefix], _easyvqa_samples(paths, _captions(split, by_image, paths)))
         counts[f"stage1_{shard_prefix}_shards"] = len(shards)
         counts[f"stage1_{shard_prefix}_samples"] = len(by_image)
 
@@ -414,11 +440,11 @@ def _build_into(root: Path) -> dict[str, int]:
     held_out = {image_id: train_by_image[image_id] for image_id in image_ids[-VAL_IMAGES:]}
     kept = {image_id: train_by_image[image_id] for image_id in image_ids[:-VAL_IMAGES]}
     rng = random.Random(SEED)
-    test_records = _single_turn_records(splits["test"][0])
+    test_records = _easyvqa_single_turn_records(splits["test"][0])
     text = stdlib_text_pairs()
     outputs = {
-        "easyvqa_train": _multi_turn_records(kept, rng),
-        "easyvqa_val": _multi_turn_records(held_out, rng),
+        "easyvqa_train": _easyvqa_multi_turn_records(kept, rng),
+        "easyvqa_val": _easyvqa_multi_turn_records(held_out, rng),
         "easyvqa_test": test_records,
         "text_train": [record for record in text if not _is_heldout(record)],
         "text_heldout": [record for record in text if _is_heldout(record)],
@@ -431,7 +457,9 @@ def _build_into(root: Path) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog="The harder scenes task: owl-lightning data scenes --help (docs/scenes.md)."
+    )
     parser.add_argument("--out", default="data/embedded", help="output folder (default: %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

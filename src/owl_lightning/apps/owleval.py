@@ -24,6 +24,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
+from owl_lightning.apps.eval.processes import SINGLE, Processes
 from owl_lightning.checkpoints import run_folder
 from owl_lightning.config import IMAGE_TOKEN
 from owl_lightning.data.health import TOO_LONG, SkipSample
@@ -191,13 +192,16 @@ def answer_owleval(
     max_new_tokens: int = 256,
     temperature: float = 0.0,
     progress: bool = True,
+    processes: Processes = SINGLE,
 ) -> dict[int, str]:
     """Every question's answer, by question id. All conversations advance one turn at a time, each turn
-    batched across conversations (a later turn needs the earlier answers of its own conversation)."""
+    batched across conversations (a later turn needs the earlier answers of its own conversation).
+    ``processes``: each answers its share of the conversations; every process returns every answer."""
     images = load_images(questions, Path(cases))
-    asked = conversations(questions)
+    asked = processes.share(conversations(questions))
     answers: dict[int, str] = {}
-    with tqdm(total=len(questions), desc="OwlEval", unit="question", disable=not progress) as bar:
+    total = sum(len(conversation) for conversation in asked)
+    with tqdm(total=total, desc="OwlEval", unit="question", disable=not (progress and processes.is_main)) as bar:
         for turn in range(max(len(conversation) for conversation in asked)):
             # Each conversation up to and including its question of this turn.
             pending = [conversation[: turn + 1] for conversation in asked if len(conversation) > turn]
@@ -223,7 +227,7 @@ def answer_owleval(
                 for conversation, reply in zip(chunk, replies):
                     answers[conversation[-1].question_id] = reply
                 bar.update(len(chunk))
-    return answers
+    return {question_id: reply for share in processes.gather([answers]) for question_id, reply in share.items()}
 
 
 def write_answers(path: str | Path, questions: list[Question], answers: dict[int, str], model_id: str) -> Path:
@@ -311,10 +315,14 @@ def run_owleval(
     temperature: float = 0.0,
     progress: bool = True,
     load: LoadOptions | None = None,
+    processes: Processes = SINGLE,
 ) -> Path:
     """``owl-lightning owleval``: every OwlEval question answered by a checkpoint, into an answer file
-    (``model_id`` by default ``owl-lightning:<run folder name>``)."""
+    (``model_id`` by default ``owl-lightning:<run folder name>``). ``processes``: the questions split among
+    them, rank 0 writing the file."""
     questions = read_questions(data)
-    assistant = OwlAssistant.from_checkpoint(ckpt, **asdict(load or LoadOptions()))
-    answers = answer_owleval(assistant, questions, Path(data) / "cases", batch_size, max_new_tokens, temperature, progress)
+    assistant = OwlAssistant.from_checkpoint(ckpt, **asdict(processes.load_options(load or LoadOptions())))
+    answers = answer_owleval(assistant, questions, Path(data) / "cases", batch_size, max_new_tokens, temperature, progress, processes)
+    if not processes.is_main:
+        return Path(out)
     return write_answers(out, questions, answers, model_id or f"owl-lightning:{run_folder(ckpt).name}")

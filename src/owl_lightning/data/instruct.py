@@ -61,7 +61,10 @@ def read_conversations(source: InstructionSource, skips: SkipLog) -> list[Conver
         raise ValueError(f"instruction source {source.name!r}: unknown format {source.format!r}; use one of {INSTRUCTION_FORMATS}")
     path = Path(source.path)
     if not path.is_file():
-        raise FileNotFoundError(f"instruction source {source.name!r}: {path} not found; fix its 'path' in the data manifest")
+        raise FileNotFoundError(
+            f"instruction source {source.name!r}: {path} not found; fix its 'path' in the data manifest, "
+            "or build the data (the embedded data and the scenes task: make data)"
+        )
     records = _jsonl_lines(path) if source.format == "owl_jsonl" else _json_records(path, source.format)
     parse = _PARSERS[source.format]
     conversations = []

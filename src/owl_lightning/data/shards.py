@@ -345,7 +345,7 @@ def _existing_shards(source: ShardSource) -> list[str]:
             raise FileNotFoundError(
                 f"source {source.name!r}: none of the {len(urls)} shard(s) of {source.shards!r} exist "
                 f"(first: {first_missing}). Fix 'shards' in the data manifest, or create the data "
-                "(the embedded data: python -m owl_lightning.apps.embedded)."
+                "(the embedded data and the scenes task: make data)."
             )
         log.warning(
             "source %r: %d of %d shards missing, reading the rest (first missing: %s)",

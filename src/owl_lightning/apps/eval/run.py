@@ -16,6 +16,7 @@ from owl_lightning.apps.eval.benchmarks.easy_vqa import EasyVQA
 from owl_lightning.apps.eval.benchmarks.harness import numeric_leaves, read_questions, run_task
 from owl_lightning.apps.eval.captions import caption_bleu, read_captioned_images
 from owl_lightning.apps.eval.instructions import instruction_following
+from owl_lightning.apps.eval.processes import SINGLE, Processes
 from owl_lightning.apps.eval.qualitative import qualitative_sheet
 from owl_lightning.apps.eval.text import prose_perplexity, same_task_perplexity
 from owl_lightning.checkpoints import holds_lora, read_checkpoint, resolve_checkpoint, run_folder
@@ -33,24 +34,33 @@ def evaluate(
     load: LoadOptions | None = None,
     prose_windows: int = 64,
     answer_tokens: int = 128,
+    processes: Processes = SINGLE,
 ) -> tuple[dict, Path]:
     """Every metric of a checkpoint into ``<run>/eval.json`` (and TensorBoard); returns the results and the path.
 
     Text-only ability, each base LLM (LoRA off) against tuned: ``text_same_task`` (perplexity on held-out
     answers of the training's own text task: task learning), ``text_unseen_prose`` (perplexity on
     ``prose_windows`` windows of 256 tokens of English news prose: retention) and ``text_instructions``
-    (answers of up to ``answer_tokens`` tokens to held-out general prompts: length, repetition, agreement)."""
+    (answers of up to ``answer_tokens`` tokens to held-out general prompts: length, repetition, agreement).
+
+    ``processes``: easy-VQA's questions are split among them; the rest (a few minutes) runs on rank 0, which
+    alone writes. The other processes return after easy-VQA."""
     run, ckpt_file = run_folder(ckpt), resolve_checkpoint(ckpt)
     data = Path(data_dir)
     for needed in (data / "stage2" / "easyvqa_test.json", data / "stage2" / "text_heldout.json", data / "stage1"):
         if not needed.exists():
             raise FileNotFoundError(f"{needed} not found: build the embedded data with `make data` (or pass --data)")
     started = time.perf_counter()
-    assistant = OwlAssistant.from_checkpoint(ckpt_file, **asdict(load or LoadOptions()))
+    assistant = OwlAssistant.from_checkpoint(ckpt_file, **asdict(processes.load_options(load or LoadOptions())))
     stage = "stage2" if holds_lora(read_checkpoint(ckpt_file)["state_dict"]) else "stage1"
     results: dict = {"checkpoint": str(ckpt_file), "stage": stage}
     easy_vqa = EasyVQA(data)
-    results["easy_vqa"] = run_task(assistant, easy_vqa, *read_questions(easy_vqa, vqa_limit), batch_size=batch_size, progress=progress)
+    results["easy_vqa"] = run_task(
+        assistant, easy_vqa, *read_questions(easy_vqa, vqa_limit), batch_size=batch_size, progress=progress, processes=processes
+    )
+    path = run / "eval.json"
+    if not processes.is_main:
+        return results, path
     pairs = read_captioned_images(sorted((data / "stage1").glob("val-*.tar")), caption_limit)
     results["captions"] = caption_bleu(assistant, pairs, batch_size, progress)
     results["text_same_task"] = same_task_perplexity(assistant, str(data / "stage2" / "text_heldout.json"), text_limit, progress)
@@ -58,7 +68,6 @@ def evaluate(
     results["text_instructions"] = instruction_following(assistant, max_new_tokens=answer_tokens, batch_size=batch_size)
     results["qualitative"] = qualitative_sheet(assistant, run / "eval")
     results["seconds"] = round(time.perf_counter() - started, 1)
-    path = run / "eval.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     _log_to_tensorboard(run, results)
     return results, path
@@ -77,12 +86,14 @@ def evaluate_tasks(
     limit: int | None = None,
     progress: bool = True,
     load: LoadOptions | None = None,
+    processes: Processes = SINGLE,
 ) -> tuple[dict, Path]:
     """Benchmarks ``names`` (keys of :data:`TASKS`) into ``<run>/eval.json`` (and TensorBoard); returns the results and the path.
 
     ``roots``: task name → its folder (default: each task's ``default_root``); ``choice``: how multiple-choice
     questions are answered (``generate`` or ``likelihood``); ``limit``: the first N questions of each task.
-    Each task's results sit under its name, beside what an earlier eval of the same checkpoint wrote there."""
+    Each task's results sit under its name, beside what an earlier eval of the same checkpoint wrote there.
+    ``processes``: each answers its share of every task; all return the results, rank 0 alone writes them."""
     unknown = sorted(set(names) - set(TASKS)) + sorted(set(roots or {}) - set(TASKS))
     if unknown:
         raise UnknownTask(f"unknown task(s) {unknown}: the tasks are {', '.join(TASKS)}")
@@ -90,16 +101,17 @@ def evaluate_tasks(
     run, ckpt_file = run_folder(ckpt), resolve_checkpoint(ckpt)
     started = time.perf_counter()
     questions = {task.name: read_questions(task, limit) for task in tasks}
-    assistant = OwlAssistant.from_checkpoint(ckpt_file, **asdict(load or LoadOptions()))
+    assistant = OwlAssistant.from_checkpoint(ckpt_file, **asdict(processes.load_options(load or LoadOptions())))
     path = run / "eval.json"
     earlier = json.loads(path.read_text()) if path.is_file() else {}
     results = earlier if earlier.get("checkpoint") == str(ckpt_file) else {"checkpoint": str(ckpt_file)}
     for task in tasks:
-        scores = run_task(assistant, task, *questions[task.name], choice, batch_size, progress)
+        scores = run_task(assistant, task, *questions[task.name], choice, batch_size, progress, processes)
         results[task.name] = {**scores, "choice": choice, "root": str(task.root)}
     results["seconds"] = round(time.perf_counter() - started, 1)
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    _log_tasks_to_tensorboard(run, results, names)
+    if processes.is_main:
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        _log_tasks_to_tensorboard(run, results, names)
     return results, path
 
 

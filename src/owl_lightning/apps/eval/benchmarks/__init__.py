@@ -9,13 +9,13 @@ from __future__ import annotations
 from owl_lightning.apps.eval.benchmarks._task import Answered, BenchmarkFileError, Question, Task
 from owl_lightning.apps.eval.benchmarks.choice import MMBench, ScienceQA, SEEDBench
 from owl_lightning.apps.eval.benchmarks.coco import COCOCaptions
-from owl_lightning.apps.eval.benchmarks.easy_vqa import EasyVQA
+from owl_lightning.apps.eval.benchmarks.easy_vqa import EasyVQA, Scenes
 from owl_lightning.apps.eval.benchmarks.mme import MME
 from owl_lightning.apps.eval.benchmarks.pope import POPE
 from owl_lightning.apps.eval.benchmarks.vqa import GQA, TextVQA, VQAv2
 
 TASKS: dict[str, type[Task]] = {
-    task.name: task for task in (VQAv2, TextVQA, GQA, POPE, ScienceQA, MME, MMBench, SEEDBench, COCOCaptions, EasyVQA)
+    task.name: task for task in (VQAv2, TextVQA, GQA, POPE, ScienceQA, MME, MMBench, SEEDBench, COCOCaptions, EasyVQA, Scenes)
 }
 
 __all__ = ["TASKS", "Answered", "BenchmarkFileError", "Question", "Task"]

@@ -19,18 +19,24 @@ class Question:
 
     ``key``: the record it comes from, as its file names it (``"262148000"``, ``"1523/2"`` for MMBench's
     third rotation). ``text``: an open question's whole prompt, or a multiple-choice question (its hint
-    first) without its options. ``image``: an image file, or its encoded bytes. ``options``: the option
+    first) without its options. ``image``: an image file, or its encoded bytes; a tuple of them for a
+    question about several images (in the order the question names them). ``options``: the option
     texts in the order they are lettered A, B, …; empty for an open question. ``truth``: what the answer
     is scored against (a text, the right option's letter, the human answers or reference captions; never
     shown to the model). ``group``: what the task reports accuracy by (answer type, subject, split, subtask)."""
 
     key: str
     text: str
-    image: Path | bytes
+    image: Path | bytes | tuple[Path | bytes, ...]
     options: tuple[str, ...] = ()
     truth: str | list[str] = ""
     group: str = "all"
     max_new_tokens: int = 16
+
+    @property
+    def images(self) -> tuple[Path | bytes, ...]:
+        """The question's images, one or several, in order."""
+        return self.image if isinstance(self.image, tuple) else (self.image,)
 
 
 @dataclass(frozen=True)

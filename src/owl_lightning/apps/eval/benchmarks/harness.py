@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from owl_lightning.apps.eval.benchmarks._task import Answered, Question, Task
 from owl_lightning.apps.eval.benchmarks.answers import LETTERS, chosen_letter
+from owl_lightning.apps.eval.processes import SINGLE, Processes
 from owl_lightning.data.collate import EncodedSample
 from owl_lightning.data.health import SkipLog
 from owl_lightning.data.images import decode_image
@@ -43,26 +44,35 @@ def run_task(
     choice: str = "generate",
     batch_size: int = 16,
     progress: bool = True,
+    processes: Processes = SINGLE,
 ) -> dict:
     """The task's metrics (:meth:`Task.score`) over the answers to ``questions`` (:func:`read_questions`), plus
     ``count`` (questions answered) and ``skipped`` (records left out, by reason: unreadable records, images
-    that cannot be decoded, prompts too long for the model)."""
+    that cannot be decoded, prompts too long for the model).
+
+    ``processes``: each answers its share of the questions; every process returns the same results."""
     if choice not in CHOICE_MODES:
         raise ValueError(f"choice must be one of {CHOICE_MODES}, got {choice!r}")
-    answered: list[Answered] = []
-    for start in tqdm(range(0, len(questions), batch_size), desc=task.name, disable=not progress, unit="batch"):
-        encoded = list(_encoded(assistant, questions[start : start + batch_size], choice, skips, task.name))
-        generated = [(question, sample) for question, request, sample in encoded if not (question.options and choice == "likelihood")]
-        for question, request, _ in encoded:
+    read_skips = skips.drain()  # read alike by every process: counted once
+    mine = processes.share(questions)
+    answers: dict[int, Answered] = {}  # position in ``mine`` → its answer (none: skipped)
+    for start in tqdm(range(0, len(mine), batch_size), desc=task.name, disable=not (progress and processes.is_main), unit="batch"):
+        encoded = list(_encoded(assistant, list(enumerate(mine))[start : start + batch_size], choice, skips, task.name))
+        generated = [(position, sample) for position, request, sample in encoded if not (mine[position].options and choice == "likelihood")]
+        for position, request, _ in encoded:
+            question = mine[position]
             if question.options and choice == "likelihood":
                 with skips.catch(f"{task.name}:{question.key}"):
-                    answered.append(Answered(question, _most_likely_option(assistant, request, question.options)))
+                    answers[position] = Answered(question, _most_likely_option(assistant, request, question.options))
         if generated:
-            samplings = [Sampling(max_new_tokens=question.max_new_tokens) for question, _ in generated]
-            for (question, _), generation in zip(generated, assistant.generate([sample for _, sample in generated], samplings)):
-                text = assistant.decode(generation.tokens)
-                answered.append(Answered(question, chosen_letter(text, question.options) if question.options else text))
-    return {**task.score(answered), "count": len(answered), "skipped": dict(Counter(reason for reason, _ in skips.drain()))}
+            samplings = [Sampling(max_new_tokens=mine[position].max_new_tokens) for position, _ in generated]
+            for (position, _), generation in zip(generated, assistant.generate([sample for _, sample in generated], samplings)):
+                question, text = mine[position], assistant.decode(generation.tokens)
+                answers[position] = Answered(question, chosen_letter(text, question.options) if question.options else text)
+    answered = [answer for answer in processes.gather([answers.get(position) for position in range(len(mine))]) if answer]
+    answer_skips = [skip for share in processes.gather([skips.drain()]) for skip in share]
+    reasons = Counter(reason for reason, _ in read_skips + answer_skips)
+    return {**task.score(answered), "count": len(answered), "skipped": dict(reasons)}
 
 
 def prompt(question: Question, choice: str) -> str:
@@ -74,14 +84,14 @@ def prompt(question: Question, choice: str) -> str:
 
 
 def _encoded(
-    assistant: OwlAssistant, questions: list[Question], choice: str, skips: SkipLog, task: str
-) -> Iterator[tuple[Question, Request, EncodedSample]]:
-    """Each question as a request and as the model takes it; one whose image cannot be decoded or whose
-    prompt is too long for the model is a counted skip."""
-    for question in questions:
+    assistant: OwlAssistant, questions: list[tuple[int, Question]], choice: str, skips: SkipLog, task: str
+) -> Iterator[tuple[int, Request, EncodedSample]]:
+    """Each ``(position, question)`` as ``(position, request, the request as the model takes it)``; one whose
+    image cannot be decoded or whose prompt is too long for the model is a counted skip."""
+    for position, question in questions:
         with skips.catch(f"{task}:{question.key}"):
-            request = Request.single(prompt(question, choice), [decode_image(question.image)])
-            yield question, request, assistant.encode(request)
+            request = Request.single(prompt(question, choice), [decode_image(image) for image in question.images])
+            yield position, request, assistant.encode(request)
 
 
 def _most_likely_option(assistant: OwlAssistant, request: Request, options: tuple[str, ...]) -> str:
