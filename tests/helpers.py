@@ -22,15 +22,17 @@ from owl_lightning.train.system import STAGE1_OPTIMIZER, STAGE2_OPTIMIZER, OwlSy
 TINY_YAML = Path(__file__).parents[1] / "experiments" / "models" / "owl-tiny.yaml"
 
 
-def tiny_system(stage: str = "stage1", config_overrides: dict | None = None, recipe: TrainRecipe | None = None, **kwargs):
-    """owl-tiny's training system with a stage's recipe and optimizer; optimizer fields (``lr``,
-    ``warmup_steps``, ...) and the system's own arguments by keyword."""
+def tiny_system(
+    stage: str = "stage1", config_overrides: dict | None = None, recipe: TrainRecipe | None = None, config: str = "owl-tiny", **kwargs
+):
+    """owl-tiny's (or another tiny ``config``'s) training system with a stage's recipe and optimizer;
+    optimizer fields (``lr``, ``warmup_steps``, ...) and the system's own arguments by keyword."""
     names = {field.name for field in fields(OptimizerConfig)}
     optimizer = replace(
         STAGE1_OPTIMIZER if stage == "stage1" else STAGE2_OPTIMIZER, **{k: kwargs.pop(k) for k in list(kwargs) if k in names}
     )
     recipe = recipe or (STAGE1 if stage == "stage1" else STAGE2)
-    return OwlSystem(config=get_config("owl-tiny", config_overrides), recipe=recipe, optimizer=optimizer, **kwargs)
+    return OwlSystem(config=get_config(config, config_overrides), recipe=recipe, optimizer=optimizer, **kwargs)
 
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}

@@ -119,7 +119,7 @@ def test_only_real_tokens_count(tiny_config, tiny_tokenizer):
     assert int(sequence_lengths(batch, flops.visual_tokens_per_image, flops.image_token_id).sum()) == out.num_tokens
     assert flops.step(caption_batch(tiny_tokenizer, (20, 5), padded_to=40), 25) == flops.step(batch, 25)
     text_only = caption_batch(tiny_tokenizer, (20, 5), images=False)
-    assert flops.step(batch, 25) - flops.step(text_only, 25) > 2 * flops.per_image  # two images and their visual tokens
+    assert flops.step(batch, 25) - flops.step(text_only, 25) > 2 * flops.per_view  # two images and their visual tokens
 
 
 def test_matmul_rate_is_measured():

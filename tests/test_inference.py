@@ -61,7 +61,7 @@ def test_answers_depend_on_the_image(assistant):
 def test_chat_keeps_the_history(assistant, monkeypatch):
     prompts = []
     original = assistant.template.encode_prompt
-    monkeypatch.setattr(assistant.template, "encode_prompt", lambda conv: prompts.append(conv) or original(conv))
+    monkeypatch.setattr(assistant.template, "encode_prompt", lambda conv, *counts: prompts.append(conv) or original(conv, *counts))
     session = ChatSession(assistant, [square("red")], max_new_tokens=4)
     first = session.ask("What colour is the square?")
     session.ask("Are you sure?")

@@ -39,7 +39,7 @@ def assistant(tiny_model, tiny_tokenizer):
 def test_runner_writes_the_official_format_and_asks_multi_turn_with_history(owleval_folder, assistant, tmp_path, monkeypatch):
     prompts, batches = [], []
     encode, answer = assistant.template.encode_prompt, assistant.answer
-    monkeypatch.setattr(assistant.template, "encode_prompt", lambda conv: prompts.append(conv) or encode(conv))
+    monkeypatch.setattr(assistant.template, "encode_prompt", lambda conv, *counts: prompts.append(conv) or encode(conv, *counts))
 
     def answer_and_tag(requests, **settings):
         # The model's replies, tagged: a random model's reply may be empty, and the history must carry these.

@@ -43,6 +43,7 @@ from owl_lightning.config import BYTE_TOKENIZER, CHECKPOINT_PREFIX, PACKAGED_SMO
 from owl_lightning.files import atomic_write
 from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.owl import OwlModel, build_owl
+from owl_lightning.models.vision import position_embedding_for
 
 # Lightning's sharded checkpoints are folders holding this file next to the .distcp shards.
 SHARDED_METADATA_FILE = "meta.pt"
@@ -256,9 +257,16 @@ def read_checkpoint(path: str | Path) -> dict:
         ) from None
 
 
+_POS_EMBED = "vision.model.pos_embed"
+
+
 def load_model_weights(model: OwlModel, state_dict: dict[str, torch.Tensor], source: str) -> None:
     """Load a checkpoint's tensors (``model.``-prefixed) into ``model``; every tensor must find its place."""
     own = {k[len(CHECKPOINT_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(CHECKPOINT_PREFIX)}
+    # A ViT trained at another image size (vision.image_size) continues at this one: its position embeddings are resampled.
+    pos_embed = getattr(model.vision.model, "pos_embed", None)
+    if pos_embed is not None and _POS_EMBED in own and own[_POS_EMBED].shape != pos_embed.shape:
+        own[_POS_EMBED] = position_embedding_for(model.vision.model, own[_POS_EMBED])
     # Missing keys are expected (the base LLM is not saved); tensors that fit nowhere are not.
     unexpected = model.load_state_dict(own, strict=False).unexpected_keys
     if unexpected:

@@ -120,7 +120,7 @@ def describe(name: str) -> dict:
     """Parameter counts of a named config, built on the ``meta`` device (no download, no memory), and
     what each recipe trains."""
     from owl_lightning.config import STAGE1, STAGE2, TrainRecipe
-    from owl_lightning.models.owl import build_owl
+    from owl_lightning.models.owl import build_owl, max_visual_tokens_per_image
 
     config = get_config(name)
     recipes = {"stage1": STAGE1, "stage2": STAGE2, "stage2_full": TrainRecipe(vision="frozen", abstractor="train", llm="full")}
@@ -138,6 +138,8 @@ def describe(name: str) -> dict:
         "params": params,
         "trainable_params": trainable,
         "visual_tokens_per_image": model.visual_tokens_per_image,
+        "max_visual_tokens_per_image": max_visual_tokens_per_image(config),
+        "image_mode": config.image.mode,
     }
 
 
@@ -167,7 +169,10 @@ def _describe_main(args: list[str]) -> None:
     if ns.json:
         print(json.dumps(info, indent=2))
         return
-    print(f"{info['name']}: {info['total_params'] / 1e9:.3f}B parameters, {info['visual_tokens_per_image']} visual tokens per image")
+    tokens = info["visual_tokens_per_image"]
+    if info["max_visual_tokens_per_image"] != tokens:  # AnyRes: a view's tokens up to the largest tile grid's
+        tokens = f"{tokens}–{info['max_visual_tokens_per_image']} ({info['image_mode']})"
+    print(f"{info['name']}: {info['total_params'] / 1e9:.3f}B parameters, {tokens} visual tokens per image")
     for part, n in info["params"].items():
         print(f"  {part:<11} {n:>15,}")
     for stage, n in info["trainable_params"].items():

@@ -57,6 +57,40 @@ class VisionConfig:
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+# LLaVA-NeXT's AnyRes grids (its image_grid_pinpoints 336×672, 672×336, 672×672, 1008×336, 336×1008 over
+# 336 px tiles), as (rows, cols) of tiles: independent of the tile size, so one list serves any encoder.
+LLAVA_NEXT_TILE_GRIDS = [[2, 1], [1, 2], [2, 2], [3, 1], [1, 3]]
+
+
+@dataclass
+class ImageConfig:
+    """How an image becomes the vision encoder's input (docs/high_resolution.md).
+
+    ``mode``: ``crop`` — timm's eval transform: resize the shorter side, centre-crop a square (the paper's);
+    ``pad`` — LLaVA-1.5: the whole image on a square of the encoder's mean colour, nothing cut off;
+    ``anyres`` — LLaVA-NeXT: a padded global view plus a grid of encoder-sized tiles, the grid picked from
+    ``tile_grids`` to fit the image's aspect ratio. Tiles are ``vision.image_size`` square.
+    ``tile_grids``: the (rows, cols) grids ``anyres`` picks from.
+    """
+
+    mode: Literal["crop", "pad", "anyres"] = "crop"
+    tile_grids: list[list[int]] = field(default_factory=lambda: copy.deepcopy(LLAVA_NEXT_TILE_GRIDS))
+
+    def __post_init__(self) -> None:
+        for grid in self.tile_grids:
+            if len(grid) != 2 or min(grid) < 1:
+                raise ValueError(f"image.tile_grids entries are [rows, cols] of at least 1 tile each, got {grid!r}")
+        if self.mode == "anyres" and not self.tile_grids:
+            raise ValueError("image.mode='anyres' needs at least one image.tile_grids entry, e.g. [[1, 2], [2, 1], [2, 2]]")
+
+
+def visual_tokens_of_grid(tokens_per_view: int, rows: int = 0, cols: int = 0) -> int:
+    """LLM positions one image takes: ``V = tokens_per_view`` (the connector's tokens of one view) for a
+    single view (``rows = cols = 0``); for an AnyRes image of ``rows × cols`` tiles, ``V`` for the global
+    view and for each tile, and one row separator per row of tiles."""
+    return tokens_per_view * (1 + rows * cols) + rows
+
+
 @dataclass
 class AbstractorConfig:
     """The visual abstractor (DESIGN §2): learned queries cross-attending over visual features."""
@@ -133,6 +167,7 @@ class OwlConfig:
     abstractor: AbstractorConfig = field(default_factory=AbstractorConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
     connector: Literal["abstractor", "mlp"] = "abstractor"
 
     def to_dict(self) -> dict[str, Any]:
@@ -261,6 +296,35 @@ _REGISTRY: dict[str, OwlConfig] = {
 }
 
 
+def _high_resolution(base: str, name: str, image: ImageConfig, image_size: int | None = None) -> OwlConfig:
+    """``base`` with another image preprocessing; ``image_size``: the encoder's (and the tiles') side in
+    pixels — a ViT's position embeddings are resampled to it from its pretrained size (timm)."""
+    config = copy.deepcopy(_REGISTRY[base])
+    config.name, config.image = name, image
+    if image_size is not None:
+        config.vision.image_size = image_size
+    return config
+
+
+_REGISTRY.update(
+    {
+        config.name: config
+        for config in (
+            # Unit tests: 3 grids keep the tiny tile counts small (at most 1 + 4 views an image).
+            _high_resolution("owl-tiny", "owl-tiny-anyres", ImageConfig("anyres", [[1, 2], [2, 1], [2, 2]])),
+            _high_resolution("owl-smol", "owl-smol-anyres", ImageConfig("anyres")),
+            # LLaVA-1.5's and LLaVA-NeXT's preprocessing on the paper's model, at LLaVA's 336 px: the 224 px
+            # CLIP's 16×16 position embeddings resampled to 24×24 (577 features a view instead of 257).
+            _high_resolution("owl-llama7b", "owl-llama7b-pad336", ImageConfig("pad"), image_size=336),
+            _high_resolution("owl-llama7b", "owl-llama7b-anyres336", ImageConfig("anyres"), image_size=336),
+        )
+    }
+)
+
+
+_SECTIONS = ("", "vision", "abstractor", "llm", "lora", "image")
+
+
 def list_configs() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -273,7 +337,7 @@ def get_config(name: str, overrides: dict[str, Any] | None = None) -> OwlConfig:
     for key, value in (overrides or {}).items():
         section, _, attr = key.rpartition(".")
         target = getattr(config, section) if section else config
-        if section not in ("", "vision", "abstractor", "llm", "lora") or not hasattr(target, attr):
-            raise KeyError(f"unknown config key {key!r}; use <section>.<field> with a section of vision, abstractor, llm, lora")
+        if section not in _SECTIONS or not hasattr(target, attr):
+            raise KeyError(f"unknown config key {key!r}; use <section>.<field> with a section of {', '.join(_SECTIONS[1:])}")
         setattr(target, attr, value)
     return config

@@ -18,11 +18,11 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from owl_lightning.checkpoints import model_from_checkpoint, read_checkpoint, template_settings
 from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, compute_dtype
 from owl_lightning.data.collate import EncodedSample, collate
+from owl_lightning.data.highres import TiledImage, image_preprocess, image_token_counter, visual_tokens_of
 from owl_lightning.data.images import to_rgb
 from owl_lightning.data.template import OWL_SYSTEM_PROMPT, Conversation, ConversationTemplate, Turn, resolve_system_prompt
 from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.owl import OwlModel
-from owl_lightning.models.vision import image_transform
 
 
 def default_device() -> str:
@@ -125,7 +125,8 @@ class OwlAssistant:
             max_length=max_length,
             visual_tokens_per_image=model.visual_tokens_per_image,
         )
-        self.transform = image_transform(model.config.vision)
+        self.transform = image_preprocess(model.config)
+        self._count_image_tokens = image_token_counter(model.config)
         self.device = next(model.parameters()).device
         self.dtype = compute_dtype(precision)
 
@@ -163,12 +164,22 @@ class OwlAssistant:
         and each image preprocessed (a small uint8 tensor, so the decoded picture can be dropped). Raises
         ``SkipSample(TOO_LONG)`` past ``max_length``."""
         conversation = Conversation(request.turns, images=[f"image {i}" for i in range(len(request.images))], system=request.system)
-        ids = (template or self.template).encode_prompt(conversation)
-        return EncodedSample(ids, [IGNORE_INDEX] * len(ids), [self.transform(to_rgb(i)) for i in request.images])
+        images = [self.transform(to_rgb(image)) for image in request.images]
+        ids = (template or self.template).encode_prompt(conversation, self._image_tokens(images))
+        return EncodedSample(ids, [IGNORE_INDEX] * len(ids), images)
 
     def prompt_tokens(self, sample: EncodedSample) -> int:
         """Positions the LLM reads for ``sample``'s prompt: its text tokens and every image's visual tokens."""
-        return self.template.expanded_length(sample.input_ids)
+        return self.template.expanded_length(sample.input_ids, self._image_tokens(sample.images))
+
+    def image_tokens(self, image: Image.Image) -> int:
+        """Visual tokens ``image`` takes in a prompt: one view's, or under AnyRes its tiles' (by its size)."""
+        if self._count_image_tokens is None:
+            return self.model.visual_tokens_per_image
+        return self._count_image_tokens(image)
+
+    def _image_tokens(self, images: list[torch.Tensor | TiledImage]) -> list[int]:
+        return [visual_tokens_of(image, self.model.visual_tokens_per_image) for image in images]
 
     def decode(self, tokens: list[int]) -> str:
         """An answer's text, as :meth:`answer` returns it."""
@@ -201,7 +212,7 @@ class OwlAssistant:
         samples = []
         for reply in replies:
             conversation = Conversation([*request.turns, Turn("assistant", reply)], images=placeholders, system=request.system)
-            input_ids, labels, _ = self.template.encode(conversation)
+            input_ids, labels, _ = self.template.encode(conversation, self._image_tokens(pixels))
             samples.append(EncodedSample(input_ids, labels, pixels))
         batch = collate(samples, self.tokenizer.pad_token_id)
         with self.autocast():
@@ -211,6 +222,7 @@ class OwlAssistant:
                 batch["labels"].to(self.device),
                 None if batch["images"] is None else batch["images"].to(self.device),
                 batch["image_counts"].to(self.device),
+                batch["image_grids"].to(self.device),
             )
         return list(zip(totals.tolist(), greedy.tolist()))
 
@@ -229,11 +241,11 @@ def generate_captions(
     model: OwlModel,
     tokenizer,
     template: ConversationTemplate,
-    pixels: list[torch.Tensor],
+    pixels: list[torch.Tensor | TiledImage],
     max_new_tokens: int,
     dtype: torch.dtype = torch.float32,
 ) -> list[str]:
-    """Greedy captions of preprocessed images (uint8 ``[3, H, W]`` each), from the stage-1 prompt ``BOS <image>``."""
+    """Greedy captions of preprocessed images (uint8 ``[3, H, W]`` each, or AnyRes tiles), from the stage-1 prompt ``BOS <image>``."""
     prompt = template.caption_prompt()
     samples = [EncodedSample(prompt, [IGNORE_INDEX] * len(prompt), [image]) for image in pixels]
     return generate(model, tokenizer, samples, max_new_tokens, dtype=dtype)
@@ -294,6 +306,7 @@ def generate_answers(
             batch["sample_ids"].to(device),
             images,
             batch["image_counts"].to(device),
+            batch["image_grids"].to(device),
             max_new_tokens=max(sampling.max_new_tokens for sampling in samplings),
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,

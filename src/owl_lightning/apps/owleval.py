@@ -152,11 +152,18 @@ def load_images(questions: list[Question], cases: Path) -> dict[str, Image.Image
 
 
 def fit_request(
-    template: ConversationTemplate, history: list[tuple[str, str]], question: str, image: Image.Image, max_new_tokens: int
+    template: ConversationTemplate,
+    history: list[tuple[str, str]],
+    question: str,
+    image: Image.Image,
+    max_new_tokens: int,
+    image_tokens: int | None = None,
 ) -> tuple[Request, int]:
     """The request for ``question`` after the ``(question, answer)`` pairs of ``history``, keeping the most
     recent pairs that leave room for ``max_new_tokens`` within the template's ``max_length``; the image
-    opens the first kept turn. Returns the request and how many pairs were dropped."""
+    opens the first kept turn, counted as ``image_tokens`` visual tokens (None: the template's per-image
+    count; AnyRes images take more). Returns the request and how many pairs were dropped."""
+    counts = None if image_tokens is None else [image_tokens]
     for dropped in range(len(history) + 1):
         turns = []
         for earlier_question, earlier_answer in history[dropped:]:
@@ -164,12 +171,12 @@ def fit_request(
         turns.append(Turn("user", question))
         turns[0] = Turn("user", IMAGE_TOKEN + "\n" + turns[0].content)
         try:
-            prompt = template.encode_prompt(Conversation(turns, images=["image"]))
+            prompt = template.encode_prompt(Conversation(turns, images=["image"]), counts)
         except SkipSample as skip:
             if skip.reason != TOO_LONG:
                 raise
             continue
-        if template.expanded_length(prompt) + max_new_tokens <= template.max_length:
+        if template.expanded_length(prompt, counts) + max_new_tokens <= template.max_length:
             return Request(turns, [image]), dropped
     raise OwlEvalError(
         f"the question {question[:60]!r} with its image does not fit max_length={template.max_length} "
@@ -204,7 +211,10 @@ def answer_owleval(
                 for conversation in chunk:
                     *earlier, current = conversation
                     history = [(q.question, answers[q.question_id]) for q in earlier]
-                    request, dropped = fit_request(assistant.template, history, current.question, images[current.image], max_new_tokens)
+                    image = images[current.image]
+                    request, dropped = fit_request(
+                        assistant.template, history, current.question, image, max_new_tokens, assistant.image_tokens(image)
+                    )
                     if dropped:
                         log.warning(
                             "question %d: history cut to its last %d exchange(s) to fit max_length=%d",

@@ -37,6 +37,7 @@ from torch.utils.data import IterableDataset
 
 from owl_lightning.data.collate import EncodedSample, collate
 from owl_lightning.data.health import SkipLog
+from owl_lightning.data.highres import TiledImage
 from owl_lightning.data.images import decode_image, resolve_under_root
 from owl_lightning.data.manifest import InstructionSource
 from owl_lightning.data.resume import role_positions, worker_role
@@ -80,7 +81,7 @@ class InstructionMixture(IterableDataset):
     Args:
         sources: each source with its conversations (from :func:`~owl_lightning.data.instruct.read_conversations`).
         template: tokenises a conversation (its ``max_length`` and ``visual_tokens_per_image`` apply).
-        image_transform: RGB PIL image → ``[3, H, W]`` uint8 tensor (the vision encoder's preprocessing).
+        image_transform: RGB PIL image → ``[3, H, W]`` uint8 tensor or AnyRes ``TiledImage`` (the model's preprocessing).
         batch_size: samples per batch on each rank.
         pad_token_id: the tokenizer's pad token.
         seed: with the epoch and batch index, fixes every batch's content.
@@ -90,6 +91,8 @@ class InstructionMixture(IterableDataset):
         rank, world_size: this process's share of the batches.
         pack: pack several samples into each row (:func:`~owl_lightning.data.collate.collate`):
             same loss, far less padding when short conversations meet long texts.
+        image_tokens: decoded image → its visual tokens, where they depend on its size (AnyRes:
+            ``OwlProcessor.image_tokens``); None: every image ``template.visual_tokens_per_image``.
 
     Yields the dicts of :func:`~owl_lightning.data.collate.collate` (``input_ids``/``labels``/
     ``sample_ids`` ``[B, T]``, ``images`` ``[M, 3, H, W]`` or ``None``, ``image_counts`` ``[B]``,
@@ -102,7 +105,7 @@ class InstructionMixture(IterableDataset):
         self,
         sources: list[tuple[InstructionSource, list[Conversation]]],
         template: ConversationTemplate,
-        image_transform: Callable[[Image.Image], torch.Tensor],
+        image_transform: Callable[[Image.Image], torch.Tensor | TiledImage],
         batch_size: int,
         pad_token_id: int,
         seed: int = 0,
@@ -110,6 +113,7 @@ class InstructionMixture(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         pack: bool = False,
+        image_tokens: Callable[[Image.Image], int] | None = None,
     ) -> None:
         super().__init__()
         if not sources:
@@ -149,6 +153,7 @@ class InstructionMixture(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.pack = pack
+        self.image_tokens = image_tokens
         self.batches_per_rank = batches_per_epoch // world_size
         self.batches_per_epoch = self.batches_per_rank * world_size
         self.epoch = 0
@@ -218,8 +223,14 @@ class InstructionMixture(IterableDataset):
         )
 
     def _encode(self, source: InstructionSource, conv: Conversation) -> EncodedSample:
-        input_ids, labels, num_images = self.template.encode(conv)
-        images = [
-            self.image_transform(decode_image(resolve_under_root(path, Path(source.image_root)))) for path in conv.images[:num_images]
-        ]
+        def decoded(path: str) -> Image.Image:
+            return decode_image(resolve_under_root(path, Path(source.image_root)))
+
+        if self.image_tokens is None:  # every image costs the same: fit the text first, decode only the images kept
+            input_ids, labels, num_images = self.template.encode(conv)
+            images = [self.image_transform(decoded(path)) for path in conv.images[:num_images]]
+        else:  # an AnyRes image's cost depends on its size: decode before fitting the text
+            pictures = [decoded(path) for path in conv.images]
+            input_ids, labels, num_images = self.template.encode(conv, [self.image_tokens(picture) for picture in pictures])
+            images = [self.image_transform(picture) for picture in pictures[:num_images]]
         return EncodedSample(input_ids, labels, images, source=source.name)

@@ -15,10 +15,10 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from owl_lightning.config import OwlConfig
+from owl_lightning.data.highres import TiledImage, image_preprocess, image_token_counter
 from owl_lightning.data.template import ConversationTemplate, resolve_system_prompt
 from owl_lightning.models.llm import load_tokenizer
 from owl_lightning.models.owl import visual_tokens_per_image
-from owl_lightning.models.vision import image_transform
 
 
 class OwlProcessor:
@@ -32,9 +32,16 @@ class OwlProcessor:
         return load_tokenizer(self.config.llm)
 
     @cached_property
-    def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        """PIL RGB image → uint8 ``[3, H, W]``, as timm evaluates the vision encoder."""
-        return image_transform(self.config.vision)
+    def image_transform(self) -> Callable[[Image.Image], torch.Tensor | TiledImage]:
+        """PIL RGB image → uint8 ``[3, H, W]`` (``image.mode`` crop: as timm evaluates the vision encoder;
+        pad), or a :class:`~owl_lightning.data.highres.TiledImage` (anyres)."""
+        return image_preprocess(self.config)
+
+    @cached_property
+    def image_tokens(self) -> Callable[[Image.Image], int] | None:
+        """Decoded image → its visual tokens where they depend on its size (anyres); None where every
+        image takes ``visual_tokens_per_image(config)``."""
+        return image_token_counter(self.config)
 
     def template(self, max_length: int = 1024, style: str = "owl", system_prompt: str | None = None) -> ConversationTemplate:
         """The conversation template; ``system_prompt`` as a run sets it (None: the style's default, "": none)."""

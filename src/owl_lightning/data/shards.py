@@ -11,7 +11,8 @@ Training (``train=True``), for each source::
                               (OVERSIZED_SHARD); a member past MAX_MEMBER_BYTES is never read, and its
                               sample is skipped (OVERSIZED_MEMBER)
     → shuffle samples         buffer of raw samples, seeded per (seed, epoch, rank, worker)
-    → encode                  caption → encode_caption → decode_image → image_transform;
+    → encode                  caption → encode_caption → decode_image → image_transform (AnyRes:
+                              the image first, as its size sets the caption's room);
                               a bad sample is recorded with its reason (``unexpected`` for a
                               failure no check foresaw) and dropped
 
@@ -92,6 +93,7 @@ from owl_lightning.data.health import (
     SkipSample,
     parse_json_record,
 )
+from owl_lightning.data.highres import TiledImage
 from owl_lightning.data.images import decode_image
 from owl_lightning.data.manifest import ShardSource
 from owl_lightning.data.resume import batches_consumed_by_role, worker_count_changed, worker_info, worker_role
@@ -238,8 +240,8 @@ class _Seeds:
 def build_shard_pipeline(
     sources: list[ShardSource],
     *,
-    image_transform: Callable[[Image.Image], torch.Tensor],
-    encode_caption: Callable[[str], tuple[list[int], list[int]]],
+    image_transform: Callable[[Image.Image], torch.Tensor | TiledImage],
+    encode_caption: Callable[..., tuple[list[int], list[int]]],
     pad_token_id: int,
     batch_size: int,
     train: bool = True,
@@ -247,14 +249,17 @@ def build_shard_pipeline(
     shuffle_buffer: int = 1000,
     batches_per_epoch: int | None = None,
     skips: SkipLog | None = None,
+    image_tokens: Callable[[Image.Image], int] | None = None,
 ) -> ShardPipeline:
     """Build the stage-1 pipeline over ``sources``; it yields :func:`collate` batches.
 
     Args:
         sources: shard sources from a data manifest (weights are used in training only).
-        image_transform: RGB PIL image → ``[3, H, W]`` tensor, uint8 for the model (all images the same size).
+        image_transform: RGB PIL image → ``[3, H, W]`` tensor, uint8 for the model (all images the same
+            size), or an AnyRes ``TiledImage``.
         encode_caption: caption → ``(input_ids, labels)`` of equal length, labels ``-100`` where not
-            supervised; may raise :class:`SkipSample` (e.g. ``TOO_LONG``).
+            supervised; may raise :class:`SkipSample` (e.g. ``TOO_LONG``). With ``image_tokens`` it also
+            takes the image's visual tokens: ``encode_caption(caption, tokens)``.
         pad_token_id: padding id for ``input_ids``.
         batch_size: samples per batch on this rank.
         train: endless, resampled, shuffled and weight-mixed (True), or every validation sample
@@ -269,6 +274,8 @@ def build_shard_pipeline(
             ``None`` in training: an endless epoch (stop on ``max_steps``). In validation at most
             this many.
         skips: where skipped samples are recorded; each batch drains it into ``batch["skipped"]``.
+        image_tokens: decoded image → its visual tokens, where they depend on its size (AnyRes:
+            ``OwlProcessor.image_tokens``); None: every image costs the same.
 
     Returns:
         A :class:`ShardPipeline`; each batch is the dict :func:`collate` returns, with
@@ -291,7 +298,7 @@ def build_shard_pipeline(
         stall_limit=max(MIN_STALL_SKIPS, STALL_SKIPS_PER_SAMPLE * batch_size),
         limits=TarLimits(MAX_MEMBER_BYTES, MAX_SHARD_BYTES),
     )
-    encode_one = partial(_encode_sample, image_transform=image_transform, encode_caption=encode_caption)
+    encode_one = partial(_encode_sample, image_transform=image_transform, encode_caption=encode_caption, image_tokens=image_tokens)
     encode = partial(_map_or_skip, fn=encode_one, skips=skips)
     batch = partial(_batched, batch_size=batch_size, pad_token_id=pad_token_id, skips=skips, finite=not train)
     share = partial(_worker_share, batches_per_epoch=batches_per_epoch, position=position)
@@ -760,16 +767,21 @@ def _map_or_skip(samples: Iterable[dict], fn: Callable[[dict], EncodedSample], s
 
 def _encode_sample(
     raw: dict,
-    image_transform: Callable[[Image.Image], torch.Tensor],
-    encode_caption: Callable[[str], tuple[list[int], list[int]]],
+    image_transform: Callable[[Image.Image], torch.Tensor | TiledImage],
+    encode_caption: Callable[..., tuple[list[int], list[int]]],
+    image_tokens: Callable[[Image.Image], int] | None = None,
 ) -> EncodedSample:
-    """Raw tar sample → :class:`EncodedSample` with one ``[3, H, W]`` image, or :class:`SkipSample`."""
+    """Raw tar sample → :class:`EncodedSample` with one preprocessed image, or :class:`SkipSample`."""
     source: ShardSource = raw["__source__"]
     if "__skip__" in raw:  # refused while reading the tar (an oversized or duplicate member)
         raise raw["__skip__"]
-    # The cheap checks first: a sample with a bad caption costs no image decode.
-    input_ids, labels = encode_caption(_caption_of(raw, source.caption_key))
-    image = decode_image(_image_bytes_of(raw, source.image_key))
+    caption = _caption_of(raw, source.caption_key)
+    if image_tokens is None:  # the cheap checks first: a sample with a bad caption costs no image decode
+        input_ids, labels = encode_caption(caption)
+        image = decode_image(_image_bytes_of(raw, source.image_key))
+    else:  # an AnyRes image's visual tokens, which the caption must leave room for, depend on its size
+        image = decode_image(_image_bytes_of(raw, source.image_key))
+        input_ids, labels = encode_caption(caption, image_tokens(image))
     return EncodedSample(input_ids=input_ids, labels=labels, images=[image_transform(image)], source=source.name)
 
 

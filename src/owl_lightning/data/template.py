@@ -5,12 +5,14 @@ the EOS that ends each) are supervised; every other position gets ``IGNORE_INDEX
 tokenised one at a time and concatenated, so which tokens are supervised is known exactly rather
 than guessed from offsets.
 
-Lengths count the *expanded* sequence: each ``<image>`` token stands for ``visual_tokens_per_image``
-visual tokens in the model, so a sample that fits here fits the LLM's context.
+Lengths count the *expanded* sequence: each ``<image>`` token stands for its image's visual tokens
+in the model (``visual_tokens_per_image``, or the count given per image for AnyRes tiles), so a
+sample that fits here fits the LLM's context.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
@@ -96,8 +98,9 @@ class ConversationTemplate:
         style: ``"owl"`` (the mPLUG-Owl template) or ``"chat_template"`` (``tokenizer.apply_chat_template``;
             pass ``system_prompt=None`` unless the model was trained with a system message).
         system_prompt: the system text used when a conversation has none; ``None``: no system text.
-        max_length: limit of the expanded sequence (text tokens + ``visual_tokens_per_image`` per image).
-        visual_tokens_per_image: visual tokens the model puts in place of one ``<image>`` token.
+        max_length: limit of the expanded sequence (text tokens + every image's visual tokens).
+        visual_tokens_per_image: visual tokens the model puts in place of one ``<image>`` token, unless
+            a call gives each image's count (``image_tokens``: AnyRes images take more, by their size).
     """
 
     def __init__(
@@ -135,8 +138,9 @@ class ConversationTemplate:
 
     # ----------------------------------------------------------------------------------- public
 
-    def encode(self, conv: Conversation) -> tuple[list[int], list[int], int]:
-        """Training sample of a conversation.
+    def encode(self, conv: Conversation, image_tokens: Sequence[int] | None = None) -> tuple[list[int], list[int], int]:
+        """Training sample of a conversation; ``image_tokens``: each image's visual tokens (None: all
+        ``visual_tokens_per_image``).
 
         Layout (style ``owl``; ``[...]`` marks supervised tokens, one line per image)::
 
@@ -156,29 +160,31 @@ class ConversationTemplate:
             raise SkipSample(MALFORMED_RECORD, "no assistant turn to learn from")
         self._check_text(conv.texts())
         input_ids, labels = self._join(self._segments(conv, add_generation_prompt=False))
-        input_ids, labels = self._fit(input_ids, labels)
+        input_ids, labels = self._fit(input_ids, labels, image_tokens)
         return input_ids, labels, input_ids.count(self.image_token_id)
 
-    def encode_prompt(self, conv: Conversation) -> list[int]:
+    def encode_prompt(self, conv: Conversation, image_tokens: Sequence[int] | None = None) -> list[int]:
         """Generation prompt for a conversation whose last turn is the user's; earlier assistant
         turns are history. Style ``owl`` ends with ``\\nAI: ``; ``chat_template`` with the
-        template's generation prompt. Raises ``SkipSample(TOO_LONG)`` past ``max_length``."""
+        template's generation prompt. Raises ``SkipSample(TOO_LONG)`` past ``max_length``;
+        ``image_tokens`` as in :meth:`encode`."""
         conv.check_images()
         if not conv.turns or conv.turns[-1].role != "user":
             raise ValueError(f"{conv.origin or 'conversation'}: encode_prompt needs a conversation that ends with a user turn")
         self._check_text(conv.texts())
         input_ids, _ = self._join(self._segments(conv, add_generation_prompt=True))
-        if self.expanded_length(input_ids) > self.max_length:
+        if self.expanded_length(input_ids, image_tokens) > self.max_length:
             raise SkipSample(
                 TOO_LONG,
-                f"prompt of {self.expanded_length(input_ids)} tokens (images expanded) "
+                f"prompt of {self.expanded_length(input_ids, image_tokens)} tokens (images expanded) "
                 f"exceeds max_length={self.max_length}; shorten the history or raise max_length",
             )
         return input_ids
 
-    def encode_caption(self, caption: str) -> tuple[list[int], list[int]]:
+    def encode_caption(self, caption: str, image_tokens: int | None = None) -> tuple[list[int], list[int]]:
         """Stage-1 sample: ``BOS <image> [{caption} EOS]`` (bracketed tokens supervised); the caption
-        is cut from the right so the expanded length fits ``max_length``.
+        is cut from the right so the expanded length fits ``max_length``, the image counted as
+        ``image_tokens`` visual tokens (None: ``visual_tokens_per_image``).
 
         Raises ``SkipSample(MISSING_TEXT)`` for an empty caption, ``SkipSample(TOO_LONG)`` when not
         even one caption token fits after the image."""
@@ -187,15 +193,25 @@ class ConversationTemplate:
             raise SkipSample(MISSING_TEXT, "empty caption")
         self._check_text([caption])
         segments = [(self._bos, False), ([self.image_token_id], False), (self._tokens(caption) + [self.tokenizer.eos_token_id], True)]
-        return self._fit(*self._join(segments))
+        return self._fit(*self._join(segments), None if image_tokens is None else [image_tokens])
 
     def caption_prompt(self) -> list[int]:
         """``BOS <image>``: the prompt from which the model generates a caption."""
         return self._bos + [self.image_token_id]
 
-    def expanded_length(self, input_ids: list[int]) -> int:
-        """Sequence length the LLM sees: every ``<image>`` token becomes ``visual_tokens_per_image`` tokens."""
-        return len(input_ids) + input_ids.count(self.image_token_id) * (self.visual_tokens_per_image - 1)
+    def expanded_length(self, input_ids: list[int], image_tokens: Sequence[int] | None = None) -> int:
+        """Sequence length the LLM sees: every ``<image>`` token becomes its image's visual tokens
+        (``image_tokens`` in placeholder order; None: ``visual_tokens_per_image`` each)."""
+        return len(input_ids) + sum(tokens - 1 for tokens in self._image_tokens(input_ids.count(self.image_token_id), image_tokens))
+
+    def _image_tokens(self, num_images: int, image_tokens: Sequence[int] | None) -> Sequence[int]:
+        if image_tokens is None:
+            return [self.visual_tokens_per_image] * num_images
+        if len(image_tokens) < num_images:
+            raise ValueError(
+                f"visual-token counts for {len(image_tokens)} images, but the text has {num_images} {IMAGE_TOKEN} placeholders"
+            )
+        return image_tokens[:num_images]
 
     # --------------------------------------------------------------------------------- internal
 
@@ -296,21 +312,22 @@ class ConversationTemplate:
             labels += ids if supervised else [IGNORE_INDEX] * len(ids)
         return input_ids, labels
 
-    def _fit(self, input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+    def _fit(self, input_ids: list[int], labels: list[int], image_tokens: Sequence[int] | None = None) -> tuple[list[int], list[int]]:
         """Cut from the right to ``max_length`` expanded tokens; an image is kept whole or not at all.
         Refuses a sample left without a supervised token: its loss would be 0/0 (NaN)."""
-        expanded = self.expanded_length(input_ids)
+        expanded = self.expanded_length(input_ids, image_tokens)
         if expanded > self.max_length:
             length = 0
+            images = iter(self._image_tokens(input_ids.count(self.image_token_id), image_tokens))
             for keep, token in enumerate(input_ids):
-                length += self.visual_tokens_per_image if token == self.image_token_id else 1
+                length += next(images) if token == self.image_token_id else 1
                 if length > self.max_length:
                     input_ids, labels = input_ids[:keep], labels[:keep]
                     break
         if all(label == IGNORE_INDEX for label in labels):
             raise SkipSample(
                 TOO_LONG,
-                f"{expanded} tokens (images expanded to {self.visual_tokens_per_image}) leave no answer "
+                f"{expanded} tokens (images expanded to their visual tokens) leave no answer "
                 f"token within max_length={self.max_length}; raise max_length or shorten the prompt",
             )
         return input_ids, labels

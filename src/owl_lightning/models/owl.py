@@ -1,9 +1,18 @@
 """OwlModel: the vision encoder, the abstractor and the LLM as one module tree.
 
 Text carries one ``<image>`` token per image. ``embed`` replaces each of them with that
-image's ``V = num_queries + 1`` visual tokens, in order — adjacent placeholders stay
-separate images — and re-aligns the attention mask and labels to the expanded sequence.
-A batch may mix text-only and multimodal samples.
+image's visual tokens, in order — adjacent placeholders stay separate images — and re-aligns
+the attention mask and labels to the expanded sequence. A batch may mix text-only and
+multimodal samples.
+
+An image is one view (``V`` tokens from the connector: the abstractor's queries and end-of-image
+token, or every encoder token under the MLP connector) or, under AnyRes (docs/high_resolution.md),
+a global view and a ``rows × cols`` grid of tiles. Every view goes through the encoder and the
+connector; the image's tokens are then::
+
+    global view's V | row 1: tile 1's V … tile cols' V, separator | … | row rows: …, separator
+
+``V·(1 + rows·cols) + rows`` in all (``config.visual_tokens_of_grid``).
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, LoRAConfig, OwlConfig, TrainRecipe
+from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, LoRAConfig, OwlConfig, TrainRecipe, visual_tokens_of_grid
 from owl_lightning.models.abstractor import VisualAbstractor
 from owl_lightning.models.llm import build_llm, load_tokenizer
 from owl_lightning.models.projector import MLPProjector
@@ -31,21 +40,23 @@ class OwlOutput:
 
 @dataclass
 class TokenLayout:
-    """Where a batch's tokens go in the LLM's input once every ``<image>`` is its image's V visual tokens.
+    """Where a batch's tokens go in the LLM's input once every ``<image>`` is its image's visual tokens.
 
     Index arithmetic only, done on the device the token ids are on. The trainer makes it on the host,
     before a batch moves to the accelerator (``OwlSystem.transfer_batch_to_device``): made there,
     the step reads nothing back from the accelerator, where each ``nonzero`` or ``.item()`` would
     stall the host until the accelerator had finished all the work queued before it.
 
-    ``L = max_b (real tokens_b + images_b × (V − 1))``: padding is dropped and re-added at one side.
+    ``L = max_b (real tokens_b + Σ_images (tokens_i − 1))``: padding is dropped and re-added at one side.
+    ``P``: the batch's visual tokens, ``T``: its views (one an image, ``1 + rows·cols`` under AnyRes).
     """
 
     text_rows: torch.Tensor  # [K] batch row of each real text token
     text_cols: torch.Tensor  # [K] its column in ``input_ids``
     text_positions: torch.Tensor  # [K] its position in the expanded sequence
-    image_rows: torch.Tensor  # [M] batch row of each image, sample-major in placeholder order
-    image_positions: torch.Tensor  # [M, V] positions of its visual tokens
+    image_rows: torch.Tensor  # [P] batch row of each visual token, sample-major in placeholder order
+    image_positions: torch.Tensor  # [P] its position in the expanded sequence
+    visual_index: torch.Tensor  # [P] its row in the views' tokens [T·V] (row T·V: the row separator)
     mask: torch.Tensor  # [B, L] the input's mask values (1, or a packed row's sample numbers 1, 2, …; 0: padding)
     labels: torch.Tensor | None  # [B, L] with IGNORE_INDEX at image and padding positions
     position_ids: torch.Tensor  # [B, L] the LLM's positions (restarting with every packed sample)
@@ -66,11 +77,13 @@ class TokenLayout:
         labels: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
         padding_side: str = "right",
+        image_grids: torch.Tensor | None = None,
     ) -> TokenLayout:
         """The layout of ``input_ids``/``sample_ids``/``labels`` ``[B, T]`` with ``num_images`` images
         (``image_counts`` ``[B]``, optional, names the sample whose placeholders and images disagree).
-        ``padding_side``: where the expanded batch is padded (``left`` for generation)."""
-        width = visual_tokens_per_image
+        ``padding_side``: where the expanded batch is padded (``left`` for generation). ``image_grids``
+        ``[M, 2]``: each image's (rows, cols) of AnyRes tiles, ``(0, 0)`` for one view; None: all one view.
+        ``visual_tokens_per_image``: V, the tokens of one view."""
         real = sample_ids.bool()
         is_image = (input_ids == image_token_id) & real
         placeholders = is_image.sum(1)
@@ -82,21 +95,28 @@ class TokenLayout:
                 )
         if int(placeholders.sum()) != num_images:
             raise ValueError(f"the batch has {int(placeholders.sum())} {IMAGE_TOKEN} placeholders but {num_images} images")
-        # Each real token occupies 1 position, each image V.
-        spans = torch.where(real, 1 + is_image.long() * (width - 1), 0)
+        if image_grids is None:
+            image_grids = input_ids.new_zeros(num_images, 2)
+        grid_rows, grid_cols = image_grids.to(input_ids.device).unbind(1)
+        widths = visual_tokens_of_grid(visual_tokens_per_image, grid_rows, grid_cols)  # [M]
+        # Each real token occupies 1 position, each image its visual tokens.
+        spans = real.long()
+        spans[is_image] = widths  # nonzero order: row-major = sample-major, placeholder order = the images' order
         lengths = spans.sum(1)
         total = int(lengths.max())
         offset = (total - lengths) if padding_side == "left" else torch.zeros_like(lengths)
         start = spans.cumsum(1) - spans + offset[:, None]  # first expanded position of each token
 
         text_rows, text_cols = (real & ~is_image).nonzero(as_tuple=True)
-        image_rows, image_cols = is_image.nonzero(as_tuple=True)  # row-major = sample-major, placeholder order
+        image_rows, image_cols = is_image.nonzero(as_tuple=True)
         text_positions = start[text_rows, text_cols]
-        image_positions = start[image_rows, image_cols][:, None] + torch.arange(width, device=input_ids.device)
-        image_rows_per_token = image_rows[:, None].expand_as(image_positions)
+        owner = torch.arange(num_images, device=input_ids.device).repeat_interleave(widths)  # [P] image of each visual token
+        within = torch.arange(len(owner), device=input_ids.device) - (widths.cumsum(0) - widths)[owner]
+        image_positions = start[image_rows, image_cols][owner] + within
+        visual_index = _visual_index(visual_tokens_per_image, grid_rows, grid_cols, owner, within)
         mask = sample_ids.new_zeros(len(input_ids), total)
         mask[text_rows, text_positions] = sample_ids[text_rows, text_cols]
-        mask[image_rows_per_token, image_positions] = sample_ids[image_rows, image_cols][:, None]
+        mask[image_rows[owner], image_positions] = sample_ids[image_rows, image_cols][owner]
 
         packed = bool(mask.max() > 1)
         if packed:
@@ -122,8 +142,9 @@ class TokenLayout:
             text_rows,
             text_cols,
             text_positions,
-            image_rows,
+            image_rows[owner],
             image_positions,
+            visual_index,
             mask,
             out_labels,
             position_ids,
@@ -134,13 +155,21 @@ class TokenLayout:
             int((mask > 0).sum()),
         )
 
+    def visual_sequence(self, view_tokens: torch.Tensor, row_separator: torch.Tensor | None = None) -> torch.Tensor:
+        """The abstractor's tokens of every view ``[T, V, D]`` (and the learned ``row_separator`` ``[1, D]``
+        when some image is tiled) → the batch's visual tokens in layout order ``[P, D]``."""
+        table = view_tokens.flatten(0, 1)
+        if row_separator is not None:
+            table = torch.cat([table, row_separator.to(table.dtype)])
+        return table[self.visual_index]
+
     def splice(self, text_embeds: torch.Tensor, visual_tokens: torch.Tensor) -> torch.Tensor:
         """``text_embeds`` ``[B, T, D]`` (the LLM's embeddings of ``input_ids``) and ``visual_tokens``
-        ``[M, V, D]`` → the LLM's input embeddings ``[B, L, D]``; padding positions are zero."""
+        ``[P, D]`` (:meth:`visual_sequence`; or ``[M, V, D]`` when every image is one view) → the LLM's
+        input embeddings ``[B, L, D]``; padding positions are zero."""
         embeds = text_embeds.new_zeros(*self.mask.shape, text_embeds.shape[-1])
         embeds[self.text_rows, self.text_positions] = text_embeds[self.text_rows, self.text_cols]
-        rows = self.image_rows[:, None].expand_as(self.image_positions)
-        embeds[rows, self.image_positions] = visual_tokens.to(embeds.dtype)
+        embeds[self.image_rows, self.image_positions] = visual_tokens.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
         return embeds
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> TokenLayout:
@@ -155,12 +184,38 @@ class TokenLayout:
         return replace(self, **moved)
 
 
+def _visual_index(
+    tokens_per_view: int, grid_rows: torch.Tensor, grid_cols: torch.Tensor, owner: torch.Tensor, within: torch.Tensor
+) -> torch.Tensor:
+    """``[P]`` row of each visual token in the views' tokens ``[T·V]`` (row ``T·V``: the row separator).
+
+    ``grid_rows``/``grid_cols`` ``[M]`` each image's tiles; ``owner`` ``[P]`` the image a visual token
+    belongs to, ``within`` its place among that image's tokens (order in the module docstring).
+    """
+    views = 1 + grid_rows * grid_cols
+    first_view = (views.cumsum(0) - views)[owner]  # [P] the image's global view
+    cols = grid_cols[owner]
+    # Past the global view's V tokens, each row of tiles is cols·V tile tokens and one separator.
+    tiled = within - tokens_per_view
+    row, in_row = tiled.div(cols * tokens_per_view + 1, rounding_mode="floor"), tiled.remainder(cols * tokens_per_view + 1)
+    tile_token = (first_view + 1 + row * cols) * tokens_per_view + in_row  # the row's tiles' tokens lie end to end
+    index = torch.where(in_row == cols * tokens_per_view, int(views.sum()) * tokens_per_view, tile_token)
+    return torch.where(within < tokens_per_view, first_view * tokens_per_view + within, index)
+
+
 def packed_positions(mask: torch.Tensor) -> torch.Tensor:
     """``[B, L]`` sample numbers of packed rows (0: padding) → each position's index within its run of equal numbers."""
     index = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
     starts = torch.ones_like(mask, dtype=torch.bool)
     starts[:, 1:] = mask[:, 1:] != mask[:, :-1]
     return index - torch.where(starts, index, 0).cummax(1).values
+
+
+def max_visual_tokens_per_image(config: OwlConfig) -> int:
+    """The most LLM positions one image can take: ``V``, or under ``anyres`` at the largest tile grid."""
+    if config.image.mode != "anyres":
+        return visual_tokens_per_image(config)
+    return max(visual_tokens_of_grid(visual_tokens_per_image(config), rows, cols) for rows, cols in config.image.tile_grids)
 
 
 def visual_tokens_per_image(config: OwlConfig) -> int:
@@ -197,7 +252,7 @@ class OwlModel(nn.Module):
         return self.abstractor.num_tokens
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """``[M, 3, H, W]`` → visual tokens ``[M, V, Dllm]`` (encoder, then the connector)."""
+        """Views ``[T, 3, H, W]`` → visual tokens ``[T, V, Dllm]`` (encoder, then the connector)."""
         return self.abstractor(self.vision(images))
 
     def layout(
@@ -208,11 +263,27 @@ class OwlModel(nn.Module):
         labels: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
         padding_side: str = "right",
+        image_grids: torch.Tensor | None = None,
     ) -> TokenLayout:
-        """The :class:`TokenLayout` of a batch (``[B, T]`` tensors, ``images`` ``[M, 3, H, W]``), on their device."""
-        num_images = 0 if images is None else images.shape[0]
+        """The :class:`TokenLayout` of a batch (``[B, T]`` tensors, ``images`` ``[T, 3, H, W]`` views,
+        ``image_grids`` ``[M, 2]`` as :func:`~owl_lightning.data.collate.collate` gives them), on their device."""
+        num_views = 0 if images is None else images.shape[0]
+        num_images = num_views if image_grids is None else len(image_grids)
+        if image_grids is not None and int((1 + image_grids.prod(1)).sum()) != num_views:
+            raise ValueError(
+                f"the batch has {num_views} image views but its image_grids {image_grids.tolist()} make "
+                f"{int((1 + image_grids.prod(1)).sum())}; pass collate's images and image_grids together"
+            )
         return TokenLayout.of(
-            input_ids, sample_ids, num_images, self.visual_tokens_per_image, self.image_token_id, labels, image_counts, padding_side
+            input_ids,
+            sample_ids,
+            num_images,
+            self.visual_tokens_per_image,
+            self.image_token_id,
+            labels,
+            image_counts,
+            padding_side,
+            image_grids,
         )
 
     def embed(
@@ -223,20 +294,21 @@ class OwlModel(nn.Module):
         labels: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
         padding_side: str = "right",
+        image_grids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Token ids ``[B, T]`` (+ images) → LLM input embeddings ``[B, L, D]``, mask and labels ``[B, L]``."""
-        layout = self.layout(input_ids, sample_ids, images, labels, image_counts, padding_side)
+        layout = self.layout(input_ids, sample_ids, images, labels, image_counts, padding_side, image_grids)
         return self.input_embeddings(input_ids, images, layout), layout.mask, layout.labels
 
     def input_embeddings(self, input_ids: torch.Tensor, images: torch.Tensor | None, layout: TokenLayout) -> torch.Tensor:
-        """``input_ids`` ``[B, T]`` and ``images`` ``[M, 3, H, W]`` (or None) → the LLM's input embeddings ``[B, L, D]``."""
+        """``input_ids`` ``[B, T]`` and ``images`` ``[T, 3, H, W]`` views (or None) → the LLM's input embeddings ``[B, L, D]``."""
         text_embeds = self.llm.get_input_embeddings()(input_ids)
         if images is None:
             images = torch.zeros(0, *self.vision.input_size, dtype=torch.uint8, device=input_ids.device)
         # A batch without images still runs the encoder and abstractor (on zero images) and ties their
-        # output to the loss: under FSDP/DDP every rank must run the same collectives (all-gathers,
-        # gradient reductions) whether or not its batch holds images.
-        visual = self.encode_images(images)
+        # output (and the row separator) to the loss: under FSDP/DDP every rank must run the same
+        # collectives (all-gathers, gradient reductions) whether or not its batch holds images.
+        visual = layout.visual_sequence(self.encode_images(images), self.abstractor.row_separator)
         embeds = layout.splice(text_embeds, visual)
         return embeds if visual.shape[0] else embeds + visual.sum()
 
@@ -248,13 +320,14 @@ class OwlModel(nn.Module):
         images: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
         layout: TokenLayout | None = None,
+        image_grids: torch.Tensor | None = None,
     ) -> OwlOutput:
         """Next-token loss over the supervised positions of ``labels`` (``[B, T]``, aligned with ``input_ids``).
 
         ``sample_ids`` is 1 on real tokens, or numbers the samples packed in a row 1, 2, … (see
         :func:`~owl_lightning.data.collate.collate`); 0 on padding. ``layout``: the batch's
         :meth:`layout`, if already made (on the host, so that this step needs no host sync)."""
-        layout = layout or self.layout(input_ids, sample_ids, images, labels, image_counts)
+        layout = layout or self.layout(input_ids, sample_ids, images, labels, image_counts, image_grids=image_grids)
         # With nothing supervised the forward still runs (keep is empty) and the loss is a zero with a
         # graph: under DDP/FSDP every rank must run the same forward and backward collectives.
         logits = self._supervised_logits(input_ids, images, layout)
@@ -269,10 +342,11 @@ class OwlModel(nn.Module):
         labels: torch.Tensor,
         images: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
+        image_grids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per sample of ``[B, T]`` inputs (not packed): the summed log-probability of its supervised tokens
         ``[B]`` (float32), and whether greedy decoding picks every one of them ``[B]`` (bool)."""
-        layout = self.layout(input_ids, sample_ids, images, labels, image_counts)
+        layout = self.layout(input_ids, sample_ids, images, labels, image_counts, image_grids=image_grids)
         logits = self._supervised_logits(input_ids, images, layout).float()  # [B, K', vocab]
         supervised = layout.targets != IGNORE_INDEX  # [B, K']
         targets = layout.targets.clamp(min=0)
@@ -297,13 +371,14 @@ class OwlModel(nn.Module):
         sample_ids: torch.Tensor,
         images: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
+        image_grids: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.Tensor:
         """Prompts ``[B, T]`` (any padding side) → generated token ids ``[B, new]`` (prompt not included).
 
         Eager even where blocks were compiled for training: every new length and cache state would recompile."""
         with torch.compiler.set_stance("force_eager"):
-            embeds, mask, _ = self.embed(input_ids, sample_ids, images, image_counts=image_counts, padding_side="left")
+            embeds, mask, _ = self.embed(input_ids, sample_ids, images, None, image_counts, "left", image_grids)
             return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
 
     # Freeze policies -------------------------------------------------------------------------------
@@ -361,6 +436,11 @@ def build_owl(config: OwlConfig, pretrained: bool = True, tokenizer: PreTrainedT
         connector = MLPProjector(visual_tokens_per_image(config), vision.num_features, llm_width)
     else:
         connector = VisualAbstractor(config.abstractor, vision.num_features, llm_width)
+    # AnyRes's learned row separator lives in the connector's slot, whichever connector fills it: it trains
+    # with it (the recipe's abstractor field) and is saved under its keys. Absent otherwise: crop and pad
+    # checkpoints keep the paper's (and the official) keys.
+    separator = nn.Parameter(torch.randn(1, llm_width) * 0.02) if config.image.mode == "anyres" else None
+    connector.register_parameter("row_separator", separator)
     return OwlModel(config, vision, connector, llm, image_token_id)
 
 

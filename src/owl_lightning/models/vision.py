@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from timm.data.transforms import MaybePILToTensor
-from timm.layers import Conv2dSame
+from timm.layers import Conv2dSame, resample_abs_pos_embed
 from torch import nn
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
@@ -50,6 +50,8 @@ class VisionEncoder(nn.Module):
         float32_large_depthwise_on_cpu(self.model)
         if pretrained and cfg.weights not in (None, "timm"):
             load_vision_weights(self.model, cfg.weights)
+        if cfg.image_size is not None:
+            resample_position_embeddings(self.model, cfg.image_size)
         data = vision_data_config(cfg)
         self.input_size: tuple[int, int, int] = tuple(data["input_size"])  # (3, H, W) the transform gives
         # Not saved in checkpoints: they follow from the config.
@@ -70,6 +72,28 @@ class VisionEncoder(nn.Module):
 
     def data_config(self) -> dict:
         return vision_data_config(self.cfg, self.model)
+
+
+def resample_position_embeddings(model: nn.Module, image_size: int) -> bool:
+    """Make a ViT built (and pretrained) for another input size take ``image_size`` px images; returns
+    whether it changed. timm's ``set_input_size`` resamples the absolute position embeddings (bicubic,
+    the class token's kept as is) and resizes the patch grid: 336 px on a 224 px ViT-L/14 turns 16×16
+    patches into 24×24 (257 → 577 features). CNNs take any size as they are: unchanged.
+
+    Runs after the pretrained weights are loaded, so they are what gets resampled; a checkpoint of the
+    resampled encoder then loads into the rebuilt one as saved.
+    """
+    patch_embed = getattr(model, "patch_embed", None)
+    if not hasattr(model, "set_input_size") or getattr(patch_embed, "img_size", None) in (None, (image_size, image_size)):
+        return False
+    model.set_input_size(img_size=(image_size, image_size))
+    return True
+
+
+def position_embedding_for(model: nn.Module, pos_embed: torch.Tensor) -> torch.Tensor:
+    """A ViT's absolute position embedding ``[1, prefix + h·w, D]`` trained at another input size, resampled
+    to ``model``'s patch grid by timm (e.g. a stage-1 checkpoint at 224 px into an AnyRes run at 336 px)."""
+    return resample_abs_pos_embed(pos_embed, new_size=list(model.patch_embed.grid_size), num_prefix_tokens=model.num_prefix_tokens)
 
 
 def encoder_tokens(cfg: VisionConfig) -> int:

@@ -22,6 +22,7 @@ from lightning.pytorch.strategies import Strategy
 from torch.utils.data import DataLoader
 
 from owl_lightning.data.health import EMPTY_SOURCE, DataHealth, SkipLog, SkipSample
+from owl_lightning.data.highres import visual_tokens_of
 from owl_lightning.data.images import decode_image, resolve_under_root
 from owl_lightning.data.instruct import read_conversations
 from owl_lightning.data.manifest import load_manifest
@@ -292,6 +293,7 @@ class CaptionDataModule(_OwlDataModule):
             sources,
             image_transform=self.processor.image_transform,
             encode_caption=self.processor.template(self.hparams.max_length).encode_caption,
+            image_tokens=self.processor.image_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
             batch_size=self.hparams.batch_size,
             train=train,
@@ -371,9 +373,10 @@ class InstructionDataModule(_OwlDataModule):
                 conversation = conversations[index]
                 prompt = replace(conversation, turns=conversation.turns[:-1])
                 try:
-                    template.encode_prompt(prompt)  # too long for the model: the next one
                     root = Path(source.image_root or ".")
                     images = [self.processor.image_transform(decode_image(resolve_under_root(path, root))) for path in conversation.images]
+                    # too long for the model: the next one
+                    template.encode_prompt(prompt, [visual_tokens_of(image, template.visual_tokens_per_image) for image in images])
                 except SkipSample:
                     continue
                 examples.append((prompt, images, conversation.turns[-1].content))
@@ -409,6 +412,7 @@ class InstructionDataModule(_OwlDataModule):
             rank=rank,
             world_size=world,
             pack=self.hparams.pack,
+            image_tokens=self.processor.image_tokens,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -4,10 +4,11 @@ them into MFU (model FLOPs utilisation).
 Model FLOPs (PaLM's convention): what the step must compute. Activation-checkpointing recompute and
 the padding positions a batch carries are not counted, so MFU falls when they cost time.
 
-Forward FLOPs ``F``, per image and per sequence of ``L`` real tokens (text plus ``V`` visual tokens
-per image):
+Forward FLOPs ``F``, per image view and per sequence of ``L`` real tokens (text plus each image's
+visual tokens: ``V``, or under AnyRes ``V·(1 + rows·cols) + rows`` for ``1 + rows·cols`` views):
 
-    vision encoder, abstractor   counted per image by running them once on a fake image under
+    vision encoder, abstractor   counted per view (an image, or an AnyRes image's global view or one
+                                 of its tiles) by running them once on a fake view under
                                  ``FlopCounterMode`` (fake tensors: no compute, any architecture)
     LLM matrices                 2 · P · L, P = the LLM's matrix parameters (decoder blocks, LoRA's
                                  A and B included; the embedding tables are lookups, not products)
@@ -34,6 +35,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from owl_lightning.config import visual_tokens_of_grid
 from owl_lightning.models.owl import OwlModel
 from owl_lightning.models.vision import vision_data_config
 
@@ -45,7 +47,7 @@ class StepFlops:
     Build it with :meth:`of` after the freeze policy is applied (trainability sets the backward cost).
     """
 
-    per_image: float  # vision encoder + abstractor
+    per_view: float  # vision encoder + abstractor, per view (an image, or an AnyRes global view or tile)
     per_token: float  # LLM matrices
     per_causal_pair: float  # LLM attention, per (query, key) pair with key ≤ query
     per_supervised_token: float  # LM head
@@ -54,7 +56,7 @@ class StepFlops:
 
     @classmethod
     def of(cls, model: OwlModel) -> StepFlops:
-        vision_forward, abstractor_forward = forward_flops_per_image(model)
+        vision_forward, abstractor_forward = forward_flops_per_view(model)
         vision_trains, abstractor_trains = _trains(model.vision), _trains(model.abstractor)
         vision = vision_forward * (3 if vision_trains else 1)
         abstractor = abstractor_forward * (3 if abstractor_trains else 2 if vision_trains else 1)
@@ -74,13 +76,13 @@ class StepFlops:
         return cls(vision + abstractor, per_token, per_pair, per_supervised, model.visual_tokens_per_image, model.image_token_id)
 
     def step(self, batch: dict, num_supervised: int) -> float:
-        """Training FLOPs of one collated batch (``input_ids``/``sample_ids`` ``[B, T]``, ``image_counts``
-        ``[B]``): real tokens only, each ``<image>`` counted as its V visual tokens, attention within each
-        sample (packed rows hold several). ``num_supervised``: the positions the loss reads logits at
-        (``OwlOutput.num_supervised``)."""
+        """Training FLOPs of one collated batch (``input_ids``/``sample_ids`` ``[B, T]``, ``image_grids``
+        ``[M, 2]``): real tokens only, each ``<image>`` counted as its visual tokens, every view through the
+        encoder and abstractor, attention within each sample (packed rows hold several). ``num_supervised``:
+        the positions the loss reads logits at (``OwlOutput.num_supervised``)."""
         lengths = sequence_lengths(batch, self.visual_tokens_per_image, self.image_token_id).double()
         return (
-            int(batch["image_counts"].sum()) * self.per_image
+            int((1 + image_grids(batch).prod(1)).sum()) * self.per_view
             + float(lengths.sum()) * self.per_token
             + float((lengths * (lengths + 1) / 2).sum()) * self.per_causal_pair
             + num_supervised * self.per_supervised_token
@@ -89,17 +91,29 @@ class StepFlops:
 
 def sequence_lengths(batch: dict, visual_tokens_per_image: int, image_token_id: int) -> torch.Tensor:
     """``[S]`` real tokens of each sample as the LLM sees them: text without padding, each ``<image>``
-    as its V visual tokens. A packed row's ``sample_ids`` numbers its samples 1, 2, … (0: padding)."""
+    as its visual tokens (V a view; ``image_grids`` ``[M, 2]`` gives each image's AnyRes tiles). A
+    packed row's ``sample_ids`` numbers its samples 1, 2, … (0: padding)."""
     sample = batch["sample_ids"]
-    tokens = torch.where(batch["input_ids"] == image_token_id, visual_tokens_per_image, 1) * (sample > 0)
+    is_image = (batch["input_ids"] == image_token_id) & (sample > 0)
+    tokens = (sample > 0).long()
+    # nonzero order (row-major) is the images' order; a batch of fewer grids than placeholders is the layout's error to report
+    tokens[is_image] = visual_tokens_of_grid(visual_tokens_per_image, *image_grids(batch).unbind(1))
     per_sample = torch.zeros(sample.shape[0], int(sample.max()) + 1, dtype=torch.long, device=sample.device)
     per_sample.scatter_add_(1, sample, tokens)
     lengths = per_sample[:, 1:].flatten()
     return lengths[lengths > 0]
 
 
-def forward_flops_per_image(model: OwlModel) -> tuple[float, float]:
-    """Forward FLOPs of the vision encoder and of the abstractor for one image.
+def image_grids(batch: dict) -> torch.Tensor:
+    """``[M, 2]`` each image's (rows, cols) of AnyRes tiles: collate's ``image_grids``; a batch made without
+    them (by hand) holds single views, ``(0, 0)``."""
+    if "image_grids" in batch:
+        return batch["image_grids"]
+    return torch.zeros(int(batch["image_counts"].sum()), 2, dtype=torch.long)
+
+
+def forward_flops_per_view(model: OwlModel) -> tuple[float, float]:
+    """Forward FLOPs of the vision encoder and of the abstractor for one image view.
 
     Runs both on a fake ``[1, 3, H, W]`` image: shapes propagate, nothing is computed or allocated.
     Call before sharding (FSDP's hooks would start collectives).

@@ -172,7 +172,14 @@ class OwlSystem(L.LightningModule):
         """A batch's token layout (``OwlModel.layout``) and FLOPs are worked out on the host before it
         moves: the step on an accelerator then reads nothing back from it (each ``nonzero`` or
         ``.item()`` would stall the host until the accelerator had done all the work queued so far)."""
-        layout = self.model.layout(batch["input_ids"], batch["sample_ids"], batch["images"], batch["labels"], batch["image_counts"])
+        layout = self.model.layout(
+            batch["input_ids"],
+            batch["sample_ids"],
+            batch["images"],
+            batch["labels"],
+            batch["image_counts"],
+            image_grids=batch.get("image_grids"),
+        )
         batch = {**batch, "layout": layout, "flops": self.flops.step(batch, layout.num_supervised)}
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
