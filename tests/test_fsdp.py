@@ -614,6 +614,19 @@ def test_replicated_frozen_weights_are_never_gathered_and_train_as_sharded_ones(
         assert per_step(runs["replicate"][rank], "trainable") == per_step(runs["shard"][rank], "trainable")
 
 
+def test_a_checkpoint_with_replicated_frozen_weights_resumes_sharded(tmp_path, instruction_manifest):
+    """Stage 2 saves its frozen vision encoder: replicated, as whole tensors rank 0 writes. A run on one
+    process that shards everything resumes from them, and from the trained shards and optimizer state."""
+    extra = ["--data.max_length", "256"]
+    two = run("stage2", tmp_path, instruction_manifest, 2, 2, "two", *extra, frozen_placement="replicate")
+    params = two[0]["end"]["params"]
+    frozen = {name for name, info in params.items() if not info["trainable"]}
+    assert any(n.startswith("vision.") for n in frozen) and not any(params[n]["sharded"] for n in frozen)
+    assert all(info["sharded"] for info in params.values() if info["trainable"])
+    one = run("stage2", tmp_path, instruction_manifest, 1, 4, "one", *extra)
+    assert_resumed_from(one[0], two[0], steps=2)
+
+
 def test_hsdp_gathers_frozen_weights_within_a_node_only(tmp_path, caption_manifest):
     """4 processes as 2 "nodes" of 2: under frozen_placement hsdp no frozen byte crosses a node, and the
     frozen LLM a rank receives is its node partner's half (1/2 of each weight, against 3/4 sharded over 4)."""
