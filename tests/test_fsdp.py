@@ -578,9 +578,9 @@ def placement_runs(tmp_path: Path, manifest: Path, stage: str, devices: int, nod
 
 def frozen_llm_bytes(stage: str) -> int:
     """Bytes of owl-tiny's frozen LLM weights (fp32): all of them in stage 1, all but LoRA's in stage 2."""
-    model = stage2_model(get_config("owl-tiny"), load_tokenizer(get_config("owl-tiny").llm)) if stage == "stage2" else None
-    llm = model.llm if model is not None else build_llm(get_config("owl-tiny").llm, load_weights=False)
-    return sum(p.numel() * p.element_size() for n, p in llm.named_parameters() if "lora_" not in n)
+    config = get_config("owl-tiny")
+    llm = stage2_model(config, load_tokenizer(config.llm)).llm if stage == "stage2" else build_llm(config.llm, load_weights=False)
+    return sum(p.numel() * p.element_size() for name, p in llm.named_parameters() if "lora_" not in name)
 
 
 def per_step(report: dict, kind: str, key: str = "bytes") -> list[float]:

@@ -302,8 +302,8 @@ def assert_sharded(model: nn.Module, replicated_frozen: bool = False) -> None:
 
 class AtomicModelParallelStrategy(ModelParallelStrategy):
     """Lightning's ``ModelParallelStrategy`` (FSDP2), whose sharded saves a kill cannot corrupt, whose
-    loads run no code from the checkpoint, and whose gradient accumulation reduce-scatters once per
-    optimizer step.
+    loads run no code from the checkpoint, whose gradient accumulation reduce-scatters once per
+    optimizer step, and which places frozen weights apart from the trainable ones (``frozen_placement``).
 
     Saving: Lightning writes a save's shards straight into the checkpoint folder, over the previous
     save's. A run killed mid-save then leaves some new shards beside old ones under the old ``meta.pt``:

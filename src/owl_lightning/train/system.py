@@ -118,7 +118,7 @@ class OwlSystem(L.LightningModule):
         if self.model is None:
             self.model = self._build_model() if self.device_mesh is None else self._build_model_on_every_rank()
         if self.device_mesh is not None and not is_sharded(self.model):
-            # ModelParallelStrategy: FSDP2. shard_owl asserts every parameter ended up sharded.
+            # ModelParallelStrategy: FSDP2. shard_owl asserts every parameter ended up sharded (or, frozen, replicated).
             param_dtype = torch.bfloat16 if self._compute_dtype() == torch.bfloat16 else None
             strategy = self.trainer.strategy
             # Lightning's own ModelParallelStrategy shards the frozen weights too, as it always did.
@@ -132,8 +132,8 @@ class OwlSystem(L.LightningModule):
             )
             if self.global_rank == 0:
                 log.info(
-                    "FSDP2 over %d processes, frozen weights placed by %s: rank 0 read the weights and sent every "
-                    "rank its part (the others built the model on the meta device)",
+                    "FSDP2 over %d processes, frozen weights: %s. Rank 0 read the weights and sent every rank "
+                    "its part (the others built the model on the meta device)",
                     self.device_mesh.size(),
                     placement,
                 )
