@@ -469,6 +469,14 @@ def test_ddp_keeps_ranks_in_agreement(tmp_path, caption_manifest, instruction_ma
     assert moved(two[0]) and all(r["end"]["global_step"] == 3 for r in two)
 
 
+# The command-line arguments of each strategy the multi-process tests run under (run's YAML: FSDP2, frozen sharded).
+STRATEGY_ARGUMENTS = {
+    "fsdp": [],
+    "fsdp-frozen-replicated": ["--trainer.strategy.init_args.frozen_placement", "replicate"],
+    "ddp": ["--trainer.strategy", "ddp"],
+}
+
+
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_ranks_with_and_without_images_in_one_step(tmp_path, instruction_manifest, strategy):
     """Text 7 : VQA 1 in batches of 4: each batch holds 0 or 1 image, so in one step a rank with an
@@ -476,8 +484,7 @@ def test_ranks_with_and_without_images_in_one_step(tmp_path, instruction_manifes
     manifest = yaml.safe_load(instruction_manifest.read_text())
     manifest["train"][1]["weight"] = 7
     instruction_manifest.write_text(yaml.safe_dump(manifest))
-    extra = ["--trainer.strategy", "ddp"] if strategy == "ddp" else []
-    two = run("stage2", tmp_path, instruction_manifest, 2, 4, "two", *extra)
+    two = run("stage2", tmp_path, instruction_manifest, 2, 4, "two", *STRATEGY_ARGUMENTS[strategy])
     assert all(r["end"]["global_step"] == 4 for r in two)
 
 
@@ -525,13 +532,13 @@ def accumulation_runs(tmp_path: Path, manifest: Path, *extra: str) -> dict[str, 
     return reports
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp-frozen-replicated", "ddp"])
 def test_accumulation_syncs_gradients_once_per_optimizer_step_and_trains_as_a_larger_batch(tmp_path, caption_manifest, strategy):
     """Under FSDP2 every micro-batch of a window but the last keeps its unsharded gradients (no
-    reduce-scatter); under DDP Lightning's no_sync skips the all-reduces. The weights after each step equal
-    those of the larger batch within 1e-6, and the epoch's last, shorter window syncs too."""
-    extra = ["--trainer.strategy", "ddp"] if strategy == "ddp" else []
-    runs = accumulation_runs(tmp_path, caption_manifest, *extra)
+    reduce-scatter), with the frozen LLM sharded or replicated; under DDP Lightning's no_sync skips the
+    all-reduces. The weights after each step equal those of the larger batch within 1e-6, and the epoch's
+    last, shorter window syncs too."""
+    runs = accumulation_runs(tmp_path, caption_manifest, *STRATEGY_ARGUMENTS[strategy])
     accumulated, large = runs["accumulated"], runs["large"]
     per_backward = large[0]["micro_batches"][0]["collectives"]  # reduce-scatters (FSDP2) or bucket all-reduces (DDP)
     assert per_backward > 0
