@@ -91,6 +91,7 @@ bench: data
 	$(PY) bench/stage2_padding.py
 	$(PY) bench/fsdp_startup.py
 	$(PY) bench/resume_cost.py
+	$(PY) bench/frozen_placement.py
 
 # The paper's five ablation settings on the embedded task → docs/ablation.md (about an hour on 2 cores).
 ablation: data

@@ -178,3 +178,79 @@ def reply_log_probability(assistant, request, reply: str) -> float:
     with torch.no_grad():
         out = assistant.model(batch["input_ids"], batch["sample_ids"], batch["labels"], batch["images"], batch["image_counts"])
     return -float(out.loss) * out.num_supervised
+
+
+class AllGatherReport(Callback):
+    """The bytes FSDP2 all-gathers during each micro-batch's training, per rank, by what they gather; each
+    micro-batch's loss; the trainable weights whole at the end. Written to ``<out>/rank<N>.json`` and
+    ``<out>/rank<N>.pt`` (the weights).
+
+    Counted at ``torch.distributed.all_gather_single``, FSDP2's all-gather, and attributed to the
+    parameters of the FSDP unit that issued it (``FSDPParamGroup.unshard``), in proportion to their sizes.
+    Received bytes: the output less this rank's own input; ``_across_nodes``: the part sent by ranks on
+    other nodes, nodes being ``node_size`` consecutive global ranks. Kinds: ``frozen_llm``
+    (``llm.*`` without gradients), ``frozen_other``, ``trainable``.
+    """
+
+    def __init__(self, out: str, node_size: int) -> None:
+        self.out = Path(out)
+        self.node_size = node_size
+        self.micro_batches: list[dict] = []  # {"loss": float, "bytes": {kind: int}, "bytes_across_nodes": {kind: int}}
+        self._counting = False
+        self._gathering = None  # the FSDPParamGroup whose unshard is running
+        self._unpatched: tuple = ()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+        all_gather, unshard = torch.distributed.all_gather_single, FSDPParamGroup.unshard
+        self._unpatched = (all_gather, unshard)
+
+        def unshard_of(group, *args, **kwargs):
+            self._gathering = group
+            try:
+                return unshard(group, *args, **kwargs)
+            finally:
+                self._gathering = None
+
+        def counted_all_gather(output, input, group=None, **kwargs):
+            if self._counting and self._gathering is not None:
+                self._count(output, input, group)
+            return all_gather(output, input, group=group, **kwargs)
+
+        FSDPParamGroup.unshard = unshard_of
+        torch.distributed.all_gather_single = counted_all_gather
+
+    def _count(self, output: torch.Tensor, input: torch.Tensor, group) -> None:
+        me = torch.distributed.get_rank()
+        peers = torch.distributed.get_process_group_ranks(group)
+        received = output.numel() * output.element_size() - input.numel() * input.element_size()
+        across = input.numel() * input.element_size() * sum(p // self.node_size != me // self.node_size for p in peers)
+        params = self._gathering.fsdp_params
+        total = sum(p.sharded_param.numel() for p in params)
+        counts = self.micro_batches[-1]
+        for param in params:
+            trainable, llm = param.sharded_param.requires_grad, param._param_fqn.startswith("llm.")
+            kind = "trainable" if trainable else "frozen_llm" if llm else "frozen_other"
+            share = param.sharded_param.numel() / total
+            counts["bytes"][kind] = counts["bytes"].get(kind, 0) + received * share
+            counts["bytes_across_nodes"][kind] = counts["bytes_across_nodes"].get(kind, 0) + across * share
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.micro_batches.append({"bytes": {}, "bytes_across_nodes": {}})
+        self._counting = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._counting = False
+        self.micro_batches[-1]["loss"] = float(outputs["loss"])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+        torch.distributed.all_gather_single, FSDPParamGroup.unshard = self._unpatched
+        trained = {name: p for name, p in pl_module.model.named_parameters() if p.requires_grad}
+        weights = {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for name, p in trained.items()}
+        self.out.mkdir(parents=True, exist_ok=True)
+        rank = trainer.global_rank
+        torch.save(weights, self.out / f"rank{rank}.pt")
+        (self.out / f"rank{rank}.json").write_text(json.dumps({"micro_batches": self.micro_batches, "world_size": trainer.world_size}))

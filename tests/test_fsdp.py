@@ -32,7 +32,14 @@ from owl_lightning.config import STAGE1, get_config
 from owl_lightning.models.llm import build_llm, load_tokenizer
 from owl_lightning.models.owl import build_owl
 from owl_lightning.train.datamodules import CaptionDataModule
-from owl_lightning.train.parallel import AtomicModelParallelStrategy, assert_sharded, checkpoint_activations, llm_blocks, shard_owl
+from owl_lightning.train.parallel import (
+    AtomicModelParallelStrategy,
+    assert_sharded,
+    checkpoint_activations,
+    choose_frozen_placement,
+    llm_blocks,
+    shard_owl,
+)
 from tests.helpers import TINY_YAML, fit, largest_difference, tiny_system
 
 pytestmark = pytest.mark.slow  # multi-process runs
@@ -113,9 +120,12 @@ def run(
     *extra: str,
     captions: bool = False,
     callbacks: tuple[dict, ...] = (),
+    frozen_placement: str = "shard",
+    hsdp_shard_size: int | None = None,
 ) -> list[dict]:
     """``owl-lightning <stage> fit`` on ``devices`` CPU processes; returns each rank's start and end reports.
-    ``callbacks``: more trainer callbacks, as the YAML names them."""
+    ``callbacks``: more trainer callbacks, as the YAML names them. Frozen weights are sharded like the
+    trainable ones unless ``frozen_placement`` says otherwise (the strategy's own default is ``auto``)."""
     root = tmp_path / stage
     config = {
         "seed_everything": 0,
@@ -131,7 +141,12 @@ def run(
             "default_root_dir": str(root),
             "strategy": {
                 "class_path": "owl_lightning.train.parallel.AtomicModelParallelStrategy",
-                "init_args": {"data_parallel_size": devices, "tensor_parallel_size": 1},
+                "init_args": {
+                    "data_parallel_size": devices,
+                    "tensor_parallel_size": 1,
+                    "frozen_placement": frozen_placement,
+                    "hsdp_shard_size": hsdp_shard_size,
+                },
             },
             "callbacks": [
                 {
@@ -455,6 +470,14 @@ def test_ddp_keeps_ranks_in_agreement(tmp_path, caption_manifest, instruction_ma
     assert moved(two[0]) and all(r["end"]["global_step"] == 3 for r in two)
 
 
+# The command-line arguments of each strategy the multi-process tests run under (run's YAML: FSDP2, frozen sharded).
+STRATEGY_ARGUMENTS = {
+    "fsdp": [],
+    "fsdp-frozen-replicated": ["--trainer.strategy.init_args.frozen_placement", "replicate"],
+    "ddp": ["--trainer.strategy", "ddp"],
+}
+
+
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
 def test_ranks_with_and_without_images_in_one_step(tmp_path, instruction_manifest, strategy):
     """Text 7 : VQA 1 in batches of 4: each batch holds 0 or 1 image, so in one step a rank with an
@@ -462,8 +485,7 @@ def test_ranks_with_and_without_images_in_one_step(tmp_path, instruction_manifes
     manifest = yaml.safe_load(instruction_manifest.read_text())
     manifest["train"][1]["weight"] = 7
     instruction_manifest.write_text(yaml.safe_dump(manifest))
-    extra = ["--trainer.strategy", "ddp"] if strategy == "ddp" else []
-    two = run("stage2", tmp_path, instruction_manifest, 2, 4, "two", *extra)
+    two = run("stage2", tmp_path, instruction_manifest, 2, 4, "two", *STRATEGY_ARGUMENTS[strategy])
     assert all(r["end"]["global_step"] == 4 for r in two)
 
 
@@ -511,13 +533,13 @@ def accumulation_runs(tmp_path: Path, manifest: Path, *extra: str) -> dict[str, 
     return reports
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp-frozen-replicated", "ddp"])
 def test_accumulation_syncs_gradients_once_per_optimizer_step_and_trains_as_a_larger_batch(tmp_path, caption_manifest, strategy):
     """Under FSDP2 every micro-batch of a window but the last keeps its unsharded gradients (no
-    reduce-scatter); under DDP Lightning's no_sync skips the all-reduces. The weights after each step equal
-    those of the larger batch within 1e-6, and the epoch's last, shorter window syncs too."""
-    extra = ["--trainer.strategy", "ddp"] if strategy == "ddp" else []
-    runs = accumulation_runs(tmp_path, caption_manifest, *extra)
+    reduce-scatter), with the frozen LLM sharded or replicated; under DDP Lightning's no_sync skips the
+    all-reduces. The weights after each step equal those of the larger batch within 1e-6, and the epoch's
+    last, shorter window syncs too."""
+    runs = accumulation_runs(tmp_path, caption_manifest, *STRATEGY_ARGUMENTS[strategy])
     accumulated, large = runs["accumulated"], runs["large"]
     per_backward = large[0]["micro_batches"][0]["collectives"]  # reduce-scatters (FSDP2) or bucket all-reduces (DDP)
     assert per_backward > 0
@@ -532,3 +554,140 @@ def test_accumulation_syncs_gradients_once_per_optimizer_step_and_trains_as_a_la
             assert difference <= 1e-6, f"rank {rank}, step {step + 1}: {difference}"
         assert largest_difference(accumulated[rank]["weights"][3], accumulated[0]["weights"][3]) == 0  # ranks in step
     assert largest_difference(accumulated[0]["weights"][0], accumulated[0]["weights"][2]) > 1e-3  # it trained
+
+
+def placement_runs(tmp_path: Path, manifest: Path, stage: str, devices: int, node_size: int, placements: list[str]) -> dict[str, list]:
+    """``stage`` for 3 steps on ``devices`` processes, ``node_size`` to a "node", once per frozen placement.
+    Returns each run's ``AllGatherReport`` per rank (``tests/helpers.py``), its weights under ``"weights"``."""
+    reports = {}
+    for placement in placements:
+        folder = tmp_path / placement
+        folder.mkdir()
+        gathers = {"class_path": "helpers.AllGatherReport", "init_args": {"out": str(folder / "gathers"), "node_size": node_size}}
+        extra = ["--data.max_length", "256"] if stage == "stage2" else []
+        run(
+            stage,
+            folder,
+            manifest,
+            devices,
+            3,
+            "shards",
+            *extra,
+            callbacks=(gathers,),
+            frozen_placement=placement,
+            hsdp_shard_size=node_size,
+        )
+        reports[placement] = [
+            {**json.loads((folder / "gathers" / f"rank{r}.json").read_text()), "weights": torch.load(folder / "gathers" / f"rank{r}.pt")}
+            for r in range(devices)
+        ]
+    return reports
+
+
+def frozen_llm_bytes(stage: str) -> int:
+    """Bytes of owl-tiny's frozen LLM weights (fp32): all of them in stage 1, all but LoRA's in stage 2."""
+    config = get_config("owl-tiny")
+    llm = stage2_model(config, load_tokenizer(config.llm)).llm if stage == "stage2" else build_llm(config.llm, load_weights=False)
+    return sum(p.numel() * p.element_size() for name, p in llm.named_parameters() if "lora_" not in name)
+
+
+def per_step(report: dict, kind: str, key: str = "bytes") -> list[float]:
+    return [m[key].get(kind, 0) for m in report["micro_batches"]]
+
+
+def assert_same_training(runs: dict[str, list], reference: str, placement: str) -> None:
+    """Every micro-batch's loss and the trained weights equal the reference placement's, on every rank."""
+    for rank, (ref, other) in enumerate(zip(runs[reference], runs[placement])):
+        losses = [m["loss"] for m in ref["micro_batches"]], [m["loss"] for m in other["micro_batches"]]
+        torch.testing.assert_close(*losses, rtol=1e-6, atol=1e-6, msg=f"{placement}, rank {rank}: losses")
+        assert largest_difference(ref["weights"], other["weights"]) <= 1e-6, f"{placement}, rank {rank}: weights"
+    assert largest_difference(runs[placement][0]["weights"], runs[placement][-1]["weights"]) == 0  # ranks in step
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_replicated_frozen_weights_are_never_gathered_and_train_as_sharded_ones(tmp_path, caption_manifest, instruction_manifest, stage):
+    """frozen_placement replicate: the frozen LLM (stage 2: its base weights beside the LoRA adapters) is
+    never all-gathered, and the losses and trained weights are those of sharding everything. Sharded, the
+    frozen LLM is gathered twice a step: for forward, and again for backward."""
+    manifest = caption_manifest if stage == "stage1" else instruction_manifest
+    runs = placement_runs(tmp_path, manifest, stage, devices=2, node_size=2, placements=["shard", "replicate"])
+    assert_same_training(runs, "shard", "replicate")
+    llm = frozen_llm_bytes(stage)
+    for rank in range(2):
+        assert per_step(runs["replicate"][rank], "frozen_llm") == [0, 0, 0]
+        # Each rank receives the other's half of each frozen LLM weight, in forward and in backward.
+        # (Stage 1: the input embeddings, tied to the output ones, are one unit gathered in both.)
+        assert per_step(runs["shard"][rank], "frozen_llm") == pytest.approx([llm] * 3, rel=0.01)
+        # The trainable units are gathered as before.
+        assert per_step(runs["replicate"][rank], "trainable") == per_step(runs["shard"][rank], "trainable")
+
+
+def test_a_checkpoint_with_replicated_frozen_weights_resumes_sharded(tmp_path, instruction_manifest):
+    """Stage 2 saves its frozen vision encoder: replicated, as whole tensors rank 0 writes. A run on one
+    process that shards everything resumes from them, and from the trained shards and optimizer state."""
+    extra = ["--data.max_length", "256"]
+    two = run("stage2", tmp_path, instruction_manifest, 2, 2, "two", *extra, frozen_placement="replicate")
+    params = two[0]["end"]["params"]
+    frozen = {name for name, info in params.items() if not info["trainable"]}
+    assert any(n.startswith("vision.") for n in frozen) and not any(params[n]["sharded"] for n in frozen)
+    assert all(info["sharded"] for info in params.values() if info["trainable"])
+    one = run("stage2", tmp_path, instruction_manifest, 1, 4, "one", *extra)
+    assert_resumed_from(one[0], two[0], steps=2)
+
+
+def test_hsdp_gathers_frozen_weights_within_a_node_only(tmp_path, caption_manifest):
+    """4 processes as 2 "nodes" of 2: under frozen_placement hsdp no frozen byte crosses a node, and the
+    frozen LLM a rank receives is its node partner's half (1/2 of each weight, against 3/4 sharded over 4)."""
+    runs = placement_runs(tmp_path, caption_manifest, "stage1", devices=4, node_size=2, placements=["shard", "hsdp"])
+    assert_same_training(runs, "shard", "hsdp")
+    llm = frozen_llm_bytes("stage1")
+    for rank in range(4):
+        sharded, hsdp = runs["shard"][rank], runs["hsdp"][rank]
+        assert per_step(hsdp, "frozen_llm", "bytes_across_nodes") == [0, 0, 0]
+        assert per_step(sharded, "frozen_llm", "bytes_across_nodes") == pytest.approx([llm * 2 * 2 / 4] * 3, rel=0.01)
+        assert per_step(hsdp, "frozen_llm") == pytest.approx([llm * 2 / 2] * 3, rel=0.01)
+        assert per_step(sharded, "frozen_llm") == pytest.approx([llm * 2 * 3 / 4] * 3, rel=0.01)
+
+
+def test_frozen_placement_follows_memory():
+    """auto: replicate what fits in half a device's memory, else keep all-gathers inside a node."""
+    llama7b_bf16 = 13.5e9
+    assert choose_frozen_placement(llama7b_bf16, device_memory=80e9, nodes=8) == "replicate"  # H100
+    assert choose_frozen_placement(llama7b_bf16, device_memory=24e9, nodes=8) == "hsdp"
+    assert choose_frozen_placement(llama7b_bf16, device_memory=24e9, nodes=1) == "shard"
+    assert choose_frozen_placement(llama7b_bf16, device_memory=24e9, nodes=8, activation_allowance=0.4) == "replicate"
+
+
+# bf16: the gradient of one LoRA matrix differs in its last bit (one bf16 rounding step, ~3e-5 of 8e-3).
+@pytest.mark.parametrize(("param_dtype", "tolerance"), [(None, 0), (torch.bfloat16, 1e-4)])
+def test_replicated_frozen_weights_are_plain_tensors_in_the_gather_dtype(
+    one_process_mesh, tiny_config, tiny_tokenizer, param_dtype, tolerance
+):
+    """Replicated, the frozen weights are whole tensors outside FSDP, in the dtype FSDP would gather them
+    in (LoRA's adapters in units of their own), and loss and gradients are those of sharding them."""
+    sharded, replicated = stage2_model(tiny_config, tiny_tokenizer), stage2_model(tiny_config, tiny_tokenizer)
+    assert shard_owl(sharded, one_process_mesh, param_dtype, "shard") == "shard"
+    assert shard_owl(replicated, one_process_mesh, param_dtype, "auto") == "replicate"  # owl-tiny fits
+    for name, param in replicated.named_parameters():
+        assert isinstance(param, DTensor) == param.requires_grad, name
+        assert param.requires_grad or param.dtype == (param_dtype or torch.float32), name
+    assert mixed_units(replicated) == []
+    ids = torch.tensor([[tiny_tokenizer.bos_token_id, tiny_tokenizer.convert_tokens_to_ids("<image>"), 97, 98, 99]])
+    images = torch.randint(0, 255, (1, 3, 32, 32), dtype=torch.uint8)
+    losses = []
+    for model in (sharded, replicated):
+        torch.manual_seed(0)  # the same LoRA dropout
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=param_dtype is not None):  # as Lightning's bf16-mixed
+            losses.append(model(ids, torch.ones_like(ids), ids, images, torch.tensor([1])).loss)
+        losses[-1].backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
+    for (name, param), other in zip(sharded.named_parameters(), replicated.parameters()):
+        if param.requires_grad:
+            torch.testing.assert_close(other.grad.full_tensor(), param.grad.full_tensor(), rtol=0, atol=tolerance, msg=name)
+
+
+def test_placement_settings_are_checked(one_process_mesh, tiny_model):
+    with pytest.raises(ValueError, match="frozen_placement 'fsdp': use one of auto, shard, hsdp, replicate"):
+        AtomicModelParallelStrategy(frozen_placement="fsdp")
+    with pytest.raises(ValueError, match="set the strategy's hsdp_shard_size to a divisor of 1"):
+        shard_owl(tiny_model, one_process_mesh, frozen_placement="hsdp", processes_per_node=2)

@@ -29,7 +29,7 @@ from owl_lightning.models.owl import OwlModel, build_owl
 from owl_lightning.train.callbacks import DataHealthMonitor, OutputPreflight, RNGState, StepProgressBar, StepThroughput
 from owl_lightning.train.flops import StepFlops
 from owl_lightning.train.optim import OptimizerConfig, build_optimizer
-from owl_lightning.train.parallel import checkpoint_activations, compile_blocks, is_sharded, shard_owl
+from owl_lightning.train.parallel import AtomicModelParallelStrategy, checkpoint_activations, compile_blocks, is_sharded, shard_owl
 
 log = logging.getLogger(__name__)
 
@@ -118,15 +118,25 @@ class OwlSystem(L.LightningModule):
         if self.model is None:
             self.model = self._build_model() if self.device_mesh is None else self._build_model_on_every_rank()
         if self.device_mesh is not None and not is_sharded(self.model):
-            # ModelParallelStrategy: FSDP2. shard_owl asserts every parameter ended up sharded.
+            # ModelParallelStrategy: FSDP2. shard_owl asserts every parameter ended up sharded (or, frozen, replicated).
             param_dtype = torch.bfloat16 if self._compute_dtype() == torch.bfloat16 else None
+            strategy = self.trainer.strategy
+            # Lightning's own ModelParallelStrategy shards the frozen weights too, as it always did.
+            atomic = isinstance(strategy, AtomicModelParallelStrategy)
+            placement = shard_owl(
+                self.model,
+                self.device_mesh,
+                param_dtype,
+                frozen_placement=strategy.frozen_placement if atomic else "shard",
+                processes_per_node=strategy.processes_per_node if atomic else None,
+            )
             if self.global_rank == 0:
                 log.info(
-                    "FSDP2 over %d processes: rank 0 read the weights and sends every rank its shards "
-                    "(the others built the model on the meta device)",
+                    "FSDP2 over %d processes, frozen weights: %s. Rank 0 read the weights and sent every rank "
+                    "its part (the others built the model on the meta device)",
                     self.device_mesh.size(),
+                    placement,
                 )
-            shard_owl(self.model, self.device_mesh, param_dtype)
 
     def _build_model_on_every_rank(self) -> OwlModel:
         """Under FSDP only global rank 0 reads weights. The others build the model on the meta device
