@@ -195,10 +195,11 @@ class ConversationTemplate:
         segments = [(self._bos, False), ([self.image_token_id], False), (self._tokens(caption) + [self.tokenizer.eos_token_id], True)]
         return self._fit(*self._join(segments), None if image_tokens is None else [image_tokens])
 
-    def encode_document(self, pieces: list[str | None]) -> tuple[list[int], list[int], int]:
+    def encode_document(self, pieces: list[str | None], image_tokens: Sequence[int] | None = None) -> tuple[list[int], list[int], int]:
         """Stage-1 sample of an interleaved document: ``pieces`` in document order, a text chunk (``str``)
         or an image slot (``None``), → ``BOS {text} <image> [{text}] <image> [{text} EOS]`` (bracketed
         tokens supervised). Text chunks are tokenised as given: the reader puts the separators in.
+        ``image_tokens``: each image's visual tokens, in order (None: ``visual_tokens_per_image`` each).
 
         Text before the first image stays unsupervised, as OpenFlamingo trains on MMC4: it cannot see any
         image, and with the LLM frozen in stage 1 its loss would only dilute the mean over the tokens that
@@ -227,7 +228,7 @@ class ConversationTemplate:
             else:
                 segments.append((self._tokens(piece), position > first_image))
         segments.append(([self.tokenizer.eos_token_id], True))
-        input_ids, labels = self._fit(*self._join(segments))
+        input_ids, labels = self._fit(*self._join(segments), image_tokens)
         while input_ids[-1] == self.image_token_id:  # cut right after an image: nothing left that sees it
             input_ids, labels = input_ids[:-1], labels[:-1]
         return input_ids, labels, input_ids.count(self.image_token_id)
