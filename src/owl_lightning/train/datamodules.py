@@ -264,7 +264,7 @@ class CaptionDataModule(_OwlDataModule):
         manifest: the data manifest (train/val lists of shard sources).
         processor: the model's tokenizer and image transform (the CLI hands over the system's).
         batch_size: samples per batch per process. num_workers: DataLoader workers per process.
-        max_length: token limit of a sample, visual tokens included (longer captions are cut).
+        max_length: token limit of a sample, visual tokens included (longer captions and documents are cut; documents need hundreds).
         shuffle_buffer: samples held for shuffling in each worker.
         batches_per_epoch: per process; default: the manifest's ``num_samples`` over the global batch.
         val_batches: limit validation to this many batches (None: the whole val split).
