@@ -165,6 +165,9 @@ def test_dropped_image_slots_are_counted_by_reason_and_the_text_stays(tmp_path, 
     health.update(batch["source"], batch["skipped"], batch["dropped_images"])
     assert health.metrics()["data/dropped_images/over_max_images"] == 1.0
     assert health.skip_fraction() == 0.0  # dropped slots of a used document are not skipped samples
+    restored = DataHealth()
+    restored.load_state_dict(health.state_dict())  # a resumed run goes on counting from the checkpoint's totals
+    assert restored.dropped_images_by_reason == health.dropped_images_by_reason
 
 
 def test_images_past_max_length_are_dropped_and_counted(tmp_path, tiny_tokenizer):
