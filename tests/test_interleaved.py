@@ -313,3 +313,10 @@ def test_a_mixed_manifest_trains_owl_tiny_stage1(tmp_path, caption_manifest):
 def test_encode_document_refuses_what_it_cannot_learn_from(template):
     with pytest.raises(SkipSample, match="no text follows an image"):
         template.encode_document(["Only text before.", None])
+
+
+def test_anyres_images_count_their_own_visual_tokens_in_the_cut(template):
+    """With AnyRes, an image's visual tokens depend on its size: the cut counts each image's own."""
+    pieces = [None, "A small image.", None, "A large image."]
+    assert template.encode_document(pieces, image_tokens=[VISUAL, VISUAL])[2] == 2
+    assert template.encode_document(pieces, image_tokens=[VISUAL, template.max_length])[2] == 1
