@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -40,6 +41,14 @@ PATH_OUTSIDE_ROOT = "path_outside_root"
 TOO_LONG = "too_long"  # truncation would leave no supervised token, or megabytes of text
 EMPTY_SOURCE = "empty_source"  # an instruction file without one usable record (e.g. 0 bytes)
 UNEXPECTED = "unexpected"  # an exception no check foresaw; the detail names its type
+
+# Reasons an image slot of an interleaved document is dropped while the document itself is kept. They are
+# counted apart from skips (DataHealth.dropped_images): a dropped slot is part of a used sample, so it must
+# neither count against max_skip_fraction nor pass unnoticed. A slot whose image is missing or cannot be
+# decoded is dropped under the image's own skip reason (missing_image, corrupt_image, ...).
+OVER_MAX_IMAGES = "over_max_images"  # past the source's max_images: the document's later images
+PAST_MAX_LENGTH = "past_max_length"  # its <image> token (or all the text after it) fell past max_length
+AFTER_LAST_TEXT = "after_last_text"  # no text follows it in the document: nothing would attend to it
 
 # How much of a skip's detail goes into a warning (the detail may quote the record itself).
 _DETAIL_CHARACTERS = 300
@@ -71,6 +80,7 @@ class SkipLog:
     """Worker-local record of skips since the last batch. Picklable, so each worker gets its own."""
 
     pending: list[tuple[str, str]] = field(default_factory=list)
+    dropped_images: list[str] = field(default_factory=list)  # the reason of each image slot dropped from a kept sample
     warnings_left: int = 20  # per worker; after that only the counts say it
     last: str = ""  # the latest skip, "where (reason: detail)", for error messages
 
@@ -94,9 +104,21 @@ class SkipLog:
         pass. After the block, the context's ``skip`` is what was recorded (``None``: nothing)."""
         return CaughtSkip(self, where)
 
+    def drop_image(self, reason: str, where: str, detail: str = "") -> None:
+        """Count one image slot dropped from a sample that is used (``over_max_images``, ``missing_image``, ...).
+        ``detail``, given for a defect in the data (not for a cap), puts it in the first warnings."""
+        self.dropped_images.append(reason)
+        if detail and self.warnings_left > 0:
+            self.warnings_left -= 1
+            log.warning("dropped image %s from its document (%s): %s", where, reason, detail[:_DETAIL_CHARACTERS])
+
     def drain(self) -> list[tuple[str, str]]:
         pending, self.pending = self.pending, []
         return pending
+
+    def drain_dropped_images(self) -> list[str]:
+        dropped, self.dropped_images = self.dropped_images, []
+        return dropped
 
 
 class CaughtSkip:
@@ -163,6 +185,7 @@ class DataHealth:
     skipped_by_reason: Counter = field(default_factory=Counter)  # stream skips ...
     skipped_by_location: Counter = field(default_factory=Counter)  # ... and where they were
     used_by_source: Counter = field(default_factory=Counter)
+    dropped_images_by_reason: Counter = field(default_factory=Counter)  # image slots left out of used samples
     read_by_source: dict[str, SourceReadCounts] = field(default_factory=dict)
 
     @property
@@ -191,10 +214,12 @@ class DataHealth:
 
     # -- stream ------------------------------------------------------------------------------------
 
-    def update(self, sources: list[str], skipped: list[tuple[str, str]]) -> None:
-        """Add one batch: the source name of each sample in it and the skips drained into it."""
+    def update(self, sources: list[str], skipped: list[tuple[str, str]], dropped_images: Iterable[str] = ()) -> None:
+        """Add one batch: the source name of each sample in it, the skips drained into it, and the reason of
+        each image slot dropped from its samples (interleaved documents; not skips: they never stop a run)."""
         self.used += len(sources)
         self.used_by_source.update(sources)
+        self.dropped_images_by_reason.update(dropped_images)
         for reason, where in skipped:
             self.skipped_by_reason[reason] += 1
             self.skipped_by_location[_file_of(where)] += 1
@@ -212,6 +237,7 @@ class DataHealth:
         """Start the stream counts afresh (each validation pass reads the same records again)."""
         self.used = 0
         self.skipped_by_reason, self.skipped_by_location, self.used_by_source = Counter(), Counter(), Counter()
+        self.dropped_images_by_reason = Counter()
 
     def _check(self, what: str, kept: int, skipped_by_reason: Counter, skipped_by_location: Counter) -> None:
         skipped = sum(skipped_by_reason.values())
@@ -230,9 +256,10 @@ class DataHealth:
 
     def metrics(self, prefix: str = "data") -> dict[str, float]:
         """Flat dict for ``LightningModule.log_dict``: skip counts by reason (read-time and stream together),
-        both skip fractions, and the realised source shares."""
+        both skip fractions, image slots dropped from used samples by reason, and the realised source shares."""
         skipped = self.skipped_by_reason + sum((counts.skipped_by_reason for counts in self.read_by_source.values()), Counter())
         out: dict[str, float] = {f"{prefix}/skipped/{r}": float(n) for r, n in skipped.items()}
+        out.update({f"{prefix}/dropped_images/{r}": float(n) for r, n in self.dropped_images_by_reason.items()})
         out[f"{prefix}/skipped_fraction"] = self.skip_fraction()
         if self.read_by_source:
             out[f"{prefix}/skipped_fraction_at_read"] = self.read_skip_fraction()
@@ -246,6 +273,7 @@ class DataHealth:
             "skipped_by_reason": dict(self.skipped_by_reason),
             "skipped_by_location": dict(self.skipped_by_location),
             "used_by_source": dict(self.used_by_source),
+            "dropped_images_by_reason": dict(self.dropped_images_by_reason),
             "read_by_source": {
                 source: {"path": counts.path, "kept": counts.kept, "skipped_by_reason": dict(counts.skipped_by_reason)}
                 for source, counts in self.read_by_source.items()
@@ -257,6 +285,7 @@ class DataHealth:
         self.skipped_by_reason = Counter(state["skipped_by_reason"])
         self.skipped_by_location = Counter(state["skipped_by_location"])
         self.used_by_source = Counter(state["used_by_source"])
+        self.dropped_images_by_reason = Counter(state.get("dropped_images_by_reason", {}))  # absent before interleaved documents
         self.read_by_source = {
             source: SourceReadCounts(counts["path"], counts["kept"], Counter(counts["skipped_by_reason"]))
             for source, counts in state.get("read_by_source", {}).items()  # absent in checkpoints of older versions

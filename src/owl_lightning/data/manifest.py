@@ -10,6 +10,11 @@ against the folder holding the manifest, so a manifest works from any working di
         num_samples: 400000000           # optional, for epoch length and logging
         image_key: jpg;png;webp          # img2dataset's layout
         caption_key: txt                 # or json:caption (a field of the .json member)
+      - name: mmc4                       # stage 1: interleaved image-text documents (docs/interleaved.md)
+        shards: /data/mmc4/{00000..23098}.tar
+        format: mmc4                     # captions (default) | mmc4 | obelics
+        max_images: 6                    # image slots kept per document, in document order
+        weight: 0.5
       - name: llava                      # stage 2: an instruction file
         format: llava                    # llava | alpaca | sharegpt | owl_jsonl
         path: /data/llava/llava_instruct_150k.json
@@ -25,11 +30,19 @@ from pathlib import Path
 import yaml
 
 INSTRUCTION_FORMATS = ("llava", "alpaca", "sharegpt", "owl_jsonl")
+# What one sample of a shard source is: an image and its caption, or an interleaved document (its .json
+# member in MMC4's or OBELICS's schema, its images as members KEY.0.jpg, KEY.1.png, ...).
+SHARD_FORMATS = ("captions", "mmc4", "obelics")
 
 
 @dataclass
 class ShardSource:
-    """Image–caption WebDataset shards (stage 1)."""
+    """WebDataset shards of image–caption pairs or interleaved documents (stage 1).
+
+    ``image_key``: the image extensions tried, in order (a document's k-th image: ``k.jpg``, ``k.png``, ...);
+    ``caption_key``: captions only; ``max_images``: documents only, image slots kept per document (the first
+    ones in document order; later ones are dropped and counted as ``over_max_images``).
+    """
 
     name: str
     shards: str
@@ -37,6 +50,8 @@ class ShardSource:
     num_samples: int | None = None
     image_key: str = "jpg;png;webp"
     caption_key: str = "txt"
+    format: str = "captions"
+    max_images: int = 6
 
 
 @dataclass
@@ -79,6 +94,10 @@ def _parse_source(raw: dict, base: Path, where: str) -> ShardSource | Instructio
     if source.weight <= 0:
         raise ValueError(f"{where}: source {source.name!r} needs a positive weight, got {source.weight}")
     if isinstance(source, ShardSource):
+        if source.format not in SHARD_FORMATS:
+            raise ValueError(f"{where}: shard source {source.name!r} has format {source.format!r}; use one of {SHARD_FORMATS}")
+        if not isinstance(source.max_images, int) or source.max_images < 1:
+            raise ValueError(f"{where}: shard source {source.name!r} needs max_images of at least 1, got {source.max_images!r}")
         source.shards = _resolve_path(source.shards, base)
     else:
         if source.format not in INSTRUCTION_FORMATS:

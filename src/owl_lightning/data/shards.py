@@ -12,7 +12,9 @@ Training (``train=True``), for each source::
                               sample is skipped (OVERSIZED_MEMBER)
     → shuffle samples         buffer of raw samples, seeded per (seed, epoch, rank, worker)
     → encode                  caption → encode_caption → decode_image → image_transform (AnyRes:
-                              the image first, as its size sets the caption's room);
+                              the image first, as its size sets the caption's room), or for an
+                              interleaved document (source ``format: mmc4|obelics``) its .json →
+                              text chunks and image slots in document order → encode_document;
                               a bad sample is recorded with its reason (``unexpected`` for a
                               failure no check foresaw) and dropped
 
@@ -26,6 +28,9 @@ worker, in order, no shuffling; the same encode and batch stages; the last parti
 With fewer shards than ranks, every rank reads them all and keeps every ``world_size``-th sample.
 
 Shards in img2dataset's layout (``000000000.jpg`` + ``.txt`` + ``.json``) are read as they are;
+interleaved documents (MMC4's or OBELICS's record as ``KEY.json``, the document's k-th image as
+``KEY.k.jpg``/``.png``/``.webp``, or for MMC4 base64 in ``image_info[k]["image_base64"]`` as OpenFlamingo's
+shards hold it) too: :func:`_encode_document` gives the rules, docs/interleaved.md the layout.
 URLs and ``pipe:`` commands go to webdataset untouched. Every skipped sample is recorded in the
 pipeline's :class:`~owl_lightning.data.health.SkipLog` as ``"{shard}:{sample key}"`` and drained into
 the next batch (``batch["skipped"]``). When nothing usable comes out at all (a wrong
@@ -57,6 +62,8 @@ dropping them.
 from __future__ import annotations
 
 import array
+import base64
+import binascii
 import bz2
 import ctypes
 import gzip
@@ -82,12 +89,16 @@ from PIL import Image
 
 from owl_lightning.data.collate import EncodedSample, collate
 from owl_lightning.data.health import (
+    AFTER_LAST_TEXT,
     BAD_TEXT,
+    CORRUPT_IMAGE,
     MALFORMED_RECORD,
     MISSING_IMAGE,
     MISSING_TEXT,
+    OVER_MAX_IMAGES,
     OVERSIZED_MEMBER,
     OVERSIZED_SHARD,
+    PAST_MAX_LENGTH,
     TRUNCATED_TAR,
     SkipLog,
     SkipSample,
@@ -244,6 +255,7 @@ def build_shard_pipeline(
     encode_caption: Callable[..., tuple[list[int], list[int]]],
     pad_token_id: int,
     batch_size: int,
+    encode_document: Callable[..., tuple[list[int], list[int], int]] | None = None,
     train: bool = True,
     seed: int = 0,
     shuffle_buffer: int = 1000,
@@ -262,6 +274,9 @@ def build_shard_pipeline(
             takes the image's visual tokens: ``encode_caption(caption, tokens)``.
         pad_token_id: padding id for ``input_ids``.
         batch_size: samples per batch on this rank.
+        encode_document: interleaved document as text chunks and image slots (``None``) in order, and
+            each image's visual tokens (None: all alike) → ``(input_ids, labels, images kept)``
+            (``ConversationTemplate.encode_document``); needed when a source has ``format`` mmc4 or obelics.
         train: endless, resampled, shuffled and weight-mixed (True), or every validation sample
             exactly once, in order (False).
         seed: base of every random choice; see the module docstring.
@@ -278,12 +293,16 @@ def build_shard_pipeline(
             ``OwlProcessor.image_tokens``); None: every image costs the same.
 
     Returns:
-        A :class:`ShardPipeline`; each batch is the dict :func:`collate` returns, with
-        ``images`` ``[B, 3, H, W]`` and ``image_counts`` all ones; in training also ``stream_cursor``
-        (see :meth:`_WeightedMix.cursor`).
+        A :class:`ShardPipeline`; each batch is the dict :func:`collate` returns, with ``images``
+        ``[M, 3, H, W]`` and ``image_counts`` ``[B]`` (all ones for captions, 1..max_images for documents),
+        ``dropped_images``: the reason of each image slot left out of its batch's documents; in training also
+        ``stream_cursor`` (see :meth:`_WeightedMix.cursor`).
     """
     if not sources:
         raise ValueError("no shard sources given; add at least one to the data manifest")
+    documents = [source.name for source in sources if source.format != "captions"]
+    if documents and encode_document is None:
+        raise ValueError(f"sources {documents} hold interleaved documents: pass encode_document (ConversationTemplate.encode_document)")
     if batch_size < 1 or (batches_per_epoch is not None and batches_per_epoch < 1):
         raise ValueError(f"batch_size and batches_per_epoch must be positive, got {batch_size} and {batches_per_epoch}")
     skips = skips if skips is not None else SkipLog()
@@ -298,7 +317,14 @@ def build_shard_pipeline(
         stall_limit=max(MIN_STALL_SKIPS, STALL_SKIPS_PER_SAMPLE * batch_size),
         limits=TarLimits(MAX_MEMBER_BYTES, MAX_SHARD_BYTES),
     )
-    encode_one = partial(_encode_sample, image_transform=image_transform, encode_caption=encode_caption, image_tokens=image_tokens)
+    encode_one = partial(
+        _encode_sample,
+        image_transform=image_transform,
+        encode_caption=encode_caption,
+        encode_document=encode_document,
+        skips=skips,
+        image_tokens=image_tokens,
+    )
     encode = partial(_map_or_skip, fn=encode_one, skips=skips)
     batch = partial(_batched, batch_size=batch_size, pad_token_id=pad_token_id, skips=skips, finite=not train)
     share = partial(_worker_share, batches_per_epoch=batches_per_epoch, position=position)
@@ -651,9 +677,14 @@ def _check_stall(skips: SkipLog, stall_limit: int, source: ShardSource) -> None:
     raise RuntimeError(
         f"{len(skips.pending)} samples skipped without filling one batch "
         f"({', '.join(f'{r}={n}' for r, n in reasons.most_common())}; last: {skips.pending[-1][1]}). "
-        f"Check source {source.name!r} in the data manifest: image_key={source.image_key!r} and "
-        f"caption_key={source.caption_key!r} must name members its shards have, and the shards must be readable."
+        f"Check source {source.name!r} in the data manifest: {_expected_members(source)}, and the shards must be readable."
     )
+
+
+def _expected_members(source: ShardSource) -> str:
+    if source.format == "captions":
+        return f"image_key={source.image_key!r} and caption_key={source.caption_key!r} must name members its shards have"
+    return f"format={source.format!r} needs a .json member in that schema per sample, its images as members KEY.k.{{{source.image_key}}}"
 
 
 class _SeededShuffle(wds.PipelineStage):
@@ -769,12 +800,16 @@ def _encode_sample(
     raw: dict,
     image_transform: Callable[[Image.Image], torch.Tensor | TiledImage],
     encode_caption: Callable[..., tuple[list[int], list[int]]],
+    encode_document: Callable[..., tuple[list[int], list[int], int]] | None,
+    skips: SkipLog,
     image_tokens: Callable[[Image.Image], int] | None = None,
 ) -> EncodedSample:
-    """Raw tar sample → :class:`EncodedSample` with one preprocessed image, or :class:`SkipSample`."""
+    """Raw tar sample → :class:`EncodedSample` with its preprocessed images (one for a caption), or :class:`SkipSample`."""
     source: ShardSource = raw["__source__"]
     if "__skip__" in raw:  # refused while reading the tar (an oversized or duplicate member)
         raise raw["__skip__"]
+    if source.format != "captions":
+        return _encode_document(raw, image_transform, encode_document, skips, image_tokens)
     caption = _caption_of(raw, source.caption_key)
     if image_tokens is None:  # the cheap checks first: a sample with a bad caption costs no image decode
         input_ids, labels = encode_caption(caption)
@@ -814,6 +849,150 @@ def _caption_of(raw: dict, caption_key: str) -> str:
 
 def _members(raw: dict) -> list[str]:
     return sorted(key for key in raw if not key.startswith("__"))
+
+
+@dataclass(frozen=True)
+class _ImageSlot:
+    """The document's ``index``-th image (its place in MMC4's ``image_info``, its rank among OBELICS's images),
+    with MMC4's ``image_base64`` where the record embeds it."""
+
+    index: int
+    embedded: object = None
+
+
+# A document's pieces in order: text (a sentence, a paragraph) or an image slot. Slots the reader refused
+# already (a malformed image_info entry) come apart, as (reason, detail).
+_Pieces = list[str | _ImageSlot]
+_Refused = list[tuple[str, str]]
+
+
+def _mmc4_pieces(record: dict) -> tuple[_Pieces, _Refused]:
+    """MMC4 (``{"text_list": [sentence, ...], "image_info": [{"image_name", "raw_url", "matched_text_index",
+    "matched_sim", ["image_base64"]}, ...]}``) → pieces: each image right before the sentence it was matched
+    to, as OpenFlamingo places them, so that sentence — the one most about the image — learns from it.
+    Images matched to one sentence keep their ``image_info`` order."""
+    text_list, image_info = record.get("text_list"), record.get("image_info")
+    if not (isinstance(text_list, list) and all(isinstance(text, str) for text in text_list) and isinstance(image_info, list)):
+        raise SkipSample(MALFORMED_RECORD, "an MMC4 record needs text_list (a list of strings) and image_info (a list)")
+    before: defaultdict[int, list[_ImageSlot]] = defaultdict(list)
+    refused: _Refused = []
+    for index, info in enumerate(image_info):
+        at = info.get("matched_text_index") if isinstance(info, dict) else None
+        if isinstance(at, bool) or not isinstance(at, int) or not 0 <= at < len(text_list):
+            refused.append(
+                (MALFORMED_RECORD, f"image_info[{index}] has no matched_text_index within text_list ({len(text_list)} sentences)")
+            )
+            continue
+        before[at].append(_ImageSlot(index, info.get("image_base64")))
+    pieces: _Pieces = []
+    for at, sentence in enumerate(text_list):
+        pieces += before[at]
+        pieces.append(sentence)
+    return pieces, refused
+
+
+def _obelics_pieces(record: dict) -> tuple[_Pieces, _Refused]:
+    """OBELICS (``{"texts": [...], "images": [...]}``, parallel lists: at each position a paragraph in one and
+    ``null`` in the other) → pieces in that order."""
+    texts, images = record.get("texts"), record.get("images")
+    if not (isinstance(texts, list) and isinstance(images, list) and len(texts) == len(images)):
+        raise SkipSample(MALFORMED_RECORD, "an OBELICS record needs texts and images: lists of one length")
+    pieces: _Pieces = []
+    slots = count()
+    for position, (text, image) in enumerate(zip(texts, images)):
+        if (text is None) == (image is None) or not (text is None or isinstance(text, str)):
+            raise SkipSample(
+                MALFORMED_RECORD, f"position {position} must hold a string in texts or an image in images, not both or neither"
+            )
+        pieces.append(_ImageSlot(next(slots)) if text is None else text)
+    return pieces, []
+
+
+_DOCUMENT_READERS: dict[str, Callable[[dict], tuple[_Pieces, _Refused]]] = {"mmc4": _mmc4_pieces, "obelics": _obelics_pieces}
+# What joins two pieces of text with no image kept between them: MMC4's pieces are sentences of one page,
+# OBELICS's paragraphs.
+_TEXT_SEPARATORS = {"mmc4": " ", "obelics": "\n\n"}
+
+
+def _encode_document(
+    raw: dict,
+    image_transform: Callable[[Image.Image], torch.Tensor],
+    encode_document: Callable[..., tuple[list[int], list[int], int]],
+    skips: SkipLog,
+    image_tokens: Callable[[Image.Image], int] | None = None,
+) -> EncodedSample:
+    """Raw tar sample of an interleaved document → :class:`EncodedSample` with its images in document order.
+
+    The rules for image slots (each slot dropped is counted in ``skips`` by reason, once the document is used;
+    the document's text always stays):
+
+    * a slot with no text after it in the document is dropped (``after_last_text``): nothing would attend to it;
+    * the first ``max_images`` slots whose image decodes are kept; later ones are dropped unread
+      (``over_max_images``);
+    * a slot whose image is missing (no member ``KEY.k.{image_key}``, no ``image_base64``), cannot be decoded,
+      or whose MMC4 entry is malformed is dropped under that reason (``missing_image``, ``corrupt_image``, ...);
+    * images past ``max_length`` once tokenised are dropped (``past_max_length``).
+
+    The document is skipped (one counted skip) when its .json is missing or malformed, when no image is
+    left (``missing_image``: stage 1 trains the visual modules only, so text alone teaches nothing), or
+    when no text follows an image (``missing_text``).
+    """
+    source: ShardSource = raw["__source__"]
+    if "json" not in raw:
+        raise SkipSample(MISSING_TEXT, f"no .json member holding the {source.format} document; it has {_members(raw)}")
+    record = parse_json_record(raw["json"], ".json member")
+    if not isinstance(record, dict):
+        raise SkipSample(MALFORMED_RECORD, f"the .json member is a {type(record).__name__}, not a {source.format} document object")
+    pieces, dropped = _DOCUMENT_READERS[source.format](record)
+    last_text = max((at for at, piece in enumerate(pieces) if isinstance(piece, str) and piece.strip()), default=-1)
+    if last_text < 0:
+        raise SkipSample(MISSING_TEXT, "the document has no text")
+    dropped += [(AFTER_LAST_TEXT, "")] * sum(isinstance(piece, _ImageSlot) for piece in pieces[last_text + 1 :])
+    where = f"{raw['__url__']}:{raw['__key__']}"
+    chunks: list[str | None] = []  # text chunks and kept images (None), as encode_document takes them
+    images: list[Image.Image] = []
+    for piece in pieces[: last_text + 1]:
+        if isinstance(piece, str):
+            if not piece.strip():
+                continue
+            if chunks and chunks[-1] is not None:  # no image kept since the last text: one chunk
+                chunks[-1] += _TEXT_SEPARATORS[source.format] + piece.strip()
+            else:
+                chunks.append(piece.strip())
+        elif len(images) == source.max_images:
+            dropped.append((OVER_MAX_IMAGES, ""))
+        else:
+            try:
+                images.append(decode_image(_slot_bytes(raw, piece, source.image_key)))
+                chunks.append(None)
+            except SkipSample as refused:
+                dropped.append((refused.reason, f"image {piece.index}: {refused.detail}"))
+    if not images:
+        reasons = Counter(reason for reason, _ in dropped)
+        raise SkipSample(
+            MISSING_IMAGE, f"no usable image in the document ({', '.join(f'{r}={n}' for r, n in reasons.items()) or 'none given'})"
+        )
+    # AnyRes: each image's visual tokens, by its size, for the max_length cut.
+    input_ids, labels, kept = encode_document(chunks, None if image_tokens is None else [image_tokens(image) for image in images])
+    dropped += [(PAST_MAX_LENGTH, "")] * (len(images) - kept)
+    for reason, detail in dropped:
+        skips.drop_image(reason, where, detail)
+    return EncodedSample(input_ids=input_ids, labels=labels, images=[image_transform(image) for image in images[:kept]], source=source.name)
+
+
+def _slot_bytes(raw: dict, slot: _ImageSlot, image_key: str) -> bytes:
+    """The encoded image of ``slot``: member ``{index}.{extension}`` for the first of ``image_key``'s extensions
+    present, else MMC4's base64 ``image_base64``."""
+    for extension in image_key.split(";"):
+        member = f"{slot.index}.{extension}"
+        if member in raw:
+            return raw[member]
+    if slot.embedded is None:
+        raise SkipSample(MISSING_IMAGE, f"no member .{slot.index}.{{{image_key.replace(';', ',')}}} and no image_base64")
+    try:
+        return base64.b64decode(slot.embedded, validate=True)
+    except (binascii.Error, TypeError, ValueError) as err:
+        raise SkipSample(CORRUPT_IMAGE, f"image_base64 is not base64: {err}") from None
 
 
 class _WeightedMix(torch.utils.data.IterableDataset):
@@ -868,14 +1047,21 @@ def _batched(samples: Iterable[EncodedSample], batch_size: int, pad_token_id: in
     batch: list[EncodedSample] = []
     for sample in samples:
         if finite and len(batch) == batch_size:
-            yield collate(batch, pad_token_id, skipped=skips.drain())
+            yield _collated(batch, pad_token_id, skips)
             batch = []
         batch.append(sample)
         if not finite and len(batch) == batch_size:
-            yield collate(batch, pad_token_id, skipped=skips.drain())
+            yield _collated(batch, pad_token_id, skips)
             batch = []
     if finite and batch:
-        yield collate(batch, pad_token_id, skipped=skips.drain())
+        yield _collated(batch, pad_token_id, skips)
+
+
+def _collated(samples: list[EncodedSample], pad_token_id: int, skips: SkipLog) -> dict:
+    """:func:`collate` with the skips and dropped image slots since the previous batch."""
+    batch = collate(samples, pad_token_id, skipped=skips.drain())
+    batch["dropped_images"] = skips.drain_dropped_images()
+    return batch
 
 
 def _with_stream_cursor(batches: Iterable[dict], mix: _WeightedMix) -> Iterator[dict]:

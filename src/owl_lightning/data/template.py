@@ -195,6 +195,44 @@ class ConversationTemplate:
         segments = [(self._bos, False), ([self.image_token_id], False), (self._tokens(caption) + [self.tokenizer.eos_token_id], True)]
         return self._fit(*self._join(segments), None if image_tokens is None else [image_tokens])
 
+    def encode_document(self, pieces: list[str | None], image_tokens: Sequence[int] | None = None) -> tuple[list[int], list[int], int]:
+        """Stage-1 sample of an interleaved document: ``pieces`` in document order, a text chunk (``str``)
+        or an image slot (``None``), → ``BOS {text} <image> [{text}] <image> [{text} EOS]`` (bracketed
+        tokens supervised). Text chunks are tokenised as given: the reader puts the separators in.
+        ``image_tokens``: each image's visual tokens, in order (None: ``visual_tokens_per_image`` each).
+
+        Text before the first image stays unsupervised, as OpenFlamingo trains on MMC4: it cannot see any
+        image, and with the LLM frozen in stage 1 its loss would only dilute the mean over the tokens that
+        teach the visual modules. The sequence is cut from the right to ``max_length`` expanded tokens, an
+        image kept whole or not at all, and an image the cut leaves with no text after it goes too: nothing
+        would attend to it. (A document that ends in image slots should lose them before it comes here.)
+
+        Returns ``input_ids``, ``labels`` (same length) and how many images kept their ``<image>`` token:
+        the first ``num_images`` slots of ``pieces``; the rest fell past the cut.
+
+        Raises :class:`SkipSample`: ``MISSING_TEXT`` when no text follows an image, ``MALFORMED_RECORD``
+        for a text chunk containing ``<image>`` (it would become a placeholder without an image),
+        ``BAD_TEXT`` / ``TOO_LONG`` as for any text.
+        """
+        texts = [piece for piece in pieces if piece is not None]
+        if any(IMAGE_TOKEN in text for text in texts):
+            raise SkipSample(MALFORMED_RECORD, f"the document's text contains {IMAGE_TOKEN}; remove it from the text")
+        first_image = pieces.index(None) if None in pieces else len(pieces)
+        if not any(piece and piece.strip() for piece in pieces[first_image:]):
+            raise SkipSample(MISSING_TEXT, "no text follows an image: nothing to learn from")
+        self._check_text(texts)
+        segments: list[_Segment] = [(self._bos, False)]
+        for position, piece in enumerate(pieces):
+            if piece is None:
+                segments.append(([self.image_token_id], False))
+            else:
+                segments.append((self._tokens(piece), position > first_image))
+        segments.append(([self.tokenizer.eos_token_id], True))
+        input_ids, labels = self._fit(*self._join(segments), image_tokens)
+        while input_ids[-1] == self.image_token_id:  # cut right after an image: nothing left that sees it
+            input_ids, labels = input_ids[:-1], labels[:-1]
+        return input_ids, labels, input_ids.count(self.image_token_id)
+
     def caption_prompt(self) -> list[int]:
         """``BOS <image>``: the prompt from which the model generates a caption."""
         return self._bos + [self.image_token_id]

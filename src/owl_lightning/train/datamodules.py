@@ -244,7 +244,7 @@ class _OwlDataModule(L.LightningDataModule):
         stream_cursor = batch.pop("stream_cursor", None)  # the loader's to keep, not the model's
         if self.trainer is not None:
             health = self.health if self.trainer.training else self.val_health  # sanity check included
-            health.update(batch["source"], batch["skipped"])
+            health.update(batch["source"], batch["skipped"], batch.pop("dropped_images", ()))
             if self.trainer.training and self._train_loader is not None:
                 self._train_loader.took_batch(stream_cursor)
         return batch
@@ -257,13 +257,14 @@ class _OwlDataModule(L.LightningDataModule):
 
 
 class CaptionDataModule(_OwlDataModule):
-    """Stage 1: image–caption WebDataset shards (img2dataset layout), sources mixed by weight.
+    """Stage 1: image–caption WebDataset shards (img2dataset layout) and interleaved documents (MMC4, OBELICS;
+    a source's ``format`` in the manifest), sources mixed by weight.
 
     Args:
         manifest: the data manifest (train/val lists of shard sources).
         processor: the model's tokenizer and image transform (the CLI hands over the system's).
         batch_size: samples per batch per process. num_workers: DataLoader workers per process.
-        max_length: token limit of a sample, visual tokens included (longer captions are cut).
+        max_length: token limit of a sample, visual tokens included (longer captions and documents are cut; documents need hundreds).
         shuffle_buffer: samples held for shuffling in each worker.
         batches_per_epoch: per process; default: the manifest's ``num_samples`` over the global batch.
         val_batches: limit validation to this many batches (None: the whole val split).
@@ -289,10 +290,12 @@ class CaptionDataModule(_OwlDataModule):
         super().__init__(manifest, processor, batch_size, num_workers, max_length, seed, max_skip_fraction)
 
     def _pipeline(self, sources: list, train: bool):
+        template = self.processor.template(self.hparams.max_length)
         return build_shard_pipeline(
             sources,
             image_transform=self.processor.image_transform,
-            encode_caption=self.processor.template(self.hparams.max_length).encode_caption,
+            encode_caption=template.encode_caption,
+            encode_document=template.encode_document,
             image_tokens=self.processor.image_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
             batch_size=self.hparams.batch_size,

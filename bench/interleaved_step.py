@@ -1,0 +1,153 @@
+"""Stage-1 step time on interleaved documents against the single-image caption step (issue 24 §3).
+
+Both sides train owl-smol's stage 1 as ``make stage1`` does (Lightning Trainer, bf16 autocast, clipping at
+1.0) on batches of the same size from ``CaptionDataModule``: captions from the embedded easy-VQA shards
+(max_length 64, as experiments/stage1_smol.yaml), documents from OBELICS-layout shards written here — each
+document three paragraphs of real text (Python standard-library docstrings), each followed by an easy-VQA
+image and its caption (max_length 512). Reported: the median step time of each after warm-up (of the
+fastest of alternating rounds: other work on a shared machine only adds time), their ratio, and per
+sample the expanded tokens (visual tokens included), images and supervised tokens.
+
+    python bench/interleaved_step.py [--steps 8] [--warmup 2] [--batch-size 4] [--rounds 3]     (from the repository root; make data first)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pydoc
+import statistics
+import tarfile
+import tempfile
+from pathlib import Path
+
+import webdataset as wds
+import yaml
+
+from common import record
+from owl_lightning.config import IGNORE_INDEX, STAGE1, get_config
+from owl_lightning.data.manifest import load_manifest
+from owl_lightning.data.shards import expand_shards
+from owl_lightning.train.datamodules import CaptionDataModule
+from owl_lightning.train.flops import sequence_lengths
+from owl_lightning.train.system import STAGE1_OPTIMIZER, OwlSystem
+from step_overhead import StepTimer, fit
+
+PARAGRAPH_MODULES = ("json", "tarfile", "statistics", "argparse", "pathlib", "tempfile", "textwrap", "heapq", "bisect", "shutil")
+PARAGRAPH_WORDS = 40
+
+
+def paragraphs() -> list[str]:
+    """Real human-written text on every machine: the first words of standard-library module docstrings."""
+    texts = []
+    for name in PARAGRAPH_MODULES:
+        words = pydoc.getdoc(__import__(name)).split()
+        texts.append(" ".join(words[:PARAGRAPH_WORDS]))
+    return texts
+
+
+def captioned_images(manifest: str, count: int) -> list[tuple[bytes, str]]:
+    """``(png bytes, caption)`` of the first ``count`` samples of the manifest's first train shard."""
+    first_shard = expand_shards(load_manifest(manifest).train[0].shards)[0]
+    members: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(first_shard) as tar:
+        for member in tar:
+            key, _, extension = member.name.partition(".")
+            members.setdefault(key, {})[extension] = tar.extractfile(member).read()
+    return [(sample["png"], sample["txt"].decode()) for sample in list(members.values())[:count]]
+
+
+def write_documents(folder: Path, images: list[tuple[bytes, str]], documents: int) -> Path:
+    """OBELICS-layout shards (``KEY.json`` + ``KEY.k.png``) and a manifest for them."""
+    texts = paragraphs()
+    with wds.TarWriter(str(folder / "docs-000000.tar")) as sink:
+        for key in range(documents):
+            layout, members = [], {}
+            for slot in range(3):
+                png, caption = images[(3 * key + slot) % len(images)]
+                layout += [texts[(key + slot) % len(texts)], None, f"{caption}."]
+                members[f"{slot}.png"] = png
+            document = {
+                "texts": layout,
+                "images": [f"https://example.com/{key}/{i}.png" if t is None else None for i, t in enumerate(layout)],
+            }
+            sink.write({"__key__": f"{key:09d}", "json": json.dumps(document), **members})
+    manifest = folder / "documents.yaml"
+    manifest.write_text(
+        yaml.safe_dump({"train": [{"name": "documents", "shards": "docs-000000.tar", "format": "obelics", "max_images": 3}]})
+    )
+    return manifest
+
+
+def batches(manifest: str, max_length: int, batch_size: int, count: int, system: OwlSystem) -> list[dict]:
+    data = CaptionDataModule(
+        manifest=manifest, processor=system.processor, batch_size=batch_size, num_workers=0, max_length=max_length, batches_per_epoch=count
+    )
+    data.setup("fit")
+    loader = iter(data.train_dataloader())
+    taken = [next(loader) for _ in range(count)]
+    for batch in taken:
+        batch.pop("stream_cursor")
+        batch.pop("dropped_images")
+    return taken
+
+
+def measure(system: OwlSystem, taken: list[dict], warmup: int) -> dict:
+    timer = StepTimer()
+    fit(system, taken, [timer])
+    samples = sum(batch["input_ids"].shape[0] for batch in taken)
+    flops = system.flops
+    expanded = sum(float(sequence_lengths(b, flops.visual_tokens_per_image, flops.image_token_id).sum()) for b in taken)
+    return {
+        "step_s": round(statistics.median(timer.seconds[warmup:]), 3),
+        "tokens_per_sample": round(expanded / samples, 1),
+        "images_per_sample": round(sum(int(b["image_counts"].sum()) for b in taken) / samples, 2),
+        "supervised_per_sample": round(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in taken) / samples, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--captions", default="data_manifests/embedded_stage1.yaml")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3, help="timings of each side, alternating")
+    args = parser.parse_args()
+
+    def system() -> OwlSystem:
+        return OwlSystem(config=get_config("owl-smol"), recipe=STAGE1, optimizer=STAGE1_OPTIMIZER)
+
+    with tempfile.TemporaryDirectory() as folder:
+        documents = write_documents(Path(folder), captioned_images(args.captions, 30), documents=args.steps * args.batch_size)
+        sides = {"captions": (args.captions, 64), "documents": (str(documents), 512)}
+        rounds: dict[str, list[dict]] = {side: [] for side in sides}
+        for _ in range(args.rounds):  # alternating, so a change in the machine's load reaches both sides
+            for side, (manifest, max_length) in sides.items():
+                fresh = system()
+                rounds[side].append(measure(fresh, batches(manifest, max_length, args.batch_size, args.steps, fresh), args.warmup))
+    # The least disturbed round: on a shared machine other work only ever adds time to a step.
+    captions, interleaved = ({**runs[0], "step_s": min(r["step_s"] for r in runs)} for runs in rounds.values())
+    record(
+        "interleaved_step",
+        {
+            "captions": captions,
+            "documents": interleaved,
+            "step_ratio": round(interleaved["step_s"] / captions["step_s"], 2),
+            "seconds_per_1k_tokens": {
+                side: round(1000 * result["step_s"] / (result["tokens_per_sample"] * args.batch_size), 3)
+                for side, result in (("captions", captions), ("documents", interleaved))
+            },
+            "batch_size": args.batch_size,
+            "timed_steps": args.steps - args.warmup,
+            "round_step_s": {side: [r["step_s"] for r in runs] for side, runs in rounds.items()},
+            "load_average_1min_after": os.getloadavg()[0],
+            "how": "owl-smol stage 1 through the Trainer (bf16 autocast, clip 1.0), batches from CaptionDataModule: easy-VQA "
+            "captions (max_length 64) vs OBELICS-layout documents of 3 x (docstring paragraph, image, caption) (max_length 512)",
+        },
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""Interleaved documents in stage 1: MMC4 and OBELICS records in WebDataset shards, written by the tests in
+the datasets' own schemas, read in document order, supervised on text only, with every image slot left out
+counted by reason, mixed with caption shards, trained, and resumed exactly."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN
+from owl_lightning.data.health import (
+    AFTER_LAST_TEXT,
+    CORRUPT_IMAGE,
+    MALFORMED_RECORD,
+    MISSING_IMAGE,
+    MISSING_TEXT,
+    OVER_MAX_IMAGES,
+    PAST_MAX_LENGTH,
+    DataHealth,
+    SkipLog,
+    SkipSample,
+)
+from owl_lightning.data.manifest import ShardSource, load_manifest
+from owl_lightning.data.shards import build_shard_pipeline
+from owl_lightning.data.template import ConversationTemplate
+from owl_lightning.train.datamodules import CaptionDataModule, ResumableLoader
+from tests.helpers import COLOURS, fit, png_bytes, tiny_system
+from tests.test_shards import caption_bytes, resize_to_tensor, write_good_shards, write_shard
+from tests.test_stream_resume import ONE_PROCESS, saved
+
+VISUAL = 4  # visual tokens per image in these templates
+
+
+@pytest.fixture
+def template(tiny_tokenizer) -> ConversationTemplate:
+    return ConversationTemplate(tiny_tokenizer, max_length=256, visual_tokens_per_image=VISUAL)
+
+
+def mmc4_record(sentences: list[str], matches: list[int], embedded: dict[int, bytes] | None = None) -> dict:
+    """An MMC4 document as allenai/mmc4 releases it (plus OpenFlamingo's ``image_base64`` where ``embedded``)."""
+    image_info = []
+    for index, sentence in enumerate(matches):
+        info = {
+            "image_name": f"{index:04x}.jpg",
+            "raw_url": f"https://example.com/{index}.jpg",
+            "matched_text_index": sentence,
+            "matched_sim": 0.31,
+        }
+        if embedded and index in embedded:
+            info["image_base64"] = base64.b64encode(embedded[index]).decode("ascii")
+        image_info.append(info)
+    return {"url": "https://example.com/page", "text_list": sentences, "image_info": image_info, "similarity_matrix": []}
+
+
+def obelics_record(layout: list[str | None]) -> dict:
+    """An OBELICS document: parallel ``texts``/``images`` lists, ``null`` in the other list at each position
+    (``None`` in ``layout`` is an image)."""
+    return {
+        "texts": list(layout),
+        "images": [f"https://example.com/{i}.jpg" if piece is None else None for i, piece in enumerate(layout)],
+        "metadata": json.dumps([None] * len(layout)),
+        "general_metadata": json.dumps({"url": "https://example.com/page"}),
+    }
+
+
+def document_sample(key: int, record: dict | str | bytes, images: dict[str, bytes] | None = None) -> dict:
+    """One document sample: ``KEY.json`` and its images as ``KEY.{k}.{ext}`` (``images``: ``"k.ext"`` → bytes)."""
+    document = record if isinstance(record, (str, bytes)) else json.dumps(record)
+    return {"__key__": f"{key:09d}", "json": document, **(images or {})}
+
+
+def colour_of(image: torch.Tensor) -> str:
+    """The colour whose reference RGB is nearest the image's mean pixel (``[3, H, W]`` in 0..1)."""
+    mean = image.float().mean(dim=(1, 2)) * 255
+    return min(COLOURS, key=lambda name: float(((mean - torch.tensor(COLOURS[name], dtype=torch.float)) ** 2).sum()))
+
+
+def read_all(source: ShardSource, template: ConversationTemplate, skips: SkipLog | None = None, batch_size: int = 8) -> list[dict]:
+    pipeline = build_shard_pipeline(
+        [source],
+        image_transform=resize_to_tensor,
+        encode_caption=caption_bytes,
+        encode_document=template.encode_document,
+        pad_token_id=0,
+        batch_size=batch_size,
+        train=False,
+        skips=skips,
+    )
+    return list(pipeline)
+
+
+def test_mmc4_images_go_before_their_matched_sentence_from_members_or_base64(tmp_path, template):
+    # image 0 (a member) is matched to sentence 1, image 1 (base64 in image_info) to sentence 0.
+    record = mmc4_record(["A red page.", "It shows a blue square.", "Then it ends."], matches=[1, 0], embedded={1: png_bytes("red")})
+    shard = write_shard(tmp_path / "mmc4-000000.tar", [document_sample(0, record, {"0.png": png_bytes("blue")})])
+    (batch,) = read_all(ShardSource("mmc4", str(shard), format="mmc4"), template)
+
+    expected_ids, expected_labels, _ = template.encode_document([None, "A red page.", None, "It shows a blue square. Then it ends."])
+    assert batch["input_ids"][0].tolist() == expected_ids
+    assert batch["labels"][0].tolist() == expected_labels
+    assert batch["image_counts"].tolist() == [2]
+    assert [colour_of(image) for image in batch["images"]] == ["red", "blue"]
+    assert batch["dropped_images"] == [] and batch["skipped"] == []
+
+
+def test_obelics_documents_interleave_in_order(tmp_path, template):
+    record = obelics_record(["An introduction.", None, "About the green one.", None, "About the red one."])
+    images = {"0.png": png_bytes("green"), "1.png": png_bytes("red")}
+    shard = write_shard(tmp_path / "obelics-000000.tar", [document_sample(0, record, images)])
+    (batch,) = read_all(ShardSource("obelics", str(shard), format="obelics"), template)
+
+    expected_ids, _, _ = template.encode_document(["An introduction.", None, "About the green one.", None, "About the red one."])
+    assert batch["input_ids"][0].tolist() == expected_ids
+    assert [colour_of(image) for image in batch["images"]] == ["green", "red"]
+
+
+def test_only_text_after_the_first_image_and_the_eos_are_supervised(template, tiny_tokenizer):
+    input_ids, labels, kept = template.encode_document(["Before any image.", None, "Seen with one.", None, "Seen with two."])
+    image = tiny_tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    first_image = input_ids.index(image)
+    assert kept == 2
+    assert all(label == IGNORE_INDEX for label in labels[: first_image + 1])  # BOS and the text no image precedes
+    assert all(label == IGNORE_INDEX for token, label in zip(input_ids, labels) if token == image)
+    supervised = [token for token, label in zip(input_ids, labels) if label != IGNORE_INDEX]
+    assert supervised == [token for token in input_ids[first_image:] if token != image]
+    assert supervised[-1] == tiny_tokenizer.eos_token_id
+    assert tiny_tokenizer.decode(supervised[:-1]) == "Seen with one.Seen with two."
+
+
+def test_max_length_cuts_whole_images_and_never_ends_on_one(tiny_tokenizer):
+    pieces = [None, "one two three four five six", None, "seven", None, "eight"]
+    full_ids, _, _ = ConversationTemplate(tiny_tokenizer, max_length=512, visual_tokens_per_image=VISUAL).encode_document(pieces)
+    image = tiny_tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    second_image = [at for at, token in enumerate(full_ids) if token == image][1]
+    # Room for everything up to the second <image> and half its visual tokens: it cannot be cut in half.
+    expanded_before = second_image + (VISUAL - 1)
+    cut = ConversationTemplate(tiny_tokenizer, max_length=expanded_before + VISUAL // 2, visual_tokens_per_image=VISUAL)
+    input_ids, labels, kept = cut.encode_document(pieces)
+    assert kept == 1 and input_ids == full_ids[:second_image] and input_ids[-1] != image
+    # Room for the second image but no text after it: the image goes too.
+    just_the_image = ConversationTemplate(tiny_tokenizer, max_length=expanded_before + VISUAL, visual_tokens_per_image=VISUAL)
+    assert just_the_image.encode_document(pieces)[2] == 1
+
+
+def test_dropped_image_slots_are_counted_by_reason_and_the_text_stays(tmp_path, template):
+    # Slots in document order: 0 good, 1 missing, 2 corrupt, 3 good, 4 good (over max_images=2), 5 after the last text.
+    layout = ["Intro.", None, "a", None, "b", None, "c", None, "d", None, "e", None]
+    images = {"0.png": png_bytes("red"), "2.png": b"\x89PNG not an image", "3.png": png_bytes("blue"), "4.png": png_bytes("green")}
+    images["5.png"] = png_bytes("green")
+    shard = write_shard(tmp_path / "obelics-000000.tar", [document_sample(0, obelics_record(layout), images)])
+    (batch,) = read_all(ShardSource("obelics", str(shard), format="obelics", max_images=2), template)
+
+    assert Counter(batch["dropped_images"]) == {MISSING_IMAGE: 1, CORRUPT_IMAGE: 1, OVER_MAX_IMAGES: 1, AFTER_LAST_TEXT: 1}
+    assert [colour_of(image) for image in batch["images"]] == ["red", "blue"]
+    expected_ids, _, _ = template.encode_document(["Intro.", None, "a\n\nb\n\nc", None, "d\n\ne"])
+    assert batch["input_ids"][0].tolist() == expected_ids
+
+    health = DataHealth()
+    health.update(batch["source"], batch["skipped"], batch["dropped_images"])
+    assert health.metrics()["data/dropped_images/over_max_images"] == 1.0
+    assert health.skip_fraction() == 0.0  # dropped slots of a used document are not skipped samples
+    restored = DataHealth()
+    restored.load_state_dict(health.state_dict())  # a resumed run goes on counting from the checkpoint's totals
+    assert restored.dropped_images_by_reason == health.dropped_images_by_reason
+
+
+def test_images_past_max_length_are_dropped_and_counted(tmp_path, tiny_tokenizer):
+    record = mmc4_record(["First sentence here.", "Second sentence here."], matches=[0, 1])
+    images = {"0.png": png_bytes("red"), "1.png": png_bytes("blue")}
+    shard = write_shard(tmp_path / "mmc4-000000.tar", [document_sample(0, record, images)])
+    short = ConversationTemplate(tiny_tokenizer, max_length=VISUAL + 8, visual_tokens_per_image=VISUAL)
+    (batch,) = read_all(ShardSource("mmc4", str(shard), format="mmc4"), short)
+    assert batch["image_counts"].tolist() == [1]
+    assert batch["dropped_images"] == [PAST_MAX_LENGTH]
+
+
+def test_bad_documents_are_counted_skips(tmp_path, template):
+    good = document_sample(0, mmc4_record(["A red square."], [0]), {"0.png": png_bytes("red")})
+    bad = {  # key → the reason it must be skipped for
+        1: (MALFORMED_RECORD, document_sample(1, '{"text_list": ["cut off')),
+        2: (MALFORMED_RECORD, document_sample(2, obelics_record(["An OBELICS record in an MMC4 source.", None]))),
+        3: (MISSING_IMAGE, document_sample(3, mmc4_record(["Its image is gone."], [0]))),
+        4: (MISSING_IMAGE, document_sample(4, mmc4_record(["Its image is not a PNG."], [0]), {"0.png": b"not an image"})),
+        5: (MISSING_TEXT, document_sample(5, mmc4_record(["", " "], [0]), {"0.png": png_bytes("red")})),
+        6: (MISSING_TEXT, {"__key__": f"{6:09d}", "0.png": png_bytes("red")}),  # no .json member
+        7: (MALFORMED_RECORD, document_sample(7, mmc4_record([f"Says {IMAGE_TOKEN} in its text."], [0]), {"0.png": png_bytes("red")})),
+    }
+    shard = write_shard(tmp_path / "mmc4-000000.tar", [good] + [sample for _, sample in bad.values()])
+    skips = SkipLog()
+    batches = read_all(ShardSource("mmc4", str(shard), format="mmc4"), template, skips=skips)
+
+    assert sum(len(batch["source"]) for batch in batches) == 1
+    skipped = {where.rsplit(":", 1)[1]: reason for batch in batches for reason, where in batch["skipped"]}
+    assert skipped == {f"{key:09d}": reason for key, (reason, _) in bad.items()}
+
+
+def test_manifest_format_chooses_the_reader_and_is_checked(tmp_path):
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        yaml.safe_dump({"train": [{"name": "d", "shards": "d.tar", "format": "mmc4", "max_images": 3}, {"name": "c", "shards": "c.tar"}]})
+    )
+    documents, captions = load_manifest(manifest).train
+    assert (documents.format, documents.max_images, captions.format) == ("mmc4", 3, "captions")
+    manifest.write_text(yaml.safe_dump({"train": [{"name": "d", "shards": "d.tar", "format": "laion"}]}))
+    with pytest.raises(ValueError, match=r"format 'laion'; use one of \('captions', 'mmc4', 'obelics'\)"):
+        load_manifest(manifest)
+    manifest.write_text(yaml.safe_dump({"train": [{"name": "d", "shards": "d.tar", "format": "obelics", "max_images": 0}]}))
+    with pytest.raises(ValueError, match="max_images of at least 1"):
+        load_manifest(manifest)
+    with pytest.raises(ValueError, match="pass encode_document"):
+        build_shard_pipeline(
+            [ShardSource("d", "d.tar", format="mmc4")],
+            image_transform=resize_to_tensor,
+            encode_caption=caption_bytes,
+            pad_token_id=0,
+            batch_size=1,
+        )
+
+
+def write_obelics_shards(folder: Path, shards: int, per_shard: int) -> str:
+    """OBELICS shards of documents with 1 to 3 images, some missing; returns the brace spec."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(COLOURS)
+    for shard in range(shards):
+        samples = []
+        for key in range(shard * per_shard, (shard + 1) * per_shard):
+            count = 1 + key % 3
+            layout: list[str | None] = [f"Document {key}."]
+            for slot in range(count):
+                layout += [None, f"Picture {slot} is {names[(key + slot) % 3]}."]
+            images = {f"{slot}.png": png_bytes(names[(key + slot) % 3]) for slot in range(count) if (key + slot) % 5}
+            samples.append(document_sample(key, obelics_record(layout), images))
+        write_shard(folder / f"docs-{shard:06d}.tar", samples)
+    return str(folder / f"docs-{{000000..{shards - 1:06d}}}.tar")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_stream_over_documents_and_captions_goes_on_exactly(tmp_path, template, workers):
+    sources = [
+        ShardSource("docs", write_obelics_shards(tmp_path / "docs", shards=3, per_shard=5), format="obelics", max_images=2),
+        ShardSource("captions", write_good_shards(tmp_path / "captions", "c", shards=2, per_shard=6), weight=0.5),
+    ]
+
+    def loader() -> ResumableLoader:
+        pipeline = build_shard_pipeline(
+            sources,
+            image_transform=resize_to_tensor,
+            encode_caption=caption_bytes,
+            encode_document=template.encode_document,
+            pad_token_id=0,
+            batch_size=3,
+            batches_per_epoch=16,
+            shuffle_buffer=6,
+        )
+        return ResumableLoader(pipeline, workers, ONE_PROCESS)
+
+    def take(resumable: ResumableLoader, batches: int | None = None) -> list[tuple]:
+        taken = []
+        for index, batch in enumerate(resumable):
+            if batches is not None and index == batches:
+                break
+            resumable.took_batch(batch.pop("stream_cursor"))
+            taken.append(
+                (batch["input_ids"].tolist(), batch["image_counts"].tolist(), batch["images"].sum().item(), batch["dropped_images"])
+            )
+        return taken
+
+    straight = take(loader())
+    assert {count for _, counts, _, _ in straight for count in counts} >= {1, 2}  # several images per sample
+    assert any(dropped for _, _, _, dropped in straight[6:])
+    interrupted = loader()
+    take(interrupted, 6)
+    resumed = loader()
+    resumed.load_state_dict(saved(interrupted.state_dict()))
+    assert take(resumed) == straight[6:]
+
+
+def test_a_mixed_manifest_trains_owl_tiny_stage1(tmp_path, caption_manifest):
+    """Captions and OBELICS documents mixed by weight through CaptionDataModule: a few owl-tiny steps."""
+    write_obelics_shards(tmp_path / "docs", shards=2, per_shard=6)
+    manifest = yaml.safe_load(caption_manifest.read_text())
+    manifest["train"].append(
+        {"name": "docs", "shards": "docs/docs-{000000..000001}.tar", "format": "obelics", "weight": 1.0, "max_images": 2}
+    )
+    mixed = tmp_path / "mixed.yaml"
+    mixed.write_text(yaml.safe_dump(manifest))
+
+    system = tiny_system()
+    data = CaptionDataModule(
+        manifest=str(mixed), processor=system.processor, batch_size=4, num_workers=0, max_length=160, batches_per_epoch=3
+    )
+    counts = []  # image_counts of each batch the model is handed
+    transfer = system.transfer_batch_to_device
+
+    def recording(batch, device, dataloader_idx):
+        counts.append(batch["image_counts"].tolist())
+        return transfer(batch, device, dataloader_idx)
+
+    system.transfer_batch_to_device = recording
+    trainer = fit(system, data, tmp_path, steps=3)
+    assert trainer.global_step == 3
+    assert len(counts) == 3 and max(max(row) for row in counts) == 2
+    assert data.health.used_by_source.keys() == {"squares", "docs"}
+    assert set(data.health.skipped_by_reason) <= {MISSING_IMAGE}  # documents whose only image is missing
+
+
+def test_encode_document_refuses_what_it_cannot_learn_from(template):
+    with pytest.raises(SkipSample, match="no text follows an image"):
+        template.encode_document(["Only text before.", None])
+
+
+def test_anyres_images_count_their_own_visual_tokens_in_the_cut(template):
+    """With AnyRes, an image's visual tokens depend on its size: the cut counts each image's own."""
+    pieces = [None, "A small image.", None, "A large image."]
+    assert template.encode_document(pieces, image_tokens=[VISUAL, VISUAL])[2] == 2
+    assert template.encode_document(pieces, image_tokens=[VISUAL, template.max_length])[2] == 1
