@@ -77,7 +77,7 @@ import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from itertools import chain, count, islice
 from pathlib import Path
@@ -722,9 +722,9 @@ class _SeededShuffle(wds.PipelineStage):
                 if following is not None:
                     live.take(following)
             if len(live.buffer) >= initial:
-                yield wds.filters.pick(live.buffer, live.rng)
+                yield live.pick()
         while live.buffer:
-            yield wds.filters.pick(live.buffer, live.rng)
+            yield live.pick()
 
     def cursor(self) -> dict | None:
         """``{"read": origin of the last raw sample taken in, "buffer": int64 [n, 3] origins of the samples
@@ -738,19 +738,38 @@ class _SeededShuffle(wds.PipelineStage):
 
 @dataclass
 class _ShuffleState:
-    """A shuffle's buffer of raw samples, its RNG, and the origin of the last sample it took in."""
+    """A shuffle's buffer of raw samples, its RNG, and the origin of the last sample it took in.
+
+    ``origins`` holds the buffered samples' origins, flat, in buffer order, kept in step with every take and
+    pick: a batch's cursor copies it rather than walking a thousand samples (that walk cost the worker ~6%
+    of its stage-1 throughput)."""
 
     buffer: list[dict]
     rng: random.Random
     read: tuple[int, int, int] | None
+    origins: array.array = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.origins = array.array("q", chain.from_iterable(sample["__origin__"] for sample in self.buffer))
 
     def take(self, sample: dict) -> None:
         self.buffer.append(sample)
+        self.origins.extend(sample["__origin__"])
         self.read = sample["__origin__"]
 
+    def pick(self) -> dict:
+        """A random buffered sample, removed: webdataset's ``filters.pick`` (the same draw, the last sample
+        moved into the picked one's slot), so streams stay as they were."""
+        k = self.rng.randint(0, len(self.buffer) - 1)
+        sample = self.buffer[k]
+        self.buffer[k] = self.buffer[-1]
+        self.buffer.pop()
+        self.origins[3 * k : 3 * k + 3] = self.origins[-3:]
+        del self.origins[-3:]
+        return sample
+
     def cursor(self) -> dict:
-        # Made for every batch: through a flat array, ~2x faster than torch.tensor on 1,000 tuples (~0.15 ms).
-        flat = array.array("q", chain.from_iterable([sample["__origin__"] for sample in self.buffer]))
+        flat = array.array("q", self.origins)  # a copy: the batch keeps this moment's buffer
         origins = torch.frombuffer(flat, dtype=torch.int64).reshape(-1, 3) if flat else torch.zeros(0, 3, dtype=torch.int64)
         return {"read": list(self.read), "buffer": origins, "shuffle_rng": _rng_state(self.rng)}
 
