@@ -215,3 +215,24 @@ def _interrupt_and_resume_on_two_ranks(rank: int, folder: str, sources: list[Sha
 def test_every_rank_resumes_its_own_streams(tmp_path):
     sources = mixed_sources(tmp_path / "shards")
     torch.multiprocessing.spawn(_interrupt_and_resume_on_two_ranks, args=(str(tmp_path), sources), nprocs=2)
+
+
+def test_the_shuffle_picks_as_webdataset_does_and_keeps_its_origins_in_step():
+    """The shuffle's own pick draws what webdataset's ``filters.pick`` draws (streams stay as they were), and
+    the origins a cursor copies are the buffered samples' own, in buffer order, after every take and pick."""
+    import random
+
+    import webdataset as wds
+
+    from owl_lightning.data.shards import _ShuffleState
+
+    samples = [{"__origin__": (i // 10, i % 10, 512 * i)} for i in range(60)]
+    ours, theirs = _ShuffleState([], random.Random(7), read=None), []
+    reference_rng = random.Random(7)
+    for step, sample in enumerate(samples):
+        ours.take(sample)
+        theirs.append(sample)
+        if step % 3:  # the buffer grows and shrinks
+            assert ours.pick() is wds.filters.pick(theirs, reference_rng)
+        assert ours.buffer == theirs
+        assert ours.cursor()["buffer"].tolist() == [list(s["__origin__"]) for s in theirs]
