@@ -741,8 +741,8 @@ class _ShuffleState:
     """A shuffle's buffer of raw samples, its RNG, and the origin of the last sample it took in.
 
     ``origins`` holds the buffered samples' origins, flat, in buffer order, kept in step with every take and
-    pick: a batch's cursor copies it rather than walking a thousand samples (that walk cost the worker ~6%
-    of its stage-1 throughput)."""
+    pick: a batch's cursor copies it rather than walking the whole buffer (docs/benchmarks.md has what the
+    walk cost)."""
 
     buffer: list[dict]
     rng: random.Random

@@ -55,9 +55,10 @@ def run_task(
         raise ValueError(f"choice must be one of {CHOICE_MODES}, got {choice!r}")
     read_skips = skips.drain()  # read alike by every process: counted once
     mine = processes.share(questions)
+    numbered = list(enumerate(mine))
     answers: dict[int, Answered] = {}  # position in ``mine`` → its answer (none: skipped)
     for start in tqdm(range(0, len(mine), batch_size), desc=task.name, disable=not (progress and processes.is_main), unit="batch"):
-        encoded = list(_encoded(assistant, list(enumerate(mine))[start : start + batch_size], choice, skips, task.name))
+        encoded = list(_encoded(assistant, numbered[start : start + batch_size], choice, skips, task.name))
         generated = [(position, sample) for position, request, sample in encoded if not (mine[position].options and choice == "likelihood")]
         for position, request, _ in encoded:
             question = mine[position]
