@@ -10,12 +10,24 @@ from pathlib import Path
 
 import torch
 
+from owl_lightning.config import auto_trainer_precision, compute_dtype
+from owl_lightning.inference import autocast
+
 RESULTS = Path(__file__).with_name("results.json")
+# What the embedded configs train in on this machine: bf16 autocast where the CPU computes bf16 natively, else fp32.
+TRAIN_PRECISION = auto_trainer_precision()
+TRAIN_DTYPE = compute_dtype(TRAIN_PRECISION)
+
+
+def train_autocast():
+    """The embedded configs' autocast on the CPU (nothing under fp32)."""
+    return autocast(torch.device("cpu"), TRAIN_DTYPE)
 
 
 def machine() -> dict:
     return {
         "cpu_threads": torch.get_num_threads(),
+        "train_precision": TRAIN_PRECISION,
         "platform": platform.platform(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),

@@ -1,5 +1,5 @@
 """What AnyRes costs on the embedded default (issue 24 §2): visual tokens per image and the stage-2
-training step (LoRA + abstractor, vision frozen, bf16 autocast) of owl-smol against owl-smol-anyres
+training step (LoRA + abstractor, vision frozen, the configs' precision) of owl-smol against owl-smol-anyres
 on the same samples — one real photo each (scikit-image's landscape and portrait photos), a question
 and a short answer.
 
@@ -13,10 +13,9 @@ import statistics
 import time
 
 import skimage.data
-import torch
 from PIL import Image
 
-from common import record
+from common import record, train_autocast
 from owl_lightning.config import STAGE2, get_config
 from owl_lightning.data.collate import EncodedSample, collate
 from owl_lightning.data.highres import visual_tokens_of
@@ -50,7 +49,7 @@ def step_seconds(name: str, repeats: int) -> dict:
     times = []
     for _ in range(repeats + 1):  # the first one warms up
         start = time.perf_counter()
-        with torch.autocast("cpu", torch.bfloat16):
+        with train_autocast():
             out = model(
                 batch["input_ids"],
                 batch["sample_ids"],

@@ -1,6 +1,6 @@
 """Stage-1 step time on interleaved documents against the single-image caption step (issue 24 §3).
 
-Both sides train owl-smol's stage 1 as ``make stage1`` does (Lightning Trainer, bf16 autocast, clipping at
+Both sides train owl-smol's stage 1 as ``make stage1`` does (Lightning Trainer, the configs' precision, clipping at
 1.0) on batches of the same size from ``CaptionDataModule``: captions from the embedded easy-VQA shards
 (max_length 64, as experiments/stage1_smol.yaml), documents from OBELICS-layout shards written here — each
 document three paragraphs of real text (Python standard-library docstrings), each followed by an easy-VQA
@@ -143,7 +143,7 @@ def main() -> None:
             "timed_steps": args.steps - args.warmup,
             "round_step_s": {side: [r["step_s"] for r in runs] for side, runs in rounds.items()},
             "load_average_1min_after": os.getloadavg()[0],
-            "how": "owl-smol stage 1 through the Trainer (bf16 autocast, clip 1.0), batches from CaptionDataModule: easy-VQA "
+            "how": "owl-smol stage 1 through the Trainer (the configs' precision, clip 1.0), batches from CaptionDataModule: easy-VQA "
             "captions (max_length 64) vs OBELICS-layout documents of 3 x (docstring paragraph, image, caption) (max_length 512)",
         },
     )

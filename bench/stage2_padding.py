@@ -4,7 +4,7 @@ The embedded stage-2 data mixes easy-VQA conversations (~100 tokens with the 17 
 Python-docstring answers (~50–90 tokens): one sample a row, every row is padded to the longest.
 Packed (the default), samples share rows. Counted on real batches of ``InstructionDataModule``,
 lengths as the LLM sees them (each ``<image>`` as its visual tokens). Target: ≥ 0.9. Also timed:
-owl-smol's forward + backward (LoRA, bf16 autocast) on the same batches both ways — the mixture
+owl-smol's forward + backward (LoRA, the configs' precision) on the same batches both ways — the mixture
 gives batch ``i`` the same samples whether packed or not.
 
     python bench/stage2_padding.py [--batches 100]
@@ -16,9 +16,7 @@ import argparse
 import statistics
 import time
 
-import torch
-
-from common import record
+from common import record, train_autocast
 from owl_lightning.config import IMAGE_TOKEN, STAGE2, get_config
 from owl_lightning.data.processor import OwlProcessor
 from owl_lightning.models.owl import build_owl
@@ -42,7 +40,7 @@ def real_and_computed(batch: dict, visual: int, image_token_id: int) -> tuple[in
 
 def step_seconds(model, batch: dict) -> float:
     start = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with train_autocast():
         out = model(batch["input_ids"], batch["sample_ids"], batch["labels"], batch["images"], batch["image_counts"])
     out.loss.backward()
     model.zero_grad(set_to_none=True)
@@ -85,7 +83,7 @@ def main() -> None:
             "timed_batches": args.timed_batches,
             "batch_size": args.batch_size,
             "how": "InstructionDataModule on data_manifests/embedded_stage2.yaml: real tokens (visual included) over rows x longest "
-            "row, one sample a row vs packed; owl-smol forward+backward (LoRA q/v, bf16 autocast), median, same batches",
+            "row, one sample a row vs packed; owl-smol forward+backward (LoRA q/v, the configs' precision), median, same batches",
         },
     )
 

@@ -8,11 +8,11 @@
 2. ``stage2_step``: the same for stage 2 (LoRA on q/v + abstractor trained, vision frozen); the floor
    runs the same LoRA-wrapped LLM (gradients to LoRA and to the input embeddings).
 3. ``stage1_mfu_cpu``: the stage-1 step's model FLOPs (``owl_lightning.train.flops``) per second, over the
-   CPU's bf16 matrix-product rate measured here with a large product.
+   CPU's matrix-product rate in the training dtype, measured here with a large product.
 4. ``stage1_memory``: peak memory (RSS) of stage-1 steps against the same model with everything
    trainable, each in a fresh process; the optimizer holds state for trainable parameters only.
 
-Both sides run in bf16 autocast, as the embedded configs train, on real batches of the embedded data
+Both sides run in the embedded configs' precision (bench/common.py: TRAIN_PRECISION), on real batches of the embedded data
 (``make data``), in one process: each side's warm-up steps first, then the median of the timed ones.
 
     python bench/step_overhead.py [--steps 10] [--warmup 3]     (from the repository root)
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from common import record, rss_kib
+from common import TRAIN_DTYPE, TRAIN_PRECISION, record, rss_kib, train_autocast
 from owl_lightning.config import IGNORE_INDEX, STAGE1, STAGE2, TrainRecipe, get_config
 from owl_lightning.data.processor import OwlProcessor
 from owl_lightning.models.owl import OwlModel
@@ -87,11 +87,11 @@ class StepTimer(L.Callback):
 
 
 def fit(system: OwlSystem, batches: list[dict], callbacks: list[L.Callback] = ()) -> L.Trainer:
-    """Train one step per batch, in order, as the embedded configs do (bf16 autocast, clipping at 1.0)."""
+    """Train one step per batch, in order, as the embedded configs do (the configs' precision, clipping at 1.0)."""
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
-        precision="bf16-mixed",
+        precision=TRAIN_PRECISION,
         max_steps=len(batches),
         gradient_clip_val=1.0,
         limit_val_batches=0,
@@ -118,7 +118,7 @@ def floor_inputs(model: OwlModel, batch: dict) -> dict:
     """What the LLM receives in our step: spliced embeddings ``[B, L, D]`` and the batch's layout (mask,
     positions, the kept logits' positions and targets)."""
     layout = model.layout(batch["input_ids"], batch["sample_ids"], batch["images"], batch["labels"], batch["image_counts"])
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.no_grad(), train_autocast():
         embeds = model.input_embeddings(batch["input_ids"], batch["images"], layout)
     return {
         "embeds": embeds,
@@ -133,7 +133,7 @@ def floor_inputs(model: OwlModel, batch: dict) -> dict:
 def floor_step(llm: torch.nn.Module, inputs: dict) -> None:
     """The bare LLM forward + backward of one batch; the gradient reaches the input embeddings (and LoRA)."""
     embeds = inputs["embeds"].detach().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with train_autocast():
         logits = llm(
             inputs_embeds=embeds,
             attention_mask=inputs["mask"],
@@ -159,12 +159,12 @@ def floor_steps(model: OwlModel, batches: list[dict], warmup: int) -> list[float
 
 def vision_steps(model: OwlModel, batches: list[dict], warmup: int) -> list[float]:
     """What stage 1 trains on top of the floor, alone: the vision encoder + abstractor forward and
-    backward (train mode, bf16 autocast, weight gradients), from the sum of the visual tokens."""
+    backward (train mode, the configs' precision, weight gradients), from the sum of the visual tokens."""
     model.train()
     seconds = []
     for batch in batches:
         start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with train_autocast():
             visual = model.encode_images(batch["images"])
         visual.float().sum().backward()
         seconds.append(time.perf_counter() - start)
@@ -219,7 +219,7 @@ def vision_split(ours: float, floor: float, vision_seconds: list[float]) -> dict
     return {
         "vision_step_s": round(vision, 4),
         "ratio_to_floor_plus_vision": round(ours / (floor + vision), 3),
-        "vision_how": "vision encoder + abstractor forward + backward alone (train mode, bf16 autocast, weight "
+        "vision_how": "vision encoder + abstractor forward + backward alone (train mode, the configs' precision, weight "
         "gradients) on the same images, same process; median",
     }
 
@@ -234,7 +234,7 @@ def mfu_entry(result: dict, peak: float) -> dict:
         "floor_mfu": round(floor_rate / peak, 4),
         "step_gflops": round(statistics.mean(result["flops"]) / 1e9, 2),
         "how": "model FLOPs of the stage-1 step (owl_lightning.train.flops: real tokens, frozen LLM backward without weight "
-        "gradients) per second of step, over the best 2048x2048 bf16 matmul rate measured in the same process; "
+        "gradients) per second of step, over the best 2048x2048 matmul rate in the training dtype measured in the same process; "
         "floor_mfu: the floor's LLM FLOPs over the floor's time",
     }
 
@@ -299,7 +299,7 @@ def main() -> None:
     parser.add_argument("--memory-steps", type=int, default=3)
     args = parser.parse_args()
     count = args.warmup + args.steps
-    peak = measure_matmul_flops("cpu", torch.bfloat16)
+    peak = measure_matmul_flops("cpu", TRAIN_DTYPE)
 
     torch.manual_seed(0)
     stage1 = compare(
@@ -309,7 +309,7 @@ def main() -> None:
         "stage1_step",
         step_entry(
             stage1,
-            "OwlSystem stage-1 step through the Lightning Trainer (bf16 autocast, clip 1.0, AdamW) "
+            "OwlSystem stage-1 step through the Lightning Trainer (the configs' precision, clip 1.0, AdamW) "
             "vs the frozen LLM's forward + backward to its input embeddings on the same spliced "
             "embeddings, mask and kept logits; medians",
         ),

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from owl_lightning import config
 from owl_lightning.cli import describe, main
 from owl_lightning.config import OwlConfig, get_config, list_configs
 from owl_lightning.models.owl import build_owl, visual_tokens_per_image
@@ -76,3 +77,13 @@ def test_describe_cli_prints_json(capsys):
     info = json.loads(capsys.readouterr().out)
     assert set(info) >= {"total_params", "params", "trainable_params", "visual_tokens_per_image"}
     assert set(info["params"]) == {"vision", "abstractor", "llm"}
+
+
+@pytest.mark.parametrize("native_bf16, inference, trainer", [(True, "bf16", "bf16-mixed"), (False, "fp32", "32-true")])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_natively(monkeypatch, native_bf16, inference, trainer):
+    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert config.resolve_precision("auto", "cpu") == inference
+    assert config.resolve_precision("fp16", "cpu") == "fp16"  # an explicit choice stands
+    assert config.auto_trainer_precision() == trainer
+    assert config.compute_dtype(config.resolve_precision("auto", "cpu")) == (torch.bfloat16 if native_bf16 else torch.float32)

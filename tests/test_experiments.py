@@ -3,12 +3,17 @@
 from dataclasses import asdict
 from pathlib import Path
 
+import lightning as L
 import pytest
+import torch
 import yaml
+from lightning.pytorch.demos.boring_classes import BoringModel
 
+from owl_lightning import config as owl_config
 from owl_lightning.cli import main, model_yaml
 from owl_lightning.config import STAGE1, STAGE2, OwlConfig, get_config, list_configs
 from owl_lightning.data.manifest import load_manifest
+from owl_lightning.train.callbacks import StepProgressBar
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("stage*.yaml"))
@@ -91,3 +96,25 @@ def test_data_manifest_parses(manifest):
 
 def test_there_are_configs_for_both_stages_and_both_models():
     assert {p.name for p in EXPERIMENTS} >= {"stage1_smol.yaml", "stage2_smol.yaml", "stage1_llama7b.yaml", "stage2_llama7b.yaml"}
+
+
+def test_the_stage_clis_default_precision_follows_the_device_and_a_flag_overrides_it(monkeypatch, capsys):
+    monkeypatch.setattr(owl_config, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    stage1 = ["stage1", "fit", "--config", str(BASE), "--config", str(ROOT / "experiments" / "stage1_smol.yaml"), "--print_config"]
+    for extra, expected in (([], "32-true"), (["--trainer.precision", "bf16-mixed"], "bf16-mixed")):
+        with pytest.raises(SystemExit):
+            main([*stage1, *extra])
+        assert yaml.safe_load(capsys.readouterr().out)["trainer"]["precision"] == expected
+
+
+def test_the_base_configs_progress_bar_counts_optimizer_steps_out_of_max_steps(tmp_path):
+    callbacks = [c["class_path"] for c in yaml.safe_load(BASE.read_text())["trainer"]["callbacks"]]
+    assert "owl_lightning.train.callbacks.StepProgressBar" in callbacks  # replaces whichever bar Lightning would pick
+    bar = StepProgressBar()
+    trainer = L.Trainer(
+        max_steps=3, callbacks=[bar], logger=False, enable_checkpointing=False, limit_val_batches=0, default_root_dir=tmp_path
+    )
+    trainer.fit(BoringModel())
+    assert trainer.progress_bar_callback is bar
+    assert (bar.train_progress_bar.total, bar.train_progress_bar.n) == (3, 3)

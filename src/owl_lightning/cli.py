@@ -31,7 +31,7 @@ import torch
 if TYPE_CHECKING:
     from owl_lightning.inference import LoadOptions
 
-from owl_lightning.config import PRECISIONS, get_config, list_configs
+from owl_lightning.config import PRECISIONS, auto_trainer_precision, get_config, list_configs
 
 USAGE = __doc__
 
@@ -44,7 +44,13 @@ def _add_loading_arguments(parser: argparse.ArgumentParser, inference: bool = Tr
     parser.add_argument("--ckpt", required=True, help="a .ckpt file, a run folder (uses checkpoints/last.ckpt) or an exported folder")
     if inference:
         parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when there is a GPU)")
-        parser.add_argument("--precision", default="bf16", choices=PRECISIONS, help="autocast precision (default: %(default)s)")
+        parser.add_argument(
+            "--precision",
+            default="auto",
+            choices=PRECISIONS,
+            help="autocast precision; auto: bf16 where the device computes it natively (GPUs, CPUs with AVX-512 BF16 "
+            "or AMX), else fp32 (default: %(default)s)",
+        )
     parser.add_argument(
         LLM_SOURCE_FLAG,
         default=None,
@@ -61,7 +67,7 @@ def _add_loading_arguments(parser: argparse.ArgumentParser, inference: bool = Tr
 def _load_options(ns: argparse.Namespace) -> LoadOptions:
     from owl_lightning.inference import LoadOptions
 
-    return LoadOptions(getattr(ns, "device", None), getattr(ns, "precision", "bf16"), ns.llm_source, ns.trust_remote_code)
+    return LoadOptions(getattr(ns, "device", None), getattr(ns, "precision", "auto"), ns.llm_source, ns.trust_remote_code)
 
 
 def _stage_cli(stage: str, args: list[str]) -> None:
@@ -80,6 +86,8 @@ def _stage_cli(stage: str, args: list[str]) -> None:
         def add_arguments_to_parser(self, parser) -> None:
             # A stage is the system's recipe and optimizer defaults (the YAML may change either).
             parser.set_defaults({"model.recipe": asdict(recipe), "model.optimizer": asdict(optimizer)})
+            # bf16 autocast where the device computes bf16 natively; on other CPUs it is many times slower than fp32.
+            parser.set_defaults({"trainer.precision": auto_trainer_precision()})
             # The data is tokenised and preprocessed by the model's own processor: one source of truth.
             parser.link_arguments("model", "data.processor", compute_fn=lambda system: system.processor, apply_on="instantiate")
             # One setting moves a run: TensorBoard files and (ModelCheckpoint dirpath null) checkpoints follow it.

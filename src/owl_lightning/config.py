@@ -24,7 +24,36 @@ PACKAGED_EFFICIENTNET_LITE0 = "packaged:efficientnet-lite0"
 BYTE_TOKENIZER = "bytes"
 RANDOM_LLM = "random"  # llm.source of an LLM built from llm.architecture with random weights
 CHECKPOINT_PREFIX = "model."  # the training system holds the OwlModel as ``self.model``
-PRECISIONS = ("bf16", "fp16", "fp32")  # inference commands' --precision
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # inference commands' --precision
+
+
+def fast_half_precision(device: torch.device | str) -> str | None:
+    """The 16-bit format whose matrix products run at full speed on ``device`` (``bf16`` or ``fp16``), or
+    None. A CPU counts only with native bf16 instructions (AVX-512 BF16, AMX): elsewhere oneDNN emulates
+    bf16, many times slower than fp32 (docs/benchmarks.md)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu":
+        return "bf16" if cpu_has_native_bf16() else None
+    return None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions that oneDNN uses (AVX-512 BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``auto`` → the fast 16-bit format of ``device``, else ``fp32``; any other precision unchanged."""
+    return (fast_half_precision(device) or "fp32") if precision == "auto" else precision
+
+
+def auto_trainer_precision() -> str:
+    """The Trainer's precision for ``accelerator: auto``: ``bf16-mixed`` (or ``16-mixed``) where 16-bit
+    products are fast on the device it picks, ``32-true`` on a CPU without native bf16."""
+    half = fast_half_precision("cuda" if torch.cuda.is_available() else "cpu")
+    return {"bf16": "bf16-mixed", "fp16": "16-mixed", None: "32-true"}[half]
 
 
 def compute_dtype(precision: str) -> torch.dtype:

@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from owl_lightning.checkpoints import model_from_checkpoint, read_checkpoint, template_settings
-from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, compute_dtype
+from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, compute_dtype, resolve_precision
 from owl_lightning.data.collate import EncodedSample, collate
 from owl_lightning.data.highres import TiledImage, image_preprocess, image_token_counter, visual_tokens_of
 from owl_lightning.data.images import to_rgb
@@ -41,7 +41,7 @@ class LoadOptions:
     and ``--trust-remote-code`` flags): the keyword arguments of :meth:`OwlAssistant.from_checkpoint`."""
 
     device: str | None = None
-    precision: str = "bf16"
+    precision: str = "auto"
     llm_source: str | None = None
     trust_remote_code: bool = False
 
@@ -104,7 +104,8 @@ class OwlAssistant:
         model, tokenizer: the model and its tokenizer (with ``<image>``).
         template: ``owl`` or ``chat_template``; system_prompt: the system line used in training.
         max_length: longest prompt accepted (visual tokens included).
-        precision: ``bf16`` (autocast, on CPUs too), ``fp16`` or ``fp32``.
+        precision: ``auto`` (bf16 autocast where the device computes bf16 natively, else fp32), ``bf16``,
+            ``fp16`` or ``fp32``.
     """
 
     def __init__(
@@ -114,7 +115,7 @@ class OwlAssistant:
         template: str = "owl",
         system_prompt: str | None = OWL_SYSTEM_PROMPT,
         max_length: int = 2048,
-        precision: str = "bf16",
+        precision: str = "auto",
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -128,7 +129,7 @@ class OwlAssistant:
         self.transform = image_preprocess(model.config)
         self._count_image_tokens = image_token_counter(model.config)
         self.device = next(model.parameters()).device
-        self.dtype = compute_dtype(precision)
+        self.dtype = compute_dtype(resolve_precision(precision, self.device))
 
     def autocast(self) -> AbstractContextManager:
         """The precision's autocast on the model's device (none for fp32)."""
@@ -139,7 +140,7 @@ class OwlAssistant:
         cls,
         path: str | Path,
         device: str | None = None,
-        precision: str = "bf16",
+        precision: str = "auto",
         llm_source: str | None = None,
         trust_remote_code: bool = False,
         **kwargs,

@@ -42,7 +42,7 @@ class OwlLightningModel(lmms):
         self,
         ckpt: str,
         device: str | None = None,
-        precision: str = "bf16",
+        precision: str = "auto",
         batch_size: int | str = 8,
         max_new_tokens: int = 128,
         llm_source: str | None = None,
