@@ -27,6 +27,7 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import BinaryIO
 
@@ -142,8 +143,8 @@ def _frame_count(av, opened: Callable[[], BinaryIO], fmt: str) -> int:
     with opened() as file, av.open(file, format=fmt) as container:
         stream = _video_stream(av, container)
         count = stream.frames
-        if count <= 0:  # WebM and GIF headers do not say
-            count = sum(1 for packet in container.demux(stream) if packet.size)
+        if count <= 0:  # WebM and GIF headers do not say; counting stops past the bound
+            count = sum(1 for _ in islice((packet for packet in container.demux(stream) if packet.size), MAX_DECODED_FRAMES + 1))
     if count > MAX_DECODED_FRAMES:
         raise SkipSample(VIDEO_TOO_LONG, f"{count} frames, more than MAX_DECODED_FRAMES={MAX_DECODED_FRAMES}; cut it into clips")
     return count
