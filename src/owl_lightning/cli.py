@@ -287,13 +287,20 @@ def _chat_main(args: list[str]) -> None:
     _add_loading_arguments(parser)
     # One list in command-line order: the placeholders open the first question in that order.
     parser.add_argument(
-        "--image", action="append", dest="media", type=lambda path: ("image", path), default=[], help="an image file (repeat for several)"
+        "--image",
+        action="append",
+        dest="media",
+        type=lambda path: ("image", path),
+        default=[],
+        metavar="FILE",
+        help="an image file (repeat for several)",
     )
     parser.add_argument(
         "--video",
         action="append",
         dest="media",
         type=lambda path: ("video", path),
+        metavar="FILE",
         help="a video clip (mp4, webm, mkv, mov, gif; repeat for several): video.num_frames frames sampled uniformly (docs/video.md)",
     )
     parser.add_argument("--prompt", help="answer this once and exit")
