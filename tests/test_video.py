@@ -155,7 +155,7 @@ def test_a_clips_frames_are_views_spliced_in_order_with_their_temporal_embedding
     batch = collate(two_samples(tiny_tokenizer), tiny_tokenizer.pad_token_id)
     assert batch["images"].shape == (5, 3, 32, 32) and batch["image_frames"].tolist() == [1, 4]
     with torch.no_grad():
-        tiny_model.abstractor.temporal_embedding.normal_()
+        tiny_model.abstractor.temporal_embedding.weight.normal_()
     layout = tiny_model.layout(
         batch["input_ids"],
         batch["sample_ids"],
@@ -188,19 +188,19 @@ def test_the_temporal_embedding_tells_a_clip_from_its_frames_reversed(tiny_model
     # At initialisation (zero) a frame's tokens do not depend on where it stands: reversed = blocks reversed.
     torch.testing.assert_close(tokens(frames.flip(0)), tokens(frames).flip(0))
     with torch.no_grad():
-        tiny_model.abstractor.temporal_embedding.normal_()
+        tiny_model.abstractor.temporal_embedding.weight.normal_()
     assert not torch.allclose(tokens(frames.flip(0)), tokens(frames).flip(0), atol=1e-3)
 
 
 def test_the_temporal_embedding_gets_gradients_from_clips_and_zeros_from_stills(tiny_model, tiny_tokenizer):
     """One row per frame; a batch of stills still reaches it (zeros): DDP/FSDP reduce every rank's gradient."""
-    assert tiny_model.abstractor.temporal_embedding.shape == (4, tiny_model.vision.num_features)
+    assert tiny_model.abstractor.temporal_embedding.weight.shape == (4, tiny_model.vision.num_features)
     for samples, trained in ((two_samples(tiny_tokenizer), True), (two_samples(tiny_tokenizer)[:1], False)):
         tiny_model.zero_grad(set_to_none=True)
         batch = collate(samples, tiny_tokenizer.pad_token_id)
         images, counts, grids, frames = batch["images"], batch["image_counts"], batch["image_grids"], batch["image_frames"]
         tiny_model(batch["input_ids"], batch["sample_ids"], batch["labels"], images, counts, None, grids, frames).loss.backward()
-        grad = tiny_model.abstractor.temporal_embedding.grad
+        grad = tiny_model.abstractor.temporal_embedding.weight.grad
         assert grad is not None and bool((grad.abs().sum(1) > 0).all()) == trained
 
 

@@ -68,7 +68,7 @@ _PEFT_PREFIX = "base_model.model."
 _LORA = re.compile(r"(?P<module>.+)\.lora_(?P<side>[AB])(\.default)?\.weight")
 # Buffers older transformers versions saved with LLaMA; the model recomputes them.
 _RECOMPUTED = ("rotary_emb.inv_freq",)
-_TEMPORAL_EMBEDDING = "abstractor.temporal_embedding"  # ours alone (docs/video.md): no official tensor
+_TEMPORAL_EMBEDDING = "abstractor.temporal_embedding.weight"  # ours alone (docs/video.md): no official tensor
 
 
 def read_official(path: str | Path) -> dict[str, torch.Tensor]:

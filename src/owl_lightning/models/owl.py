@@ -17,8 +17,8 @@ connector; the image's tokens are then::
 A video clip (docs/video.md) sits at one ``<image>`` placeholder too: its ``F`` sampled frames are ``F``
 views, each through the encoder and the connector, their tokens spliced in frame order
 (``F·V`` in all). Before the connector, each frame's encoder features get the learned temporal
-embedding of its frame number (``abstractor.temporal_embedding`` ``[video.num_frames, Dv]``, zero at
-initialisation): a frame's tokens then say where in the clip it lies, as the official video variant's
+embedding of its frame number (``abstractor.temporal_embedding``, :mod:`.temporal`: ``[video.num_frames, Dv]``,
+zero at initialisation): a frame's tokens then say where in the clip it lies, as the official video variant's
 temporal modules (zero-initialised too) do inside its ViT. Stills (one frame) get none.
 """
 
@@ -35,6 +35,7 @@ from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, LoRAConfig, OwlConfi
 from owl_lightning.models.abstractor import VisualAbstractor
 from owl_lightning.models.llm import build_llm, load_tokenizer
 from owl_lightning.models.projector import MLPProjector
+from owl_lightning.models.temporal import TemporalEmbedding
 from owl_lightning.models.vision import VisionEncoder, encoder_tokens
 
 
@@ -289,10 +290,7 @@ class OwlModel(nn.Module):
         a still; frame ``f``'s encoder features ``[N, Dv]`` get the learned temporal embedding row ``f``."""
         features = self.vision(images)
         if view_frames is not None:
-            # A zero row appended for the stills (index -1 picks it): every view adds a row, so the
-            # embedding is in the graph (FSDP/DDP reduce its gradient) whether or not the batch holds clips.
-            table = F.pad(self.abstractor.temporal_embedding, (0, 0, 0, 1))
-            features = features + table[view_frames].to(features.dtype)[:, None]
+            features = self.abstractor.temporal_embedding(features, view_frames)
         return self.abstractor(features)
 
     def layout(
@@ -502,9 +500,8 @@ def build_owl(config: OwlConfig, pretrained: bool = True, tokenizer: PreTrainedT
     separator = nn.Parameter(torch.randn(1, llm_width) * 0.02) if config.image.mode == "anyres" else None
     connector.register_parameter("row_separator", separator)
     # The video frames' temporal embedding (docs/video.md) lives there too, for the same reason. Zero at
-    # first, as the official video variant's temporal modules: a model starts out treating frames as the
-    # image model would, and a checkpoint saved before it existed loads with it at zero.
-    connector.register_parameter("temporal_embedding", nn.Parameter(torch.zeros(config.video.num_frames, vision.num_features)))
+    # first: a checkpoint saved before it existed loads with it at zero, reading frames as stills.
+    connector.temporal_embedding = TemporalEmbedding(config.video.num_frames, vision.num_features)
     return OwlModel(config, vision, connector, llm, image_token_id)
 
 
