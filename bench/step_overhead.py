@@ -36,7 +36,7 @@ from owl_lightning.config import IGNORE_INDEX, STAGE1, STAGE2, TrainRecipe, get_
 from owl_lightning.data.processor import OwlProcessor
 from owl_lightning.models.owl import OwlModel
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
-from owl_lightning.train.flops import image_grids, measure_matmul_flops, sequence_lengths
+from owl_lightning.train.flops import measure_matmul_flops, num_views, sequence_lengths
 from owl_lightning.train.system import STAGE2_OPTIMIZER, OwlSystem
 
 TARGET_RATIO = 1.15
@@ -182,7 +182,7 @@ def compare(system: OwlSystem, batches: list[dict], warmup: int, with_vision: bo
     timed = batches[warmup:]
     supervised = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in timed]
     flops = [system.flops.step(b, s) for b, s in zip(timed, supervised)]
-    llm_flops = [f - int((1 + image_grids(b).prod(1)).sum()) * system.flops.per_view for f, b in zip(flops, timed)]
+    llm_flops = [f - num_views(b) * system.flops.per_view for f, b in zip(flops, timed)]
     f = system.flops
     tokens = sum(float(sequence_lengths(b, f.visual_tokens_per_image, f.image_token_id).sum()) for b in timed) / len(timed)
     return {

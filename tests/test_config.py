@@ -64,7 +64,9 @@ def test_the_mlp_connector_at_the_papers_scale_keeps_every_encoder_token():
     assert model.abstractor.fc1.weight.shape == (4096, 1024) and model.abstractor.fc2.weight.shape == (4096, 4096)
     info = describe("owl-llama7b")
     mlp_params = sum(p.numel() for p in model.abstractor.parameters())
-    assert mlp_params == 1024 * 4096 + 4096 + 4096 * 4096 + 4096 < info["params"]["abstractor"]
+    # The connector's slot also holds the video frames' temporal embedding: num_frames × the encoder's width.
+    temporal = config.video.num_frames * 1024
+    assert mlp_params == 1024 * 4096 + 4096 + 4096 * 4096 + 4096 + temporal < info["params"]["abstractor"]
 
 
 def test_an_unknown_connector_fails_by_name():

@@ -89,7 +89,10 @@ def test_exported_parts_load_in_transformers_peft_and_timm(tmp_path):
     features = encoder.eval().forward_features(images)
     torch.testing.assert_close(features, original.vision.model.forward_features(images))
     abstractor = VisualAbstractor(AbstractorConfig(**manifest["owl_config"]["abstractor"]), encoder.num_features, merged.config.hidden_size)
-    abstractor.load_state_dict(load_file(out / "abstractor.safetensors"))
+    state = load_file(out / "abstractor.safetensors")
+    # Beside the abstractor's own tensors, its slot holds the video frames' temporal embedding (docs/video.md).
+    assert state.pop("temporal_embedding.weight").shape == (manifest["owl_config"]["video"]["num_frames"], encoder.num_features)
+    abstractor.load_state_dict(state)
     torch.testing.assert_close(abstractor.eval()(features), original.abstractor(features))
 
 

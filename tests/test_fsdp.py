@@ -391,6 +391,22 @@ def test_sharded_model_computes_the_same_with_lora_in_units_of_its_own(one_proce
     assert len(mixed_units(naive)) == len(llm_blocks(naive))
 
 
+def test_a_clip_through_the_sharded_model_computes_as_the_whole_model(one_process_mesh, tiny_config, tiny_tokenizer):
+    """The temporal embedding runs before the connector's forward: its own unit gathers it (docs/video.md)."""
+    model = stage2_model(tiny_config, tiny_tokenizer)
+    with torch.no_grad():
+        model.abstractor.temporal_embedding.weight.normal_()
+    whole = copy.deepcopy(model)
+    shard_owl(model, one_process_mesh)
+    ids = torch.tensor([[tiny_tokenizer.bos_token_id, tiny_tokenizer.convert_tokens_to_ids("<image>"), 97, 98, 99]])
+    frames = torch.randint(0, 255, (4, 3, 32, 32), dtype=torch.uint8)
+    clip = {"image_counts": torch.tensor([1]), "image_frames": torch.tensor([4])}
+    losses = [m(ids, torch.ones_like(ids), ids, frames, **clip).loss for m in (model, whole)]
+    torch.testing.assert_close(losses[0], losses[1])
+    losses[0].backward()
+    assert model.abstractor.temporal_embedding.weight.grad is not None
+
+
 # owl-tiny with a CNN encoder: BatchNorm statistics are buffers the state dict holds.
 CNN_TINY = {"vision.timm_name": "test_efficientnet", "vision.timm_kwargs": {}}
 

@@ -208,7 +208,7 @@ def test_manifest_format_chooses_the_reader_and_is_checked(tmp_path):
     documents, captions = load_manifest(manifest).train
     assert (documents.format, documents.max_images, captions.format) == ("mmc4", 3, "captions")
     manifest.write_text(yaml.safe_dump({"train": [{"name": "d", "shards": "d.tar", "format": "laion"}]}))
-    with pytest.raises(ValueError, match=r"format 'laion'; use one of \('captions', 'mmc4', 'obelics'\)"):
+    with pytest.raises(ValueError, match=r"format 'laion'; use one of \('captions', 'mmc4', 'obelics', 'video'\)"):
         load_manifest(manifest)
     manifest.write_text(yaml.safe_dump({"train": [{"name": "d", "shards": "d.tar", "format": "obelics", "max_images": 0}]}))
     with pytest.raises(ValueError, match="max_images of at least 1"):

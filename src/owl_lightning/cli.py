@@ -5,9 +5,10 @@ owl-lightning stage2 fit --config experiments/stage2_smol.yaml [--ckpt_path last
 owl-lightning describe owl-llama7b [--json]
 owl-lightning data [--out data/embedded]
 owl-lightning data scenes [--out data/scenes] [--train-scenes N] [--seed S]
+owl-lightning data video [--out data/video] [--train-per-combination N] [--seed S]
 owl-lightning eval --ckpt RUN_OR_CKPT [--vqa-limit N]
 owl-lightning eval --ckpt RUN_OR_CKPT --tasks vqav2,pope[,...] [--root pope=DIR] [--choice likelihood] [--limit N]
-owl-lightning chat --ckpt RUN_OR_CKPT --image a.jpg [--image b.jpg] [--prompt "..."]
+owl-lightning chat --ckpt RUN_OR_CKPT --image a.jpg [--image b.jpg] [--video clip.mp4] [--prompt "..."]
 owl-lightning owleval --ckpt RUN_OR_CKPT --out answers.jsonl [--data ../shared/owleval]
 owl-lightning rate --answers DIR_OR_FILE [--answers ...] [--ratings owleval_ratings.jsonl] [--summary] [--no-blind]
 owl-lightning serve --ckpt RUN_OR_CKPT [--port 7860] [--api-key KEY] [--allow-image-urls] [--max-batch 8]
@@ -128,7 +129,7 @@ def describe(name: str) -> dict:
     """Parameter counts of a named config, built on the ``meta`` device (no download, no memory), and
     what each recipe trains."""
     from owl_lightning.config import STAGE1, STAGE2, TrainRecipe
-    from owl_lightning.models.owl import build_owl, max_visual_tokens_per_image
+    from owl_lightning.models.owl import build_owl, max_visual_tokens_per_image, visual_tokens_per_clip
 
     config = get_config(name)
     recipes = {"stage1": STAGE1, "stage2": STAGE2, "stage2_full": TrainRecipe(vision="frozen", abstractor="train", llm="full")}
@@ -148,6 +149,8 @@ def describe(name: str) -> dict:
         "visual_tokens_per_image": model.visual_tokens_per_image,
         "max_visual_tokens_per_image": max_visual_tokens_per_image(config),
         "image_mode": config.image.mode,
+        "visual_tokens_per_clip": visual_tokens_per_clip(config),
+        "video_frames": config.video.num_frames,
     }
 
 
@@ -180,7 +183,10 @@ def _describe_main(args: list[str]) -> None:
     tokens = info["visual_tokens_per_image"]
     if info["max_visual_tokens_per_image"] != tokens:  # AnyRes: a view's tokens up to the largest tile grid's
         tokens = f"{tokens}–{info['max_visual_tokens_per_image']} ({info['image_mode']})"
-    print(f"{info['name']}: {info['total_params'] / 1e9:.3f}B parameters, {tokens} visual tokens per image")
+    print(
+        f"{info['name']}: {info['total_params'] / 1e9:.3f}B parameters, {tokens} visual tokens per image, "
+        f"{info['visual_tokens_per_clip']} per video clip ({info['video_frames']} frames)"
+    )
     for part, n in info["params"].items():
         print(f"  {part:<11} {n:>15,}")
     for stage, n in info["trainable_params"].items():
@@ -192,6 +198,11 @@ def _data_main(args: list[str]) -> None:
         from owl_lightning.apps.scenes import main as build_scenes
 
         build_scenes(args[1:])
+        return
+    if args[:1] == ["video"]:
+        from owl_lightning.apps.video import main as build_video
+
+        build_video(args[1:])
         return
     from owl_lightning.apps.embedded import main as build_embedded
 
@@ -279,25 +290,44 @@ def _chat_main(args: list[str]) -> None:
 
     parser = argparse.ArgumentParser(
         prog="owl-lightning chat",
-        description="Chat about images with a trained model. Type /reset to start over, /quit (or Ctrl-D) to leave.",
+        description="Chat about images and video clips with a trained model. Type /reset to start over, /quit (or Ctrl-D) to leave.",
     )
     _add_loading_arguments(parser)
-    parser.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
+    # One list in command-line order: the placeholders open the first question in that order.
+    parser.add_argument(
+        "--image",
+        action="append",
+        dest="media",
+        type=lambda path: ("image", path),
+        default=[],
+        metavar="FILE",
+        help="an image file (repeat for several)",
+    )
+    parser.add_argument(
+        "--video",
+        action="append",
+        dest="media",
+        type=lambda path: ("video", path),
+        metavar="FILE",
+        help="a video clip (mp4, webm, mkv, mov, gif; repeat for several): video.num_frames frames sampled uniformly (docs/video.md)",
+    )
     parser.add_argument("--prompt", help="answer this once and exit")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ns = parser.parse_args(args)
+    assistant = OwlAssistant.from_checkpoint(ns.ckpt, **asdict(_load_options(ns)))
     images = []
-    for path in ns.image:
+    for kind, path in ns.media:
         try:
-            images.append(decode_image(Path(path)))
+            images.append(decode_image(Path(path)) if kind == "image" else assistant.read_video(Path(path)))
         except SkipSample as err:
-            parser.error(f"cannot read image {path}: {err}")
-    session = ChatSession(OwlAssistant.from_checkpoint(ns.ckpt, **asdict(_load_options(ns))), images, ns.max_new_tokens, ns.temperature)
+            parser.error(f"cannot read {kind} {path}: {err}")
+    session = ChatSession(assistant, images, ns.max_new_tokens, ns.temperature)
     if ns.prompt is not None:
         print(session.ask(ns.prompt))
         return
-    print(f"{len(images)} image(s) loaded. /reset starts over, /quit leaves.")
+    clips = sum(kind == "video" for kind, _ in ns.media)
+    print(f"{len(images) - clips} image(s) and {clips} clip(s) loaded. /reset starts over, /quit leaves.")
     while True:
         try:
             text = input("you> ").strip()

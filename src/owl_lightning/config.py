@@ -113,11 +113,35 @@ class ImageConfig:
             raise ValueError("image.mode='anyres' needs at least one image.tile_grids entry, e.g. [[1, 2], [2, 1], [2, 2]]")
 
 
-def visual_tokens_of_grid(tokens_per_view: int, rows: int = 0, cols: int = 0) -> int:
-    """LLM positions one image takes: ``V = tokens_per_view`` (the connector's tokens of one view) for a
-    single view (``rows = cols = 0``); for an AnyRes image of ``rows × cols`` tiles, ``V`` for the global
-    view and for each tile, and one row separator per row of tiles."""
-    return tokens_per_view * (1 + rows * cols) + rows
+def visual_tokens_of_grid(tokens_per_view: int, rows: int = 0, cols: int = 0, frames: int = 1) -> int:
+    """LLM positions one image (or video clip) takes: ``V = tokens_per_view`` (the connector's tokens of one
+    view) for a single view (``rows = cols = 0``); for an AnyRes image of ``rows × cols`` tiles, ``V`` for the
+    global view and for each tile, and one row separator per row of tiles; for a clip of ``frames`` frames
+    (each one view, docs/video.md), ``frames · V``."""
+    return frames * (tokens_per_view * (1 + rows * cols) + rows)
+
+
+def views_of_grid(rows: int = 0, cols: int = 0, frames: int = 1) -> int:
+    """Views one image or clip sends through the encoder: ``1 + rows·cols`` (AnyRes), or a clip's ``frames``."""
+    return frames * (1 + rows * cols)
+
+
+@dataclass
+class VideoConfig:
+    """How a video clip becomes the model's input (docs/video.md).
+
+    ``num_frames``: frames sampled uniformly over the clip; each is one view through the encoder and the
+    connector (``num_frames · V`` visual tokens a clip) and gets its learned temporal embedding.
+    ``min_frames``: a clip with fewer decodable frames is skipped (``video_too_short``: a clip of one frame
+    is a still image); one with at least ``min_frames`` but fewer than ``num_frames`` repeats frames.
+    """
+
+    num_frames: int = 4
+    min_frames: int = 2
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_frames <= self.num_frames:
+            raise ValueError(f"video needs 1 <= min_frames <= num_frames, got min_frames={self.min_frames}, num_frames={self.num_frames}")
 
 
 @dataclass
@@ -198,6 +222,7 @@ class OwlConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     connector: Literal["abstractor", "mlp"] = "abstractor"
+    video: VideoConfig = field(default_factory=VideoConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -351,7 +376,7 @@ _REGISTRY.update(
 )
 
 
-_SECTIONS = ("", "vision", "abstractor", "llm", "lora", "image")
+_SECTIONS = ("", "vision", "abstractor", "llm", "lora", "image", "video")
 
 
 def list_configs() -> list[str]:

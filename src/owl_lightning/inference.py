@@ -1,4 +1,4 @@
-"""Answering conversations with images: the training template, batched left-padded generation.
+"""Answering conversations with images and video clips: the training template, batched left-padded generation.
 
 Used by ``owl-lightning chat`` and ``eval``; keeps prompts exactly as the model was trained on
 (template style and system prompt are read from the checkpoint's data settings).
@@ -18,11 +18,12 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from owl_lightning.checkpoints import model_from_checkpoint, read_checkpoint, template_settings
 from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, compute_dtype, resolve_precision
 from owl_lightning.data.collate import EncodedSample, collate
-from owl_lightning.data.highres import TiledImage, image_preprocess, image_token_counter, visual_tokens_of
+from owl_lightning.data.highres import Media, frame_preprocess, image_preprocess, image_token_counter, visual_tokens_of
 from owl_lightning.data.images import to_rgb
 from owl_lightning.data.template import OWL_SYSTEM_PROMPT, Conversation, ConversationTemplate, Turn, resolve_system_prompt
+from owl_lightning.data.video import Video, VideoClip, decode_video
 from owl_lightning.models.llm import load_tokenizer
-from owl_lightning.models.owl import OwlModel
+from owl_lightning.models.owl import OwlModel, visual_tokens_per_clip
 
 
 def default_device() -> str:
@@ -54,15 +55,16 @@ def user_turn(text: str, image_count: int = 0) -> Turn:
 @dataclass
 class Request:
     """One conversation to continue: ``turns`` ends with a user turn whose ``<image>``
-    placeholders (in any user turn) match ``images`` in order. ``system`` replaces the
+    placeholders (in any user turn) match ``images`` in order: still images, or decoded clips
+    (:meth:`OwlAssistant.read_video`), one placeholder each. ``system`` replaces the
     template's system line for this conversation (None: the line the model was trained with)."""
 
     turns: list[Turn]
-    images: list[Image.Image] = field(default_factory=list)
+    images: list[Image.Image | Video] = field(default_factory=list)
     system: str | None = None
 
     @classmethod
-    def single(cls, question: str, images: list[Image.Image] = ()) -> Request:
+    def single(cls, question: str, images: list[Image.Image | Video] = ()) -> Request:
         """A one-turn question about ``images`` (their placeholders go first, one per image)."""
         return cls([user_turn(question, len(images))], list(images))
 
@@ -127,6 +129,7 @@ class OwlAssistant:
             visual_tokens_per_image=model.visual_tokens_per_image,
         )
         self.transform = image_preprocess(model.config)
+        self.frame_transform = frame_preprocess(model.config)
         self._count_image_tokens = image_token_counter(model.config)
         self.device = next(model.parameters()).device
         self.dtype = compute_dtype(resolve_precision(precision, self.device))
@@ -165,7 +168,7 @@ class OwlAssistant:
         and each image preprocessed (a small uint8 tensor, so the decoded picture can be dropped). Raises
         ``SkipSample(TOO_LONG)`` past ``max_length``."""
         conversation = Conversation(request.turns, images=[f"image {i}" for i in range(len(request.images))], system=request.system)
-        images = [self.transform(to_rgb(image)) for image in request.images]
+        images = [self.preprocess(image) for image in request.images]
         ids = (template or self.template).encode_prompt(conversation, self._image_tokens(images))
         return EncodedSample(ids, [IGNORE_INDEX] * len(ids), images)
 
@@ -173,13 +176,27 @@ class OwlAssistant:
         """Positions the LLM reads for ``sample``'s prompt: its text tokens and every image's visual tokens."""
         return self.template.expanded_length(sample.input_ids, self._image_tokens(sample.images))
 
-    def image_tokens(self, image: Image.Image) -> int:
-        """Visual tokens ``image`` takes in a prompt: one view's, or under AnyRes its tiles' (by its size)."""
+    def read_video(self, data: bytes | Path) -> Video:
+        """An encoded clip (bytes or a file) → its ``video.num_frames`` frames, sampled as in training.
+        Raises ``SkipSample`` for a clip that cannot be used (data/video.py's bounds and reasons)."""
+        video = self.model.config.video
+        return Video(tuple(decode_video(data, video.num_frames, video.min_frames)))
+
+    def preprocess(self, image: Image.Image | Video) -> Media:
+        """A decoded image or clip as the model takes it (small uint8 tensors: the decoded pictures can go)."""
+        if isinstance(image, Video):
+            return VideoClip(torch.stack([self.frame_transform(frame) for frame in image.frames]))
+        return self.transform(to_rgb(image))
+
+    def image_tokens(self, image: Image.Image | Video) -> int:
+        """Visual tokens ``image`` takes in a prompt: one view's, under AnyRes its tiles' (by its size), a clip's frames'."""
+        if isinstance(image, Video):
+            return visual_tokens_per_clip(self.model.config)
         if self._count_image_tokens is None:
             return self.model.visual_tokens_per_image
         return self._count_image_tokens(image)
 
-    def _image_tokens(self, images: list[torch.Tensor | TiledImage]) -> list[int]:
+    def _image_tokens(self, images: list[Media]) -> list[int]:
         return [visual_tokens_of(image, self.model.visual_tokens_per_image) for image in images]
 
     def decode(self, tokens: list[int]) -> str:
@@ -209,7 +226,7 @@ class OwlAssistant:
         and whether greedy decoding would give exactly it. Ranks multiple-choice options; lmms-eval's
         ``loglikelihood`` requests."""
         placeholders = [f"image {i}" for i in range(len(request.images))]
-        pixels = [self.transform(to_rgb(image)) for image in request.images]
+        pixels = [self.preprocess(image) for image in request.images]
         samples = []
         for reply in replies:
             conversation = Conversation([*request.turns, Turn("assistant", reply)], images=placeholders, system=request.system)
@@ -224,6 +241,7 @@ class OwlAssistant:
                 None if batch["images"] is None else batch["images"].to(self.device),
                 batch["image_counts"].to(self.device),
                 batch["image_grids"].to(self.device),
+                batch["image_frames"].to(self.device),
             )
         return list(zip(totals.tolist(), greedy.tolist()))
 
@@ -242,7 +260,7 @@ def generate_captions(
     model: OwlModel,
     tokenizer,
     template: ConversationTemplate,
-    pixels: list[torch.Tensor | TiledImage],
+    pixels: list[Media],
     max_new_tokens: int,
     dtype: torch.dtype = torch.float32,
 ) -> list[str]:
@@ -308,6 +326,7 @@ def generate_answers(
             images,
             batch["image_counts"].to(device),
             batch["image_grids"].to(device),
+            batch["image_frames"].to(device),
             max_new_tokens=max(sampling.max_new_tokens for sampling in samplings),
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -369,10 +388,10 @@ class _AnswerSampling(LogitsProcessor):
 
 
 class ChatSession:
-    """A multi-turn conversation about a fixed set of images; their placeholders open the first turn."""
+    """A multi-turn conversation about a fixed set of images and clips; their placeholders open the first turn."""
 
     def __init__(
-        self, assistant: OwlAssistant, images: list[Image.Image] = (), max_new_tokens: int = 128, temperature: float = 0.0
+        self, assistant: OwlAssistant, images: list[Image.Image | Video] = (), max_new_tokens: int = 128, temperature: float = 0.0
     ) -> None:
         self.assistant, self.images = assistant, list(images)
         self.max_new_tokens, self.temperature = max_new_tokens, temperature

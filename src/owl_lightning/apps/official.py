@@ -68,6 +68,7 @@ _PEFT_PREFIX = "base_model.model."
 _LORA = re.compile(r"(?P<module>.+)\.lora_(?P<side>[AB])(\.default)?\.weight")
 # Buffers older transformers versions saved with LLaMA; the model recomputes them.
 _RECOMPUTED = ("rotary_emb.inv_freq",)
+_TEMPORAL_EMBEDDING = "abstractor.temporal_embedding.weight"  # ours alone (docs/video.md): no official tensor
 
 
 def read_official(path: str | Path) -> dict[str, torch.Tensor]:
@@ -131,6 +132,10 @@ def convert_official(
             f"{len(unplaced)} official tensors have no place in {config.name}: {', '.join(unplaced[:8])}"
             f"{' ...' if len(unplaced) > 8 else ''}; is this an mPLUG-Owl v1 checkpoint of the config's sizes?"
         )
+    # The released v1 model reads images only: the video frames' temporal embedding starts at zero, as in a
+    # freshly built model (docs/video.md), i.e. frames are read as the image model reads them.
+    temporal = expected[_TEMPORAL_EMBEDDING]
+    converted[_TEMPORAL_EMBEDDING] = torch.zeros(temporal.shape, dtype=temporal.dtype)
     missing = [k for k in expected if k not in converted]
     if missing:
         raise ValueError(

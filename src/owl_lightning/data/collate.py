@@ -8,7 +8,7 @@ from itertools import chain
 import torch
 
 from owl_lightning.config import IGNORE_INDEX
-from owl_lightning.data.highres import TiledImage, image_grid, image_views, visual_tokens_of
+from owl_lightning.data.highres import Media, image_frames, image_grid, image_views, visual_tokens_of
 
 
 @dataclass
@@ -17,12 +17,13 @@ class EncodedSample:
 
     ``input_ids`` hold one ``<image>`` token per image (the model expands it into the
     visual tokens); ``labels`` have the same length, ``IGNORE_INDEX`` where not supervised.
-    ``images`` are preprocessed uint8 ``[3, H, W]`` tensors, or AnyRes :class:`TiledImage` (tiles), in placeholder order.
+    ``images`` are preprocessed uint8 ``[3, H, W]`` tensors, AnyRes :class:`TiledImage` (tiles) or video
+    :class:`VideoClip` (frames), in placeholder order (one ``<image>`` each).
     """
 
     input_ids: list[int]
     labels: list[int]
-    images: list[torch.Tensor | TiledImage] = field(default_factory=list)
+    images: list[Media] = field(default_factory=list)
     source: str = ""
 
 
@@ -37,7 +38,7 @@ def collate(
 
     Packing (``pack_visual_tokens_per_image`` = the visual tokens of one view, V) puts samples end to end
     in rows — first-fit, longest first, lengths counted as the LLM sees them (each ``<image>`` as its
-    visual tokens: V, or more for a tiled image), rows up to ``MAX_ROW_FACTOR`` times the longest sample —
+    visual tokens: V, more for a tiled image, ``F·V`` for a clip of F frames), rows up to ``MAX_ROW_FACTOR`` times the longest sample —
     so samples fill the room others leave.
     The rows' ``sample_ids`` then numbers each row's samples 1, 2, … (0: padding) and the
     model keeps them apart (block-diagonal causal attention, positions restarting per sample):
@@ -49,10 +50,12 @@ def collate(
         ``sample_ids``: ``[B, T]`` long, 1 on real tokens (packed: the token's sample number in
         its row), 0 on padding;
         ``images``: ``[T, 3, H, W]`` uint8 pixels in channels-last memory layout, every view of every
-        image of the batch, row-major in placeholder order (a tiled image's global view, then its tiles),
-        or ``None`` when the batch has no image; T = M, the images, unless some are tiled;
+        image of the batch, row-major in placeholder order (a tiled image's global view, then its tiles;
+        a clip's frames in time order), or ``None`` when the batch has no image; T = M, the images
+        (clips included), unless some are tiled or clips;
         ``image_counts``: ``[B]`` long, images per row;
-        ``image_grids``: ``[M, 2]`` long, each image's (rows, cols) of tiles, ``(0, 0)`` for one view;
+        ``image_grids``: ``[M, 2]`` long, each image's (rows, cols) of tiles, ``(0, 0)`` for one view or a clip;
+        ``image_frames``: ``[M]`` long, each clip's frames, 1 for a still;
         ``source``: ``list[str]``, one per sample; ``skipped``: the ``(reason, where)`` skips since the
         previous batch of this pipeline (see :mod:`owl_lightning.data.health`).
     """
@@ -81,12 +84,13 @@ def collate(
         "images": _stack_channels_last(images) if images else None,
         "image_counts": torch.tensor([sum(len(s.images) for s in row) for row in rows], dtype=torch.long),
         "image_grids": torch.tensor([image_grid(image) for image in images], dtype=torch.long).reshape(-1, 2),
+        "image_frames": torch.tensor([image_frames(image) for image in images], dtype=torch.long),
         "source": [s.source for s in samples],
         "skipped": list(skipped or []),
     }
 
 
-def _stack_channels_last(images: list[torch.Tensor | TiledImage]) -> torch.Tensor:
+def _stack_channels_last(images: list[Media]) -> torch.Tensor:
     """Images → their views ``[T, 3, H, W]`` with channels-last strides: the layout the transform
     produces and the vision encoder computes in, so stacking is a plain copy (8x cheaper than
     gathering into channels-first order, ~11 µs an image at 128 px)."""

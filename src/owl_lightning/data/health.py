@@ -39,6 +39,11 @@ MALFORMED_RECORD = "malformed_record"  # bad JSON, wrong field types, unknown ro
 IMAGE_COUNT_MISMATCH = "image_count_mismatch"
 PATH_OUTSIDE_ROOT = "path_outside_root"
 TOO_LONG = "too_long"  # truncation would leave no supervised token, or megabytes of text
+CORRUPT_VIDEO = "corrupt_video"  # a clip no decoder can read: truncated, damaged, not the container it claims
+UNSUPPORTED_VIDEO = "unsupported_video"  # a container or codec we refuse (data/video.py), or no video stream
+MISSING_VIDEO = "missing_video"
+VIDEO_TOO_SHORT = "video_too_short"  # fewer decodable frames than video.min_frames
+VIDEO_TOO_LONG = "video_too_long"  # past video.MAX_DURATION_S or MAX_DECODED_FRAMES: cut it into clips
 EMPTY_SOURCE = "empty_source"  # an instruction file without one usable record (e.g. 0 bytes)
 UNEXPECTED = "unexpected"  # an exception no check foresaw; the detail names its type
 

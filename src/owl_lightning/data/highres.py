@@ -10,6 +10,10 @@
 
 ``S`` is the vision encoder's input side (``vision.image_size`` or timm's default for the model).
 Resizing runs on uint8 tensors with torchvision's antialiased kernels, as the crop transform does.
+
+A preprocessed media item is one of three: a still's uint8 ``[3, S, S]``, a :class:`TiledImage`, or a
+:class:`~owl_lightning.data.video.VideoClip` (its frames, each one view: :func:`frame_preprocess`).
+:func:`image_views`, :func:`image_grid`, :func:`image_frames` and :func:`visual_tokens_of` take any of them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from timm.data.transforms import str_to_interp_mode
 from torchvision.transforms.v2 import functional as TF
 
 from owl_lightning.config import OwlConfig, VisionConfig, visual_tokens_of_grid
+from owl_lightning.data.video import VideoClip
 from owl_lightning.models.owl import visual_tokens_per_image
 from owl_lightning.models.vision import image_transform, vision_data_config
 
@@ -37,19 +42,28 @@ class TiledImage:
     cols: int
 
 
-def image_views(image: torch.Tensor | TiledImage) -> torch.Tensor:
-    """A preprocessed image's views for the encoder: uint8 ``[1, 3, S, S]`` or ``[1 + rows·cols, 3, S, S]``."""
-    return image.views if isinstance(image, TiledImage) else image[None]
+Media = torch.Tensor | TiledImage | VideoClip  # a preprocessed image or clip, as EncodedSample holds it
 
 
-def image_grid(image: torch.Tensor | TiledImage) -> tuple[int, int]:
-    """``(rows, cols)`` of a preprocessed image's tiles; ``(0, 0)`` for a single view."""
+def image_views(image: Media) -> torch.Tensor:
+    """A preprocessed item's views for the encoder: uint8 ``[1, 3, S, S]``, ``[1 + rows·cols, 3, S, S]`` or a
+    clip's ``[F, 3, S, S]``."""
+    return image.views if isinstance(image, (TiledImage, VideoClip)) else image[None]
+
+
+def image_grid(image: Media) -> tuple[int, int]:
+    """``(rows, cols)`` of a preprocessed image's tiles; ``(0, 0)`` for a single view or a clip."""
     return (image.rows, image.cols) if isinstance(image, TiledImage) else (0, 0)
 
 
-def visual_tokens_of(image: torch.Tensor | TiledImage, tokens_per_view: int) -> int:
-    """LLM positions a preprocessed image takes (see :func:`~owl_lightning.config.visual_tokens_of_grid`)."""
-    return visual_tokens_of_grid(tokens_per_view, *image_grid(image))
+def image_frames(image: Media) -> int:
+    """A clip's frames; 1 for a still image."""
+    return image.views.shape[0] if isinstance(image, VideoClip) else 1
+
+
+def visual_tokens_of(image: Media, tokens_per_view: int) -> int:
+    """LLM positions a preprocessed item takes (see :func:`~owl_lightning.config.visual_tokens_of_grid`)."""
+    return visual_tokens_of_grid(tokens_per_view, *image_grid(image), image_frames(image))
 
 
 def select_best_grid(width: int, height: int, tile_size: int, grids: Sequence[Sequence[int]]) -> tuple[int, int]:
@@ -145,6 +159,12 @@ def image_preprocess(config: OwlConfig) -> Callable[[Image.Image], torch.Tensor 
     if mode == "pad":
         return PadToSquare(config.vision)
     return AnyResTiles(config.vision, config.image.tile_grids)
+
+
+def frame_preprocess(config: OwlConfig) -> Callable[[Image.Image], torch.Tensor]:
+    """One video frame → uint8 ``[3, S, S]``, one view: ``crop`` and ``pad`` as images are; under ``anyres``
+    the padded global view alone (tiling every frame would multiply a clip's tokens by the tiles)."""
+    return image_transform(config.vision) if config.image.mode == "crop" else PadToSquare(config.vision)
 
 
 def image_token_counter(config: OwlConfig) -> Callable[[Image.Image], int] | None:

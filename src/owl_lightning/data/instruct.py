@@ -1,18 +1,21 @@
 """Readers for the instruction formats users already have, read as they are (DESIGN §3).
 
-==========  ==========================================================================================
-format      file
-==========  ==========================================================================================
-llava       JSON list of ``{"id", "image": path or [paths] (optional), "conversations": [{"from", "value"}]}``
-sharegpt    JSON list of ``{"id", "conversations": [{"from", "value"}]}`` (Vicuna, Baize)
-alpaca      JSON list of ``{"instruction", "input", "output"}``
-owl_jsonl   one ``{"text": conversation in the mPLUG-Owl template, "image": [paths], "task_type"}`` per line
-==========  ==========================================================================================
+=============  ==========================================================================================
+format         file
+=============  ==========================================================================================
+llava          JSON list of ``{"id", "image": path or [paths] (optional), "conversations": [{"from", "value"}]}``
+sharegpt       JSON list of ``{"id", "conversations": [{"from", "value"}]}`` (Vicuna, Baize)
+alpaca         JSON list of ``{"instruction", "input", "output"}``
+owl_jsonl      one ``{"text": conversation in the mPLUG-Owl template, "image": [paths], "task_type"}`` per line
+video_chatgpt  JSON list of ``{"id", "video": path, "conversations": [{"from", "value"}]}`` (Video-ChatGPT,
+               VideoChat, Video-LLaVA): the clip stands at ``<video>`` (or ``<image>``) in the text, or before
+               the first question when the text has no placeholder
+=============  ==========================================================================================
 
 Every format becomes a list of :class:`Conversation`. A bad record — whatever it makes a parser
 raise — is skipped and recorded in the :class:`SkipLog` with its file and record (``file.json#17``:
 index in the list; ``file.jsonl:34``: line number); a file that cannot be read at all raises. Image paths stay relative strings: the
-mixture joins them with the source's ``image_root`` and checks them when it loads them.
+mixture joins them with the source's ``image_root`` (clips: ``video_root``) and checks them when it loads them.
 
 Normalisation, the same for every format: empty messages are dropped; leading assistant turns
 (nothing to answer) are dropped; trailing user turns (no answer to learn) are dropped with their
@@ -44,6 +47,8 @@ SPEAKER_ROLES = {
     "bing": "assistant",
     "system": "system",
 }
+# Video-ChatGPT's (and Video-LLaVA's) placeholder of the clip; the model's is <image> for clips as for images.
+VIDEO_TOKEN = "<video>"
 # Splits "{system}\nHuman: ...\nAI: ..." into [system, "Human", text, "AI", text, ...].
 _OWL_MARKERS = re.compile(r"\n(Human|AI): ")
 _OWL_ROLES = {"Human": "user", "AI": "assistant"}
@@ -126,6 +131,21 @@ def _parse_conversations(record: object) -> _Parsed:
     return messages, _image_list(record.get("image"))
 
 
+def _parse_video_chatgpt(record: object) -> _Parsed:
+    """A clip and a conversation about it: ``<video>`` becomes the model's placeholder (``<image>``); without
+    one, the clip goes before the first question (where Video-ChatGPT's training prompt puts it)."""
+    messages, _ = _parse_conversations(record)
+    video = _field(record, "video", str)
+    if not video:
+        raise SkipSample(MALFORMED_RECORD, "'video' must be a non-empty path")
+    messages = [(role, text.replace(VIDEO_TOKEN, IMAGE_TOKEN)) for role, text in messages]
+    if not any(IMAGE_TOKEN in text for _, text in messages):
+        first = next((index for index, (role, _) in enumerate(messages) if role == "user"), None)
+        if first is not None:
+            messages[first] = ("user", f"{IMAGE_TOKEN}\n{messages[first][1]}")
+    return messages, [video]
+
+
 def _parse_alpaca(record: object) -> _Parsed:
     instruction = _field(record, "instruction", str).strip()
     extra_input = (_field(record, "input", str, required=False) or "").strip()
@@ -153,6 +173,7 @@ _PARSERS: dict[str, Callable[[object], _Parsed]] = {
     "sharegpt": _parse_conversations,
     "alpaca": _parse_alpaca,
     "owl_jsonl": _parse_owl_line,
+    "video_chatgpt": _parse_video_chatgpt,
 }
 
 

@@ -15,11 +15,18 @@ against the folder holding the manifest, so a manifest works from any working di
         format: mmc4                     # captions (default) | mmc4 | obelics
         max_images: 6                    # image slots kept per document, in document order
         weight: 0.5
+      - name: webvid                     # stage 1: video clips with captions (docs/video.md)
+        shards: /data/webvid/{00000..09999}.tar
+        format: video                    # KEY.mp4 (or webm, mkv, mov, gif) + KEY.txt
       - name: llava                      # stage 2: an instruction file
-        format: llava                    # llava | alpaca | sharegpt | owl_jsonl
+        format: llava                    # llava | alpaca | sharegpt | owl_jsonl | video_chatgpt
         path: /data/llava/llava_instruct_150k.json
         image_root: /data/coco/train2017
         weight: 0.5
+      - name: videochatgpt               # stage 2: conversations about clips (docs/video.md)
+        format: video_chatgpt
+        path: /data/videochatgpt/videochatgpt_instruct.json
+        video_root: /data/activitynet/videos
 """
 
 from __future__ import annotations
@@ -29,19 +36,23 @@ from pathlib import Path
 
 import yaml
 
-INSTRUCTION_FORMATS = ("llava", "alpaca", "sharegpt", "owl_jsonl")
-# What one sample of a shard source is: an image and its caption, or an interleaved document (its .json
-# member in MMC4's or OBELICS's schema, its images as members KEY.0.jpg, KEY.1.png, ...).
-SHARD_FORMATS = ("captions", "mmc4", "obelics")
+INSTRUCTION_FORMATS = ("llava", "alpaca", "sharegpt", "owl_jsonl", "video_chatgpt")
+# Instruction formats whose media are video clips (read from the source's video_root).
+VIDEO_INSTRUCTION_FORMATS = ("video_chatgpt",)
+# What one sample of a shard source is: an image and its caption, an interleaved document (its .json
+# member in MMC4's or OBELICS's schema, its images as members KEY.0.jpg, KEY.1.png, ...), or a video clip
+# and its caption.
+SHARD_FORMATS = ("captions", "mmc4", "obelics", "video")
 
 
 @dataclass
 class ShardSource:
-    """WebDataset shards of image–caption pairs or interleaved documents (stage 1).
+    """WebDataset shards of image–caption pairs, interleaved documents or video clips with captions (stage 1).
 
     ``image_key``: the image extensions tried, in order (a document's k-th image: ``k.jpg``, ``k.png``, ...);
-    ``caption_key``: captions only; ``max_images``: documents only, image slots kept per document (the first
-    ones in document order; later ones are dropped and counted as ``over_max_images``).
+    ``video_key``: ``format: video`` only, the clip's extensions tried, in order;
+    ``caption_key``: captions and clips; ``max_images``: documents only, image slots kept per document (the
+    first ones in document order; later ones are dropped and counted as ``over_max_images``).
     """
 
     name: str
@@ -52,11 +63,13 @@ class ShardSource:
     caption_key: str = "txt"
     format: str = "captions"
     max_images: int = 6
+    video_key: str = "mp4;webm;mkv;mov;gif"
 
 
 @dataclass
 class InstructionSource:
-    """An instruction file in one of the formats users already have (stage 2)."""
+    """An instruction file in one of the formats users already have (stage 2). Its records' image paths are
+    relative to ``image_root``, its clips' (``format: video_chatgpt``) to ``video_root``."""
 
     name: str
     format: str
@@ -64,6 +77,12 @@ class InstructionSource:
     weight: float = 1.0
     image_root: str | None = None
     num_samples: int | None = None  # read at most this many records (None: all)
+    video_root: str | None = None
+
+    @property
+    def media_root(self) -> str | None:
+        """Where the records' media are: ``video_root`` for a video format, else ``image_root``."""
+        return self.video_root if self.format in VIDEO_INSTRUCTION_FORMATS else self.image_root
 
 
 @dataclass
@@ -105,6 +124,8 @@ def _parse_source(raw: dict, base: Path, where: str) -> ShardSource | Instructio
         source.path = _resolve_path(source.path, base)
         if source.image_root is not None:
             source.image_root = _resolve_path(source.image_root, base)
+        if source.video_root is not None:
+            source.video_root = _resolve_path(source.video_root, base)
     return source
 
 

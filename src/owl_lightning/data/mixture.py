@@ -39,9 +39,10 @@ from owl_lightning.data.collate import EncodedSample, collate
 from owl_lightning.data.health import SkipLog
 from owl_lightning.data.highres import TiledImage
 from owl_lightning.data.images import decode_image, resolve_under_root
-from owl_lightning.data.manifest import InstructionSource
+from owl_lightning.data.manifest import VIDEO_INSTRUCTION_FORMATS, InstructionSource
 from owl_lightning.data.resume import role_positions, worker_role
 from owl_lightning.data.template import Conversation, ConversationTemplate
+from owl_lightning.data.video import VideoReader
 
 # Replacement draws for one slot before the source is declared broken (not one bad sample, but
 # e.g. a wrong image_root): the run stops with a message instead of spinning.
@@ -93,6 +94,8 @@ class InstructionMixture(IterableDataset):
             same loss, far less padding when short conversations meet long texts.
         image_tokens: decoded image → its visual tokens, where they depend on its size (AnyRes:
             ``OwlProcessor.image_tokens``); None: every image ``template.visual_tokens_per_image``.
+        video_reader: encoded clip → its preprocessed frames (``OwlProcessor.video_reader``); needed by
+            sources of a video format (``video_chatgpt``), whose clips take ``num_frames · V`` visual tokens.
 
     Yields the dicts of :func:`~owl_lightning.data.collate.collate` (``input_ids``/``labels``/
     ``sample_ids`` ``[B, T]``, ``images`` ``[M, 3, H, W]`` or ``None``, ``image_counts`` ``[B]``,
@@ -114,6 +117,7 @@ class InstructionMixture(IterableDataset):
         world_size: int = 1,
         pack: bool = False,
         image_tokens: Callable[[Image.Image], int] | None = None,
+        video_reader: VideoReader | None = None,
     ) -> None:
         super().__init__()
         if not sources:
@@ -130,11 +134,15 @@ class InstructionMixture(IterableDataset):
                     f"instruction source {source.name!r} ({source.path}) has no usable conversation; "
                     "see the skip warnings above, fix the file or drop it from the manifest"
                 )
-            if source.image_root is None and any(conv.images for conv in conversations):
+            video = source.format in VIDEO_INSTRUCTION_FORMATS
+            if source.media_root is None and any(conv.images for conv in conversations):
+                root = "video_root" if video else "image_root"
                 raise ValueError(
-                    f"instruction source {source.name!r} ({source.path}) refers to images but has no "
-                    "image_root; set image_root in the data manifest"
+                    f"instruction source {source.name!r} ({source.path}) refers to {'clips' if video else 'images'} but has "
+                    f"no {root}; set {root} in the data manifest"
                 )
+            if video and video_reader is None:
+                raise ValueError(f"instruction source {source.name!r} holds video clips: pass video_reader (OwlProcessor.video_reader)")
         weights = [source.weight for source, _ in sources]
         if batches_per_epoch is None:
             # Each source's size over its average samples per batch; the slowest sets the epoch.
@@ -154,6 +162,7 @@ class InstructionMixture(IterableDataset):
         self.world_size = world_size
         self.pack = pack
         self.image_tokens = image_tokens
+        self.video_reader = video_reader
         self.batches_per_rank = batches_per_epoch // world_size
         self.batches_per_epoch = self.batches_per_rank * world_size
         self.epoch = 0
@@ -219,14 +228,19 @@ class InstructionMixture(IterableDataset):
             index = int(np.random.default_rng([self.seed, epoch, batch_index, slot, attempt]).integers(len(conversations)))
         raise RuntimeError(
             f"instruction source {source.name!r}: {MAX_ATTEMPTS} samples in a row could not be used, last {self.skips.last}. "
-            f"Check {source.path} and its image_root ({source.image_root}) in the data manifest."
+            f"Check {source.path} and its {'video_root' if source.format in VIDEO_INSTRUCTION_FORMATS else 'image_root'} "
+            f"({source.media_root}) in the data manifest."
         )
 
     def _encode(self, source: InstructionSource, conv: Conversation) -> EncodedSample:
         def decoded(path: str) -> Image.Image:
             return decode_image(resolve_under_root(path, Path(source.image_root)))
 
-        if self.image_tokens is None:  # every image costs the same: fit the text first, decode only the images kept
+        if source.format in VIDEO_INSTRUCTION_FORMATS:  # every clip costs num_frames views: fit the text first
+            input_ids, labels, num_images = self.template.encode(conv, [self.video_reader.visual_tokens] * len(conv.images))
+            root = Path(source.media_root)
+            images = [self.video_reader(resolve_under_root(path, root)) for path in conv.images[:num_images]]
+        elif self.image_tokens is None:  # every image costs the same: fit the text first, decode only the images kept
             input_ids, labels, num_images = self.template.encode(conv)
             images = [self.image_transform(decoded(path)) for path in conv.images[:num_images]]
         else:  # an AnyRes image's cost depends on its size: decode before fitting the text

@@ -15,10 +15,11 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from owl_lightning.config import OwlConfig
-from owl_lightning.data.highres import TiledImage, image_preprocess, image_token_counter
+from owl_lightning.data.highres import TiledImage, frame_preprocess, image_preprocess, image_token_counter
 from owl_lightning.data.template import ConversationTemplate, resolve_system_prompt
+from owl_lightning.data.video import VideoReader
 from owl_lightning.models.llm import load_tokenizer
-from owl_lightning.models.owl import visual_tokens_per_image
+from owl_lightning.models.owl import visual_tokens_per_clip, visual_tokens_per_image
 
 
 class OwlProcessor:
@@ -42,6 +43,13 @@ class OwlProcessor:
         """Decoded image → its visual tokens where they depend on its size (anyres); None where every
         image takes ``visual_tokens_per_image(config)``."""
         return image_token_counter(self.config)
+
+    @cached_property
+    def video_reader(self) -> VideoReader:
+        """An encoded clip (bytes or a path) → its ``video.num_frames`` sampled frames, each preprocessed as
+        one view (data/video.py); every clip takes ``visual_tokens_per_clip(config)`` visual tokens."""
+        video = self.config.video
+        return VideoReader(frame_preprocess(self.config), video.num_frames, video.min_frames, visual_tokens_per_clip(self.config))
 
     def template(self, max_length: int = 1024, style: str = "owl", system_prompt: str | None = None) -> ConversationTemplate:
         """The conversation template; ``system_prompt`` as a run sets it (None: the style's default, "": none)."""

@@ -15,6 +15,8 @@ Training (``train=True``), for each source::
                               the image first, as its size sets the caption's room), or for an
                               interleaved document (source ``format: mmc4|obelics``) its .json →
                               text chunks and image slots in document order → encode_document;
+                              for a clip (``format: video``) caption → encode_caption (the clip's
+                              ``num_frames · V`` tokens) → video_reader (docs/video.md);
                               a bad sample is recorded with its reason (``unexpected`` for a
                               failure no check foresaw) and dropped
 
@@ -30,7 +32,9 @@ With fewer shards than ranks, every rank reads them all and keeps every ``world_
 Shards in img2dataset's layout (``000000000.jpg`` + ``.txt`` + ``.json``) are read as they are;
 interleaved documents (MMC4's or OBELICS's record as ``KEY.json``, the document's k-th image as
 ``KEY.k.jpg``/``.png``/``.webp``, or for MMC4 base64 in ``image_info[k]["image_base64"]`` as OpenFlamingo's
-shards hold it) too: :func:`_encode_document` gives the rules, docs/interleaved.md the layout.
+shards hold it) too: :func:`_encode_document` gives the rules, docs/interleaved.md the layout. Video
+clips with captions (``KEY.mp4``/``.webm``/``.mkv``/``.mov``/``.gif`` + ``KEY.txt``, as video2dataset writes
+them) are read with ``format: video``.
 URLs and ``pipe:`` commands go to webdataset untouched. Every skipped sample is recorded in the
 pipeline's :class:`~owl_lightning.data.health.SkipLog` as ``"{shard}:{sample key}"`` and drained into
 the next batch (``batch["skipped"]``). When nothing usable comes out at all (a wrong
@@ -95,6 +99,7 @@ from owl_lightning.data.health import (
     MALFORMED_RECORD,
     MISSING_IMAGE,
     MISSING_TEXT,
+    MISSING_VIDEO,
     OVER_MAX_IMAGES,
     OVERSIZED_MEMBER,
     OVERSIZED_SHARD,
@@ -108,6 +113,7 @@ from owl_lightning.data.highres import TiledImage
 from owl_lightning.data.images import decode_image
 from owl_lightning.data.manifest import ShardSource
 from owl_lightning.data.resume import batches_consumed_by_role, worker_count_changed, worker_info, worker_role
+from owl_lightning.data.video import VideoReader
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +268,7 @@ def build_shard_pipeline(
     batches_per_epoch: int | None = None,
     skips: SkipLog | None = None,
     image_tokens: Callable[[Image.Image], int] | None = None,
+    video_reader: VideoReader | None = None,
 ) -> ShardPipeline:
     """Build the stage-1 pipeline over ``sources``; it yields :func:`collate` batches.
 
@@ -291,6 +298,8 @@ def build_shard_pipeline(
         skips: where skipped samples are recorded; each batch drains it into ``batch["skipped"]``.
         image_tokens: decoded image → its visual tokens, where they depend on its size (AnyRes:
             ``OwlProcessor.image_tokens``); None: every image costs the same.
+        video_reader: encoded clip → its preprocessed frames (``OwlProcessor.video_reader``); needed when a
+            source has ``format: video``.
 
     Returns:
         A :class:`ShardPipeline`; each batch is the dict :func:`collate` returns, with ``images``
@@ -300,9 +309,12 @@ def build_shard_pipeline(
     """
     if not sources:
         raise ValueError("no shard sources given; add at least one to the data manifest")
-    documents = [source.name for source in sources if source.format != "captions"]
+    documents = [source.name for source in sources if source.format in ("mmc4", "obelics")]
     if documents and encode_document is None:
         raise ValueError(f"sources {documents} hold interleaved documents: pass encode_document (ConversationTemplate.encode_document)")
+    clips = [source.name for source in sources if source.format == "video"]
+    if clips and video_reader is None:
+        raise ValueError(f"sources {clips} hold video clips: pass video_reader (OwlProcessor.video_reader)")
     if batch_size < 1 or (batches_per_epoch is not None and batches_per_epoch < 1):
         raise ValueError(f"batch_size and batches_per_epoch must be positive, got {batch_size} and {batches_per_epoch}")
     skips = skips if skips is not None else SkipLog()
@@ -324,6 +336,7 @@ def build_shard_pipeline(
         encode_document=encode_document,
         skips=skips,
         image_tokens=image_tokens,
+        video_reader=video_reader,
     )
     encode = partial(_map_or_skip, fn=encode_one, skips=skips)
     batch = partial(_batched, batch_size=batch_size, pad_token_id=pad_token_id, skips=skips, finite=not train)
@@ -684,6 +697,8 @@ def _check_stall(skips: SkipLog, stall_limit: int, source: ShardSource) -> None:
 def _expected_members(source: ShardSource) -> str:
     if source.format == "captions":
         return f"image_key={source.image_key!r} and caption_key={source.caption_key!r} must name members its shards have"
+    if source.format == "video":
+        return f"video_key={source.video_key!r} and caption_key={source.caption_key!r} must name members its shards have"
     return f"format={source.format!r} needs a .json member in that schema per sample, its images as members KEY.k.{{{source.image_key}}}"
 
 
@@ -822,11 +837,15 @@ def _encode_sample(
     encode_document: Callable[..., tuple[list[int], list[int], int]] | None,
     skips: SkipLog,
     image_tokens: Callable[[Image.Image], int] | None = None,
+    video_reader: VideoReader | None = None,
 ) -> EncodedSample:
-    """Raw tar sample → :class:`EncodedSample` with its preprocessed images (one for a caption), or :class:`SkipSample`."""
+    """Raw tar sample → :class:`EncodedSample` with its preprocessed images (one for a caption, a clip for
+    ``format: video``), or :class:`SkipSample`."""
     source: ShardSource = raw["__source__"]
     if "__skip__" in raw:  # refused while reading the tar (an oversized or duplicate member)
         raise raw["__skip__"]
+    if source.format == "video":
+        return _encode_clip(raw, source, encode_caption, video_reader)
     if source.format != "captions":
         return _encode_document(raw, image_transform, encode_document, skips, image_tokens)
     caption = _caption_of(raw, source.caption_key)
@@ -837,6 +856,21 @@ def _encode_sample(
         image = decode_image(_image_bytes_of(raw, source.image_key))
         input_ids, labels = encode_caption(caption, image_tokens(image))
     return EncodedSample(input_ids=input_ids, labels=labels, images=[image_transform(image)], source=source.name)
+
+
+def _encode_clip(
+    raw: dict,
+    source: ShardSource,
+    encode_caption: Callable[..., tuple[list[int], list[int]]],
+    video_reader: VideoReader,
+) -> EncodedSample:
+    """A clip and its caption: the caption first (a clip always takes ``num_frames · V`` tokens), then the clip decoded."""
+    caption = _caption_of(raw, source.caption_key)
+    extension = next((extension for extension in source.video_key.split(";") if extension in raw), None)
+    if extension is None:
+        raise SkipSample(MISSING_VIDEO, f"no member with extension {source.video_key!r}; it has {_members(raw)}")
+    input_ids, labels = encode_caption(caption, video_reader.visual_tokens)
+    return EncodedSample(input_ids=input_ids, labels=labels, images=[video_reader(raw[extension])], source=source.name)
 
 
 def _image_bytes_of(raw: dict, image_key: str) -> bytes:

@@ -13,6 +13,13 @@ connector; the image's tokens are then::
     global view's V | row 1: tile 1's V … tile cols' V, separator | … | row rows: …, separator
 
 ``V·(1 + rows·cols) + rows`` in all (``config.visual_tokens_of_grid``).
+
+A video clip (docs/video.md) sits at one ``<image>`` placeholder too: its ``F`` sampled frames are ``F``
+views, each through the encoder and the connector, their tokens spliced in frame order
+(``F·V`` in all). Before the connector, each frame's encoder features get the learned temporal
+embedding of its frame number (``abstractor.temporal_embedding``, :mod:`.temporal`: ``[video.num_frames, Dv]``,
+zero at initialisation): a frame's tokens then say where in the clip it lies, as the official video variant's
+temporal modules (zero-initialised too) do inside its ViT. Stills (one frame) get none.
 """
 
 from __future__ import annotations
@@ -24,10 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, LoRAConfig, OwlConfig, TrainRecipe, visual_tokens_of_grid
+from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN, LoRAConfig, OwlConfig, TrainRecipe, views_of_grid, visual_tokens_of_grid
 from owl_lightning.models.abstractor import VisualAbstractor
 from owl_lightning.models.llm import build_llm, load_tokenizer
 from owl_lightning.models.projector import MLPProjector
+from owl_lightning.models.temporal import TemporalEmbedding
 from owl_lightning.models.vision import VisionEncoder, encoder_tokens
 
 
@@ -48,7 +56,7 @@ class TokenLayout:
     stall the host until the accelerator had finished all the work queued before it.
 
     ``L = max_b (real tokens_b + Σ_images (tokens_i − 1))``: padding is dropped and re-added at one side.
-    ``P``: the batch's visual tokens, ``T``: its views (one an image, ``1 + rows·cols`` under AnyRes).
+    ``P``: the batch's visual tokens, ``T``: its views (one an image, ``1 + rows·cols`` under AnyRes, a clip's frames).
     """
 
     text_rows: torch.Tensor  # [K] batch row of each real text token
@@ -57,6 +65,7 @@ class TokenLayout:
     image_rows: torch.Tensor  # [P] batch row of each visual token, sample-major in placeholder order
     image_positions: torch.Tensor  # [P] its position in the expanded sequence
     visual_index: torch.Tensor  # [P] its row in the views' tokens [T·V] (row T·V: the row separator)
+    view_frames: torch.Tensor  # [T] each view's frame number in its clip; -1 for a still image's views
     mask: torch.Tensor  # [B, L] the input's mask values (1, or a packed row's sample numbers 1, 2, …; 0: padding)
     labels: torch.Tensor | None  # [B, L] with IGNORE_INDEX at image and padding positions
     position_ids: torch.Tensor  # [B, L] the LLM's positions (restarting with every packed sample)
@@ -78,11 +87,13 @@ class TokenLayout:
         image_counts: torch.Tensor | None = None,
         padding_side: str = "right",
         image_grids: torch.Tensor | None = None,
+        image_frames: torch.Tensor | None = None,
     ) -> TokenLayout:
         """The layout of ``input_ids``/``sample_ids``/``labels`` ``[B, T]`` with ``num_images`` images
         (``image_counts`` ``[B]``, optional, names the sample whose placeholders and images disagree).
         ``padding_side``: where the expanded batch is padded (``left`` for generation). ``image_grids``
         ``[M, 2]``: each image's (rows, cols) of AnyRes tiles, ``(0, 0)`` for one view; None: all one view.
+        ``image_frames`` ``[M]``: each item's frames (a clip's, 1 for a still); None: all stills.
         ``visual_tokens_per_image``: V, the tokens of one view."""
         real = sample_ids.bool()
         is_image = (input_ids == image_token_id) & real
@@ -98,7 +109,10 @@ class TokenLayout:
         if image_grids is None:
             image_grids = input_ids.new_zeros(num_images, 2)
         grid_rows, grid_cols = image_grids.to(input_ids.device).unbind(1)
-        widths = visual_tokens_of_grid(visual_tokens_per_image, grid_rows, grid_cols)  # [M]
+        frames = input_ids.new_ones(num_images) if image_frames is None else image_frames.to(input_ids.device)
+        if bool(((frames > 1) & (grid_rows > 0)).any()):
+            raise ValueError("a video clip's frames are single views: image_grids must be (0, 0) where image_frames > 1")
+        widths = visual_tokens_of_grid(visual_tokens_per_image, grid_rows, grid_cols, frames)  # [M]
         # Each real token occupies 1 position, each image its visual tokens.
         spans = real.long()
         spans[is_image] = widths  # nonzero order: row-major = sample-major, placeholder order = the images' order
@@ -113,7 +127,11 @@ class TokenLayout:
         owner = torch.arange(num_images, device=input_ids.device).repeat_interleave(widths)  # [P] image of each visual token
         within = torch.arange(len(owner), device=input_ids.device) - (widths.cumsum(0) - widths)[owner]
         image_positions = start[image_rows, image_cols][owner] + within
-        visual_index = _visual_index(visual_tokens_per_image, grid_rows, grid_cols, owner, within)
+        visual_index = _visual_index(visual_tokens_per_image, grid_rows, grid_cols, frames, owner, within)
+        views = views_of_grid(grid_rows, grid_cols, frames)  # [M]
+        item_of_view = torch.arange(num_images, device=input_ids.device).repeat_interleave(views)  # [T]
+        view_in_item = torch.arange(len(item_of_view), device=input_ids.device) - (views.cumsum(0) - views)[item_of_view]
+        view_frames = torch.where(frames[item_of_view] > 1, view_in_item, -1)
         mask = sample_ids.new_zeros(len(input_ids), total)
         mask[text_rows, text_positions] = sample_ids[text_rows, text_cols]
         mask[image_rows[owner], image_positions] = sample_ids[image_rows, image_cols][owner]
@@ -145,6 +163,7 @@ class TokenLayout:
             image_rows[owner],
             image_positions,
             visual_index,
+            view_frames,
             mask,
             out_labels,
             position_ids,
@@ -185,22 +204,30 @@ class TokenLayout:
 
 
 def _visual_index(
-    tokens_per_view: int, grid_rows: torch.Tensor, grid_cols: torch.Tensor, owner: torch.Tensor, within: torch.Tensor
+    tokens_per_view: int,
+    grid_rows: torch.Tensor,
+    grid_cols: torch.Tensor,
+    frames: torch.Tensor,
+    owner: torch.Tensor,
+    within: torch.Tensor,
 ) -> torch.Tensor:
     """``[P]`` row of each visual token in the views' tokens ``[T·V]`` (row ``T·V``: the row separator).
 
-    ``grid_rows``/``grid_cols`` ``[M]`` each image's tiles; ``owner`` ``[P]`` the image a visual token
-    belongs to, ``within`` its place among that image's tokens (order in the module docstring).
+    ``grid_rows``/``grid_cols`` ``[M]`` each image's tiles, ``frames`` ``[M]`` each clip's frames (1: a
+    still); ``owner`` ``[P]`` the image a visual token belongs to, ``within`` its place among that image's
+    tokens (order in the module docstring).
     """
-    views = 1 + grid_rows * grid_cols
-    first_view = (views.cumsum(0) - views)[owner]  # [P] the image's global view
+    views = views_of_grid(grid_rows, grid_cols, frames)
+    first_view = (views.cumsum(0) - views)[owner]  # [P] the image's global view (a clip's first frame)
+    # A clip's frames, like a single view, are views whose tokens lie end to end, separator-free.
+    untiled = frames[owner] * tokens_per_view
     cols = grid_cols[owner]
     # Past the global view's V tokens, each row of tiles is cols·V tile tokens and one separator.
     tiled = within - tokens_per_view
     row, in_row = tiled.div(cols * tokens_per_view + 1, rounding_mode="floor"), tiled.remainder(cols * tokens_per_view + 1)
     tile_token = (first_view + 1 + row * cols) * tokens_per_view + in_row  # the row's tiles' tokens lie end to end
     index = torch.where(in_row == cols * tokens_per_view, int(views.sum()) * tokens_per_view, tile_token)
-    return torch.where(within < tokens_per_view, first_view * tokens_per_view + within, index)
+    return torch.where(within < untiled, first_view * tokens_per_view + within, index)
 
 
 def packed_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -216,6 +243,11 @@ def max_visual_tokens_per_image(config: OwlConfig) -> int:
     if config.image.mode != "anyres":
         return visual_tokens_per_image(config)
     return max(visual_tokens_of_grid(visual_tokens_per_image(config), rows, cols) for rows, cols in config.image.tile_grids)
+
+
+def visual_tokens_per_clip(config: OwlConfig) -> int:
+    """LLM positions one video clip takes: ``video.num_frames · V`` (each sampled frame one view)."""
+    return visual_tokens_of_grid(visual_tokens_per_image(config), frames=config.video.num_frames)
 
 
 def visual_tokens_per_image(config: OwlConfig) -> int:
@@ -251,9 +283,15 @@ class OwlModel(nn.Module):
     def visual_tokens_per_image(self) -> int:
         return self.abstractor.num_tokens
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Views ``[T, 3, H, W]`` → visual tokens ``[T, V, Dllm]`` (encoder, then the connector)."""
-        return self.abstractor(self.vision(images))
+    def encode_images(self, images: torch.Tensor, view_frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Views ``[T, 3, H, W]`` → visual tokens ``[T, V, Dllm]`` (encoder, then the connector).
+
+        ``view_frames`` ``[T]`` (``TokenLayout.view_frames``): each view's frame number in its clip, -1 for
+        a still; frame ``f``'s encoder features ``[N, Dv]`` get the learned temporal embedding row ``f``."""
+        features = self.vision(images)
+        if view_frames is not None:
+            features = self.abstractor.temporal_embedding(features, view_frames)
+        return self.abstractor(features)
 
     def layout(
         self,
@@ -264,15 +302,28 @@ class OwlModel(nn.Module):
         image_counts: torch.Tensor | None = None,
         padding_side: str = "right",
         image_grids: torch.Tensor | None = None,
+        image_frames: torch.Tensor | None = None,
     ) -> TokenLayout:
         """The :class:`TokenLayout` of a batch (``[B, T]`` tensors, ``images`` ``[T, 3, H, W]`` views,
-        ``image_grids`` ``[M, 2]`` as :func:`~owl_lightning.data.collate.collate` gives them), on their device."""
+        ``image_grids`` ``[M, 2]`` and ``image_frames`` ``[M]`` as :func:`~owl_lightning.data.collate.collate`
+        gives them), on their device."""
         num_views = 0 if images is None else images.shape[0]
-        num_images = num_views if image_grids is None else len(image_grids)
-        if image_grids is not None and int((1 + image_grids.prod(1)).sum()) != num_views:
+        items = image_grids if image_grids is not None else image_frames
+        num_images = num_views if items is None else len(items)
+        if image_grids is None:
+            image_grids = torch.zeros(num_images, 2, dtype=torch.long, device=input_ids.device)
+        if image_frames is None:
+            image_frames = torch.ones(num_images, dtype=torch.long, device=input_ids.device)
+        expected = int(views_of_grid(*image_grids.unbind(1), image_frames.to(image_grids.device)).sum())
+        if len(image_grids) != len(image_frames) or expected != num_views:
             raise ValueError(
-                f"the batch has {num_views} image views but its image_grids {image_grids.tolist()} make "
-                f"{int((1 + image_grids.prod(1)).sum())}; pass collate's images and image_grids together"
+                f"the batch has {num_views} image views but its image_grids {image_grids.tolist()} and image_frames "
+                f"{image_frames.tolist()} make {expected}; pass collate's images, image_grids and image_frames together"
+            )
+        if len(image_frames) and int(image_frames.max()) > self.config.video.num_frames:
+            raise ValueError(
+                f"a clip of {int(image_frames.max())} frames, but the model has temporal embeddings for "
+                f"video.num_frames={self.config.video.num_frames}; sample clips with the model's OwlProcessor"
             )
         return TokenLayout.of(
             input_ids,
@@ -284,6 +335,7 @@ class OwlModel(nn.Module):
             image_counts,
             padding_side,
             image_grids,
+            image_frames,
         )
 
     def embed(
@@ -295,9 +347,10 @@ class OwlModel(nn.Module):
         image_counts: torch.Tensor | None = None,
         padding_side: str = "right",
         image_grids: torch.Tensor | None = None,
+        image_frames: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Token ids ``[B, T]`` (+ images) → LLM input embeddings ``[B, L, D]``, mask and labels ``[B, L]``."""
-        layout = self.layout(input_ids, sample_ids, images, labels, image_counts, padding_side, image_grids)
+        layout = self.layout(input_ids, sample_ids, images, labels, image_counts, padding_side, image_grids, image_frames)
         return self.input_embeddings(input_ids, images, layout), layout.mask, layout.labels
 
     def input_embeddings(self, input_ids: torch.Tensor, images: torch.Tensor | None, layout: TokenLayout) -> torch.Tensor:
@@ -308,7 +361,7 @@ class OwlModel(nn.Module):
         # A batch without images still runs the encoder and abstractor (on zero images) and ties their
         # output (and the row separator) to the loss: under FSDP/DDP every rank must run the same
         # collectives (all-gathers, gradient reductions) whether or not its batch holds images.
-        visual = layout.visual_sequence(self.encode_images(images), self.abstractor.row_separator)
+        visual = layout.visual_sequence(self.encode_images(images, layout.view_frames), self.abstractor.row_separator)
         embeds = layout.splice(text_embeds, visual)
         return embeds if visual.shape[0] else embeds + visual.sum()
 
@@ -321,13 +374,16 @@ class OwlModel(nn.Module):
         image_counts: torch.Tensor | None = None,
         layout: TokenLayout | None = None,
         image_grids: torch.Tensor | None = None,
+        image_frames: torch.Tensor | None = None,
     ) -> OwlOutput:
         """Next-token loss over the supervised positions of ``labels`` (``[B, T]``, aligned with ``input_ids``).
 
         ``sample_ids`` is 1 on real tokens, or numbers the samples packed in a row 1, 2, … (see
         :func:`~owl_lightning.data.collate.collate`); 0 on padding. ``layout``: the batch's
         :meth:`layout`, if already made (on the host, so that this step needs no host sync)."""
-        layout = layout or self.layout(input_ids, sample_ids, images, labels, image_counts, image_grids=image_grids)
+        layout = layout or self.layout(
+            input_ids, sample_ids, images, labels, image_counts, image_grids=image_grids, image_frames=image_frames
+        )
         # With nothing supervised the forward still runs (keep is empty) and the loss is a zero with a
         # graph: under DDP/FSDP every rank must run the same forward and backward collectives.
         logits = self._supervised_logits(input_ids, images, layout)
@@ -343,10 +399,11 @@ class OwlModel(nn.Module):
         images: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
         image_grids: torch.Tensor | None = None,
+        image_frames: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per sample of ``[B, T]`` inputs (not packed): the summed log-probability of its supervised tokens
         ``[B]`` (float32), and whether greedy decoding picks every one of them ``[B]`` (bool)."""
-        layout = self.layout(input_ids, sample_ids, images, labels, image_counts, image_grids=image_grids)
+        layout = self.layout(input_ids, sample_ids, images, labels, image_counts, image_grids=image_grids, image_frames=image_frames)
         logits = self._supervised_logits(input_ids, images, layout).float()  # [B, K', vocab]
         supervised = layout.targets != IGNORE_INDEX  # [B, K']
         targets = layout.targets.clamp(min=0)
@@ -372,13 +429,14 @@ class OwlModel(nn.Module):
         images: torch.Tensor | None = None,
         image_counts: torch.Tensor | None = None,
         image_grids: torch.Tensor | None = None,
+        image_frames: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.Tensor:
         """Prompts ``[B, T]`` (any padding side) → generated token ids ``[B, new]`` (prompt not included).
 
         Eager even where blocks were compiled for training: every new length and cache state would recompile."""
         with torch.compiler.set_stance("force_eager"):
-            embeds, mask, _ = self.embed(input_ids, sample_ids, images, None, image_counts, "left", image_grids)
+            embeds, mask, _ = self.embed(input_ids, sample_ids, images, None, image_counts, "left", image_grids, image_frames)
             return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
 
     # Freeze policies -------------------------------------------------------------------------------
@@ -441,6 +499,9 @@ def build_owl(config: OwlConfig, pretrained: bool = True, tokenizer: PreTrainedT
     # checkpoints keep the paper's (and the official) keys.
     separator = nn.Parameter(torch.randn(1, llm_width) * 0.02) if config.image.mode == "anyres" else None
     connector.register_parameter("row_separator", separator)
+    # The video frames' temporal embedding (docs/video.md) lives there too, for the same reason. Zero at
+    # first: a checkpoint saved before it existed loads with it at zero, reading frames as stills.
+    connector.temporal_embedding = TemporalEmbedding(config.video.num_frames, vision.num_features)
     return OwlModel(config, vision, connector, llm, image_token_id)
 
 

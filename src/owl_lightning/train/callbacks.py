@@ -15,6 +15,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 
 from owl_lightning.config import IGNORE_INDEX, compute_dtype
 from owl_lightning.data.collate import EncodedSample
+from owl_lightning.data.highres import image_views, visual_tokens_of
 from owl_lightning.inference import generate, generate_captions
 from owl_lightning.train.checkpoint_io import SafeCheckpointIO
 from owl_lightning.train.flops import measure_matmul_flops
@@ -246,13 +247,14 @@ class ConversationSamples(Callback):
                 text = f"**{conversation.source}**: {question}\n\n**model**: {answer}\n\n**reference**: {reference}"
                 writer.add_text(f"conversations/{i}", text, trainer.global_step)
                 if images:
-                    writer.add_image(f"conversations/{i}", images[0], trainer.global_step)  # uint8 [3, H, W]
+                    # uint8 [3, H, W]: the image's (global) view, a clip's first frame
+                    writer.add_image(f"conversations/{i}", image_views(images[0])[0], trainer.global_step)
 
     def answers(self, pl_module: L.LightningModule, template, examples: list) -> list[tuple[str, str, str]]:
         """``(last question, generated answer, reference)`` for each example, one batched generation."""
         samples = []
         for conversation, images, _ in examples:
-            prompt = template.encode_prompt(conversation)
+            prompt = template.encode_prompt(conversation, [visual_tokens_of(image, template.visual_tokens_per_image) for image in images])
             samples.append(EncodedSample(prompt, [IGNORE_INDEX] * len(prompt), images))
         answers = generate(pl_module.model, pl_module.processor.tokenizer, samples, self.max_new_tokens) if samples else []
         return [(conversation.turns[-1].content, answer, reference) for (conversation, _, reference), answer in zip(examples, answers)]

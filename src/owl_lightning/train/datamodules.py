@@ -25,7 +25,7 @@ from owl_lightning.data.health import EMPTY_SOURCE, DataHealth, SkipLog, SkipSam
 from owl_lightning.data.highres import visual_tokens_of
 from owl_lightning.data.images import decode_image, resolve_under_root
 from owl_lightning.data.instruct import read_conversations
-from owl_lightning.data.manifest import load_manifest
+from owl_lightning.data.manifest import VIDEO_INSTRUCTION_FORMATS, load_manifest
 from owl_lightning.data.mixture import InstructionMixture
 from owl_lightning.data.processor import OwlProcessor
 from owl_lightning.data.resume import worker_count_changed, world_size_changed
@@ -297,6 +297,7 @@ class CaptionDataModule(_OwlDataModule):
             encode_caption=template.encode_caption,
             encode_document=template.encode_document,
             image_tokens=self.processor.image_tokens,
+            video_reader=self.processor.video_reader,
             pad_token_id=self.tokenizer.pad_token_id,
             batch_size=self.hparams.batch_size,
             train=train,
@@ -376,8 +377,13 @@ class InstructionDataModule(_OwlDataModule):
                 conversation = conversations[index]
                 prompt = replace(conversation, turns=conversation.turns[:-1])
                 try:
-                    root = Path(source.image_root or ".")
-                    images = [self.processor.image_transform(decode_image(resolve_under_root(path, root))) for path in conversation.images]
+                    root = Path(source.media_root or ".")
+                    if source.format in VIDEO_INSTRUCTION_FORMATS:
+                        images = [self.processor.video_reader(resolve_under_root(path, root)) for path in conversation.images]
+                    else:
+                        images = [
+                            self.processor.image_transform(decode_image(resolve_under_root(path, root))) for path in conversation.images
+                        ]
                     # too long for the model: the next one
                     template.encode_prompt(prompt, [visual_tokens_of(image, template.visual_tokens_per_image) for image in images])
                 except SkipSample:
@@ -416,6 +422,7 @@ class InstructionDataModule(_OwlDataModule):
             world_size=world,
             pack=self.hparams.pack,
             image_tokens=self.processor.image_tokens,
+            video_reader=self.processor.video_reader,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -5,7 +5,8 @@ Model FLOPs (PaLM's convention): what the step must compute. Activation-checkpoi
 the padding positions a batch carries are not counted, so MFU falls when they cost time.
 
 Forward FLOPs ``F``, per image view and per sequence of ``L`` real tokens (text plus each image's
-visual tokens: ``V``, or under AnyRes ``V·(1 + rows·cols) + rows`` for ``1 + rows·cols`` views):
+visual tokens: ``V``, or under AnyRes ``V·(1 + rows·cols) + rows`` for ``1 + rows·cols`` views, or for a
+video clip ``F·V`` for its ``F`` frames, each a view):
 
     vision encoder, abstractor   counted per view (an image, or an AnyRes image's global view or one
                                  of its tiles) by running them once on a fake view under
@@ -35,7 +36,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from owl_lightning.config import visual_tokens_of_grid
+from owl_lightning.config import views_of_grid, visual_tokens_of_grid
 from owl_lightning.models.owl import OwlModel
 from owl_lightning.models.vision import vision_data_config
 
@@ -77,12 +78,12 @@ class StepFlops:
 
     def step(self, batch: dict, num_supervised: int) -> float:
         """Training FLOPs of one collated batch (``input_ids``/``sample_ids`` ``[B, T]``, ``image_grids``
-        ``[M, 2]``): real tokens only, each ``<image>`` counted as its visual tokens, every view through the
+        ``[M, 2]``, ``image_frames`` ``[M]``): real tokens only, each ``<image>`` counted as its visual tokens, every view through the
         encoder and abstractor, attention within each sample (packed rows hold several). ``num_supervised``:
         the positions the loss reads logits at (``OwlOutput.num_supervised``)."""
         lengths = sequence_lengths(batch, self.visual_tokens_per_image, self.image_token_id).double()
         return (
-            int((1 + image_grids(batch).prod(1)).sum()) * self.per_view
+            num_views(batch) * self.per_view
             + float(lengths.sum()) * self.per_token
             + float((lengths * (lengths + 1) / 2).sum()) * self.per_causal_pair
             + num_supervised * self.per_supervised_token
@@ -91,13 +92,14 @@ class StepFlops:
 
 def sequence_lengths(batch: dict, visual_tokens_per_image: int, image_token_id: int) -> torch.Tensor:
     """``[S]`` real tokens of each sample as the LLM sees them: text without padding, each ``<image>``
-    as its visual tokens (V a view; ``image_grids`` ``[M, 2]`` gives each image's AnyRes tiles). A
-    packed row's ``sample_ids`` numbers its samples 1, 2, … (0: padding)."""
+    as its visual tokens (V a view; ``image_grids`` ``[M, 2]`` gives each image's AnyRes tiles,
+    ``image_frames`` ``[M]`` each clip's frames). A packed row's ``sample_ids`` numbers its samples 1, 2, …
+    (0: padding)."""
     sample = batch["sample_ids"]
     is_image = (batch["input_ids"] == image_token_id) & (sample > 0)
     tokens = (sample > 0).long()
     # nonzero order (row-major) is the images' order; a batch of fewer grids than placeholders is the layout's error to report
-    tokens[is_image] = visual_tokens_of_grid(visual_tokens_per_image, *image_grids(batch).unbind(1))
+    tokens[is_image] = visual_tokens_of_grid(visual_tokens_per_image, *image_grids(batch).unbind(1), image_frames(batch))
     per_sample = torch.zeros(sample.shape[0], int(sample.max()) + 1, dtype=torch.long, device=sample.device)
     per_sample.scatter_add_(1, sample, tokens)
     lengths = per_sample[:, 1:].flatten()
@@ -110,6 +112,18 @@ def image_grids(batch: dict) -> torch.Tensor:
     if "image_grids" in batch:
         return batch["image_grids"]
     return torch.zeros(int(batch["image_counts"].sum()), 2, dtype=torch.long)
+
+
+def image_frames(batch: dict) -> torch.Tensor:
+    """``[M]`` each clip's frames (1: a still): collate's ``image_frames``; a batch made without them holds stills."""
+    if "image_frames" in batch:
+        return batch["image_frames"]
+    return torch.ones(len(image_grids(batch)), dtype=torch.long)
+
+
+def num_views(batch: dict) -> int:
+    """Views the batch sends through the encoder and connector: an image's 1 (AnyRes ``1 + rows·cols``), a clip's frames."""
+    return int(views_of_grid(*image_grids(batch).unbind(1), image_frames(batch)).sum())
 
 
 def forward_flops_per_view(model: OwlModel) -> tuple[float, float]:

@@ -7,7 +7,8 @@ reading them; one reduce-scatter per optimizer step under gradient accumulation
 The FSDP units, built bottom-up (each is all-gathered before its forward and freed after):
 
     each vision block               the rest of the vision encoder (patch/stem, norms)
-    each abstractor layer           the rest of the abstractor (queries, projections, end token)
+    each abstractor layer           the video frames' temporal embedding (runs before the abstractor's forward)
+                                    the rest of the abstractor (queries, projections, end token)
     each LLM decoder block          with its trainable LoRA adapters as a unit of their own
     the LLM's input and output embeddings (one unit: tied models share the weight)
     the rest of the LLM (final norm)
@@ -213,6 +214,8 @@ def shard_owl(
     for block in blocks(model):
         shard([block])
     shard([model.vision])
+    # Called before the connector's forward (OwlModel.encode_images): a unit of its own gathers on its own forward.
+    shard([model.abstractor.temporal_embedding])
     shard([model.abstractor])
     embeddings = [model.llm.get_input_embeddings(), model.llm.get_output_embeddings()]
     # One unit for both: they share the weight when tied, and the input embeddings are called from

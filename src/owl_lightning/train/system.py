@@ -189,6 +189,7 @@ class OwlSystem(L.LightningModule):
             batch["labels"],
             batch["image_counts"],
             image_grids=batch.get("image_grids"),
+            image_frames=batch.get("image_frames"),
         )
         batch = {**batch, "layout": layout, "flops": self.flops.step(batch, layout.num_supervised)}
         return super().transfer_batch_to_device(batch, device, dataloader_idx)

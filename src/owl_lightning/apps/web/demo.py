@@ -1,10 +1,12 @@
-"""``owl-lightning serve``: chat with a model about uploaded images in a browser.
+"""``owl-lightning serve``: chat with a model about uploaded images and video clips in a browser.
 
-The page keeps the conversation and sends all of it with every message (images as data URLs), so
-the server holds no sessions: a reload starts a new chat, and two tabs never mix their histories.
-A message may carry images; their placeholders open that message, as in training. ``serve`` also
-answers OpenAI clients from the same model (:mod:`.openai_api`); this module's image checks and
-settings are theirs too.
+The page keeps the conversation and sends all of it with every message (images and clips as data URLs),
+so the server holds no sessions: a reload starts a new chat, and two tabs never mix their histories.
+A message may carry images and clips (a ``data:video/...`` URL is a clip); their placeholders open that
+message, as in training. ``serve`` also answers OpenAI clients from the same model (:mod:`.openai_api`);
+this module's image and clip checks and settings are theirs too. A clip is decoded within
+data/video.py's bounds (container and codec allow-lists, frame size, duration, frames decoded) and
+only its ``video.num_frames`` sampled frames are kept.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import binascii
 import io
 import threading
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 from PIL import Image
 
@@ -22,6 +26,7 @@ from owl_lightning.config import IMAGE_TOKEN
 from owl_lightning.data.health import SkipSample
 from owl_lightning.data.images import decode_image
 from owl_lightning.data.template import ROLES, Turn
+from owl_lightning.data.video import Video
 from owl_lightning.inference import OwlAssistant, Request, user_turn
 
 MAX_NEW_TOKENS_LIMIT = 1024
@@ -31,16 +36,27 @@ MAX_TEMPERATURE = 2.0
 # decoded; the model sees every image at a few hundred pixels across anyway.
 MAX_IMAGES_PER_REQUEST = 16
 MAX_PIXELS_PER_REQUEST = 50_000_000
+# Clips per request, counted apart from images: each may decode up to data/video.py's MAX_DECODED_FRAMES.
+MAX_VIDEOS_PER_REQUEST = 2
 # What the page accepts; none of PIL's other formats (EPS would start Ghostscript) is ever opened.
 UPLOAD_FORMATS = ("PNG", "JPEG", "GIF", "WEBP")
 
 
-def upload_bytes(upload: object, what: str) -> tuple[str, bytes]:
-    """An uploaded image (``{"name": ..., "data": "data:image/...;base64,..."}``): its name and encoded bytes."""
+class Upload(NamedTuple):
+    """An uploaded image or clip: its name for messages, its encoded bytes, and whether it is a clip."""
+
+    name: str
+    data: bytes
+    video: bool = False
+
+
+def upload_bytes(upload: object, what: str) -> Upload:
+    """An uploaded image or clip (``{"name": ..., "data": "data:image/...;base64,..."}``, a clip's
+    ``data:video/...``): its name and encoded bytes."""
     if not isinstance(upload, dict) or not isinstance(upload.get("data"), str):
         raise HttpError(400, f"{what} must be an object with a base64 'data' URL")
     name = str(upload.get("name") or what)
-    return name, data_url_bytes(upload["data"], name)
+    return Upload(name, data_url_bytes(upload["data"], name), upload["data"].startswith("data:video/"))
 
 
 def data_url_bytes(url: str, name: str) -> bytes:
@@ -71,11 +87,18 @@ def unreadable_image(name: str, reason: object) -> HttpError:
     return HttpError(400, f"{name} is not an image the server can read ({reason}); upload a PNG, JPEG, GIF or WebP", "invalid_image")
 
 
-def decode_uploads(uploads: list[tuple[str, bytes]], max_pixels: int = MAX_PIXELS_PER_REQUEST) -> list[Image.Image]:
+def decode_uploads(
+    uploads: list[Upload], max_pixels: int = MAX_PIXELS_PER_REQUEST, read_video: Callable[[bytes], Video] | None = None
+) -> list[Image.Image | Video]:
     """Uploaded images as RGB, converted as training converts images (:func:`~owl_lightning.data.images.decode_image`:
-    transparency on white), once their headers show they hold at most ``max_pixels`` pixels together."""
+    transparency on white), once their headers show they hold at most ``max_pixels`` pixels together; uploaded
+    clips as their sampled frames (``read_video``: :meth:`~owl_lightning.inference.OwlAssistant.read_video`)."""
     total = 0
-    for name, data in uploads:
+    for name, data, video in uploads:
+        if video:
+            if read_video is None:
+                raise HttpError(400, f"{name} is a video clip, and this server reads images only", "invalid_image")
+            continue
         total += image_pixels(data, name)
         if total > max_pixels:
             raise HttpError(
@@ -84,18 +107,36 @@ def decode_uploads(uploads: list[tuple[str, bytes]], max_pixels: int = MAX_PIXEL
                 "image_too_large",
             )
     decoded = []
-    for name, data in uploads:
+    for name, data, video in uploads:
         try:
-            decoded.append(decode_image(data))
+            decoded.append(read_video(data) if video else decode_image(data))
         except SkipSample as err:
-            raise unreadable_image(name, err) from None
+            raise (unreadable_video(name, err) if video else unreadable_image(name, err)) from None
     return decoded
 
 
-def read_conversation(messages: object, max_images: int = MAX_IMAGES_PER_REQUEST, max_pixels: int = MAX_PIXELS_PER_REQUEST) -> Request:
-    """The page's messages (``role``, ``text``, user ``images``) → a request whose user turns open with
-    one ``<image>`` per image they carry; the last message must be the user's. Everything is checked,
-    image counts and declared sizes included, before any image is decoded."""
+def unreadable_video(name: str, reason: object) -> HttpError:
+    """The refusal of a clip that cannot be used (data/video.py's reasons: corrupt, unsupported, too long, ...)."""
+    return HttpError(400, f"{name} is not a clip the server can use ({reason}); upload an MP4 (H.264), WebM or GIF", "invalid_video")
+
+
+def check_video_count(uploads: list[Upload], max_videos: int, where: str) -> None:
+    """413 once ``uploads`` hold more than ``max_videos`` clips."""
+    if sum(upload.video for upload in uploads) > max_videos:
+        raise HttpError(413, f"{where} brings the request over {max_videos} video clips: send fewer", "too_many_videos")
+
+
+def read_conversation(
+    messages: object,
+    max_images: int = MAX_IMAGES_PER_REQUEST,
+    max_pixels: int = MAX_PIXELS_PER_REQUEST,
+    read_video: Callable[[bytes], Video] | None = None,
+    max_videos: int = MAX_VIDEOS_PER_REQUEST,
+) -> Request:
+    """The page's messages (``role``, ``text``, user ``images``: images and clips) → a request whose user
+    turns open with one ``<image>`` per image or clip they carry; the last message must be the user's.
+    Everything is checked, image and clip counts and declared sizes included, before anything is decoded;
+    ``read_video`` reads clips (None: clips are refused)."""
     if not isinstance(messages, list) or not messages:
         raise HttpError(400, "'messages' must be a non-empty list")
     turns, uploads = [], []
@@ -114,10 +155,11 @@ def read_conversation(messages: object, max_images: int = MAX_IMAGES_PER_REQUEST
         if message["role"] == "user" and not text.strip() and not images:
             raise HttpError(400, f"message {number} is empty: type a question or add an image")
         uploads += [upload_bytes(upload, f"image {k} of message {number}") for k, upload in enumerate(images, start=1)]
+        check_video_count(uploads, max_videos, f"message {number}")
         turns.append(user_turn(text, len(images)) if message["role"] == "user" else Turn(message["role"], text))
     if turns[-1].role != "user":
         raise HttpError(400, "the last message must be the user's")
-    return Request(turns, decode_uploads(uploads, max_pixels))
+    return Request(turns, decode_uploads(uploads, max_pixels, read_video))
 
 
 def is_encodable(text: str) -> bool:
@@ -155,9 +197,10 @@ class ChatApp(WebApp):
         title: str = "",
         max_images: int = MAX_IMAGES_PER_REQUEST,
         max_pixels: int = MAX_PIXELS_PER_REQUEST,
+        max_videos: int = MAX_VIDEOS_PER_REQUEST,
     ) -> None:
         self.assistant, self.title = assistant, title
-        self.max_images, self.max_pixels = max_images, max_pixels
+        self.max_images, self.max_pixels, self.max_videos = max_images, max_pixels, max_videos
         self.defaults = {"max_new_tokens": max_new_tokens, "temperature": temperature}
         # One generation at a time: the model is shared by every request (the API's batches take it too).
         self.generation_lock = threading.Lock()
@@ -174,7 +217,7 @@ class ChatApp(WebApp):
         temperature = read_number(body, "temperature", float, 0.0, MAX_TEMPERATURE, self.defaults["temperature"])
         # Decoded under the lock too: one request's pixels in memory at a time, however many wait.
         with self.generation_lock:
-            request = read_conversation(body.get("messages"), self.max_images, self.max_pixels)
+            request = read_conversation(body.get("messages"), self.max_images, self.max_pixels, self.assistant.read_video, self.max_videos)
             started = time.perf_counter()
             try:
                 answer = self.assistant.answer([request], max_new_tokens=max_new_tokens, temperature=temperature)[0]

@@ -7,7 +7,9 @@ megapixels a request, counted from the image headers before anything is decoded.
 page's token they carry ``Authorization: Bearer KEY``: an API client has no page to read a token from.
 
 Images come as ``image_url`` parts: data URLs always; http(s) URLs only when ``--allow-image-urls``
-lets the server fetch them (with a timeout, within the request's byte cap). A message's images open
+lets the server fetch them (with a timeout, within the request's byte cap). Video clips come as
+``video_url`` parts (``{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,..."}}``, as vLLM
+takes them), at most 2 a request, read within data/video.py's bounds (docs/video.md). A message's images open
 it, one placeholder each, as in training and on the chat page; system (and developer) messages
 replace the template's system line, as a system turn does in the instruction data. Errors have
 OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``, so clients raise their usual
@@ -36,7 +38,9 @@ from owl_lightning.apps.web.batching import GenerationBatcher, PendingAnswer
 from owl_lightning.apps.web.demo import (
     MAX_NEW_TOKENS_LIMIT,
     MAX_TEMPERATURE,
+    MAX_VIDEOS_PER_REQUEST,
     ChatApp,
+    Upload,
     data_url_bytes,
     decode_uploads,
     is_encodable,
@@ -87,18 +91,21 @@ def error_type(status: int) -> str:
 
 @dataclass
 class ChatCompletionRequest:
-    """A checked ``/v1/chat/completions`` body. ``images`` are ``(name, url)`` in placeholder order, not yet read."""
+    """A checked ``/v1/chat/completions`` body. ``images`` are ``(name, url, is a clip)`` in placeholder order,
+    not yet read."""
 
     model: str
     turns: list[Turn]
     system: str | None
-    images: list[tuple[str, str]]
+    images: list[tuple[str, str, bool]]
     sampling: Sampling
     stream: bool
     include_usage: bool
 
 
-def read_chat_completion_request(body: dict, defaults: Sampling, max_images: int) -> ChatCompletionRequest:
+def read_chat_completion_request(
+    body: dict, defaults: Sampling, max_images: int, max_videos: int = MAX_VIDEOS_PER_REQUEST
+) -> ChatCompletionRequest:
     """A chat-completions body → :class:`ChatCompletionRequest`, or an :class:`HttpError` naming what is wrong.
     ``defaults`` fill ``max_tokens`` and ``temperature`` when absent; ``null`` counts as absent, as in OpenAI's API."""
     body = {key: value for key, value in body.items() if value is not None}
@@ -122,13 +129,16 @@ def read_chat_completion_request(body: dict, defaults: Sampling, max_images: int
         raise HttpError(400, 'stream_options must be an object like {"include_usage": true}')
     if options and not stream:
         raise HttpError(400, "stream_options applies only with stream=true: leave it out or set stream")
-    turns, system, images = read_messages(body.get("messages"), max_images)
+    turns, system, images = read_messages(body.get("messages"), max_images, max_videos)
     return ChatCompletionRequest(model, turns, system, images, sampling, stream, options.get("include_usage", False))
 
 
-def read_messages(messages: object, max_images: int) -> tuple[list[Turn], str | None, list[tuple[str, str]]]:
+def read_messages(
+    messages: object, max_images: int, max_videos: int = MAX_VIDEOS_PER_REQUEST
+) -> tuple[list[Turn], str | None, list[tuple[str, str, bool]]]:
     """OpenAI messages → the conversation's turns, its system text (None: the template's own) and its images
-    as ``(name, url)``. The last message must be the user's; only user messages carry images."""
+    and clips as ``(name, url, is a clip)``. The last message must be the user's; only user messages carry
+    images and clips."""
     if not isinstance(messages, list) or not messages:
         raise HttpError(400, "'messages' must be a non-empty list of {role, content} objects")
     turns, system_texts, images = [], [], []
@@ -146,18 +156,22 @@ def read_messages(messages: object, max_images: int) -> tuple[list[Turn], str | 
             continue
         if role == "user" and not text.strip() and not urls:
             raise HttpError(400, f"{where} is empty: give it text or an image")
-        images += [(f"image {number} of {where}", url) for number, url in enumerate(urls, start=1)]
-        if len(images) > max_images:
+        images += [
+            (f"{'video' if video else 'image'} {number} of {where}", url, video) for number, (url, video) in enumerate(urls, start=1)
+        ]
+        if sum(not video for _, _, video in images) > max_images:
             raise HttpError(413, f"{where} brings the request over {max_images} images: send fewer", "too_many_images")
+        if sum(video for _, _, video in images) > max_videos:
+            raise HttpError(413, f"{where} brings the request over {max_videos} video clips: send fewer", "too_many_videos")
         turns.append(user_turn(text, len(urls)) if role == "user" else Turn("assistant", text))
     if not turns or turns[-1].role != "user":
         raise HttpError(400, "the last message must be the user's: it is the one the model answers")
     return turns, "\n".join(system_texts) or None, images
 
 
-def read_content(content: object, where: str, images_allowed: bool) -> tuple[str, list[str]]:
-    """A message's ``content`` (a string, or a list of ``text`` and ``image_url`` parts) → its text, the text
-    parts joined by newlines, and its image URLs in order."""
+def read_content(content: object, where: str, images_allowed: bool) -> tuple[str, list[tuple[str, bool]]]:
+    """A message's ``content`` (a string, or a list of ``text``, ``image_url`` and ``video_url`` parts) → its
+    text, the text parts joined by newlines, and its image and clip URLs in order, each with whether it is a clip."""
     if isinstance(content, str):
         texts, urls = [content], []
     elif isinstance(content, list):
@@ -166,17 +180,18 @@ def read_content(content: object, where: str, images_allowed: bool) -> tuple[str
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text" and isinstance(part.get("text"), str):
                 texts.append(part["text"])
-            elif kind == "image_url" and images_allowed:
-                image = part.get("image_url")
-                if not isinstance(image, dict) or not isinstance(image.get("url"), str):
-                    raise HttpError(400, f'{where}.content[{index}].image_url must be an object {{"url": "data:image/png;base64,..."}}')
-                urls.append(image["url"])
-            elif kind == "image_url":
-                raise HttpError(400, f"{where}.content[{index}] is an image: only user messages carry images")
+            elif kind in ("image_url", "video_url") and images_allowed:
+                media = part.get(kind)
+                if not isinstance(media, dict) or not isinstance(media.get("url"), str):
+                    example = "data:video/mp4;base64,..." if kind == "video_url" else "data:image/png;base64,..."
+                    raise HttpError(400, f'{where}.content[{index}].{kind} must be an object {{"url": "{example}"}}')
+                urls.append((media["url"], kind == "video_url"))
+            elif kind in ("image_url", "video_url"):
+                raise HttpError(400, f"{where}.content[{index}] is an {kind[:5]}: only user messages carry images and clips")
             else:
-                raise HttpError(400, f"{where}.content[{index}] must be a text part or an image_url part, got {kind or part!r:.60}")
+                raise HttpError(400, f"{where}.content[{index}] must be a text, image_url or video_url part, got {kind or part!r:.60}")
     else:
-        raise HttpError(400, f"{where}.content must be a string or a list of text and image_url parts")
+        raise HttpError(400, f"{where}.content must be a string or a list of text, image_url and video_url parts")
     text = "\n".join(texts)
     if IMAGE_TOKEN in text:
         raise HttpError(400, f"{where} contains {IMAGE_TOKEN}, which stands for an image: send images as image_url parts")
@@ -346,7 +361,7 @@ class OpenAIApp(ChatApp):
         if path != "/v1/chat/completions":
             return super().post(path, body)
         defaults = Sampling(self.defaults["max_new_tokens"], self.defaults["temperature"])
-        chat = read_chat_completion_request(body, defaults, self.max_images)
+        chat = read_chat_completion_request(body, defaults, self.max_images, self.max_videos)
         self._check_model(chat.model)
         uploads = self._image_bytes(chat)
         with self.batcher.preparing():
@@ -373,19 +388,20 @@ class OpenAIApp(ChatApp):
     def _head(self, kind: str) -> dict:
         return {"id": f"chatcmpl-{secrets.token_hex(12)}", "object": kind, "created": int(time.time()), "model": self.model_name}
 
-    def _image_bytes(self, chat: ChatCompletionRequest) -> list[tuple[str, bytes]]:
-        """The request's images, encoded, as ``(name, bytes)``: fetched (if allowed) within the body's byte cap."""
+    def _image_bytes(self, chat: ChatCompletionRequest) -> list[Upload]:
+        """The request's images and clips, encoded: fetched (if allowed) within the body's byte cap."""
         uploads, bytes_left = [], self.max_body_bytes
-        for name, url in chat.images:
+        for name, url, video in chat.images:
             data = image_bytes(url, name, self.allow_image_urls, bytes_left)
-            uploads.append((name, data))
+            uploads.append(Upload(name, data, video))
             bytes_left -= len(data)
         return uploads
 
-    def _encode(self, chat: ChatCompletionRequest, uploads: list[tuple[str, bytes]]) -> EncodedSample:
-        """The prompt as the model takes it, once the images' headers show they are within the pixel cap."""
+    def _encode(self, chat: ChatCompletionRequest, uploads: list[Upload]) -> EncodedSample:
+        """The prompt as the model takes it, once the images' headers show they are within the pixel cap
+        (clips: within data/video.py's bounds as they are decoded)."""
         with self._decode_lock:
-            images = decode_uploads(uploads, self.max_pixels)
+            images = decode_uploads(uploads, self.max_pixels, self.assistant.read_video)
             try:
                 return self.assistant.encode(Request(chat.turns, images, chat.system))
             except SkipSample as skip:

@@ -1,12 +1,18 @@
 "use strict";
 // The chat page. The conversation lives here and is sent whole with every message: the server keeps no state.
 
-let messages = [];  // {role, text, images: [{name, data}]}, as the server reads them
-let pending = [];   // images added for the next message
+let messages = [];  // {role, text, images: [{name, data}]}, as the server reads them (a clip's data is a data:video/ URL)
+let pending = [];   // images and clips added for the next message
+
+function isMedia(file) {
+  return file.type.startsWith("image/") || file.type.startsWith("video/");
+}
 
 function thumbnails(images, removable) {
   return images.map((image, k) => {
-    const figure = element("figure", {}, element("img", { src: image.data, alt: image.name, title: image.name }));
+    const video = image.data.startsWith("data:video/");
+    const preview = element(video ? "video" : "img", { src: image.data, title: image.name, ...(video ? { muted: true, loop: true, autoplay: true } : { alt: image.name }) });
+    const figure = element("figure", {}, preview);
     if (removable) {
       const remove = element("button", { type: "button", textContent: "×", title: `remove ${image.name}` });
       remove.addEventListener("click", () => { pending.splice(k, 1); renderPending(); });
@@ -48,10 +54,10 @@ function readFile(file) {
 async function addFiles() {
   const files = [...$("files").files];
   $("files").value = "";  // choosing the same file again still fires a change
-  const notImages = files.filter((file) => !file.type.startsWith("image/"));
-  if (notImages.length) showError(`Not an image, left out: ${notImages.map((file) => file.name).join(", ")}`);
+  const notMedia = files.filter((file) => !isMedia(file));
+  if (notMedia.length) showError(`Not an image or a video, left out: ${notMedia.map((file) => file.name).join(", ")}`);
   try {
-    pending.push(...await Promise.all(files.filter((file) => file.type.startsWith("image/")).map(readFile)));
+    pending.push(...await Promise.all(files.filter(isMedia).map(readFile)));
   } catch (err) {
     showError(err.message);
   }
