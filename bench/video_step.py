@@ -1,5 +1,5 @@
 """What a video clip costs in training against a single image (docs/video.md): the stage-1 training step
-(vision encoder + abstractor trained, LLM frozen, bf16 autocast) of owl-smol on a batch of clip–caption
+(vision encoder + abstractor trained, LLM frozen, the configs' precision) of owl-smol on a batch of clip–caption
 samples against the same batch size of image–caption samples, and the tokens per sample the LLM reads.
 
 Clips are the moving-shapes set's (drawn here, :mod:`owl_lightning.apps.video`: nothing to build first),
@@ -19,7 +19,7 @@ import time
 import torch
 from PIL import Image
 
-from common import record
+from common import record, train_autocast
 from owl_lightning.apps.video import COLOURS, DIRECTIONS, SHAPES, Clip, draw_clip
 from owl_lightning.config import STAGE1, get_config
 from owl_lightning.data.collate import EncodedSample, collate
@@ -50,7 +50,7 @@ def step_seconds(model: torch.nn.Module, batch: dict, steps: int) -> float:
     times = []
     for _ in range(steps + 1):  # the first one warms up
         start = time.perf_counter()
-        with torch.autocast("cpu", torch.bfloat16):
+        with train_autocast():
             out = model(
                 batch["input_ids"],
                 batch["sample_ids"],
