@@ -707,3 +707,17 @@ def test_placement_settings_are_checked(one_process_mesh, tiny_model):
         AtomicModelParallelStrategy(frozen_placement="fsdp")
     with pytest.raises(ValueError, match="set the strategy's hsdp_shard_size to a divisor of 1"):
         shard_owl(tiny_model, one_process_mesh, frozen_placement="hsdp", processes_per_node=2)
+
+
+def test_an_anyres_image_through_the_sharded_model_computes_as_the_whole_model(one_process_mesh, tiny_tokenizer):
+    """The row separator is read after the connector's forward: its own unit gathers it (docs/high_resolution.md)."""
+    model = stage2_model(get_config("owl-tiny-anyres"), tiny_tokenizer)
+    whole = copy.deepcopy(model)
+    shard_owl(model, one_process_mesh)
+    ids = torch.tensor([[tiny_tokenizer.bos_token_id, tiny_tokenizer.convert_tokens_to_ids("<image>"), 97, 98, 99]])
+    views = torch.randint(0, 255, (5, 3, 32, 32), dtype=torch.uint8)  # the global view and 2×2 tiles
+    tiled = {"image_counts": torch.tensor([1]), "image_grids": torch.tensor([[2, 2]])}
+    losses = [m(ids, torch.ones_like(ids), ids, views, **tiled).loss for m in (model, whole)]
+    torch.testing.assert_close(losses[0], losses[1])
+    losses[0].backward()
+    assert model.abstractor.row_separator.weight.grad is not None

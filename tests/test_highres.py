@@ -18,7 +18,7 @@ from owl_lightning.data.highres import AnyResTiles, PadToSquare, TiledImage, ima
 from owl_lightning.data.template import Conversation, ConversationTemplate, Turn
 from owl_lightning.inference import OwlAssistant, Request
 from owl_lightning.models.llm import load_tokenizer
-from owl_lightning.models.owl import TokenLayout, build_owl, max_visual_tokens_per_image, visual_tokens_per_image
+from owl_lightning.models.owl import RowSeparator, TokenLayout, build_owl, max_visual_tokens_per_image, visual_tokens_per_image
 from owl_lightning.models.vision import VisionEncoder, resample_position_embeddings
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
 from owl_lightning.train.flops import StepFlops, sequence_lengths
@@ -131,7 +131,7 @@ def test_crop_stays_the_default(anyres_tokenizer):
     assert all(get_config(name).image.mode == "crop" for name in ("owl-tiny", "owl-smol", "owl-llama7b"))
     assert not isinstance(image_preprocess(get_config("owl-smol")), PadToSquare)
     model = build_owl(get_config("owl-tiny"), tokenizer=anyres_tokenizer)
-    assert model.abstractor.row_separator is None and "abstractor.row_separator" not in model.state_dict()
+    assert model.abstractor.row_separator is None and not any("row_separator" in key for key in model.state_dict())
     ids = torch.tensor([[1, model.image_token_id, 7, model.image_token_id]])
     layout = model.layout(ids, torch.ones_like(ids), torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
     assert layout.visual_index.tolist() == list(range(2 * 5))  # each image's own V tokens, in order
@@ -146,8 +146,10 @@ def test_visual_tokens_are_global_view_then_rows_of_tiles_each_ended_by_a_separa
     grids = torch.tensor([[2, 2], [0, 0], [1, 3]])  # a 2×2 AnyRes image, a single view, a 1×3 one: 10 views
     layout = TokenLayout.of(ids, torch.ones_like(ids), 3, v, IMG, image_grids=grids)
     views = torch.arange(10 * v, dtype=torch.float).view(10, v, 1) + 10  # view k's token j is 10 + 2k + j
-    separator = torch.full((1, 1), -1.0)
-    embeds = layout.splice(ids.float()[..., None], layout.visual_sequence(views, separator))
+    separator = RowSeparator(1)
+    separator.weight.data.fill_(-1.0)
+    with torch.no_grad():
+        embeds = layout.splice(ids.float()[..., None], layout.visual_sequence(views, separator))
     tokens = embeds[0, :, 0].tolist()
     square = [10, 11] + [12, 13, 14, 15, -1] + [16, 17, 18, 19, -1]  # global view; tiles 1, 2, separator; tiles 3, 4, separator
     single = [20, 21]
@@ -165,7 +167,7 @@ def test_model_puts_its_learned_separator_after_every_row_and_trains_it(anyres_t
     assert batch["image_grids"].tolist() == [[2, 2]] and batch["images"].shape == (5, 3, 32, 32)
     embeds, mask, _ = model.embed(batch["input_ids"], batch["sample_ids"], batch["images"], image_grids=batch["image_grids"])
     assert embeds.shape[1] == 2 + 5 * v + 2
-    separator = model.abstractor.row_separator[0]
+    separator = model.abstractor.row_separator.weight[0]
     is_separator = [bool(torch.equal(embeds[0, position], separator)) for position in range(embeds.shape[1])]
     # BOS, the global view's V, row 1's 2V → separator; row 2's 2V → separator; then the text.
     assert [p for p, hit in enumerate(is_separator) if hit] == [1 + 3 * v, 2 + 5 * v]
@@ -175,7 +177,7 @@ def test_model_puts_its_learned_separator_after_every_row_and_trains_it(anyres_t
         batch["input_ids"], batch["sample_ids"], batch["labels"], batch["images"], batch["image_counts"], image_grids=batch["image_grids"]
     )
     out.loss.backward()
-    assert model.abstractor.row_separator.grad.abs().sum() > 0
+    assert model.abstractor.row_separator.weight.grad.abs().sum() > 0
 
 
 def test_views_that_do_not_match_the_grids_are_refused_with_the_fix(anyres_model):
@@ -216,7 +218,7 @@ def test_owl_llama7b_anyres336_builds_on_meta_and_counts_its_tiles():
     with torch.device("meta"):
         model = build_owl(config, pretrained=False)
         paper = build_owl(get_config("owl-llama7b"), pretrained=False)
-    assert model.abstractor.row_separator.shape == (1, 4096) and paper.abstractor.row_separator is None
+    assert model.abstractor.row_separator.weight.shape == (1, 4096) and paper.abstractor.row_separator is None
     assert model.vision.input_size == (3, 336, 336) and model.vision.model.pos_embed.shape == (1, 577, 1024)
     extra = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in paper.parameters())
     assert extra == 4096 + (577 - 257) * 1024  # the separator and the resampled position embeddings
@@ -307,14 +309,14 @@ def test_anyres_trains_on_images_of_different_aspect_ratios(tmp_path, aspect_man
 
     class Record(L.Callback):
         def on_train_start(self, trainer, pl_module):
-            separators.append(pl_module.model.abstractor.row_separator.detach().clone())
+            separators.append(pl_module.model.abstractor.row_separator.weight.detach().clone())
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
     fit(system, data, tmp_path, steps=3, callbacks=[Record()])
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
-    assert not torch.equal(system.model.abstractor.row_separator.detach(), separators[0])  # it trained
+    assert not torch.equal(system.model.abstractor.row_separator.weight.detach(), separators[0])  # it trained
 
 
 def test_assistant_answers_about_images_of_different_shapes(anyres_model, anyres_tokenizer):

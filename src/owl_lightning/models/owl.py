@@ -174,12 +174,12 @@ class TokenLayout:
             int((mask > 0).sum()),
         )
 
-    def visual_sequence(self, view_tokens: torch.Tensor, row_separator: torch.Tensor | None = None) -> torch.Tensor:
-        """The abstractor's tokens of every view ``[T, V, D]`` (and the learned ``row_separator`` ``[1, D]``
-        when some image is tiled) → the batch's visual tokens in layout order ``[P, D]``."""
+    def visual_sequence(self, view_tokens: torch.Tensor, row_separator: RowSeparator | None = None) -> torch.Tensor:
+        """The abstractor's tokens of every view ``[T, V, D]`` (and AnyRes's learned ``row_separator``) →
+        the batch's visual tokens in layout order ``[P, D]``."""
         table = view_tokens.flatten(0, 1)
         if row_separator is not None:
-            table = torch.cat([table, row_separator.to(table.dtype)])
+            table = row_separator(table)
         return table[self.visual_index]
 
     def splice(self, text_embeds: torch.Tensor, visual_tokens: torch.Tensor) -> torch.Tensor:
@@ -476,6 +476,22 @@ class OwlModel(nn.Module):
         return self
 
 
+class RowSeparator(nn.Module):
+    """AnyRes's learned row separator: ``weight`` ``[1, D]``, one LLM embedding closing each row of tiles.
+
+    A module of its own, and its own FSDP unit (train/parallel.py): it is used after the connector's
+    forward, when the connector's unit has resharded its parameters. Its forward appends it to the views'
+    tokens (a new tensor: a unit's gathered parameters are freed after its forward)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(1, width) * 0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Visual tokens ``[N, D]`` → ``[N + 1, D]``, the separator last (row ``N`` of the layout's table)."""
+        return torch.cat([tokens, self.weight.to(tokens.dtype)])
+
+
 def build_owl(config: OwlConfig, pretrained: bool = True, tokenizer: PreTrainedTokenizerBase | None = None) -> OwlModel:
     """Build the model of a config. ``pretrained=False`` uses random init (under ``torch.device('meta')``
     it allocates nothing: the paper's 7B builds in a second)."""
@@ -497,8 +513,7 @@ def build_owl(config: OwlConfig, pretrained: bool = True, tokenizer: PreTrainedT
     # AnyRes's learned row separator lives in the connector's slot, whichever connector fills it: it trains
     # with it (the recipe's abstractor field) and is saved under its keys. Absent otherwise: crop and pad
     # checkpoints keep the paper's (and the official) keys.
-    separator = nn.Parameter(torch.randn(1, llm_width) * 0.02) if config.image.mode == "anyres" else None
-    connector.register_parameter("row_separator", separator)
+    connector.row_separator = RowSeparator(llm_width) if config.image.mode == "anyres" else None
     # The video frames' temporal embedding (docs/video.md) lives there too, for the same reason. Zero at
     # first: a checkpoint saved before it existed loads with it at zero, reading frames as stills.
     connector.temporal_embedding = TemporalEmbedding(config.video.num_frames, vision.num_features)

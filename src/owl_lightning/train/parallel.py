@@ -8,6 +8,7 @@ The FSDP units, built bottom-up (each is all-gathered before its forward and fre
 
     each vision block               the rest of the vision encoder (patch/stem, norms)
     each abstractor layer           the video frames' temporal embedding (runs before the abstractor's forward)
+                                    AnyRes's row separator (read after it)
                                     the rest of the abstractor (queries, projections, end token)
     each LLM decoder block          with its trainable LoRA adapters as a unit of their own
     the LLM's input and output embeddings (one unit: tied models share the weight)
@@ -216,6 +217,8 @@ def shard_owl(
     shard([model.vision])
     # Called before the connector's forward (OwlModel.encode_images): a unit of its own gathers on its own forward.
     shard([model.abstractor.temporal_embedding])
+    if model.abstractor.row_separator is not None:  # AnyRes: read after the connector's forward, like the above before it
+        shard([model.abstractor.row_separator])
     shard([model.abstractor])
     embeddings = [model.llm.get_input_embeddings(), model.llm.get_output_embeddings()]
     # One unit for both: they share the weight when tied, and the input embeddings are called from
