@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import re
+import statistics
 import time
 from pathlib import Path
 
@@ -51,3 +52,25 @@ def synchronize(device: torch.device) -> None:
     """Wait for the GPU's queued work (timings must include it); nothing on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def median_step_seconds(model: torch.nn.Module, batch: dict, steps: int) -> float:
+    """Median seconds of ``steps`` forward + backward passes of an OwlModel on a collated ``batch``, in the
+    configs' precision, after one untimed warm-up pass."""
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        with train_autocast():
+            out = model(
+                batch["input_ids"],
+                batch["sample_ids"],
+                batch["labels"],
+                batch["images"],
+                batch["image_counts"],
+                image_grids=batch["image_grids"],
+                image_frames=batch["image_frames"],
+            )
+        out.loss.backward()
+        times.append(time.perf_counter() - start)
+        model.zero_grad(set_to_none=True)
+    return statistics.median(times[1:])

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import skimage.data
 from PIL import Image
 
-from common import record, train_autocast
+from common import median_step_seconds, record
 from owl_lightning.config import STAGE2, get_config
 from owl_lightning.data.collate import EncodedSample, collate
 from owl_lightning.data.highres import visual_tokens_of
@@ -46,26 +45,11 @@ def step_seconds(name: str, repeats: int) -> dict:
         samples.append(EncodedSample(input_ids, labels, [pixels]))
     batch = collate(samples, processor.tokenizer.pad_token_id, pack_visual_tokens_per_image=template.visual_tokens_per_image)
     lengths = sequence_lengths(batch, template.visual_tokens_per_image, template.image_token_id)
-    times = []
-    for _ in range(repeats + 1):  # the first one warms up
-        start = time.perf_counter()
-        with train_autocast():
-            out = model(
-                batch["input_ids"],
-                batch["sample_ids"],
-                batch["labels"],
-                batch["images"],
-                batch["image_counts"],
-                image_grids=batch["image_grids"],
-            )
-        out.loss.backward()
-        times.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
     return {
         "views": int(batch["images"].shape[0]),
         "visual_tokens_per_image": [visual_tokens_of(sample.images[0], template.visual_tokens_per_image) for sample in samples],
         "tokens_per_sample": statistics.mean(lengths.tolist()),
-        "step_s": statistics.median(times[1:]),
+        "step_s": median_step_seconds(model, batch, repeats),
     }
 
 

@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
-import torch
 from PIL import Image
 
-from common import record, train_autocast
+from common import median_step_seconds, record
 from owl_lightning.apps.video import COLOURS, DIRECTIONS, SHAPES, Clip, draw_clip
 from owl_lightning.config import STAGE1, get_config
 from owl_lightning.data.collate import EncodedSample, collate
@@ -46,26 +44,6 @@ def samples(processor: OwlProcessor, count: int, video: bool) -> list[EncodedSam
     return encoded
 
 
-def step_seconds(model: torch.nn.Module, batch: dict, steps: int) -> float:
-    times = []
-    for _ in range(steps + 1):  # the first one warms up
-        start = time.perf_counter()
-        with train_autocast():
-            out = model(
-                batch["input_ids"],
-                batch["sample_ids"],
-                batch["labels"],
-                batch["images"],
-                batch["image_counts"],
-                image_grids=batch["image_grids"],
-                image_frames=batch["image_frames"],
-            )
-        out.loss.backward()
-        times.append(time.perf_counter() - start)
-        model.zero_grad(set_to_none=True)
-    return statistics.median(times[1:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="timed steps of each (after one warm-up step)")
@@ -85,7 +63,7 @@ def main() -> None:
         entry[kind] = {
             "views_per_sample": num_views(batch) / args.batch_size,
             "tokens_per_sample": statistics.mean(lengths.tolist()),
-            "step_s": step_seconds(model, batch, args.steps),
+            "step_s": median_step_seconds(model, batch, args.steps),
         }
     entry["step_ratio"] = entry["video"]["step_s"] / entry["image"]["step_s"]
     if args.no_record:

@@ -462,12 +462,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", default="data/embedded", help="output folder (default: %(default)s)")
     args = parser.parse_args(argv)
+    build_and_report("embedded data", args.out, lambda: build_embedded(args.out))
+
+
+def build_and_report(what: str, out: str | Path, build: Callable[[], dict[str, int]]) -> None:
+    """Run a ``data`` command's ``build`` and log what it made: ``what`` in ``out``, the seconds, each count."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     start = time.perf_counter()
-    counts = build_embedded(args.out)
-    log.info("embedded data in %s (%.1f s):", args.out, time.perf_counter() - start)
+    counts = build()
+    log.info("%s in %s (%.1f s):", what, out, time.perf_counter() - start)
     for name, count in counts.items():
-        log.info("  %-28s %d", name, count)
+        log.info("  %-30s %d", name, count)
 
 
 if __name__ == "__main__":

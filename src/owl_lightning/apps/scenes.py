@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import logging
 import random
-import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -36,9 +34,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from owl_lightning.apps.embedded import ShardSample, build_once, llava_record, multi_turn_records, write_shards
-
-log = logging.getLogger(__name__)
+from owl_lightning.apps.embedded import ShardSample, build_and_report, build_once, llava_record, multi_turn_records, write_shards
 
 BUILD_VERSION = 1  # bump when the output changes, so existing builds are redone
 IMAGE_SIZE = 128  # owl-smol's input size: the scenes reach the encoder unresized
@@ -542,12 +538,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{split}-scenes", type=int, default=getattr(defaults, split), help=f"{split} scenes (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="draws every scene and question (default: %(default)s)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    start = time.perf_counter()
-    counts = build_scenes(args.out, SceneSizes(args.train_scenes, args.val_scenes, args.test_scenes, args.seed))
-    log.info("scenes in %s (%.1f s):", args.out, time.perf_counter() - start)
-    for name, count in counts.items():
-        log.info("  %-30s %d", name, count)
+    sizes = SceneSizes(args.train_scenes, args.val_scenes, args.test_scenes, args.seed)
+    build_and_report("scenes", args.out, lambda: build_scenes(args.out, sizes))
 
 
 if __name__ == "__main__":

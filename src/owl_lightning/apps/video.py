@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import random
-import time
 from dataclasses import asdict, dataclass
 from itertools import product
 from pathlib import Path
@@ -33,10 +31,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image, ImageDraw
 
-from owl_lightning.apps.embedded import build_once
+from owl_lightning.apps.embedded import build_and_report, build_once
 from owl_lightning.data.video import encode_clip
-
-log = logging.getLogger(__name__)
 
 BUILD_VERSION = 1  # bump when the output changes, so existing builds are redone
 FRAME_SIZE = 64  # small clips encode fast; the encoder's preprocessing resizes them
@@ -195,12 +191,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="draws every clip and question order (default: %(default)s)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    start = time.perf_counter()
-    counts = build_video(args.out, VideoSizes(args.train_per_combination, args.val_per_combination, args.test_per_combination, args.seed))
-    log.info("moving-shapes clips in %s (%.1f s):", args.out, time.perf_counter() - start)
-    for name, count in counts.items():
-        log.info("  %-30s %d", name, count)
+    sizes = VideoSizes(args.train_per_combination, args.val_per_combination, args.test_per_combination, args.seed)
+    build_and_report("moving-shapes clips", args.out, lambda: build_video(args.out, sizes))
 
 
 if __name__ == "__main__":
