@@ -187,7 +187,8 @@ def read_content(content: object, where: str, images_allowed: bool) -> tuple[str
                     raise HttpError(400, f'{where}.content[{index}].{kind} must be an object {{"url": "{example}"}}')
                 urls.append((media["url"], kind == "video_url"))
             elif kind in ("image_url", "video_url"):
-                raise HttpError(400, f"{where}.content[{index}] is an {kind[:5]}: only user messages carry images and clips")
+                what = "a video clip" if kind == "video_url" else "an image"
+                raise HttpError(400, f"{where}.content[{index}] is {what}: only user messages carry images and clips")
             else:
                 raise HttpError(400, f"{where}.content[{index}] must be a text, image_url or video_url part, got {kind or part!r:.60}")
     else:
