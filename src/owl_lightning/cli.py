@@ -204,6 +204,11 @@ def _data_main(args: list[str]) -> None:
 
         build_video(args[1:])
         return
+    if args[:1] == ["general-text"]:
+        from owl_lightning.apps.general_text import main as build_general_text
+
+        build_general_text(args[1:])
+        return
     from owl_lightning.apps.embedded import main as build_embedded
 
     build_embedded(args)

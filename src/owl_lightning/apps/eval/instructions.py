@@ -100,7 +100,9 @@ def answer_stats(answers: list[str], tokenizer) -> dict:
     }
 
 
-def _answers(assistant: OwlAssistant, prompts: list[str], max_new_tokens: int, batch_size: int, base: bool) -> list[str]:
+def answer_texts(assistant: OwlAssistant, prompts: list[str], max_new_tokens: int, batch_size: int, base: bool) -> list[str]:
+    """Greedy answers to text-only ``prompts``: by the base LLM under its own chat template (``base``),
+    or by the tuned model under the run's template."""
     template = base_template(assistant) if base else assistant.template
     answers: list[str] = []
     with base_llm(assistant.model, base):
@@ -122,8 +124,8 @@ def instruction_following(
     ``prompt``, ``base``, ``tuned``, ``base_repetition``, ``tuned_repetition``, ``rouge_l``)."""
     prompts = prompts if prompts is not None else read_text_prompts()
     texts = [p["prompt"] for p in prompts]
-    base = _answers(assistant, texts, max_new_tokens, batch_size, base=True)
-    tuned = _answers(assistant, texts, max_new_tokens, batch_size, base=False)
+    base = answer_texts(assistant, texts, max_new_tokens, batch_size, base=True)
+    tuned = answer_texts(assistant, texts, max_new_tokens, batch_size, base=False)
     answers = [
         {
             "id": p.get("id", i),
