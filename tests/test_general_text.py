@@ -29,7 +29,8 @@ def test_looping_and_empty_answers_are_dropped_and_a_tenth_held_out(tmp_path, mo
     kept = train + heldout
     assert len(kept) == 20 and len(heldout) == 2
     assert {r["output"] for r in kept} == {"A calm answer about hills.", "Another answer, in words."}
-    assert [r["instruction"] for r in heldout] == ["Prompt 0.", "Prompt 13."]  # every 10th kept record
+    # prompts i % 4 in (0, 3) are kept: 0, 3, 4, 7, ..., 19, 20; every 10th kept record is held out
+    assert [r["instruction"] for r in heldout] == ["Prompt 0.", "Prompt 20."]
     skips = SkipLog()  # a stage-2 manifest reads it as Alpaca
     conversations = read_conversations(InstructionSource("general_text", "alpaca", str(out)), skips)
     assert len(conversations) == 18 and not skips.pending

@@ -52,7 +52,7 @@ TEMPLATES = (
     ("letter", "Write a short note to a friend recommending {topic}."),
 )
 TOPICS = (
-    "mountains", "bicycles", "bread baking", "rivers", "owls", "old castles", "trains", "volcanoes",
+    "mountains", "bicycles", "bread baking", "rivers", "owls", "castles", "trains", "volcanoes",
     "honey", "chess", "lighthouses", "deserts", "museums", "bridges", "kites", "penguins", "waterfalls",
     "maps", "the piano", "glaciers", "windmills", "fireworks", "elephants", "pottery", "jazz music",
 )  # fmt: skip
