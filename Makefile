@@ -38,12 +38,13 @@ clean-venv:
 	rm -rf $(VENV)
 
 # The embedded datasets, each built once and skipped when present: easy-VQA shards, instructions and
-# stdlib text (data/embedded), the harder scenes task (data/scenes, docs/scenes.md) and the moving-shapes
-# video clips (data/video, docs/video.md).
+# stdlib text (data/embedded), the harder scenes task (data/scenes, docs/scenes.md), the moving-shapes
+# video clips (data/video, docs/video.md) and interleaved documents (data/interleaved, docs/interleaved.md).
 data: install
 	$(OWL) data --out data/embedded
 	$(OWL) data scenes --out data/scenes
 	$(OWL) data video --out data/video
+	$(OWL) data interleaved --out data/interleaved
 
 BASE_CONFIG ?= experiments/base.yaml
 STAGE1_CONFIG ?= experiments/stage1_smol.yaml

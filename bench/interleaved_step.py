@@ -2,7 +2,7 @@
 
 Both sides train owl-smol's stage 1 as ``make stage1`` does (Lightning Trainer, the configs' precision, clipping at
 1.0) on batches of the same size from ``CaptionDataModule``: captions from the embedded easy-VQA shards
-(max_length 64, as experiments/stage1_smol.yaml), documents from OBELICS-layout shards written here — each
+(max_length 64, as experiments/stage1_smol.yaml), documents from the generated OBELICS shards of ``owl-lightning data interleaved`` — each
 document three paragraphs of real text (Python standard-library docstrings), each followed by an easy-VQA
 image and its caption (max_length 512). Reported: the median step time of each after warm-up (of the
 fastest of alternating rounds: other work on a shared machine only adds time), their ratio, and per
@@ -14,68 +14,29 @@ sample the expanded tokens (visual tokens included), images and supervised token
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import pydoc
 import statistics
-import tarfile
 import tempfile
 from pathlib import Path
 
-import webdataset as wds
 import yaml
 
 from common import record
 from owl_lightning.config import IGNORE_INDEX, STAGE1, get_config
-from owl_lightning.data.manifest import load_manifest
 from owl_lightning.data.shards import expand_shards
 from owl_lightning.train.datamodules import CaptionDataModule
 from owl_lightning.train.flops import sequence_lengths
 from owl_lightning.train.system import STAGE1_OPTIMIZER, OwlSystem
 from step_overhead import StepTimer, fit
 
-PARAGRAPH_MODULES = ("json", "tarfile", "statistics", "argparse", "pathlib", "tempfile", "textwrap", "heapq", "bisect", "shutil")
-PARAGRAPH_WORDS = 40
 
-
-def paragraphs() -> list[str]:
-    """Real human-written text on every machine: the first words of standard-library module docstrings."""
-    texts = []
-    for name in PARAGRAPH_MODULES:
-        words = pydoc.getdoc(__import__(name)).split()
-        texts.append(" ".join(words[:PARAGRAPH_WORDS]))
-    return texts
-
-
-def captioned_images(manifest: str, count: int) -> list[tuple[bytes, str]]:
-    """``(png bytes, caption)`` of the first ``count`` samples of the manifest's first train shard."""
-    first_shard = expand_shards(load_manifest(manifest).train[0].shards)[0]
-    members: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(first_shard) as tar:
-        for member in tar:
-            key, _, extension = member.name.partition(".")
-            members.setdefault(key, {})[extension] = tar.extractfile(member).read()
-    return [(sample["png"], sample["txt"].decode()) for sample in list(members.values())[:count]]
-
-
-def write_documents(folder: Path, images: list[tuple[bytes, str]], documents: int) -> Path:
-    """OBELICS-layout shards (``KEY.json`` + ``KEY.k.png``) and a manifest for them."""
-    texts = paragraphs()
-    with wds.TarWriter(str(folder / "docs-000000.tar")) as sink:
-        for key in range(documents):
-            layout, members = [], {}
-            for slot in range(3):
-                png, caption = images[(3 * key + slot) % len(images)]
-                layout += [texts[(key + slot) % len(texts)], None, f"{caption}."]
-                members[f"{slot}.png"] = png
-            document = {
-                "texts": layout,
-                "images": [f"https://example.com/{key}/{i}.png" if t is None else None for i, t in enumerate(layout)],
-            }
-            sink.write({"__key__": f"{key:09d}", "json": json.dumps(document), **members})
+def documents_manifest(folder: Path, shards: str) -> Path:
+    """A stage-1 manifest of the generated document shards (``owl-lightning data interleaved``)."""
+    if not expand_shards(shards) or not Path(expand_shards(shards)[0]).is_file():
+        raise SystemExit(f"no document shards at {shards}: run make data first")
     manifest = folder / "documents.yaml"
     manifest.write_text(
-        yaml.safe_dump({"train": [{"name": "documents", "shards": "docs-000000.tar", "format": "obelics", "max_images": 3}]})
+        yaml.safe_dump({"train": [{"name": "documents", "shards": str(Path(shards).resolve()), "format": "obelics", "max_images": 3}]})
     )
     return manifest
 
@@ -110,6 +71,7 @@ def measure(system: OwlSystem, taken: list[dict], warmup: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captions", default="data_manifests/embedded_stage1.yaml")
+    parser.add_argument("--documents", default="data/interleaved/stage1/train-000000.tar")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -120,7 +82,7 @@ def main() -> None:
         return OwlSystem(config=get_config("owl-smol"), recipe=STAGE1, optimizer=STAGE1_OPTIMIZER)
 
     with tempfile.TemporaryDirectory() as folder:
-        documents = write_documents(Path(folder), captioned_images(args.captions, 30), documents=args.steps * args.batch_size)
+        documents = documents_manifest(Path(folder), args.documents)
         sides = {"captions": (args.captions, 64), "documents": (str(documents), 512)}
         rounds: dict[str, list[dict]] = {side: [] for side in sides}
         for _ in range(args.rounds):  # alternating, so a change in the machine's load reaches both sides

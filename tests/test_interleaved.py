@@ -1,6 +1,7 @@
-"""Interleaved documents in stage 1: MMC4 and OBELICS records in WebDataset shards, written by the tests in
+"""Interleaved documents: in stage 1, MMC4 and OBELICS records in WebDataset shards, written by the tests in
 the datasets' own schemas, read in document order, supervised on text only, with every image slot left out
-counted by reason, mixed with caption shards, trained, and resumed exactly."""
+counted by reason, mixed with caption shards, trained, and resumed exactly; in stage 2, the same records
+read from JSONL files with their images under the image root; and the generated document set."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
+from owl_lightning.apps.interleaved import build_interleaved
+from owl_lightning.cli import main
 from owl_lightning.config import IGNORE_INDEX, IMAGE_TOKEN
 from owl_lightning.data.health import (
     AFTER_LAST_TEXT,
@@ -22,11 +26,14 @@ from owl_lightning.data.health import (
     MISSING_TEXT,
     OVER_MAX_IMAGES,
     PAST_MAX_LENGTH,
+    PATH_OUTSIDE_ROOT,
     DataHealth,
     SkipLog,
     SkipSample,
 )
-from owl_lightning.data.manifest import ShardSource, load_manifest
+from owl_lightning.data.instruct import read_conversations
+from owl_lightning.data.manifest import InstructionSource, ShardSource, load_manifest
+from owl_lightning.data.mixture import InstructionMixture
 from owl_lightning.data.shards import build_shard_pipeline
 from owl_lightning.data.template import ConversationTemplate
 from owl_lightning.train.datamodules import CaptionDataModule, ResumableLoader
@@ -320,3 +327,149 @@ def test_anyres_images_count_their_own_visual_tokens_in_the_cut(template):
     pieces = [None, "A small image.", None, "A large image."]
     assert template.encode_document(pieces, image_tokens=[VISUAL, VISUAL])[2] == 2
     assert template.encode_document(pieces, image_tokens=[VISUAL, template.max_length])[2] == 1
+
+
+# ----------------------------------------------------------------------------- stage 2: documents in JSONL files
+
+
+def write_documents(path: Path, records: list[dict | str]) -> Path:
+    path.write_text("".join((record if isinstance(record, str) else json.dumps(record)) + "\n" for record in records))
+    return path
+
+
+def test_stage2_trains_on_documents_read_from_jsonl_with_their_images_under_the_image_root(tmp_path, template):
+    images = tmp_path / "images"
+    images.mkdir()
+    for colour in ("red", "blue", "green"):
+        (images / f"{colour}.png").write_bytes(png_bytes(colour))
+    (tmp_path / "secret.png").write_bytes(png_bytes("green"))
+    first = {"texts": ["A page.", None, "It is red.", None, "It is blue."], "images": [None, "red.png", None, "blue.png", None]}
+    second = {"texts": [None, "Outside the root.", None, "It is green."], "images": ["../secret.png", None, "green.png", None]}
+    path = write_documents(tmp_path / "docs.jsonl", [first, "{not json", second])
+    source = InstructionSource(name="docs", format="obelics", path=str(path), image_root=str(images), max_images=3)
+
+    skips = SkipLog()
+    documents = read_conversations(source, skips)
+    assert [reason for reason, _ in skips.drain()] == [MALFORMED_RECORD]  # the broken line, by its line number
+    assert [document.origin for document in documents] == [f"{path}:1", f"{path}:3"]
+    mixture = InstructionMixture([(source, documents)], template, resize_to_tensor, batch_size=2, pad_token_id=0, batches_per_epoch=1)
+    (batch,) = list(mixture)
+
+    by_sample = dict(zip(batch["image_counts"].tolist(), range(2)))  # the first document keeps 2 images, the second 1
+    expected_ids, expected_labels, _ = template.encode_document(["A page.", None, "It is red.", None, "It is blue."])
+    row = by_sample[2]
+    assert batch["input_ids"][row, : len(expected_ids)].tolist() == expected_ids
+    assert batch["labels"][row, : len(expected_labels)].tolist() == expected_labels
+    colours = [colour_of(image) for image in batch["images"]]
+    assert sorted(colours) == ["blue", "green", "red"]  # three images: the one outside the root never read
+    assert colours.index("red") + 1 == colours.index("blue")
+    assert batch["dropped_images"] == [PATH_OUTSIDE_ROOT] and batch["skipped"] == []
+
+
+def test_stage2_mmc4_documents_name_their_images_or_embed_them(tmp_path, template):
+    (tmp_path / "0000.jpg").write_bytes(png_bytes("blue"))  # mmc4_record names image k f"{k:04x}.jpg"
+    record = mmc4_record(["A red page.", "It shows a blue square."], matches=[1, 0], embedded={1: png_bytes("red")})
+    record["image_info"][1].pop("image_name")
+    path = write_documents(tmp_path / "mmc4.jsonl", [record])
+    source = InstructionSource(name="mmc4", format="mmc4", path=str(path), image_root=str(tmp_path))
+    documents = read_conversations(source, SkipLog())
+    (batch,) = list(InstructionMixture([(source, documents)], template, resize_to_tensor, batch_size=1, pad_token_id=0))
+    assert [colour_of(image) for image in batch["images"]] == ["red", "blue"]
+
+
+def test_a_stage2_document_with_no_usable_image_is_a_counted_skip_and_replaced(tmp_path, template):
+    (tmp_path / "red.png").write_bytes(png_bytes("red"))
+    good = {"texts": [None, "It is red."], "images": ["red.png", None]}
+    missing = {"texts": [None, "Nothing to see."], "images": ["missing.png", None]}
+    path = write_documents(tmp_path / "docs.jsonl", [missing, good])
+    source = InstructionSource(name="docs", format="obelics", path=str(path), image_root=str(tmp_path))
+    mixture = InstructionMixture(
+        [(source, read_conversations(source, SkipLog()))], template, resize_to_tensor, batch_size=4, pad_token_id=0
+    )
+    batches = list(mixture)
+    assert all(colour_of(image) == "red" for batch in batches for image in batch["images"])
+    skipped = [skip for batch in batches for skip in batch["skipped"]]
+    assert skipped and all(reason == MISSING_IMAGE and where == f"{path}:1" for reason, where in skipped)
+
+
+def test_a_stage2_document_source_needs_an_image_root(tmp_path, template):
+    path = write_documents(tmp_path / "docs.jsonl", [{"texts": [None, "Red."], "images": ["red.png", None]}])
+    source = InstructionSource(name="docs", format="obelics", path=str(path))
+    with pytest.raises(ValueError, match="image_root"):
+        InstructionMixture([(source, read_conversations(source, SkipLog()))], template, resize_to_tensor, batch_size=1, pad_token_id=0)
+
+
+# ----------------------------------------------------------------------------- the generated document set
+
+
+def write_embedded_shards(folder: Path, per_split: int) -> None:
+    """Stand-ins for the embedded stage-1 shards: ``KEY.png`` + ``KEY.txt`` ("a red circle") per sample."""
+    (folder / "stage1").mkdir(parents=True)
+    colours = list(COLOURS)
+    for split in ("train", "val"):
+        samples = [
+            {"__key__": f"{key:09d}", "png": png_bytes(colours[key % len(colours)]), "txt": f"a {colours[key % len(colours)]} circle"}
+            for key in range(per_split)
+        ]
+        write_shard(folder / "stage1" / f"{split}-000000.tar", samples)
+
+
+def test_the_generated_set_holds_each_image_once_with_its_caption_after_it(tmp_path, tiny_tokenizer):
+    write_embedded_shards(tmp_path / "embedded", per_split=7)
+    counts = build_interleaved(tmp_path / "out", tmp_path / "embedded")
+    again = build_interleaved(tmp_path / "again", tmp_path / "embedded")
+    assert counts == again == {"train_documents": 2, "stage1_train_shards": 1, "val_documents": 2, "stage1_val_shards": 1}
+    lines = (tmp_path / "out" / "stage2" / "documents_train.jsonl").read_text().splitlines()
+    assert lines == (tmp_path / "again" / "stage2" / "documents_train.jsonl").read_text().splitlines()
+    named = []
+    for line in lines:
+        record = json.loads(line)
+        for at, image in enumerate(record["images"]):
+            if image is not None:
+                colour = colour_of(resize_to_tensor(Image.open(tmp_path / "out" / "images" / image)))
+                assert record["texts"][at + 1] == f"A {colour} circle."
+                named.append(image)
+    assert len(named) == len(set(named)) == 6  # 7 images make two documents of three
+    source = ShardSource("docs", str(tmp_path / "out" / "stage1" / "train-000000.tar"), format="obelics", image_key="png", max_images=3)
+    template = ConversationTemplate(tiny_tokenizer, max_length=2048, visual_tokens_per_image=VISUAL)
+    batches = read_all(source, template)
+    assert sum(int(batch["image_counts"].sum()) for batch in batches) == 6 and not any(batch["skipped"] for batch in batches)
+
+
+@pytest.mark.slow
+def test_stage1_then_stage2_train_owl_tiny_on_the_generated_document_set(tmp_path):
+    """``data interleaved``, then both stages through the CLI on owl-tiny, with the shipped manifests' document sources."""
+    write_embedded_shards(tmp_path / "embedded", per_split=12)
+    main(["data", "interleaved", "--out", str(tmp_path / "data"), "--embedded", str(tmp_path / "embedded")])
+    root = Path(__file__).parents[1]
+    manifests = {}
+    for stage in ("stage1", "stage2"):
+        text = (root / "data_manifests" / f"interleaved_{stage}.yaml").read_text().replace("../data/interleaved", str(tmp_path / "data"))
+        manifest = yaml.safe_load(text.replace("{000000..000002}", "000000"))
+        manifest["train"] = [source for source in manifest["train"] if source["name"] == "documents"]  # no data/embedded here
+        manifest["val"] = []
+        manifests[stage] = tmp_path / f"{stage}.yaml"
+        manifests[stage].write_text(yaml.safe_dump(manifest))
+    common = ["--model.config", str(root / "experiments" / "models" / "owl-tiny.yaml"), "--trainer.max_steps", "2"]
+    common += ["--trainer.accelerator", "cpu", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    common += ["--data.num_workers", "0", "--data.batch_size", "2", "--data.batches_per_epoch", "2", "--trainer.limit_val_batches", "0"]
+    common += ["--data.max_length", "512"]  # owl-tiny reads bytes: a document (~830 tokens) keeps its first images
+    main(["stage1", "fit", "--data.manifest", str(manifests["stage1"]), "--trainer.default_root_dir", str(tmp_path / "stage1"), *common])
+    stage1 = next((tmp_path / "stage1").rglob("*.ckpt"))
+    main(
+        ["stage2", "fit", "--data.manifest", str(manifests["stage2"]), "--model.init_from", str(stage1)]
+        + ["--trainer.default_root_dir", str(tmp_path / "stage2"), *common]
+    )
+    assert next((tmp_path / "stage2").rglob("*.ckpt")).is_file()
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_the_interleaved_experiments_stack_on_the_smol_stages(stage, capsys):
+    root = Path(__file__).parents[1]
+    argv = [stage, "fit", "--config", str(root / "experiments" / "base.yaml"), "--config", str(root / "experiments" / f"{stage}_smol.yaml")]
+    with pytest.raises(SystemExit):
+        main([*argv, "--config", str(root / "experiments" / "interleaved" / f"{stage}.yaml"), "--print_config"])
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["trainer"]["default_root_dir"] == f"runs/{stage}_interleaved"
+    manifest = load_manifest(root / printed["data"]["manifest"])
+    assert "obelics" in {source.format for source in manifest.train}

@@ -6,6 +6,8 @@ owl-lightning describe owl-llama7b [--json]
 owl-lightning data [--out data/embedded]
 owl-lightning data scenes [--out data/scenes] [--train-scenes N] [--seed S]
 owl-lightning data video [--out data/video] [--train-per-combination N] [--seed S]
+owl-lightning data interleaved [--out data/interleaved] [--embedded data/embedded]
+owl-lightning data general-text [--out data/embedded/stage2/general_text.json]
 owl-lightning eval --ckpt RUN_OR_CKPT [--vqa-limit N]
 owl-lightning eval --ckpt RUN_OR_CKPT --tasks vqav2,pope[,...] [--root pope=DIR] [--choice likelihood] [--limit N]
 owl-lightning chat --ckpt RUN_OR_CKPT --image a.jpg [--image b.jpg] [--video clip.mp4] [--prompt "..."]
@@ -20,6 +22,7 @@ owl-lightning consolidate SHARDED_CKPT_OR_RUN OUT.ckpt
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -193,25 +196,16 @@ def _describe_main(args: list[str]) -> None:
         print(f"  trainable in {stage}: {n:,}")
 
 
+# ``owl-lightning data NAME``: the builders besides the embedded default (no name), by module under apps/.
+DATA_BUILDERS = {"scenes": "scenes", "video": "video", "interleaved": "interleaved", "general-text": "general_text"}
+
+
 def _data_main(args: list[str]) -> None:
-    if args[:1] == ["scenes"]:
-        from owl_lightning.apps.scenes import main as build_scenes
-
-        build_scenes(args[1:])
-        return
-    if args[:1] == ["video"]:
-        from owl_lightning.apps.video import main as build_video
-
-        build_video(args[1:])
-        return
-    if args[:1] == ["general-text"]:
-        from owl_lightning.apps.general_text import main as build_general_text
-
-        build_general_text(args[1:])
-        return
-    from owl_lightning.apps.embedded import main as build_embedded
-
-    build_embedded(args)
+    if args and args[0] in DATA_BUILDERS:
+        module, args = DATA_BUILDERS[args[0]], args[1:]
+    else:
+        module = "embedded"
+    importlib.import_module(f"owl_lightning.apps.{module}").main(args)
 
 
 def _eval_main(args: list[str]) -> None:

@@ -10,9 +10,14 @@ owl_jsonl      one ``{"text": conversation in the mPLUG-Owl template, "image": [
 video_chatgpt  JSON list of ``{"id", "video": path, "conversations": [{"from", "value"}]}`` (Video-ChatGPT,
                VideoChat, Video-LLaVA): the clip stands at ``<video>`` (or ``<image>``) in the text, or before
                the first question when the text has no placeholder
+mmc4           one MMC4 document per line (``{"text_list", "image_info": [{"image_name", "matched_text_index"}]}``),
+               its images files under ``image_root`` (``image_name``) or base64 (``image_base64``)
+obelics        one OBELICS document per line (``{"texts", "images"}``), its ``images`` entries paths under ``image_root``
 =============  ==========================================================================================
 
-Every format becomes a list of :class:`Conversation`. A bad record — whatever it makes a parser
+Every conversation format becomes a list of :class:`Conversation`; the document formats (interleaved
+image–text documents, trained like stage 1's: :mod:`~owl_lightning.data.documents`) a list of
+:class:`~owl_lightning.data.documents.Document`. A bad record — whatever it makes a parser
 raise — is skipped and recorded in the :class:`SkipLog` with its file and record (``file.json#17``:
 index in the list; ``file.jsonl:34``: line number); a file that cannot be read at all raises. Image paths stay relative strings: the
 mixture joins them with the source's ``image_root`` (clips: ``video_root``) and checks them when it loads them.
@@ -31,6 +36,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from owl_lightning.config import IMAGE_TOKEN
+from owl_lightning.data.documents import DOCUMENT_FORMATS, Document, read_document
 from owl_lightning.data.health import MALFORMED_RECORD, MISSING_TEXT, SkipLog, SkipSample, parse_json_record
 from owl_lightning.data.manifest import INSTRUCTION_FORMATS, InstructionSource
 from owl_lightning.data.template import Conversation, Turn
@@ -57,12 +63,13 @@ _OWL_ROLES = {"Human": "user", "AI": "assistant"}
 _Parsed = tuple[list[tuple[str, str]], list[str]]
 
 
-def read_conversations(source: InstructionSource, skips: SkipLog) -> list[Conversation]:
-    """All usable conversations of ``source`` (at most ``source.num_samples`` records are read).
+def read_conversations(source: InstructionSource, skips: SkipLog) -> list[Conversation | Document]:
+    """All usable conversations (documents, for a document format) of ``source`` (at most
+    ``source.num_samples`` records are read).
 
     Bad records are skipped and recorded in ``skips``; an unreadable file raises ``ValueError``.
     """
-    if source.format not in _PARSERS:
+    if source.format not in _PARSERS and source.format not in DOCUMENT_FORMATS:
         raise ValueError(f"instruction source {source.name!r}: unknown format {source.format!r}; use one of {INSTRUCTION_FORMATS}")
     path = Path(source.path)
     if not path.is_file():
@@ -70,6 +77,12 @@ def read_conversations(source: InstructionSource, skips: SkipLog) -> list[Conver
             f"instruction source {source.name!r}: {path} not found; fix its 'path' in the data manifest, "
             "or build the data (the embedded data and the scenes task: make data)"
         )
+    if source.format in DOCUMENT_FORMATS:
+        documents = []
+        for where, line in itertools.islice(_jsonl_lines(path), source.num_samples):
+            with skips.catch(where):
+                documents.append(read_document(parse_json_record(line, "line"), source.format, source.name, where))
+        return documents
     records = _jsonl_lines(path) if source.format == "owl_jsonl" else _json_records(path, source.format)
     parse = _PARSERS[source.format]
     conversations = []

@@ -27,6 +27,11 @@ against the folder holding the manifest, so a manifest works from any working di
         format: video_chatgpt
         path: /data/videochatgpt/videochatgpt_instruct.json
         video_root: /data/activitynet/videos
+      - name: obelics                    # stage 2: interleaved documents, one per line (docs/interleaved.md)
+        format: obelics                  # or mmc4
+        path: /data/obelics/docs.jsonl
+        image_root: /data/obelics/images
+        max_images: 6
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from pathlib import Path
 
 import yaml
 
-INSTRUCTION_FORMATS = ("llava", "alpaca", "sharegpt", "owl_jsonl", "video_chatgpt")
+# The last two: interleaved image–text documents, one per line (docs/interleaved.md).
+INSTRUCTION_FORMATS = ("llava", "alpaca", "sharegpt", "owl_jsonl", "video_chatgpt", "mmc4", "obelics")
 # Instruction formats whose media are video clips (read from the source's video_root).
 VIDEO_INSTRUCTION_FORMATS = ("video_chatgpt",)
 # What one sample of a shard source is: an image and its caption, an interleaved document (its .json
@@ -69,7 +75,8 @@ class ShardSource:
 @dataclass
 class InstructionSource:
     """An instruction file in one of the formats users already have (stage 2). Its records' image paths are
-    relative to ``image_root``, its clips' (``format: video_chatgpt``) to ``video_root``."""
+    relative to ``image_root``, its clips' (``format: video_chatgpt``) to ``video_root``. ``max_images``: the
+    document formats only, as for a :class:`ShardSource`."""
 
     name: str
     format: str
@@ -78,6 +85,7 @@ class InstructionSource:
     image_root: str | None = None
     num_samples: int | None = None  # read at most this many records (None: all)
     video_root: str | None = None
+    max_images: int = 6
 
     @property
     def media_root(self) -> str | None:
@@ -112,11 +120,11 @@ def _parse_source(raw: dict, base: Path, where: str) -> ShardSource | Instructio
         raise ValueError(f"{where}: source {raw['name']!r}: {err}") from None
     if source.weight <= 0:
         raise ValueError(f"{where}: source {source.name!r} needs a positive weight, got {source.weight}")
+    if isinstance(source.max_images, bool) or not isinstance(source.max_images, int) or source.max_images < 1:
+        raise ValueError(f"{where}: source {source.name!r} needs max_images of at least 1, got {source.max_images!r}")
     if isinstance(source, ShardSource):
         if source.format not in SHARD_FORMATS:
             raise ValueError(f"{where}: shard source {source.name!r} has format {source.format!r}; use one of {SHARD_FORMATS}")
-        if not isinstance(source.max_images, int) or source.max_images < 1:
-            raise ValueError(f"{where}: shard source {source.name!r} needs max_images of at least 1, got {source.max_images!r}")
         source.shards = _resolve_path(source.shards, base)
     else:
         if source.format not in INSTRUCTION_FORMATS:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset
 
 from owl_lightning.data.collate import EncodedSample, collate
+from owl_lightning.data.documents import Document, ImageSlot, embedded_image, encode_document_sample
 from owl_lightning.data.health import SkipLog
 from owl_lightning.data.highres import TiledImage
 from owl_lightning.data.images import decode_image, resolve_under_root
@@ -80,7 +82,7 @@ class InstructionMixture(IterableDataset):
     """Ready, padded batches of instruction samples mixed by source weight (use ``DataLoader(batch_size=None)``).
 
     Args:
-        sources: each source with its conversations (from :func:`~owl_lightning.data.instruct.read_conversations`).
+        sources: each source with its conversations, or documents (from :func:`~owl_lightning.data.instruct.read_conversations`).
         template: tokenises a conversation (its ``max_length`` and ``visual_tokens_per_image`` apply).
         image_transform: RGB PIL image → ``[3, H, W]`` uint8 tensor or AnyRes ``TiledImage`` (the model's preprocessing).
         batch_size: samples per batch on each rank.
@@ -99,7 +101,8 @@ class InstructionMixture(IterableDataset):
 
     Yields the dicts of :func:`~owl_lightning.data.collate.collate` (``input_ids``/``labels``/
     ``sample_ids`` ``[B, T]``, ``images`` ``[M, 3, H, W]`` or ``None``, ``image_counts`` ``[B]``,
-    ``source``, ``skipped``) plus ``batch_index``: the global batch number within the epoch.
+    ``source``, ``skipped``) plus ``batch_index``: the global batch number within the epoch, and
+    ``dropped_images``: the reason of each image slot left out of its documents (:mod:`~owl_lightning.data.documents`).
     Call :meth:`set_epoch` before each epoch; DataLoader workers copy the dataset when they start,
     so with ``persistent_workers=True`` a later ``set_epoch`` does not reach them.
     """
@@ -205,6 +208,7 @@ class InstructionMixture(IterableDataset):
             pack_visual_tokens_per_image=self.template.visual_tokens_per_image if self.pack else None,
         )
         batch["batch_index"] = batch_index
+        batch["dropped_images"] = self.skips.drain_dropped_images()
         return batch
 
     def _permuted(self, source_index: int, epoch: int, slot: int, permutations: dict[int, tuple[int, np.ndarray]]) -> int:
@@ -232,10 +236,21 @@ class InstructionMixture(IterableDataset):
             f"({source.media_root}) in the data manifest."
         )
 
-    def _encode(self, source: InstructionSource, conv: Conversation) -> EncodedSample:
+    def _encode(self, source: InstructionSource, conv: Conversation | Document) -> EncodedSample:
         def decoded(path: str) -> Image.Image:
             return decode_image(resolve_under_root(path, Path(source.image_root)))
 
+        if isinstance(conv, Document):
+            return encode_document_sample(
+                conv,
+                partial(_document_image, Path(source.image_root or ".")),
+                self.template.encode_document,
+                self.image_transform,
+                source.max_images,
+                self.skips,
+                conv.origin,
+                self.image_tokens,
+            )
         if source.format in VIDEO_INSTRUCTION_FORMATS:  # every clip costs num_frames views: fit the text first
             input_ids, labels, num_images = self.template.encode(conv, [self.video_reader.visual_tokens] * len(conv.images))
             root = Path(source.media_root)
@@ -248,3 +263,8 @@ class InstructionMixture(IterableDataset):
             input_ids, labels, num_images = self.template.encode(conv, [self.image_tokens(picture) for picture in pictures])
             images = [self.image_transform(picture) for picture in pictures[:num_images]]
         return EncodedSample(input_ids, labels, images, source=source.name)
+
+
+def _document_image(image_root: Path, slot: ImageSlot) -> Path | bytes:
+    """A stage-2 document's image: the file its record names under ``image_root``, else MMC4's base64."""
+    return resolve_under_root(slot.name, image_root) if slot.name else embedded_image(slot)

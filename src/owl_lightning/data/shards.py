@@ -32,7 +32,7 @@ With fewer shards than ranks, every rank reads them all and keeps every ``world_
 Shards in img2dataset's layout (``000000000.jpg`` + ``.txt`` + ``.json``) are read as they are;
 interleaved documents (MMC4's or OBELICS's record as ``KEY.json``, the document's k-th image as
 ``KEY.k.jpg``/``.png``/``.webp``, or for MMC4 base64 in ``image_info[k]["image_base64"]`` as OpenFlamingo's
-shards hold it) too: :func:`_encode_document` gives the rules, docs/interleaved.md the layout. Video
+shards hold it) too: :mod:`~owl_lightning.data.documents` gives the rules, docs/interleaved.md the layout. Video
 clips with captions (``KEY.mp4``/``.webm``/``.mkv``/``.mov``/``.gif`` + ``KEY.txt``, as video2dataset writes
 them) are read with ``format: video``.
 URLs and ``pipe:`` commands go to webdataset untouched. Every skipped sample is recorded in the
@@ -66,8 +66,6 @@ dropping them.
 from __future__ import annotations
 
 import array
-import base64
-import binascii
 import bz2
 import ctypes
 import gzip
@@ -92,18 +90,15 @@ import webdataset as wds
 from PIL import Image
 
 from owl_lightning.data.collate import EncodedSample, collate
+from owl_lightning.data.documents import DOCUMENT_FORMATS, ImageSlot, embedded_image, encode_document_sample, read_document
 from owl_lightning.data.health import (
-    AFTER_LAST_TEXT,
     BAD_TEXT,
-    CORRUPT_IMAGE,
     MALFORMED_RECORD,
     MISSING_IMAGE,
     MISSING_TEXT,
     MISSING_VIDEO,
-    OVER_MAX_IMAGES,
     OVERSIZED_MEMBER,
     OVERSIZED_SHARD,
-    PAST_MAX_LENGTH,
     TRUNCATED_TAR,
     SkipLog,
     SkipSample,
@@ -309,7 +304,7 @@ def build_shard_pipeline(
     """
     if not sources:
         raise ValueError("no shard sources given; add at least one to the data manifest")
-    documents = [source.name for source in sources if source.format in ("mmc4", "obelics")]
+    documents = [source.name for source in sources if source.format in DOCUMENT_FORMATS]
     if documents and encode_document is None:
         raise ValueError(f"sources {documents} hold interleaved documents: pass encode_document (ConversationTemplate.encode_document)")
     clips = [source.name for source in sources if source.format == "video"]
@@ -904,69 +899,6 @@ def _members(raw: dict) -> list[str]:
     return sorted(key for key in raw if not key.startswith("__"))
 
 
-@dataclass(frozen=True)
-class _ImageSlot:
-    """The document's ``index``-th image (its place in MMC4's ``image_info``, its rank among OBELICS's images),
-    with MMC4's ``image_base64`` where the record embeds it."""
-
-    index: int
-    embedded: object = None
-
-
-# A document's pieces in order: text (a sentence, a paragraph) or an image slot. Slots the reader refused
-# already (a malformed image_info entry) come apart, as (reason, detail).
-_Pieces = list[str | _ImageSlot]
-_Refused = list[tuple[str, str]]
-
-
-def _mmc4_pieces(record: dict) -> tuple[_Pieces, _Refused]:
-    """MMC4 (``{"text_list": [sentence, ...], "image_info": [{"image_name", "raw_url", "matched_text_index",
-    "matched_sim", ["image_base64"]}, ...]}``) → pieces: each image right before the sentence it was matched
-    to, as OpenFlamingo places them, so that sentence — the one most about the image — learns from it.
-    Images matched to one sentence keep their ``image_info`` order."""
-    text_list, image_info = record.get("text_list"), record.get("image_info")
-    if not (isinstance(text_list, list) and all(isinstance(text, str) for text in text_list) and isinstance(image_info, list)):
-        raise SkipSample(MALFORMED_RECORD, "an MMC4 record needs text_list (a list of strings) and image_info (a list)")
-    before: defaultdict[int, list[_ImageSlot]] = defaultdict(list)
-    refused: _Refused = []
-    for index, info in enumerate(image_info):
-        at = info.get("matched_text_index") if isinstance(info, dict) else None
-        if isinstance(at, bool) or not isinstance(at, int) or not 0 <= at < len(text_list):
-            refused.append(
-                (MALFORMED_RECORD, f"image_info[{index}] has no matched_text_index within text_list ({len(text_list)} sentences)")
-            )
-            continue
-        before[at].append(_ImageSlot(index, info.get("image_base64")))
-    pieces: _Pieces = []
-    for at, sentence in enumerate(text_list):
-        pieces += before[at]
-        pieces.append(sentence)
-    return pieces, refused
-
-
-def _obelics_pieces(record: dict) -> tuple[_Pieces, _Refused]:
-    """OBELICS (``{"texts": [...], "images": [...]}``, parallel lists: at each position a paragraph in one and
-    ``null`` in the other) → pieces in that order."""
-    texts, images = record.get("texts"), record.get("images")
-    if not (isinstance(texts, list) and isinstance(images, list) and len(texts) == len(images)):
-        raise SkipSample(MALFORMED_RECORD, "an OBELICS record needs texts and images: lists of one length")
-    pieces: _Pieces = []
-    slots = count()
-    for position, (text, image) in enumerate(zip(texts, images)):
-        if (text is None) == (image is None) or not (text is None or isinstance(text, str)):
-            raise SkipSample(
-                MALFORMED_RECORD, f"position {position} must hold a string in texts or an image in images, not both or neither"
-            )
-        pieces.append(_ImageSlot(next(slots)) if text is None else text)
-    return pieces, []
-
-
-_DOCUMENT_READERS: dict[str, Callable[[dict], tuple[_Pieces, _Refused]]] = {"mmc4": _mmc4_pieces, "obelics": _obelics_pieces}
-# What joins two pieces of text with no image kept between them: MMC4's pieces are sentences of one page,
-# OBELICS's paragraphs.
-_TEXT_SEPARATORS = {"mmc4": " ", "obelics": "\n\n"}
-
-
 def _encode_document(
     raw: dict,
     image_transform: Callable[[Image.Image], torch.Tensor],
@@ -974,78 +906,25 @@ def _encode_document(
     skips: SkipLog,
     image_tokens: Callable[[Image.Image], int] | None = None,
 ) -> EncodedSample:
-    """Raw tar sample of an interleaved document → :class:`EncodedSample` with its images in document order.
-
-    The rules for image slots (each slot dropped is counted in ``skips`` by reason, once the document is used;
-    the document's text always stays):
-
-    * a slot with no text after it in the document is dropped (``after_last_text``): nothing would attend to it;
-    * the first ``max_images`` slots whose image decodes are kept; later ones are dropped unread
-      (``over_max_images``);
-    * a slot whose image is missing (no member ``KEY.k.{image_key}``, no ``image_base64``), cannot be decoded,
-      or whose MMC4 entry is malformed is dropped under that reason (``missing_image``, ``corrupt_image``, ...);
-    * images past ``max_length`` once tokenised are dropped (``past_max_length``).
-
-    The document is skipped (one counted skip) when its .json is missing or malformed, when no image is
-    left (``missing_image``: stage 1 trains the visual modules only, so text alone teaches nothing), or
-    when no text follows an image (``missing_text``).
-    """
+    """Raw tar sample of an interleaved document (its record as the ``.json`` member, image ``k`` as member
+    ``k.{image_key}`` or MMC4's ``image_base64``) → :class:`EncodedSample`, by the rules of
+    :func:`~owl_lightning.data.documents.encode_document_sample`. The document is skipped when its .json is
+    missing or malformed."""
     source: ShardSource = raw["__source__"]
     if "json" not in raw:
         raise SkipSample(MISSING_TEXT, f"no .json member holding the {source.format} document; it has {_members(raw)}")
-    record = parse_json_record(raw["json"], ".json member")
-    if not isinstance(record, dict):
-        raise SkipSample(MALFORMED_RECORD, f"the .json member is a {type(record).__name__}, not a {source.format} document object")
-    pieces, dropped = _DOCUMENT_READERS[source.format](record)
-    last_text = max((at for at, piece in enumerate(pieces) if isinstance(piece, str) and piece.strip()), default=-1)
-    if last_text < 0:
-        raise SkipSample(MISSING_TEXT, "the document has no text")
-    dropped += [(AFTER_LAST_TEXT, "")] * sum(isinstance(piece, _ImageSlot) for piece in pieces[last_text + 1 :])
+    document = read_document(parse_json_record(raw["json"], ".json member"), source.format, source.name)
+
+    def member_bytes(slot: ImageSlot) -> bytes:
+        for extension in source.image_key.split(";"):
+            if f"{slot.index}.{extension}" in raw:
+                return raw[f"{slot.index}.{extension}"]
+        if slot.embedded is None:
+            raise SkipSample(MISSING_IMAGE, f"no member .{slot.index}.{{{source.image_key.replace(';', ',')}}} and no image_base64")
+        return embedded_image(slot)
+
     where = f"{raw['__url__']}:{raw['__key__']}"
-    chunks: list[str | None] = []  # text chunks and kept images (None), as encode_document takes them
-    images: list[Image.Image] = []
-    for piece in pieces[: last_text + 1]:
-        if isinstance(piece, str):
-            if not piece.strip():
-                continue
-            if chunks and chunks[-1] is not None:  # no image kept since the last text: one chunk
-                chunks[-1] += _TEXT_SEPARATORS[source.format] + piece.strip()
-            else:
-                chunks.append(piece.strip())
-        elif len(images) == source.max_images:
-            dropped.append((OVER_MAX_IMAGES, ""))
-        else:
-            try:
-                images.append(decode_image(_slot_bytes(raw, piece, source.image_key)))
-                chunks.append(None)
-            except SkipSample as refused:
-                dropped.append((refused.reason, f"image {piece.index}: {refused.detail}"))
-    if not images:
-        reasons = Counter(reason for reason, _ in dropped)
-        raise SkipSample(
-            MISSING_IMAGE, f"no usable image in the document ({', '.join(f'{r}={n}' for r, n in reasons.items()) or 'none given'})"
-        )
-    # AnyRes: each image's visual tokens, by its size, for the max_length cut.
-    input_ids, labels, kept = encode_document(chunks, None if image_tokens is None else [image_tokens(image) for image in images])
-    dropped += [(PAST_MAX_LENGTH, "")] * (len(images) - kept)
-    for reason, detail in dropped:
-        skips.drop_image(reason, where, detail)
-    return EncodedSample(input_ids=input_ids, labels=labels, images=[image_transform(image) for image in images[:kept]], source=source.name)
-
-
-def _slot_bytes(raw: dict, slot: _ImageSlot, image_key: str) -> bytes:
-    """The encoded image of ``slot``: member ``{index}.{extension}`` for the first of ``image_key``'s extensions
-    present, else MMC4's base64 ``image_base64``."""
-    for extension in image_key.split(";"):
-        member = f"{slot.index}.{extension}"
-        if member in raw:
-            return raw[member]
-    if slot.embedded is None:
-        raise SkipSample(MISSING_IMAGE, f"no member .{slot.index}.{{{image_key.replace(';', ',')}}} and no image_base64")
-    try:
-        return base64.b64decode(slot.embedded, validate=True)
-    except (binascii.Error, TypeError, ValueError) as err:
-        raise SkipSample(CORRUPT_IMAGE, f"image_base64 is not base64: {err}") from None
+    return encode_document_sample(document, member_bytes, encode_document, image_transform, source.max_images, skips, where, image_tokens)
 
 
 class _WeightedMix(torch.utils.data.IterableDataset):

@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.strategies import Strategy
 from torch.utils.data import DataLoader
 
+from owl_lightning.data.documents import DOCUMENT_FORMATS
 from owl_lightning.data.health import EMPTY_SOURCE, DataHealth, SkipLog, SkipSample
 from owl_lightning.data.highres import visual_tokens_of
 from owl_lightning.data.images import decode_image, resolve_under_root
@@ -366,7 +367,11 @@ class InstructionDataModule(_OwlDataModule):
         ``(conversation up to its last user turn, its images as uint8 [3, H, W], the reference answer)``.
         Records that cannot be read are passed over (training's skip accounting already counts them)."""
         template = self.template()
-        sources = [(source, read_conversations(source, SkipLog(warnings_left=0))) for source in self.manifest.val]
+        sources = [
+            (source, read_conversations(source, SkipLog(warnings_left=0)))
+            for source in self.manifest.val
+            if source.format not in DOCUMENT_FORMATS  # a document has no question to answer
+        ]
         examples: list[tuple[Conversation, list[torch.Tensor], str]] = []
         for index in range(max((len(conversations) for _, conversations in sources), default=0)):
             for source, conversations in sources:
