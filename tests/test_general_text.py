@@ -23,14 +23,26 @@ def test_looping_and_empty_answers_are_dropped_and_a_tenth_held_out(tmp_path, mo
     answers = iter(["A calm answer about hills.", "", "loop " * 40, "Another answer, in words."] * 10)
     monkeypatch.setattr(general_text, "answer_texts", lambda assistant, prompts, *args, **kwargs: [next(answers) for _ in prompts])
     monkeypatch.setattr(general_text, "general_prompts", lambda: [{"kind": "poem", "instruction": f"Prompt {i}."} for i in range(40)])
-    out = tmp_path / "general_text.json"
+    out = tmp_path / "general_text"
     general_text.main(["--out", str(out), "--config", "owl-tiny"])
-    train, heldout = json.loads(out.read_text()), json.loads((tmp_path / "general_text_heldout.json").read_text())
+    train, heldout = json.loads((out / "train.json").read_text()), json.loads((out / "heldout.json").read_text())
     kept = train + heldout
     assert len(kept) == 20 and len(heldout) == 2
     assert {r["output"] for r in kept} == {"A calm answer about hills.", "Another answer, in words."}
     # prompts i % 4 in (0, 3) are kept: 0, 3, 4, 7, ..., 19, 20; every 10th kept record is held out
     assert [r["instruction"] for r in heldout] == ["Prompt 0.", "Prompt 20."]
     skips = SkipLog()  # a stage-2 manifest reads it as Alpaca
-    conversations = read_conversations(InstructionSource("general_text", "alpaca", str(out)), skips)
+    conversations = read_conversations(InstructionSource("general_text", "alpaca", str(out / "train.json")), skips)
     assert len(conversations) == 18 and not skips.pending
+
+
+def test_a_built_folder_is_kept_unless_its_settings_change(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(general_text, "answer_prompts", lambda prompts, *args, **kwargs: calls.append(args) or [])
+    monkeypatch.setattr(general_text, "general_prompts", lambda: [])
+    out = tmp_path / "general_text"
+    general_text.build_general_text(out, config_name="owl-tiny")
+    general_text.build_general_text(out, config_name="owl-tiny")
+    assert len(calls) == 1
+    general_text.build_general_text(out, max_new_tokens=64, config_name="owl-tiny")
+    assert len(calls) == 2
