@@ -37,6 +37,7 @@ def test_experiment_config_parses(config, capsys):
     [
         ("stage2", "stage2_full.yaml", {"llm": "full", "llm_lr": 2e-5}),
         ("stage2", "stage2_qlora.yaml", {"llm": "lora", "quantization": "nf4"}),
+        ("stage2", "stage2_general_text.yaml", {"llm": "lora", "llm_lr": 5e-4}),
         ("stage1", "connector_mlp.yaml", {"connector": "mlp", "llm": "frozen"}),
         ("stage2", "connector_mlp.yaml", {"connector": "mlp", "llm": "lora"}),
     ],
