@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from owl_lightning.config import get_config
+from owl_lightning.config import IGNORE_INDEX, get_config
 from owl_lightning.data.health import (
     EMPTY_SOURCE,
     MALFORMED_RECORD,
@@ -114,6 +114,18 @@ def test_metrics_report_both_kinds_under_a_prefix_and_state_round_trips():
     assert restored.used == 0 and restored.skipped == 0 and restored.read_by_source == health.read_by_source
 
 
+def test_token_shares_weigh_each_source_by_its_supervised_tokens_and_survive_a_resume():
+    health = DataHealth()
+    health.update(["short", "short", "short", "long"], [], supervised_tokens=[2, 2, 2, 94])
+    metrics = health.metrics()
+    assert metrics["data/share/long"] == 0.25 and metrics["data/token_share/long"] == pytest.approx(0.94)
+    restored = DataHealth()
+    restored.load_state_dict(health.state_dict())
+    assert restored.metrics() == metrics
+    restored.clear_stream_counts()
+    assert not any(name.startswith("data/token_share/") for name in restored.metrics())
+
+
 # -- the stage-2 data module --------------------------------------------------------------------------
 
 
@@ -183,3 +195,18 @@ def test_validation_skips_are_logged_under_val_in_a_run(tmp_path):
     assert trainer.callback_metrics["val/data/skipped/malformed_record"] == 20
     assert "data/skipped/malformed_record" not in trainer.callback_metrics
     assert data.health.skipped == 0 and "alpaca_val" not in data.health.read_by_source
+
+
+def test_each_batch_counts_the_supervised_tokens_of_each_sample_by_source(tmp_path):
+    (tmp_path / "short.json").write_text(json.dumps([{"instruction": f"Say {i}.", "output": "yes"} for i in range(20)]))
+    long_answer = " ".join(["a long answer that goes on"] * 8)
+    (tmp_path / "long.json").write_text(json.dumps([{"instruction": f"Tell {i}.", "output": long_answer} for i in range(20)]))
+    sources = [{"name": name, "format": "alpaca", "path": f"{name}.json", "weight": 1.0} for name in ("short", "long")]
+    (tmp_path / "manifest.yaml").write_text(yaml.safe_dump({"train": sources}))
+    batch = next(iter(data_module(str(tmp_path / "manifest.yaml"), batch_size=8).train_dataloader()))
+    assert len(batch["supervised_tokens"]) == len(batch["source"]) == 8
+    assert sum(batch["supervised_tokens"]) == int((batch["labels"] != IGNORE_INDEX).sum())
+    health = DataHealth()
+    health.update(batch["source"], batch["skipped"], supervised_tokens=batch["supervised_tokens"])
+    metrics = health.metrics()
+    assert metrics["data/token_share/long"] > metrics["data/share/long"] > 0

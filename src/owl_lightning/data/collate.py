@@ -56,8 +56,9 @@ def collate(
         ``image_counts``: ``[B]`` long, images per row;
         ``image_grids``: ``[M, 2]`` long, each image's (rows, cols) of tiles, ``(0, 0)`` for one view or a clip;
         ``image_frames``: ``[M]`` long, each clip's frames, 1 for a still;
-        ``source``: ``list[str]``, one per sample; ``skipped``: the ``(reason, where)`` skips since the
-        previous batch of this pipeline (see :mod:`owl_lightning.data.health`).
+        ``source``: ``list[str]``, one per sample; ``supervised_tokens``: ``list[int]``, each sample's
+        tokens with a label (what the loss averages over); ``skipped``: the ``(reason, where)`` skips since
+        the previous batch of this pipeline (see :mod:`owl_lightning.data.health`).
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -86,6 +87,7 @@ def collate(
         "image_grids": torch.tensor([image_grid(image) for image in images], dtype=torch.long).reshape(-1, 2),
         "image_frames": torch.tensor([image_frames(image) for image in images], dtype=torch.long),
         "source": [s.source for s in samples],
+        "supervised_tokens": [len(s.labels) - s.labels.count(IGNORE_INDEX) for s in samples],
         "skipped": list(skipped or []),
     }
 

@@ -190,6 +190,7 @@ class DataHealth:
     skipped_by_reason: Counter = field(default_factory=Counter)  # stream skips ...
     skipped_by_location: Counter = field(default_factory=Counter)  # ... and where they were
     used_by_source: Counter = field(default_factory=Counter)
+    supervised_tokens_by_source: Counter = field(default_factory=Counter)  # the loss's tokens, by source
     dropped_images_by_reason: Counter = field(default_factory=Counter)  # image slots left out of used samples
     read_by_source: dict[str, SourceReadCounts] = field(default_factory=dict)
 
@@ -219,11 +220,20 @@ class DataHealth:
 
     # -- stream ------------------------------------------------------------------------------------
 
-    def update(self, sources: list[str], skipped: list[tuple[str, str]], dropped_images: Iterable[str] = ()) -> None:
-        """Add one batch: the source name of each sample in it, the skips drained into it, and the reason of
-        each image slot dropped from its samples (interleaved documents; not skips: they never stop a run)."""
+    def update(
+        self,
+        sources: list[str],
+        skipped: list[tuple[str, str]],
+        dropped_images: Iterable[str] = (),
+        supervised_tokens: Iterable[int] = (),
+    ) -> None:
+        """Add one batch: the source name of each sample in it, the skips drained into it, the reason of each
+        image slot dropped from its samples (interleaved documents; not skips: they never stop a run), and
+        each sample's supervised tokens (in the order of ``sources``)."""
         self.used += len(sources)
         self.used_by_source.update(sources)
+        for source, tokens in zip(sources, supervised_tokens):
+            self.supervised_tokens_by_source[source] += tokens
         self.dropped_images_by_reason.update(dropped_images)
         for reason, where in skipped:
             self.skipped_by_reason[reason] += 1
@@ -242,6 +252,7 @@ class DataHealth:
         """Start the stream counts afresh (each validation pass reads the same records again)."""
         self.used = 0
         self.skipped_by_reason, self.skipped_by_location, self.used_by_source = Counter(), Counter(), Counter()
+        self.supervised_tokens_by_source = Counter()
         self.dropped_images_by_reason = Counter()
 
     def _check(self, what: str, kept: int, skipped_by_reason: Counter, skipped_by_location: Counter) -> None:
@@ -261,7 +272,9 @@ class DataHealth:
 
     def metrics(self, prefix: str = "data") -> dict[str, float]:
         """Flat dict for ``LightningModule.log_dict``: skip counts by reason (read-time and stream together),
-        both skip fractions, image slots dropped from used samples by reason, and the realised source shares."""
+        both skip fractions, image slots dropped from used samples by reason, and each source's realised
+        share of the samples (``share/``) and of the supervised tokens (``token_share/``: its weight in the
+        loss, which averages over those tokens; a source of long answers outweighs its share of samples)."""
         skipped = self.skipped_by_reason + sum((counts.skipped_by_reason for counts in self.read_by_source.values()), Counter())
         out: dict[str, float] = {f"{prefix}/skipped/{r}": float(n) for r, n in skipped.items()}
         out.update({f"{prefix}/dropped_images/{r}": float(n) for r, n in self.dropped_images_by_reason.items()})
@@ -270,6 +283,9 @@ class DataHealth:
             out[f"{prefix}/skipped_fraction_at_read"] = self.read_skip_fraction()
         for source, n in self.used_by_source.items():
             out[f"{prefix}/share/{source}"] = n / max(self.used, 1)
+        supervised = sum(self.supervised_tokens_by_source.values())
+        for source, n in self.supervised_tokens_by_source.items():
+            out[f"{prefix}/token_share/{source}"] = n / max(supervised, 1)
         return out
 
     def state_dict(self) -> dict:
@@ -278,6 +294,7 @@ class DataHealth:
             "skipped_by_reason": dict(self.skipped_by_reason),
             "skipped_by_location": dict(self.skipped_by_location),
             "used_by_source": dict(self.used_by_source),
+            "supervised_tokens_by_source": dict(self.supervised_tokens_by_source),
             "dropped_images_by_reason": dict(self.dropped_images_by_reason),
             "read_by_source": {
                 source: {"path": counts.path, "kept": counts.kept, "skipped_by_reason": dict(counts.skipped_by_reason)}
@@ -290,6 +307,7 @@ class DataHealth:
         self.skipped_by_reason = Counter(state["skipped_by_reason"])
         self.skipped_by_location = Counter(state["skipped_by_location"])
         self.used_by_source = Counter(state["used_by_source"])
+        self.supervised_tokens_by_source = Counter(state.get("supervised_tokens_by_source", {}))  # absent before token shares
         self.dropped_images_by_reason = Counter(state.get("dropped_images_by_reason", {}))  # absent before interleaved documents
         self.read_by_source = {
             source: SourceReadCounts(counts["path"], counts["kept"], Counter(counts["skipped_by_reason"]))
