@@ -41,9 +41,9 @@ def recorded_skips(data, monkeypatch) -> list[tuple[str, str]]:
     skips = []
     update, record_read = data.health.update, data.health.record_read
 
-    def record_batch(sources, skipped, dropped_images=()):
+    def record_batch(sources, skipped, **counts):
         skips.extend(tuple(s) for s in skipped)
-        update(sources, skipped, dropped_images)
+        update(sources, skipped, **counts)
 
     def record_source(source, path, kept, skipped):
         skips.extend(tuple(s) for s in skipped)

@@ -245,7 +245,12 @@ class _OwlDataModule(L.LightningDataModule):
         stream_cursor = batch.pop("stream_cursor", None)  # the loader's to keep, not the model's
         if self.trainer is not None:
             health = self.health if self.trainer.training else self.val_health  # sanity check included
-            health.update(batch["source"], batch["skipped"], batch.pop("dropped_images", ()), batch.pop("supervised_tokens", ()))
+            health.update(
+                batch["source"],
+                batch["skipped"],
+                dropped_images=batch.pop("dropped_images", ()),
+                supervised_tokens=batch.pop("supervised_tokens", ()),
+            )
             if self.trainer.training and self._train_loader is not None:
                 self._train_loader.took_batch(stream_cursor)
         return batch
