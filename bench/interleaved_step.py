@@ -1,14 +1,22 @@
-"""Stage-1 step time on interleaved documents against the single-image caption step (issue 24 §3).
+"""Step time on interleaved documents against the single-image step, in either stage (issue 24 §3).
 
-Both sides train owl-smol's stage 1 as ``make stage1`` does (Lightning Trainer, the configs' precision, clipping at
-1.0) on batches of the same size from ``CaptionDataModule``: captions from the embedded easy-VQA shards
-(max_length 64, as experiments/stage1_smol.yaml), documents from the generated OBELICS shards of ``owl-lightning data interleaved`` — each
-document three paragraphs of real text (Python standard-library docstrings), each followed by an easy-VQA
-image and its caption (max_length 512). Reported: the median step time of each after warm-up (of the
-fastest of alternating rounds: other work on a shared machine only adds time), their ratio, and per
-sample the expanded tokens (visual tokens included), images and supervised tokens.
+Both sides train owl-smol as ``make stage1`` / ``make stage2`` do (Lightning Trainer, the configs' precision,
+clipping at 1.0) on batches of the same size from the stage's DataModule. Documents come from the generated
+set of ``owl-lightning data interleaved``: each three paragraphs of real text (Python standard-library
+docstrings), each followed by an easy-VQA image and its caption.
 
-    python bench/interleaved_step.py [--steps 8] [--warmup 2] [--batch-size 4] [--rounds 3]     (from the repository root; make data first)
+- ``--stage 1`` (vision + abstractor trained, LLM frozen; ``CaptionDataModule``): captions from the embedded
+  easy-VQA shards (max_length 64, as experiments/stage1_smol.yaml) against the OBELICS shards (max_length 512).
+- ``--stage 2`` (abstractor + LoRA; ``InstructionDataModule``, packed, max_length 512 as
+  experiments/stage2_smol.yaml): easy-VQA conversations against the OBELICS JSONL documents.
+
+Reported: the median step time of each after warm-up (of the fastest of alternating rounds: other work on a
+shared machine only adds time), their ratio, and per sample (not per packed row) the expanded tokens (visual tokens included),
+images and supervised tokens.
+
+    python bench/interleaved_step.py [--stage 1] [--steps 8] [--warmup 2] [--batch-size 4] [--rounds 3]
+
+(from the repository root; make data first)
 """
 
 from __future__ import annotations
@@ -22,42 +30,92 @@ from pathlib import Path
 import yaml
 
 from common import record
-from owl_lightning.config import IGNORE_INDEX, STAGE1, get_config
+from owl_lightning.config import IGNORE_INDEX, STAGE1, STAGE2, get_config
 from owl_lightning.data.shards import expand_shards
-from owl_lightning.train.datamodules import CaptionDataModule
+from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
 from owl_lightning.train.flops import sequence_lengths
-from owl_lightning.train.system import STAGE1_OPTIMIZER, OwlSystem
+from owl_lightning.train.system import STAGE1_OPTIMIZER, STAGE2_OPTIMIZER, OwlSystem
 from step_overhead import StepTimer, fit
 
+# Each stage's two sides: (DataModule, recipe, optimizer, {side: (one manifest source, max_length)}).
+STAGES = {
+    1: (
+        CaptionDataModule,
+        STAGE1,
+        STAGE1_OPTIMIZER,
+        {
+            "singles": ({"name": "captions", "shards": "data/embedded/stage1/train-{000000..000007}.tar"}, 64),
+            "documents": (
+                {"name": "documents", "shards": "data/interleaved/stage1/train-000000.tar", "format": "obelics", "max_images": 3},
+                512,
+            ),
+        },
+    ),
+    2: (
+        InstructionDataModule,
+        STAGE2,
+        STAGE2_OPTIMIZER,  # the learning rate does not change a step's time
+        {
+            "singles": (
+                {
+                    "name": "easyvqa",
+                    "format": "llava",
+                    "path": "data/embedded/stage2/easyvqa_train.json",
+                    "image_root": "data/embedded/images",
+                },
+                512,
+            ),
+            "documents": (
+                {
+                    "name": "documents",
+                    "format": "obelics",
+                    "path": "data/interleaved/stage2/documents_train.jsonl",
+                    "image_root": "data/interleaved/images",
+                    "max_images": 3,
+                },
+                512,
+            ),
+        },
+    ),
+}
 
-def documents_manifest(folder: Path, shards: str) -> Path:
-    """A stage-1 manifest of the generated document shards (``owl-lightning data interleaved``)."""
-    if not expand_shards(shards) or not Path(expand_shards(shards)[0]).is_file():
-        raise SystemExit(f"no document shards at {shards}: run make data first")
-    manifest = folder / "documents.yaml"
-    manifest.write_text(
-        yaml.safe_dump({"train": [{"name": "documents", "shards": str(Path(shards).resolve()), "format": "obelics", "max_images": 3}]})
-    )
+
+def one_source_manifest(folder: Path, source: dict) -> Path:
+    """A manifest training on ``source`` alone, its paths made absolute (after checking that they exist)."""
+    source = dict(source)
+    for key in ("shards", "path", "image_root"):
+        if key in source:
+            paths = expand_shards(source[key]) if key == "shards" else [source[key]]
+            if not Path(paths[0]).exists():
+                raise SystemExit(f"no {source['name']} data at {source[key]}: run make data first")
+            source[key] = str(Path(source[key]).resolve())
+    manifest = folder / f"{source['name']}.yaml"
+    manifest.write_text(yaml.safe_dump({"train": [source]}))
     return manifest
 
 
-def batches(manifest: str, max_length: int, batch_size: int, count: int, system: OwlSystem) -> list[dict]:
-    data = CaptionDataModule(
-        manifest=manifest, processor=system.processor, batch_size=batch_size, num_workers=0, max_length=max_length, batches_per_epoch=count
+def batches(datamodule: type, manifest: Path, max_length: int, batch_size: int, count: int, system: OwlSystem) -> list[dict]:
+    data = datamodule(
+        manifest=str(manifest),
+        processor=system.processor,
+        batch_size=batch_size,
+        num_workers=0,
+        max_length=max_length,
+        batches_per_epoch=count,
     )
     data.setup("fit")
     loader = iter(data.train_dataloader())
     taken = [next(loader) for _ in range(count)]
-    for batch in taken:
-        batch.pop("stream_cursor")
-        batch.pop("dropped_images")
+    for batch in taken:  # what the DataModule takes out before the model sees a batch
+        for key in ("stream_cursor", "dropped_images", "supervised_tokens"):
+            batch.pop(key, None)
     return taken
 
 
 def measure(system: OwlSystem, taken: list[dict], warmup: int) -> dict:
     timer = StepTimer()
     fit(system, taken, [timer])
-    samples = sum(batch["input_ids"].shape[0] for batch in taken)
+    samples = sum(len(batch["source"]) for batch in taken)  # a packed row holds several
     flops = system.flops
     expanded = sum(float(sequence_lengths(b, flops.visual_tokens_per_image, flops.image_token_id).sum()) for b in taken)
     return {
@@ -70,43 +128,44 @@ def measure(system: OwlSystem, taken: list[dict], warmup: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--captions", default="data_manifests/embedded_stage1.yaml")
-    parser.add_argument("--documents", default="data/interleaved/stage1/train-000000.tar")
+    parser.add_argument("--stage", type=int, choices=sorted(STAGES), default=1)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3, help="timings of each side, alternating")
     args = parser.parse_args()
 
-    def system() -> OwlSystem:
-        return OwlSystem(config=get_config("owl-smol"), recipe=STAGE1, optimizer=STAGE1_OPTIMIZER)
-
+    datamodule, recipe, optimizer, sources = STAGES[args.stage]
     with tempfile.TemporaryDirectory() as folder:
-        documents = documents_manifest(Path(folder), args.documents)
-        sides = {"captions": (args.captions, 64), "documents": (str(documents), 512)}
+        sides = {side: (one_source_manifest(Path(folder), source), max_length) for side, (source, max_length) in sources.items()}
         rounds: dict[str, list[dict]] = {side: [] for side in sides}
         for _ in range(args.rounds):  # alternating, so a change in the machine's load reaches both sides
             for side, (manifest, max_length) in sides.items():
-                fresh = system()
-                rounds[side].append(measure(fresh, batches(manifest, max_length, args.batch_size, args.steps, fresh), args.warmup))
+                fresh = OwlSystem(config=get_config("owl-smol"), recipe=recipe, optimizer=optimizer)
+                taken = batches(datamodule, manifest, max_length, args.batch_size, args.steps, fresh)
+                rounds[side].append(measure(fresh, taken, args.warmup))
     # The least disturbed round: on a shared machine other work only ever adds time to a step.
-    captions, interleaved = ({**runs[0], "step_s": min(r["step_s"] for r in runs)} for runs in rounds.values())
+    singles, documents = ({**runs[0], "step_s": min(r["step_s"] for r in runs)} for runs in rounds.values())
+    single_name = sources["singles"][0]["name"]
     record(
-        "interleaved_step",
+        "interleaved_step" if args.stage == 1 else f"interleaved_step_stage{args.stage}",
         {
-            "captions": captions,
-            "documents": interleaved,
-            "step_ratio": round(interleaved["step_s"] / captions["step_s"], 2),
+            single_name: singles,
+            "documents": documents,
+            "step_ratio": round(documents["step_s"] / singles["step_s"], 2),
             "seconds_per_1k_tokens": {
                 side: round(1000 * result["step_s"] / (result["tokens_per_sample"] * args.batch_size), 3)
-                for side, result in (("captions", captions), ("documents", interleaved))
+                for side, result in ((single_name, singles), ("documents", documents))
             },
             "batch_size": args.batch_size,
             "timed_steps": args.steps - args.warmup,
-            "round_step_s": {side: [r["step_s"] for r in runs] for side, runs in rounds.items()},
+            "round_step_s": {
+                name: [r["step_s"] for r in rounds[side]] for name, side in ((single_name, "singles"), ("documents", "documents"))
+            },
             "load_average_1min_after": os.getloadavg()[0],
-            "how": "owl-smol stage 1 through the Trainer (the configs' precision, clip 1.0), batches from CaptionDataModule: easy-VQA "
-            "captions (max_length 64) vs OBELICS-layout documents of 3 x (docstring paragraph, image, caption) (max_length 512)",
+            "how": f"owl-smol stage {args.stage} through the Trainer (the configs' precision, clip 1.0), batches from "
+            f"{datamodule.__name__}: {single_name} (max_length {sources['singles'][1]}) vs OBELICS-layout documents of "
+            "3 x (docstring paragraph, image, caption) (max_length 512)",
         },
     )
 
