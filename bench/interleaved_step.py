@@ -5,10 +5,12 @@ clipping at 1.0) on batches of the same size from the stage's DataModule. Docume
 set of ``owl-lightning data interleaved``: each three paragraphs of real text (Python standard-library
 docstrings), each followed by an easy-VQA image and its caption.
 
-- ``--stage 1`` (vision + abstractor trained, LLM frozen; ``CaptionDataModule``): captions from the embedded
-  easy-VQA shards (max_length 64, as experiments/stage1_smol.yaml) against the OBELICS shards (max_length 512).
+- ``--stage 1`` (vision + abstractor trained, LLM frozen; ``CaptionDataModule``): the easy-VQA caption shards
+  (max_length 64, as experiments/stage1_smol.yaml) against the OBELICS shards (max_length 512), each a source
+  of data_manifests/interleaved_stage1.yaml.
 - ``--stage 2`` (abstractor + LoRA; ``InstructionDataModule``, packed, max_length 512 as
-  experiments/stage2_smol.yaml): easy-VQA conversations against the OBELICS JSONL documents.
+  experiments/stage2_smol.yaml): easy-VQA conversations against the OBELICS JSONL documents, each a source of
+  data_manifests/interleaved_stage2.yaml.
 
 Reported: the median step time of each after warm-up (of the fastest of alternating rounds: other work on a
 shared machine only adds time), their ratio, and per sample (not per packed row) the expanded tokens (visual tokens included),
@@ -24,85 +26,57 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
+from dataclasses import replace
 from pathlib import Path
-
-import yaml
 
 from common import record
 from owl_lightning.config import IGNORE_INDEX, STAGE1, STAGE2, get_config
+from owl_lightning.data.manifest import Manifest, ShardSource, load_manifest
 from owl_lightning.data.shards import expand_shards
 from owl_lightning.train.datamodules import CaptionDataModule, InstructionDataModule
 from owl_lightning.train.flops import sequence_lengths
 from owl_lightning.train.system import STAGE1_OPTIMIZER, STAGE2_OPTIMIZER, OwlSystem
 from step_overhead import StepTimer, fit
 
-# Each stage's two sides: (DataModule, recipe, optimizer, {side: (one manifest source, max_length)}).
+# Each stage: its DataModule, recipe and optimizer, the shipped manifest that mixes documents into it, and the
+# two sides timed, each one of that manifest's sources: {label: (source name, max_length)}; documents last.
 STAGES = {
     1: (
         CaptionDataModule,
         STAGE1,
         STAGE1_OPTIMIZER,
-        {
-            "singles": ({"name": "captions", "shards": "data/embedded/stage1/train-{000000..000007}.tar"}, 64),
-            "documents": (
-                {"name": "documents", "shards": "data/interleaved/stage1/train-000000.tar", "format": "obelics", "max_images": 3},
-                512,
-            ),
-        },
+        "data_manifests/interleaved_stage1.yaml",
+        {"captions": ("easyvqa_captions", 64), "documents": ("documents", 512)},
     ),
     2: (
         InstructionDataModule,
         STAGE2,
         STAGE2_OPTIMIZER,  # the learning rate does not change a step's time
-        {
-            "singles": (
-                {
-                    "name": "easyvqa",
-                    "format": "llava",
-                    "path": "data/embedded/stage2/easyvqa_train.json",
-                    "image_root": "data/embedded/images",
-                },
-                512,
-            ),
-            "documents": (
-                {
-                    "name": "documents",
-                    "format": "obelics",
-                    "path": "data/interleaved/stage2/documents_train.jsonl",
-                    "image_root": "data/interleaved/images",
-                    "max_images": 3,
-                },
-                512,
-            ),
-        },
+        "data_manifests/interleaved_stage2.yaml",
+        {"easyvqa": ("easyvqa", 512), "documents": ("documents", 512)},
     ),
 }
 
 
-def one_source_manifest(folder: Path, source: dict) -> Path:
-    """A manifest training on ``source`` alone, its paths made absolute (after checking that they exist)."""
-    source = dict(source)
-    for key in ("shards", "path", "image_root"):
-        if key in source:
-            paths = expand_shards(source[key]) if key == "shards" else [source[key]]
-            if not Path(paths[0]).exists():
-                raise SystemExit(f"no {source['name']} data at {source[key]}: run make data first")
-            source[key] = str(Path(source[key]).resolve())
-    manifest = folder / f"{source['name']}.yaml"
-    manifest.write_text(yaml.safe_dump({"train": [source]}))
-    return manifest
+def only_source(manifest: Manifest, name: str) -> Manifest:
+    """``manifest`` training on its source ``name`` alone (after checking that its data was built)."""
+    source = next(source for source in manifest.train if source.name == name)
+    first_file = expand_shards(source.shards)[0] if isinstance(source, ShardSource) else source.path
+    if not Path(first_file).exists():
+        raise SystemExit(f"no {name} data at {first_file}: run make data first")
+    return replace(manifest, train=[source], val=[])
 
 
-def batches(datamodule: type, manifest: Path, max_length: int, batch_size: int, count: int, system: OwlSystem) -> list[dict]:
+def batches(datamodule: type, manifest: Manifest, max_length: int, batch_size: int, count: int, system: OwlSystem) -> list[dict]:
     data = datamodule(
-        manifest=str(manifest),
+        manifest=str(manifest.path),
         processor=system.processor,
         batch_size=batch_size,
         num_workers=0,
         max_length=max_length,
         batches_per_epoch=count,
     )
+    data.manifest = manifest  # setup() reads the file only when none is set
     data.setup("fit")
     loader = iter(data.train_dataloader())
     taken = [next(loader) for _ in range(count)]
@@ -135,36 +109,34 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="timings of each side, alternating")
     args = parser.parse_args()
 
-    datamodule, recipe, optimizer, sources = STAGES[args.stage]
-    with tempfile.TemporaryDirectory() as folder:
-        sides = {side: (one_source_manifest(Path(folder), source), max_length) for side, (source, max_length) in sources.items()}
-        rounds: dict[str, list[dict]] = {side: [] for side in sides}
-        for _ in range(args.rounds):  # alternating, so a change in the machine's load reaches both sides
-            for side, (manifest, max_length) in sides.items():
-                fresh = OwlSystem(config=get_config("owl-smol"), recipe=recipe, optimizer=optimizer)
-                taken = batches(datamodule, manifest, max_length, args.batch_size, args.steps, fresh)
-                rounds[side].append(measure(fresh, taken, args.warmup))
+    datamodule, recipe, optimizer, manifest_path, sources = STAGES[args.stage]
+    manifest = load_manifest(manifest_path)
+    sides = {label: (only_source(manifest, name), max_length) for label, (name, max_length) in sources.items()}
+    rounds: dict[str, list[dict]] = {label: [] for label in sides}
+    for _ in range(args.rounds):  # alternating, so a change in the machine's load reaches both sides
+        for label, (side_manifest, max_length) in sides.items():
+            fresh = OwlSystem(config=get_config("owl-smol"), recipe=recipe, optimizer=optimizer)
+            taken = batches(datamodule, side_manifest, max_length, args.batch_size, args.steps, fresh)
+            rounds[label].append(measure(fresh, taken, args.warmup))
     # The least disturbed round: on a shared machine other work only ever adds time to a step.
-    singles, documents = ({**runs[0], "step_s": min(r["step_s"] for r in runs)} for runs in rounds.values())
-    single_name = sources["singles"][0]["name"]
+    fastest = {label: {**runs[0], "step_s": min(r["step_s"] for r in runs)} for label, runs in rounds.items()}
+    single_label = next(iter(sources))
     record(
         "interleaved_step" if args.stage == 1 else f"interleaved_step_stage{args.stage}",
         {
-            single_name: singles,
-            "documents": documents,
-            "step_ratio": round(documents["step_s"] / singles["step_s"], 2),
+            **fastest,
+            "step_ratio": round(fastest["documents"]["step_s"] / fastest[single_label]["step_s"], 2),
             "seconds_per_1k_tokens": {
-                side: round(1000 * result["step_s"] / (result["tokens_per_sample"] * args.batch_size), 3)
-                for side, result in ((single_name, singles), ("documents", documents))
+                label: round(1000 * result["step_s"] / (result["tokens_per_sample"] * args.batch_size), 3)
+                for label, result in fastest.items()
             },
             "batch_size": args.batch_size,
             "timed_steps": args.steps - args.warmup,
-            "round_step_s": {
-                name: [r["step_s"] for r in rounds[side]] for name, side in ((single_name, "singles"), ("documents", "documents"))
-            },
+            "round_step_s": {label: [r["step_s"] for r in runs] for label, runs in rounds.items()},
             "load_average_1min_after": os.getloadavg()[0],
             "how": f"owl-smol stage {args.stage} through the Trainer (the configs' precision, clip 1.0), batches from "
-            f"{datamodule.__name__}: {single_name} (max_length {sources['singles'][1]}) vs OBELICS-layout documents of "
+            f"{datamodule.__name__} on {manifest_path}: {single_label} (max_length {sources[single_label][1]}) "
+            "vs OBELICS-layout documents of "
             "3 x (docstring paragraph, image, caption) (max_length 512)",
         },
     )
