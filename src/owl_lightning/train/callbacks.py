@@ -56,10 +56,10 @@ class StepThroughput(Callback):
     Args:
         peak_flops: the device's peak FLOP/s for ``perf/mfu`` (per process; e.g. 989e12 for an H100's
             dense bf16). None: measured at the start with a large matrix product in the training dtype
-            (the figure for a CPU). That product is a lower bound (other work on the machine slows it, and in
-            fp32 on a 2-core AVX2 CPU it ran slower than the stage-1 step): the first step that beats it
-            measures again, and from then on the peak is at least the fastest step's rate, so MFU never
-            reads above 1.
+            (the figure for a CPU). That product is a lower bound (other work on the machine slows it, and a
+            CPU's BLAS can run it slower than the model's own products, docs/scaling.md): the first step that
+            beats it measures again, and from then on the peak is at least the fastest step's rate, so MFU
+            never reads above 1.
     """
 
     def __init__(self, peak_flops: float | None = None) -> None:
