@@ -158,6 +158,10 @@ class AbstractorConfig:
     layer_norm_eps: float = 1e-5
     inner_norm_eps: float = 1e-6
     attention_dropout: float = 0.0
+    # "sincos2d": fixed 2-D sin-cos positions added to the features' keys, as mPLUG-Owl2's abstractor does.
+    # Cross-attention is blind to the features' order, so a CNN's feature map (which, unlike a ViT's tokens,
+    # carries no position embedding) reaches the queries as an unordered set. "none": the paper's abstractor.
+    feature_positions: Literal["none", "sincos2d"] = "none"
 
 
 @dataclass
